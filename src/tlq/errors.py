@@ -1,0 +1,9 @@
+"""User-facing errors.
+
+Anything the user can fix (a missing path, a bad scheme, an unsupported model, empty calibration data)
+raises `TlqError`; the CLI prints its one-line message and exits with status 2 instead of a traceback.
+"""
+
+
+class TlqError(Exception):
+    """A problem with the user's input, stated in one line that names the fix."""

@@ -1,0 +1,76 @@
+"""Load a VLM's processor from a local directory, with a fallback that needs no torchvision.
+
+transformers 5.x builds the stock Qwen2-VL and LLaVA-OneVision processors with a video processor that
+imports torchvision; where torchvision is missing (the CPU torch wheel we pin has none that imports),
+`AutoProcessor` fails or silently returns the bare tokenizer. The fallback builds the same processor
+class from its image processor (PIL backend) and tokenizer only; images are all tlq calibrates on.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+from tlq.errors import TlqError
+
+
+def _videoless(processor_class: type) -> type:
+    """A subclass of a stock processor whose constructor takes no video processor."""
+
+    class VideolessProcessor(processor_class):
+        @classmethod
+        def get_attributes(cls):
+            return [name for name in super().get_attributes() if name != "video_processor"]
+
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            kwargs.pop("video_processor", None)
+            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    # Saving keeps only attributes named in __init__'s signature: show the stock one, less the video part.
+    stock = inspect.signature(processor_class.__init__)
+    VideolessProcessor.__init__.__signature__ = stock.replace(
+        parameters=[p for name, p in stock.parameters.items() if name != "video_processor"])
+    VideolessProcessor.__name__ = VideolessProcessor.__qualname__ = processor_class.__name__
+    return VideolessProcessor
+
+
+def videoless_processor(processor_class: type, image_processor, tokenizer, chat_template=None, **kwargs):
+    """Construct `processor_class` (e.g. Qwen2VLProcessor) without a video processor."""
+    return _videoless(processor_class)(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+
+def load_processor(model_dir: str | Path, trust_remote_code: bool = False):
+    """AutoProcessor when it works here; otherwise the stock class built from image processor + tokenizer."""
+    import transformers
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+    from transformers.processing_utils import ProcessorMixin
+
+    model_dir = str(model_dir)
+    try:
+        processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True,
+                                                  trust_remote_code=trust_remote_code)
+        if isinstance(processor, ProcessorMixin) and getattr(processor, "image_processor", None) is not None:
+            return processor
+    except (ImportError, AttributeError, OSError, ValueError, TypeError):
+        pass
+    config_path = Path(model_dir) / "processor_config.json"
+    if not config_path.is_file():
+        raise TlqError(f"{model_dir} has no processor_config.json: save the model's processor with it")
+    config = json.loads(config_path.read_text())
+    class_name = config.get("processor_class", "")
+    processor_class = getattr(transformers, class_name, None)
+    if processor_class is None:
+        raise TlqError(f"unknown processor class {class_name!r} in {config_path}")
+    try:
+        image_processor = AutoImageProcessor.from_pretrained(model_dir, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True,
+                                                  trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise TlqError(f"cannot load the processor of {model_dir}: {str(exc).splitlines()[0]}") from None
+    extra = {k: v for k, v in config.items() if k not in ("processor_class", "image_processor", "video_processor")}
+    chat_template = None
+    template_path = Path(model_dir) / "chat_template.jinja"
+    if template_path.is_file():
+        chat_template = template_path.read_text()
+    return videoless_processor(processor_class, image_processor, tokenizer, chat_template=chat_template, **extra)

@@ -1,0 +1,53 @@
+"""The interface every calibration algorithm implements.
+
+The layer loop (tlq.engine) knows nothing about any algorithm. For each quantized Linear it asks the
+algorithm for a `LinearSolver`, feeds it the Linear's inputs as the deployed model would see them
+(`observe`, once per calibration sample, with optional per-token weights), then calls `solve`, which
+returns the fake-quantized weight and its grid. Algorithms that need no statistics (RTN) say so with
+`needs_inputs = False`, and the loop skips the forward passes that would only feed them.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from tlq.quant.primitives import QuantizedWeight
+from tlq.recipe import Recipe, Scheme
+
+
+class LinearSolver:
+    """Statistics and solve for one Linear layer."""
+
+    needs_inputs: bool = True
+
+    def __init__(self, weight: torch.Tensor, scheme: Scheme, recipe: Recipe) -> None:
+        self.weight = weight
+        self.scheme = scheme
+        self.recipe = recipe
+
+    def observe(self, inputs: torch.Tensor, token_weights: torch.Tensor | None = None) -> None:
+        """Accumulate inputs [..., in_features]; token_weights [...] scale each token's error."""
+
+    def solve(self) -> QuantizedWeight:
+        raise NotImplementedError
+
+
+SolverFactory = Callable[[torch.Tensor, Scheme, Recipe], LinearSolver]
+
+_REGISTRY: dict[str, SolverFactory] = {}
+
+
+def register(name: str) -> Callable[[SolverFactory], SolverFactory]:
+    def add(factory: SolverFactory) -> SolverFactory:
+        _REGISTRY[name] = factory
+        return factory
+
+    return add
+
+
+def solver_factory(method: str) -> SolverFactory:
+    if method not in _REGISTRY:
+        raise KeyError(f"no algorithm {method!r}; registered: {sorted(_REGISTRY)}")
+    return _REGISTRY[method]

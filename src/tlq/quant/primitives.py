@@ -1,0 +1,77 @@
+"""Integer fake-quantization primitives shared by every algorithm and by export.
+
+Conventions follow compressed-tensors so that what tlq simulates is bit-for-bit what the exported
+checkpoint computes after loading: signed integer codes q in [-2^(b-1), 2^(b-1)-1], dequantized as
+(q - zero_point) * scale; symmetric scales are max|w| / ((qmax - qmin) / 2) with zero point 0;
+asymmetric ranges always contain 0. Scales are rounded to the weight's dtype before they are used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tlq.recipe import Scheme
+
+
+@dataclass
+class QuantizedWeight:
+    """A fake-quantized weight and the grid it lies on: scale/zero_point are [out, n_groups]."""
+
+    weight: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+
+
+def grid_params(w: torch.Tensor, bits: int, symmetric: bool, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max scale and zero point for each row of `w` (one group of columns): both [rows, 1]."""
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    w = w.float()
+    lo = torch.clamp(w.amin(dim=1, keepdim=True), max=0.0)
+    hi = torch.clamp(w.amax(dim=1, keepdim=True), min=0.0)
+    if symmetric:
+        scale = torch.maximum(lo.abs(), hi) / ((qmax - qmin) / 2)
+    else:
+        scale = (hi - lo) / (qmax - qmin)
+    scale = scale.to(out_dtype)
+    tiny = torch.finfo(out_dtype).eps
+    scale = torch.where(scale == 0, torch.full_like(scale, tiny), scale)
+    if symmetric:
+        zero = torch.zeros_like(scale, dtype=torch.float32)
+    else:
+        zero = torch.clamp(torch.round(qmin - lo / scale.float()), qmin, qmax)
+    return scale, zero
+
+
+def quant_dequant(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Round `w` onto the grid (scale, zero) and map back to real values, in float32."""
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    scale = scale.float()
+    q = torch.clamp(torch.round(w.float() / scale + zero), qmin, qmax)
+    return (q - zero) * scale
+
+
+def fake_quant_weight(weight: torch.Tensor, scheme: Scheme) -> QuantizedWeight:
+    """Round-to-nearest min-max quantization of a Linear weight [out, in] under `scheme`."""
+    out_features, in_features = weight.shape
+    group = scheme.group_for(in_features)
+    if in_features % group:
+        raise ValueError(f"in_features {in_features} is not a multiple of group size {group}")
+    grouped = weight.reshape(out_features * (in_features // group), group)
+    scale, zero = grid_params(grouped, scheme.weight_bits, scheme.symmetric, weight.dtype)
+    deq = quant_dequant(grouped, scale, zero, scheme.weight_bits).reshape(out_features, in_features)
+    return QuantizedWeight(
+        weight=deq.to(weight.dtype),
+        scale=scale.reshape(out_features, -1),
+        zero_point=zero.reshape(out_features, -1),
+    )
+
+
+def fake_quant_activation(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """Dynamic per-token symmetric fake quantization (one scale per row of the last dimension)."""
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    scale = amax / ((qmax - qmin) / 2)
+    scale = torch.where(scale == 0, torch.full_like(scale, torch.finfo(x.dtype).eps), scale)
+    return torch.clamp(torch.round(x / scale), qmin, qmax) * scale

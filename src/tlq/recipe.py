@@ -1,0 +1,160 @@
+"""Quantization schemes and the calibration recipe.
+
+A `Scheme` says what the deployed model computes with (weight bits, grouping, symmetry, activation bits);
+a `Recipe` says how tlq calibrates it (method, data budget, seed, GPTQ options). Both are plain
+dataclasses that round-trip through JSON, so the recipe saved beside a checkpoint re-creates the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tlq.errors import TlqError
+
+METHODS = ("rtn", "gptq")
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """Integer weight (and optionally activation) format of every quantized Linear.
+
+    group_size None means one scale per output channel. Activations, when quantized, are dynamic
+    per-token symmetric integers (the scale is computed at run time from each token's max |x|).
+    """
+
+    name: str
+    weight_bits: int
+    group_size: int | None
+    symmetric: bool
+    act_bits: int | None = None
+
+    @property
+    def quantizes_activations(self) -> bool:
+        return self.act_bits is not None
+
+    def group_for(self, in_features: int) -> int:
+        """Columns sharing one scale in a Linear with `in_features` inputs (the group clamped to it)."""
+        if self.group_size is None:
+            return in_features
+        return min(self.group_size, in_features)
+
+    @property
+    def weight_qrange(self) -> tuple[int, int]:
+        """Signed integer range of the stored weights, as compressed-tensors packs them."""
+        return -(2 ** (self.weight_bits - 1)), 2 ** (self.weight_bits - 1) - 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Weight-only schemes: asymmetric, group 128. Weight+activation schemes: symmetric per-channel weights,
+# dynamic per-token int8 activations (what vLLM's int8 W8A8 / W4A8 kernels run).
+_PRESETS = {
+    "W2A16": Scheme("W2A16", 2, 128, False),
+    "W3A16": Scheme("W3A16", 3, 128, False),
+    "W4A16": Scheme("W4A16", 4, 128, False),
+    "W8A16": Scheme("W8A16", 8, 128, False),
+    "W4A8": Scheme("W4A8", 4, None, True, 8),
+    "W8A8": Scheme("W8A8", 8, None, True, 8),
+}
+SCHEMES = tuple(_PRESETS)
+
+
+def parse_scheme(text: str, group_size: int | None = None, symmetric: bool | None = None) -> Scheme:
+    """Build a Scheme from a preset name such as 'W3A16', optionally with a group suffix ('W3A16-g64').
+
+    `group_size` and `symmetric` override the preset; 0 or -1 as a group size means per channel.
+    """
+    match = re.fullmatch(r"(W\d+A\d+)(?:[-_:]?g(\d+))?", text.strip().upper().replace("G", "g"))
+    if not match or match.group(1) not in _PRESETS:
+        raise TlqError(f"unknown scheme {text!r}: use one of {', '.join(SCHEMES)} (optionally with -gN, e.g. W3A16-g64)")
+    base = _PRESETS[match.group(1)]
+    if match.group(2) is not None:
+        if group_size is not None and group_size != int(match.group(2)):
+            raise TlqError(f"scheme {text!r} and --group-size {group_size} disagree: give the group size once")
+        group_size = int(match.group(2))
+    scheme = base
+    if group_size is not None:
+        scheme = dataclasses.replace(scheme, group_size=None if group_size <= 0 else group_size)
+    if symmetric is not None:
+        scheme = dataclasses.replace(scheme, symmetric=symmetric)
+    validate_scheme(scheme)
+    return scheme
+
+
+def validate_scheme(scheme: Scheme) -> None:
+    """Refuse combinations that no kernel runs or that the format cannot store."""
+    if not 2 <= scheme.weight_bits <= 8:
+        raise TlqError(f"scheme {scheme.name}: weight bits must be 2..8, got {scheme.weight_bits}")
+    if scheme.group_size is not None and (scheme.group_size < 8 or scheme.group_size & (scheme.group_size - 1)):
+        raise TlqError(f"scheme {scheme.name}: group size must be a power of two >= 8 (32, 64, 128), got {scheme.group_size}")
+    if scheme.act_bits is not None:
+        if scheme.act_bits != 8:
+            raise TlqError(f"scheme {scheme.name}: only 8-bit activations are supported (W4A8, W8A8)")
+        if scheme.group_size is not None:
+            raise TlqError(
+                f"scheme {scheme.name}: weight+activation schemes use per-channel weights; drop the group size"
+            )
+        if not scheme.symmetric:
+            raise TlqError(f"scheme {scheme.name}: int8 activation kernels need symmetric weights")
+
+
+@dataclass
+class Recipe:
+    """Everything that decides a calibration run; saved as tlq_recipe.json beside the output."""
+
+    method: str = "gptq"
+    scheme: str = "W4A16"
+    group_size: int | None = None
+    symmetric: bool | None = None
+    num_samples: int = 128
+    seed: int = 0
+    max_length: int = 2048
+    # GPTQ: damping as a fraction of the mean Hessian diagonal, lazy-update block width, act-order.
+    dampening: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+    # Observe each Linear group after the earlier groups of the same layer are quantized.
+    true_sequential: bool = True
+    device: str = "auto"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise TlqError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
+        if self.num_samples < 1:
+            raise TlqError(f"--num-samples must be >= 1, got {self.num_samples}")
+        if self.max_length < 16:
+            raise TlqError(f"--max-length must be >= 16, got {self.max_length}")
+        if not 0 < self.dampening < 1:
+            raise TlqError(f"dampening must be in (0, 1), got {self.dampening}")
+        if self.block_size < 1:
+            raise TlqError(f"block size must be >= 1, got {self.block_size}")
+        self.resolved_scheme()  # validate early
+
+    def resolved_scheme(self) -> Scheme:
+        return parse_scheme(self.scheme, self.group_size, self.symmetric)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Recipe":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise TlqError(f"recipe has unknown keys {unknown}: known keys are {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Recipe":
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise TlqError(f"cannot read recipe {path}: {exc}") from None
+        return cls.from_dict(data.get("recipe", data))

@@ -1,0 +1,1 @@
+"""Small VLMs built by tlq itself: tokenizers, processors and checkpoints for tests, demo and benchmark."""

@@ -1,0 +1,49 @@
+"""A word-level tokenizer and chat template for tlq's own small VLMs, built offline.
+
+The special tokens are the ones the real families use (Qwen's <|im_start|>/<|im_end|> turns, its vision
+markers, LLaVA's <image>), so the stock processors expand image placeholders exactly as for real models.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+SPECIAL_TOKENS = (
+    "<pad>", "<unk>", "<|im_start|>", "<|im_end|>",
+    "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<image>", "<video>",
+)
+ROLE_WORDS = ("system", "user", "assistant")
+
+# Qwen-style turns; `image_markup` is what one image becomes in the text before the processor expands it.
+_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}IMAGE_MARKUP{% else %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+IMAGE_MARKUP = {"qwen": "<|vision_start|><|image_pad|><|vision_end|>", "llava": "<image>"}
+
+
+def chat_template(style: str) -> str:
+    return _CHAT_TEMPLATE.replace("IMAGE_MARKUP", IMAGE_MARKUP[style])
+
+
+def build_tokenizer(words: Iterable[str], style: str):
+    """A PreTrainedTokenizerFast over `words` (split on whitespace and punctuation) plus the special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab: dict[str, int] = {}
+    for token in (*SPECIAL_TOKENS, *ROLE_WORDS, *words):
+        vocab.setdefault(token, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="<|im_end|>",
+        additional_special_tokens=list(SPECIAL_TOKENS[2:]),
+    )
+    tokenizer.chat_template = chat_template(style)
+    return tokenizer
