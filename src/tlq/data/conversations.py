@@ -1,0 +1,199 @@
+"""Calibration and evaluation data in the ShareGPT4V / LLaVA conversation format.
+
+A file is a JSON list, or JSONL, of records
+    {"image": "relative/path.png" | [paths], "conversations": [{"from": "human", "value": "<image>\\n..."},
+                                                              {"from": "gpt", "value": "..."}, ...]}
+with image paths relative to an image folder. Records are rendered with the model's own chat template;
+labels cover the assistant turns only (the answer tokens, their end-of-turn token included).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tlq.errors import TlqError
+
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+IMAGE_PLACEHOLDER = "<image>"
+
+
+@dataclass
+class Record:
+    """One conversation: image files and chat messages in the Hugging Face content-list format."""
+
+    images: list[Path]
+    messages: list[dict[str, Any]]
+    line: int  # 1-based position in the source file, for error messages
+
+
+@dataclass
+class Sample:
+    """A rendered record: the model's forward inputs (batch of 1), labels and per-token kinds."""
+
+    inputs: dict[str, torch.Tensor]
+    labels: torch.Tensor
+    token_kinds: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.uint8))
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.inputs["input_ids"].shape[-1])
+
+
+def read_records_file(path: str | Path) -> list[dict[str, Any]]:
+    """Parse a JSON list or JSONL file, with one-line errors for every way it can be unusable."""
+    path = Path(path)
+    if not path.is_file():
+        raise TlqError(f"calibration file {path} does not exist: pass a ShareGPT4V-style JSON or JSONL file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TlqError(f"cannot read calibration file {path}: {exc}") from None
+    if not text.strip():
+        raise TlqError(f"calibration file {path} is empty: it needs at least one conversation record")
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise TlqError(f"calibration file {path} is not valid JSON ({exc})") from None
+    else:
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise TlqError(f"{path} line {number} is not valid JSON ({exc.msg})") from None
+    if not rows:
+        raise TlqError(f"calibration file {path} has no records: it needs at least one conversation")
+    return rows
+
+
+def _to_messages(row: dict[str, Any], num_images: int, where: str) -> list[dict[str, Any]]:
+    turns = row.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise TlqError(f"{where}: missing 'conversations' list of {{'from', 'value'}} turns")
+    messages, placed = [], 0
+    for turn in turns:
+        role = _ROLES.get(str(turn.get("from", "")).lower()) if isinstance(turn, dict) else None
+        if role is None or not isinstance(turn.get("value"), str):
+            raise TlqError(f"{where}: each turn needs 'from' (human/gpt/system) and a string 'value'")
+        pieces = turn["value"].split(IMAGE_PLACEHOLDER)
+        content: list[dict[str, Any]] = []
+        for i, piece in enumerate(pieces):
+            if i > 0:
+                content.append({"type": "image"})
+                placed += 1
+            piece = piece.strip() if len(pieces) > 1 else piece
+            if piece:
+                content.append({"type": "text", "text": piece})
+        messages.append({"role": role, "content": content})
+    if placed == 0 and num_images:
+        # LLaVA-style files sometimes omit the placeholder: the images go before the first user text.
+        first_user = next(m for m in messages if m["role"] == "user")
+        first_user["content"][:0] = [{"type": "image"}] * num_images
+        placed = num_images
+    if placed != num_images:
+        raise TlqError(f"{where}: {placed} '<image>' placeholders for {num_images} images")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise TlqError(f"{where}: no assistant ('gpt') turn to calibrate on")
+    return messages
+
+
+def load_records(path: str | Path, images_dir: str | Path | None, num_samples: int | None = None,
+                 seed: int = 0) -> list[Record]:
+    """Read and validate a conversation file; choose `num_samples` records deterministically by `seed`."""
+    rows = read_records_file(path)
+    base = Path(images_dir) if images_dir is not None else Path(path).parent
+    if images_dir is not None and not base.is_dir():
+        raise TlqError(f"image folder {base} does not exist: pass --images DIR holding the calibration images")
+    records = []
+    for number, row in enumerate(rows, 1):
+        where = f"{path} record {number}"
+        if not isinstance(row, dict):
+            raise TlqError(f"{where}: expected an object with 'image' and 'conversations'")
+        names = row.get("image", [])
+        names = [names] if isinstance(names, str) else list(names or [])
+        images = [base / name for name in names]
+        for image in images:
+            if not image.is_file():
+                raise TlqError(f"{where}: image {image} is missing: fix the path or the --images folder")
+        records.append(Record(images=images, messages=_to_messages(row, len(images), where), line=number))
+    if num_samples is not None and num_samples < len(records):
+        chosen = sorted(random.Random(seed).sample(range(len(records)), num_samples))
+        records = [records[i] for i in chosen]
+    return records
+
+
+def data_hash(records: list[Record]) -> str:
+    """sha256 over the chosen records' messages and image bytes: identifies the calibration set."""
+    digest = hashlib.sha256()
+    for record in records:
+        digest.update(json.dumps(record.messages, sort_keys=True).encode())
+        for image in record.images:
+            digest.update(image.read_bytes())
+    return digest.hexdigest()
+
+
+def _open_images(record: Record):
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for path in record.images:
+        try:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        except (OSError, UnidentifiedImageError) as exc:
+            raise TlqError(f"cannot read image {path}: {exc}") from None
+    return images
+
+
+def _count_images(messages: list[dict[str, Any]]) -> int:
+    return sum(part.get("type") == "image" for m in messages for part in m["content"])
+
+
+def render_sample(record: Record, processor, max_length: int | None = None) -> Sample | None:
+    """Tokenize one record with the processor's chat template; labels on assistant turns only.
+
+    Returns None when truncation to `max_length` would cut through an image (the model needs every
+    image token it was given features for).
+    """
+    images = _open_images(record)
+
+    def encode(messages, generation_prompt: bool) -> dict[str, torch.Tensor]:
+        text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        used = images[:_count_images(messages)]
+        return processor(text=[text], images=used or None, return_tensors="pt")
+
+    inputs = encode(record.messages, False)
+    input_ids = inputs["input_ids"]
+    labels = torch.full_like(input_ids, -100)
+    for turn, message in enumerate(record.messages):
+        if message["role"] != "assistant":
+            continue
+        start = encode(record.messages[:turn], True)["input_ids"].shape[-1]
+        end = encode(record.messages[:turn + 1], False)["input_ids"].shape[-1]
+        labels[:, start:end] = input_ids[:, start:end]
+    length = input_ids.shape[-1]
+    if max_length is not None and length > max_length:
+        image_id = getattr(processor, "image_token_id", None)
+        if image_id is not None and (input_ids[0, max_length:] == image_id).any():
+            return None
+        inputs = {k: (v[:, :max_length] if v.dim() == 2 and v.shape[-1] == length and k != "pixel_values" else v)
+                  for k, v in inputs.items()}
+        labels = labels[:, :max_length]
+    return Sample(inputs=dict(inputs), labels=labels)
+
+
+def build_samples(records: list[Record], processor, max_length: int | None = None) -> list[Sample]:
+    samples = [s for s in (render_sample(r, processor, max_length) for r in records) if s is not None]
+    if not samples:
+        raise TlqError(f"no calibration sample fits in --max-length {max_length} without cutting an image: raise it")
+    return samples

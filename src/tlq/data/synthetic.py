@@ -1,0 +1,167 @@
+"""A procedural image-question dataset with the token statistics that make VLM calibration hard.
+
+Each image is a canvas of CELL x CELL pixel cells, one cell per image token of the reference models.
+A small scene (coloured shapes, sometimes a seven-segment digit) occupies a few cells at a random place;
+the rest is textured background. So image tokens outnumber text tokens, most of them are background,
+and each answer depends on a handful of them, as with real VLM inputs. Everything is drawn with numpy
+(no fonts), deterministically from a seed, and written in the same ShareGPT4V JSON + PNG layout that
+users give tlq, so generating a split also exercises the calibration loader.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CELL = 16
+COLORS = {
+    "red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 230), "yellow": (235, 215, 40),
+    "purple": (150, 60, 200), "orange": (245, 140, 30), "white": (245, 245, 245),
+}
+SHAPES = ("circle", "square", "triangle", "cross")
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+QUESTION_TYPES = ("color", "shape", "count", "exists", "digit")
+_TEMPLATES = {
+    "color": "what color is the {shape} ?",
+    "shape": "what shape is the {color} object ?",
+    "count": "how many shapes are there ?",
+    "exists": "is there a {color} {shape} ?",
+    "digit": "which digit is shown ?",
+}
+# Seven-segment digits: segments a b c d e f g.
+_SEGMENTS = {0: "abcdef", 1: "bc", 2: "abged", 3: "abgcd", 4: "fgbc", 5: "afgcd", 6: "afgedc", 7: "abc",
+             8: "abcdefg", 9: "abcfgd"}
+
+
+def vocabulary() -> list[str]:
+    """Every word the dataset's questions and answers use (for the reference tokenizer)."""
+    words: list[str] = []
+    for template in _TEMPLATES.values():
+        words += [w for w in template.split() if not w.startswith("{")]
+    words += list(COLORS) + list(SHAPES) + list(NUMBER_WORDS) + ["yes", "no", "object"]
+    return sorted(set(words))
+
+
+@dataclass(frozen=True)
+class SceneConfig:
+    grid: int = 8  # canvas is grid x grid cells
+    scene: int = 4  # the objects live in a scene x scene block of cells
+    max_objects: int = 4
+    digit_probability: float = 0.5
+    questions_per_image: int = 3
+
+
+def _draw_shape(canvas: np.ndarray, y: int, x: int, shape: str, color: tuple[int, int, int]) -> None:
+    yy, xx = np.mgrid[0:CELL, 0:CELL]
+    c = (CELL - 1) / 2
+    if shape == "circle":
+        mask = (yy - c) ** 2 + (xx - c) ** 2 <= (CELL * 0.42) ** 2
+    elif shape == "square":
+        mask = (abs(yy - c) <= CELL * 0.36) & (abs(xx - c) <= CELL * 0.36)
+    elif shape == "triangle":
+        mask = (yy >= 2) & (yy <= CELL - 3) & (abs(xx - c) <= (yy - 1) * 0.5)
+    else:  # cross
+        mask = ((abs(yy - c) <= CELL * 0.14) | (abs(xx - c) <= CELL * 0.14)) & (abs(yy - c) <= CELL * 0.44) & (
+            abs(xx - c) <= CELL * 0.44)
+    region = canvas[y:y + CELL, x:x + CELL]
+    region[mask] = color
+
+
+def _draw_digit(canvas: np.ndarray, y: int, x: int, digit: int) -> None:
+    h, w, t = CELL - 4, CELL // 2, 2
+    top, left = y + 2, x + (CELL - w) // 2
+    boxes = {
+        "a": (0, 0, t, w), "g": (h // 2 - 1, 0, t, w), "d": (h - t, 0, t, w),
+        "f": (0, 0, h // 2, t), "b": (0, w - t, h // 2, t), "e": (h // 2, 0, h // 2, t), "c": (h // 2, w - t, h // 2, t),
+    }
+    for segment in _SEGMENTS[digit]:
+        dy, dx, hh, ww = boxes[segment]
+        canvas[top + dy:top + dy + hh, left + dx:left + dx + ww] = (250, 250, 250)
+
+
+def make_example(rng: np.random.Generator, config: SceneConfig = SceneConfig()) -> tuple[np.ndarray, list[dict]]:
+    """One image (H x W x 3 uint8) and its question/answer pairs: [{'type', 'question', 'answer'}]."""
+    size = config.grid * CELL
+    base = rng.integers(20, 70, size=3)
+    canvas = (base + rng.normal(0, 6, size=(size, size, 3))).clip(0, 255).astype(np.uint8)
+    top, left = rng.integers(0, config.grid - config.scene + 1, size=2)
+    cells = rng.permutation(config.scene * config.scene)
+    count = int(rng.integers(1, config.max_objects + 1))
+    objects = []
+    for k in range(count):
+        cy, cx = divmod(int(cells[k]), config.scene)
+        color = str(rng.choice(list(COLORS)))
+        shape = str(rng.choice(SHAPES))
+        objects.append((color, shape))
+        _draw_shape(canvas, (top + cy) * CELL, (left + cx) * CELL, shape, COLORS[color])
+    digit = None
+    if rng.random() < config.digit_probability:
+        cy, cx = divmod(int(cells[count]), config.scene)
+        digit = int(rng.integers(0, 10))
+        _draw_digit(canvas, (top + cy) * CELL, (left + cx) * CELL, digit)
+
+    candidates: list[dict] = []
+    shapes = [s for _, s in objects]
+    colors = [c for c, _ in objects]
+    for color, shape in objects:
+        if shapes.count(shape) == 1:
+            candidates.append({"type": "color", "question": _TEMPLATES["color"].format(shape=shape), "answer": color})
+        if colors.count(color) == 1:
+            candidates.append({"type": "shape", "question": _TEMPLATES["shape"].format(color=color), "answer": shape})
+    candidates.append({"type": "count", "question": _TEMPLATES["count"], "answer": NUMBER_WORDS[count]})
+    if rng.random() < 0.5:
+        color, shape = objects[int(rng.integers(0, count))]
+        answer = "yes"
+    else:
+        while True:
+            color, shape = str(rng.choice(list(COLORS))), str(rng.choice(SHAPES))
+            if (color, shape) not in objects:
+                break
+        answer = "no"
+    candidates.append({"type": "exists", "question": _TEMPLATES["exists"].format(color=color, shape=shape),
+                       "answer": answer})
+    if digit is not None:
+        candidates.append({"type": "digit", "question": _TEMPLATES["digit"], "answer": NUMBER_WORDS[digit]})
+    # Spread question types: at most one question of each type per image.
+    by_type: dict[str, list[dict]] = {}
+    for qa in candidates:
+        by_type.setdefault(qa["type"], []).append(qa)
+    types = list(by_type)
+    rng.shuffle(types)
+    chosen = [by_type[t][int(rng.integers(0, len(by_type[t])))] for t in types[:config.questions_per_image]]
+    return canvas, chosen
+
+
+def to_record(image_name: str, qas: list[dict], record_id: str) -> dict[str, Any]:
+    conversations = []
+    for i, qa in enumerate(qas):
+        conversations.append({"from": "human", "value": ("<image>\n" if i == 0 else "") + qa["question"]})
+        conversations.append({"from": "gpt", "value": qa["answer"]})
+    return {"id": record_id, "image": image_name, "conversations": conversations,
+            "types": [qa["type"] for qa in qas]}
+
+
+def write_split(out_dir: str | Path, num_images: int, seed: int, config: SceneConfig = SceneConfig(),
+                name: str = "data") -> Path:
+    """Write `num_images` images under out_dir/images/ and out_dir/{name}.json; returns the JSON path.
+
+    Image file names carry the seed, so splits made from different seeds never share an image file.
+    """
+    from PIL import Image
+
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    records = []
+    for i in range(num_images):
+        canvas, qas = make_example(rng, config)
+        image_name = f"images/s{seed}_{i:05d}.png"
+        Image.fromarray(canvas).save(out_dir / image_name)
+        records.append(to_record(image_name, qas, f"s{seed}_{i:05d}"))
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps(records, indent=1) + "\n")
+    return path
