@@ -185,6 +185,61 @@ def _check_finite(tensor: torch.Tensor, where: str) -> None:
         raise TlqError(f"NaN or inf in activations {where}: load the model in float32 or bfloat16 (--dtype)")
 
 
+@torch.no_grad()
+def calibrate_layer(layer: nn.Module, index: int, inputs: LayerInputs, adapter: ModelAdapter, recipe: Recipe,
+                    device: torch.device, token_weights: TokenWeights | None = None,
+                    prefix: str = "") -> tuple[dict[str, QuantizedWeight], LayerInputs, LayerReport]:
+    """Quantize one decoder layer (already on `device`) in place on its calibration inputs.
+
+    Returns the quantized weights (keyed `prefix + linear name`), the layer's quantized outputs (the
+    next layer's inputs, on the CPU) and its relative output error against the FP layer on the same inputs.
+    """
+    start = time.perf_counter()
+    scheme = recipe.resolved_scheme()
+    make_solver = solver_factory(recipe.method)
+    groups = adapter.linear_groups if recipe.true_sequential else (adapter.linear_names,)
+    reference = copy.deepcopy(layer)  # the FP layer, to measure this layer's error
+    linears = {name: layer.get_submodule(name) for name in adapter.linear_names}
+    act_hooks = install_activation_quant(list(linears.values()), scheme)
+    quantized: dict[str, QuantizedWeight] = {}
+    try:
+        for group in groups:
+            solvers = {name: make_solver(linears[name].weight.data, scheme, recipe) for name in group}
+            observers = {name: _Observer(s, index, name, token_weights) for name, s in solvers.items()
+                         if s.needs_inputs}
+            if observers:
+                def set_sample(i: int) -> None:
+                    for obs in observers.values():
+                        obs.sample = i
+
+                handles = [linears[name].register_forward_pre_hook(obs) for name, obs in observers.items()]
+                try:
+                    for _ in run_layer(layer, inputs, device, set_sample):
+                        pass
+                finally:
+                    for handle in handles:
+                        handle.remove()
+            for name, solver in solvers.items():
+                result = solver.solve()
+                linears[name].weight.data.copy_(result.weight)
+                quantized[prefix + name] = QuantizedWeight(weight=result.weight.cpu(), scale=result.scale.cpu(),
+                                                           zero_point=result.zero_point.cpu())
+        # Propagate: the quantized layer's outputs are the next layer's calibration inputs.
+        outputs, error_sq, norm_sq = [], 0.0, 0.0
+        for i, out in run_layer(layer, inputs, device):
+            _check_finite(out, f"after decoder layer {index}")
+            ref = _output(reference(inputs.hidden[i].to(device), **_to(inputs.kwargs[i], device)))
+            error_sq += float((out.float() - ref.float()).pow(2).sum())
+            norm_sq += float(ref.float().pow(2).sum())
+            outputs.append(out.cpu())
+    finally:
+        for handle in act_hooks:
+            handle.remove()
+    report = LayerReport(index, (error_sq / max(norm_sq, 1e-30)) ** 0.5, time.perf_counter() - start)
+    return quantized, LayerInputs(hidden=outputs, kwargs=inputs.kwargs), report
+
+
+@torch.no_grad()
 def quantize_layers(model: nn.Module, adapter: ModelAdapter, samples: list[Sample], recipe: Recipe,
                     token_weights: TokenWeights | None = None, progress: bool = True,
                     on_layer_inputs: Callable[[int, LayerInputs], None] | None = None) -> CalibrationResult:
@@ -192,63 +247,23 @@ def quantize_layers(model: nn.Module, adapter: ModelAdapter, samples: list[Sampl
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
-    scheme = recipe.resolved_scheme()
-    make_solver = solver_factory(recipe.method)
     device = resolve_device(recipe.device)
     result = CalibrationResult()
     inputs = capture_layer_inputs(model, adapter, samples, device)
     for hidden in inputs.hidden:
         _check_finite(hidden, "entering decoder layer 0")
     layers = adapter.layers(model)
-    groups = adapter.linear_groups if recipe.true_sequential else (adapter.linear_names,)
-    bar = tqdm(range(len(layers)), desc=f"{recipe.method} {scheme.name}", disable=not progress)
+    bar = tqdm(range(len(layers)), desc=f"{recipe.method} {recipe.resolved_scheme().name}", disable=not progress)
     for index in bar:
-        layer_start = time.perf_counter()
         if on_layer_inputs is not None:
             on_layer_inputs(index, inputs)
         layer = layers[index].to(device)
-        reference = copy.deepcopy(layer)  # the FP layer, to measure this layer's error
-        linears = {name: layer.get_submodule(name) for name in adapter.linear_names}
-        act_hooks = install_activation_quant(list(linears.values()), scheme)
-        with torch.no_grad():
-            for group in groups:
-                solvers = {name: make_solver(linears[name].weight.data, scheme, recipe) for name in group}
-                observers = {name: _Observer(s, index, name, token_weights) for name, s in solvers.items()
-                             if s.needs_inputs}
-                if observers:
-                    handles = [linears[name].register_forward_pre_hook(obs) for name, obs in observers.items()]
-                    def set_sample(i: int) -> None:
-                        for obs in observers.values():
-                            obs.sample = i
-
-                    try:
-                        for _ in run_layer(layer, inputs, device, set_sample):
-                            pass
-                    finally:
-                        for handle in handles:
-                            handle.remove()
-                for name, solver in solvers.items():
-                    quantized = solver.solve()
-                    linears[name].weight.data.copy_(quantized.weight)
-                    result.quantized[f"{adapter.decoder_layers}.{index}.{name}"] = QuantizedWeight(
-                        weight=quantized.weight.cpu(), scale=quantized.scale.cpu(),
-                        zero_point=quantized.zero_point.cpu())
-            # Propagate: the quantized layer's outputs are the next layer's calibration inputs.
-            outputs, error_sq, norm_sq = [], 0.0, 0.0
-            for i, out in run_layer(layer, inputs, device):
-                _check_finite(out, f"after decoder layer {index}")
-                ref = _output(reference(inputs.hidden[i].to(device), **_to(inputs.kwargs[i], device)))
-                error_sq += float((out.float() - ref.float()).pow(2).sum())
-                norm_sq += float(ref.float().pow(2).sum())
-                outputs.append(out.cpu())
-        for handle in act_hooks:
-            handle.remove()
-        del reference
+        quantized, inputs, report = calibrate_layer(layer, index, inputs, adapter, recipe, device, token_weights,
+                                                    prefix=f"{adapter.decoder_layers}.{index}.")
         layers[index].to("cpu")
-        inputs = LayerInputs(hidden=outputs, kwargs=inputs.kwargs)
-        report = LayerReport(index, (error_sq / max(norm_sq, 1e-30)) ** 0.5, time.perf_counter() - layer_start)
+        result.quantized.update(quantized)
         result.layers.append(report)
-        bar.set_postfix(layer=index, rel_err=f"{report.relative_error:.4f}")
+        bar.set_postfix(rel_err=f"{report.relative_error:.4f}")
         log.info("layer %d: relative output error %.5f (%.1f s)", index, report.relative_error, report.seconds)
     result.seconds = time.perf_counter() - start
     return result

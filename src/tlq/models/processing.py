@@ -8,6 +8,7 @@ class from its image processor (PIL backend) and tokenizer only; images are all 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 from tlq.errors import TlqError
 
 
+@functools.lru_cache(maxsize=None)
 def _videoless(processor_class: type) -> type:
     """A subclass of a stock processor whose constructor takes no video processor."""
 

@@ -1,0 +1,49 @@
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from tlq.errors import TlqError
+from tlq.models import ANSWER, IMAGE, PROMPT, SUPPORTED_MODEL_TYPES, adapter_for, load_model, read_model_type
+
+
+def test_unsupported_architecture_lists_supported(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(TlqError) as info:
+        adapter_for(read_model_type(tmp_path))
+    message = str(info.value)
+    assert "llama" in message and all(t in message for t in SUPPORTED_MODEL_TYPES)
+
+
+def test_missing_model_dir(tmp_path):
+    with pytest.raises(TlqError, match="does not exist"):
+        read_model_type(tmp_path / "nope")
+    with pytest.raises(TlqError, match="config.json"):
+        read_model_type(tmp_path)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava_onevision"])
+def test_adapter_finds_only_decoder_linears(tiny_checkpoints, family):
+    model, adapter = load_model(tiny_checkpoints[family])
+    names = adapter.quantized_linear_names(model)
+    assert len(names) == 7 * model.config.text_config.num_hidden_layers
+    for name in names:
+        assert isinstance(model.get_submodule(name), nn.Linear)
+        assert ".language_model.layers." in name
+    for group in adapter.scaling_groups:
+        layer = adapter.layers(model)[0]
+        assert layer.get_submodule(group.source) is not None
+        for target in group.targets:
+            assert isinstance(layer.get_submodule(target), nn.Linear)
+    vision_linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and
+                      ("visual" in n or "vision" in n or "projector" in n)]
+    assert vision_linears and not set(vision_linears) & set(names)
+
+
+def test_token_kinds(tiny_checkpoints):
+    model, adapter = load_model(tiny_checkpoints["qwen2_vl"])
+    image = adapter.image_token_id(model)
+    ids = torch.tensor([5, image, image, 7, 8, 9])
+    labels = torch.tensor([-100, -100, -100, -100, 8, 9])
+    assert adapter.token_kinds(model, ids, labels).tolist() == [PROMPT, IMAGE, IMAGE, PROMPT, ANSWER, ANSWER]

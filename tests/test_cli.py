@@ -1,0 +1,78 @@
+"""Bad input: exit status 2, one line naming the problem, no traceback, no output left behind."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tlq.cli import main
+
+
+def _run(argv, capsys):
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.err.strip().splitlines()
+
+
+@pytest.fixture
+def good(tiny_checkpoints, calib_split, tmp_path):
+    path, folder = calib_split
+    return {"model": str(tiny_checkpoints["qwen2_vl"]), "calib": str(path), "images": str(folder),
+            "out": str(tmp_path / "out")}
+
+
+def _argv(g, **over):
+    g = {**g, **over}
+    return ["quantize", g["model"], "--out", g["out"], "--calib", g["calib"], "--images", g["images"],
+            "--scheme", over.get("scheme", "W4A16-g32"), "--num-samples", "2", "--quiet"]
+
+
+def _bad_cases(tmp_path, good):
+    unsupported = tmp_path / "llama"
+    unsupported.mkdir()
+    (unsupported / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    empty = tmp_path / "empty.json"
+    empty.write_text("")
+    missing_image = tmp_path / "missing.json"
+    missing_image.write_text(json.dumps([{"image": "images/ghost.png", "conversations": [
+        {"from": "human", "value": "<image>\nwhat color is the circle ?"}, {"from": "gpt", "value": "red"}]}]))
+    return {
+        "missing model": ({"model": str(tmp_path / "nowhere")}, "does not exist"),
+        "unsupported": ({"model": str(unsupported)}, "unsupported architecture 'llama'"),
+        "bad scheme": ({"scheme": "W5A5"}, "unknown scheme"),
+        "empty calib": ({"calib": str(empty)}, "is empty"),
+        "missing image": ({"calib": str(missing_image)}, "ghost.png is missing"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing model", "unsupported", "bad scheme", "empty calib", "missing image"])
+def test_bad_input_is_one_line_exit_2(case, good, tmp_path, capsys):
+    over, words = _bad_cases(tmp_path, good)[case]
+    code, lines = _run(_argv(good, **over), capsys)
+    assert code == 2
+    assert len(lines) == 1 and words in lines[0] and lines[0].startswith("tlq: error:")
+    assert not os.path.exists(good["out"])
+    assert not [p for p in os.listdir(os.path.dirname(good["out"])) if p.startswith(".out.tmp")]
+
+
+def test_quantize_command_writes_a_checkpoint(good, capsys):
+    code = main(_argv(good))
+    capsys.readouterr()
+    assert code == 0
+    assert os.path.isfile(os.path.join(good["out"], "config.json"))
+    recipe = json.load(open(os.path.join(good["out"], "tlq_recipe.json")))
+    assert recipe["calibration"]["num_samples"] == 2 and len(recipe["calibration"]["data_sha256"]) == 64
+    assert recipe["versions"]["tlq"]
+    # A second run into the same folder is refused rather than overwriting it.
+    code, lines = _run(_argv(good), capsys)
+    assert code == 2 and "already exists" in lines[0]
+
+
+def test_subprocess_has_no_traceback(good, tmp_path):
+    argv = _argv(good, scheme="W9A16")
+    proc = subprocess.run([sys.executable, "-m", "tlq", *argv], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "unknown scheme" in proc.stderr

@@ -1,0 +1,80 @@
+import copy
+
+import pytest
+import torch
+
+from tlq.api import prepare_samples
+from tlq.engine import (LayerInputs, calibrate_layer, capture_layer_inputs, install_activation_quant,
+                        quantize_layers, run_layer)
+from tlq.models import load_model
+from tlq.models.processing import load_processor
+from tlq.recipe import Recipe
+
+
+def _setup(checkpoint, calib_split, recipe):
+    model, adapter = load_model(checkpoint)
+    processor = load_processor(checkpoint)
+    path, folder = calib_split
+    samples = prepare_samples(model, adapter, processor, path, folder, recipe)
+    return model, adapter, samples
+
+
+@pytest.mark.parametrize("scheme", ["W4A16-g32", "W4A8"])
+def test_next_layer_is_calibrated_on_the_quantized_layer_outputs(tiny_checkpoints, calib_split, scheme):
+    recipe = Recipe(method="gptq", scheme=scheme, num_samples=4)
+    model, adapter, samples = _setup(tiny_checkpoints["qwen2_vl"], calib_split, recipe)
+    seen: list[LayerInputs] = []
+    quantize_layers(model, adapter, samples, recipe, progress=False,
+                    on_layer_inputs=lambda i, inputs: seen.append(copy.deepcopy(inputs)))
+    layers = adapter.layers(model)
+    assert len(seen) == len(layers) == 2
+    # Layer 0 after quantization (weights on their grid, activations fake-quantized for W4A8),
+    # applied to its own calibration inputs, gives exactly the inputs layer 1 was calibrated on.
+    layer0 = layers[0]
+    hooks = install_activation_quant([layer0.get_submodule(n) for n in adapter.linear_names],
+                                     recipe.resolved_scheme())
+    with torch.no_grad():
+        outputs = [out for _, out in run_layer(layer0, seen[0], torch.device("cpu"))]
+    for h in hooks:
+        h.remove()
+    for produced, used in zip(outputs, seen[1].hidden):
+        assert torch.equal(produced, used)
+    # ...and they are not the FP path's inputs.
+    fp_model, _ = load_model(tiny_checkpoints["qwen2_vl"])
+    fp_inputs = capture_layer_inputs(fp_model, adapter, samples, torch.device("cpu"))
+    with torch.no_grad():
+        fp_out = [out for _, out in run_layer(adapter.layers(fp_model)[0], fp_inputs, torch.device("cpu"))]
+    assert not torch.equal(fp_out[0], seen[1].hidden[0])
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision"])
+@pytest.mark.parametrize("scheme", ["W3A16-g32", "W4A8"])
+def test_gptq_has_lower_layer_error_than_rtn_on_the_same_inputs(tiny_checkpoints, calib_split, family, scheme):
+    recipe = Recipe(method="gptq", scheme=scheme, num_samples=6)
+    model, adapter, samples = _setup(tiny_checkpoints[family], calib_split, recipe)
+    inputs = capture_layer_inputs(model, adapter, samples, torch.device("cpu"))
+    device = torch.device("cpu")
+    for index, layer in enumerate(adapter.layers(model)):
+        errors = {}
+        for method in ("rtn", "gptq"):
+            r = Recipe(method=method, scheme=scheme, num_samples=6)
+            _, _, report = calibrate_layer(copy.deepcopy(layer), index, inputs, adapter, r, device)
+            errors[method] = report.relative_error
+        assert errors["gptq"] < errors["rtn"], (index, errors)
+        with torch.no_grad():
+            inputs = LayerInputs([out.cpu() for _, out in run_layer(layer, inputs, device)], inputs.kwargs)
+
+
+def test_token_weights_reach_the_solver(tiny_checkpoints, calib_split):
+    recipe = Recipe(method="gptq", scheme="W4A16-g32", num_samples=3)
+    model, adapter, samples = _setup(tiny_checkpoints["qwen2_vl"], calib_split, recipe)
+    calls = []
+
+    def weights(layer, name, sample):
+        calls.append((layer, name, sample))
+        return torch.ones(samples[sample].num_tokens)
+
+    quantize_layers(model, adapter, samples, recipe, token_weights=weights, progress=False)
+    assert {c[2] for c in calls} == {0, 1, 2}
+    assert {c[1] for c in calls} == set(adapter.linear_names)
+    assert {c[0] for c in calls} == {0, 1}
