@@ -7,6 +7,7 @@ leaves no output directory behind (export writes to a temporary sibling and rena
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -53,6 +54,60 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from tlq.evaluate import evaluate
+
+    report = evaluate(args.model_dir, args.data, images=args.images, reference=args.reference,
+                      num_samples=args.num_samples, batch_size=args.batch_size, device=args.device, out=args.out)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from tlq.bench import BenchConfig, run_bench
+
+    try:
+        seeds = [int(s) for s in _split(args.seeds)]
+    except ValueError:
+        raise TlqError(f"--seeds takes comma-separated integers, got {args.seeds!r}") from None
+    for path in (args.calib, args.eval):
+        if not Path(path).is_file():
+            raise TlqError(f"{path} does not exist: pass a ShareGPT4V-style JSON file")
+    cfg = BenchConfig(model_dir=args.model_dir, calib=args.calib, eval_data=args.eval, out_dir=args.out,
+                      calib_images=args.images, eval_images=args.eval_images or args.images,
+                      methods=_split(args.methods), schemes=_split(args.schemes), seeds=seeds,
+                      num_samples=args.num_samples, eval_samples=args.eval_samples, device=args.device,
+                      keep_checkpoints=args.keep_checkpoints)
+    results = run_bench(cfg)
+    from tlq.bench import markdown_table
+
+    print(markdown_table(results))
+    print(f"results in {Path(args.out) / 'results.json'}, table.md, chart.png")
+    return 0
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from tlq.data.synthetic import write_splits
+
+    for name, path in write_splits(args.out, calib=args.calib, test=args.test).items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def _cmd_stress(args: argparse.Namespace) -> int:
+    from tlq.models import adapter_for, read_model_type
+    from tlq.reference.stress import make_variant
+
+    adapter_for(read_model_type(args.model_dir))
+    out = make_variant(args.model_dir, args.out, args.kind, args.scale, args.channels, args.seed)
+    print(f"wrote {args.kind}-outlier variant to {out}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from tlq.demo import run_demo
 
@@ -77,6 +132,48 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_arguments(q)
     q.set_defaults(func=_cmd_quantize)
 
+    e = sub.add_parser("eval", help="exact-match accuracy, answer NLL and KL to a reference model")
+    e.add_argument("model_dir", help="checkpoint folder (FP or tlq output)")
+    e.add_argument("--data", required=True, help="ShareGPT4V-style JSON/JSONL with reference answers")
+    e.add_argument("--images", default=None, help="folder the records' image paths are relative to")
+    e.add_argument("--reference", default=None, help="FP checkpoint to measure answer KL against")
+    e.add_argument("--num-samples", type=int, default=None, help="evaluate only the first N records")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--out", default=None, help="also write the JSON report here")
+    e.set_defaults(func=_cmd_eval)
+
+    b = sub.add_parser("bench", help="methods x schemes x seeds: quantize, evaluate, tabulate")
+    b.add_argument("model_dir")
+    b.add_argument("--calib", required=True, help="calibration pool (each seed draws --num-samples from it)")
+    b.add_argument("--images", default=None, help="image folder of the calibration pool")
+    b.add_argument("--eval", required=True, help="held-out evaluation split")
+    b.add_argument("--eval-images", default=None, help="image folder of the evaluation split (default --images)")
+    b.add_argument("--methods", default="rtn,gptq")
+    b.add_argument("--schemes", default="W3A16,W4A8")
+    b.add_argument("--seeds", default="0,1,2")
+    b.add_argument("--num-samples", type=int, default=128)
+    b.add_argument("--eval-samples", type=int, default=None)
+    b.add_argument("--device", default="auto")
+    b.add_argument("--keep-checkpoints", action="store_true")
+    b.add_argument("--out", required=True, help="folder for results.json, table.md, chart.png")
+    b.set_defaults(func=_cmd_bench)
+
+    g = sub.add_parser("synth", help="write the procedural image-question splits (calibration and test)")
+    g.add_argument("--out", required=True)
+    g.add_argument("--calib", type=int, default=512, help="calibration pool size")
+    g.add_argument("--test", type=int, default=1000, help="held-out test split size")
+    g.set_defaults(func=_cmd_synth)
+
+    o = sub.add_parser("stress", help="write a function-preserving outlier variant of a checkpoint (benchmarks)")
+    o.add_argument("model_dir")
+    o.add_argument("--out", required=True)
+    o.add_argument("--kind", choices=["weight", "activation"], required=True)
+    o.add_argument("--scale", type=float, default=32.0)
+    o.add_argument("--channels", type=int, default=4)
+    o.add_argument("--seed", type=int, default=0)
+    o.set_defaults(func=_cmd_stress)
+
     d = sub.add_parser("demo", help="quantize a small bundled model end to end and print the results")
     d.add_argument("--out", default="demo_out", help="folder for the demo's data, checkpoints and table")
     d.add_argument("--device", default="auto")
@@ -92,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' load/save bars
-    if getattr(args, "quiet", False):
-        os.environ["TQDM_DISABLE"] = "1"
+    if getattr(args, "quiet", False) or (args.command != "quantize" and not args.verbose):
+        os.environ["TQDM_DISABLE"] = "1"  # library progress bars; our commands print their own lines
     try:
         return args.func(args)
     except TlqError as exc:

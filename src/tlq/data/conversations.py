@@ -31,6 +31,7 @@ class Record:
     images: list[Path]
     messages: list[dict[str, Any]]
     line: int  # 1-based position in the source file, for error messages
+    meta: dict[str, Any] = field(default_factory=dict)  # other fields of the row (id, question types, ...)
 
 
 @dataclass
@@ -125,7 +126,8 @@ def load_records(path: str | Path, images_dir: str | Path | None, num_samples: i
         for image in images:
             if not image.is_file():
                 raise TlqError(f"{where}: image {image} is missing: fix the path or the --images folder")
-        records.append(Record(images=images, messages=_to_messages(row, len(images), where), line=number))
+        meta = {k: v for k, v in row.items() if k not in ("image", "conversations")}
+        records.append(Record(images=images, messages=_to_messages(row, len(images), where), line=number, meta=meta))
     if num_samples is not None and num_samples < len(records):
         chosen = sorted(random.Random(seed).sample(range(len(records)), num_samples))
         records = [records[i] for i in chosen]
@@ -155,6 +157,22 @@ def _open_images(record: Record):
     return images
 
 
+def _image_token_runs(ids: torch.Tensor, image_token_id: int | None) -> list[int]:
+    """Lengths of the maximal runs of consecutive image tokens, in order."""
+    if image_token_id is None:
+        return []
+    runs, current = [], 0
+    for is_image in (ids == image_token_id).tolist():
+        if is_image:
+            current += 1
+        elif current:
+            runs.append(current)
+            current = 0
+    if current:
+        runs.append(current)
+    return runs
+
+
 def _count_images(messages: list[dict[str, Any]]) -> int:
     return sum(part.get("type") == "image" for m in messages for part in m["content"])
 
@@ -165,21 +183,43 @@ def render_sample(record: Record, processor, max_length: int | None = None) -> S
     Returns None when truncation to `max_length` would cut through an image (the model needs every
     image token it was given features for).
     """
-    images = _open_images(record)
+    return render_messages(record.messages, _open_images(record), processor, max_length)
 
-    def encode(messages, generation_prompt: bool) -> dict[str, torch.Tensor]:
-        text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-        used = images[:_count_images(messages)]
-        return processor(text=[text], images=used or None, return_tensors="pt")
 
-    inputs = encode(record.messages, False)
+def render_messages(messages: list[dict[str, Any]], images: list, processor,
+                    max_length: int | None = None) -> Sample | None:
+    """`render_sample` for messages and already-opened PIL images."""
+
+    def render(prefix, generation_prompt: bool) -> str:
+        return processor.apply_chat_template(prefix, tokenize=False, add_generation_prompt=generation_prompt)
+
+    def encode(prefix, generation_prompt: bool) -> dict[str, torch.Tensor]:
+        used = images[:_count_images(prefix)]
+        return processor(text=[render(prefix, generation_prompt)], images=used or None, return_tensors="pt")
+
+    inputs = encode(messages, False)
     input_ids = inputs["input_ids"]
+    # Where each answer starts and ends: the token count of the conversation up to it. The processor
+    # only expands each image placeholder into that image's run of image tokens, so the count is the
+    # tokenizer's count plus the runs' extra length; verified on the full text, else fall back to
+    # running the processor on every prefix.
+    runs = _image_token_runs(input_ids[0], getattr(processor, "image_token_id", None))
+    tokenizer = processor.tokenizer
+    fast = len(runs) == len(images) and (
+        len(tokenizer(render(messages, False))["input_ids"]) + sum(r - 1 for r in runs) == input_ids.shape[-1])
+
+    def prefix_length(prefix, generation_prompt: bool) -> int:
+        if fast:
+            extra = sum(r - 1 for r in runs[:_count_images(prefix)])
+            return len(tokenizer(render(prefix, generation_prompt))["input_ids"]) + extra
+        return encode(prefix, generation_prompt)["input_ids"].shape[-1]
+
     labels = torch.full_like(input_ids, -100)
-    for turn, message in enumerate(record.messages):
+    for turn, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start = encode(record.messages[:turn], True)["input_ids"].shape[-1]
-        end = encode(record.messages[:turn + 1], False)["input_ids"].shape[-1]
+        start = prefix_length(messages[:turn], True)
+        end = prefix_length(messages[:turn + 1], False)
         labels[:, start:end] = input_ids[:, start:end]
     length = input_ids.shape[-1]
     if max_length is not None and length > max_length:

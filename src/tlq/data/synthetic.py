@@ -52,7 +52,7 @@ class SceneConfig:
     scene: int = 4  # the objects live in a scene x scene block of cells
     max_objects: int = 4
     digit_probability: float = 0.5
-    questions_per_image: int = 3
+    questions_per_image: int = 1
 
 
 def _draw_shape(canvas: np.ndarray, y: int, x: int, shape: str, color: tuple[int, int, int]) -> None:
@@ -165,3 +165,14 @@ def write_split(out_dir: str | Path, num_images: int, seed: int, config: SceneCo
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps(records, indent=1) + "\n")
     return path
+
+
+# Seeds of the on-disk splits. Training draws fresh examples from its own seed and validates on
+# seed 999 (tlq.reference.train); calibration and test never share a seed, so never an image.
+SPLIT_SEEDS = {"calib": 1, "test": 2}
+
+
+def write_splits(out_dir: str | Path, calib: int = 512, test: int = 1000) -> dict[str, Path]:
+    """The calibration pool and the held-out test split, one question per image."""
+    return {name: write_split(out_dir, count, SPLIT_SEEDS[name], name=name)
+            for name, count in (("calib", calib), ("test", test))}

@@ -1,0 +1,195 @@
+"""The method x scheme x seed benchmark: quantize, evaluate, tabulate.
+
+Each cell runs `tlq quantize` in a child process (so its peak memory is its own, read from the OS when
+it exits) and evaluates the written checkpoint in-process against the FP model on the held-out split.
+Cells are saved to results.json as they finish, and a rerun skips finished cells. The Markdown table
+and PNG chart are regenerated from results.json, so they always show exactly what was run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tlq.errors import TlqError
+from tlq.evaluate import evaluate
+from tlq.recipe import METHODS, parse_scheme
+
+
+@dataclass
+class BenchConfig:
+    model_dir: str
+    calib: str
+    eval_data: str
+    out_dir: str
+    calib_images: str | None = None
+    eval_images: str | None = None
+    methods: list[str] = field(default_factory=lambda: ["rtn", "gptq"])
+    schemes: list[str] = field(default_factory=lambda: ["W3A16", "W4A8"])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    num_samples: int = 128
+    eval_samples: int | None = None
+    device: str = "auto"
+    keep_checkpoints: bool = False
+    quantize_args: list[str] = field(default_factory=list)  # extra `tlq quantize` flags for every cell
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _cell_key(method: str, scheme: str, seed: int) -> str:
+    return f"{method}|{scheme}|{seed}"
+
+
+def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for method in cfg.methods:
+        if method not in METHODS:
+            raise TlqError(f"unknown method {method!r}: use {', '.join(METHODS)}")
+    for scheme in cfg.schemes:
+        parse_scheme(scheme)
+    results_path = out_dir / "results.json"
+    results: dict[str, Any] = {"cells": {}}
+    if results_path.is_file():
+        results = json.loads(results_path.read_text())
+    results["config"] = asdict(cfg)
+    if "fp" not in results:
+        results["fp"] = evaluate(cfg.model_dir, cfg.eval_data, cfg.eval_images, num_samples=cfg.eval_samples)
+        _atomic_write(results_path, json.dumps(results, indent=1) + "\n")
+    for scheme in cfg.schemes:
+        for method in cfg.methods:
+            for seed in cfg.seeds:
+                key = _cell_key(method, scheme, seed)
+                if results["cells"].get(key, {}).get("status") == "done":
+                    continue
+                checkpoint = out_dir / "checkpoints" / f"{method}-{scheme}-s{seed}"
+                run = _run_quantize_measured(cfg, method, scheme, seed, checkpoint)
+                recipe = json.loads((checkpoint / "tlq_recipe.json").read_text())
+                report = evaluate(checkpoint, cfg.eval_data, cfg.eval_images, reference=cfg.model_dir,
+                                  num_samples=cfg.eval_samples)
+                results["cells"][key] = {
+                    "status": "done", "method": method, "scheme": scheme, "seed": seed,
+                    "accuracy": report["accuracy"], "answer_kl": report["answer_kl"],
+                    "answer_nll": report["answer_nll"], "per_type": report["per_type"],
+                    "retention": report["accuracy"] / max(results["fp"]["accuracy"], 1e-9),
+                    "calibration_seconds": recipe["calibration_seconds"],
+                    "quantize_wall_seconds": run["wall_seconds"], "peak_rss_mib": run["peak_rss_mib"],
+                    "layer_relative_error": recipe["layer_relative_error"],
+                }
+                if progress:
+                    cell = results["cells"][key]
+                    print(f"{key}: accuracy {cell['accuracy']:.3f}, KL {cell['answer_kl']:.4f}, "
+                          f"calibration {cell['calibration_seconds']:.1f} s", flush=True)
+                _atomic_write(results_path, json.dumps(results, indent=1) + "\n")
+                if not cfg.keep_checkpoints:
+                    shutil.rmtree(checkpoint, ignore_errors=True)
+    table = markdown_table(results)
+    _atomic_write(out_dir / "table.md", table)
+    chart(results, out_dir / "chart.png")
+    return results
+
+
+def _run_quantize_measured(cfg: BenchConfig, method: str, scheme: str, seed: int, out: Path) -> dict[str, Any]:
+    """Run `tlq quantize` as a child and read its own peak RSS from wait4 (Linux reports KiB)."""
+    argv = [sys.executable, "-m", "tlq", "quantize", cfg.model_dir, "--out", str(out), "--calib", cfg.calib,
+            "--method", method, "--scheme", scheme, "--seed", str(seed), "--num-samples", str(cfg.num_samples),
+            "--device", cfg.device, "--overwrite", "--quiet", *cfg.quantize_args]
+    if cfg.calib_images:
+        argv += ["--images", cfg.calib_images]
+    start = time.perf_counter()
+    err_path = out.parent / f".{out.name}.stderr"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - start
+    message = err_path.read_text().strip().splitlines()
+    err_path.unlink(missing_ok=True)
+    if proc.returncode != 0:
+        raise TlqError(f"quantize {method} {scheme} seed {seed} failed: {message[-1] if message else proc.returncode}")
+    return {"wall_seconds": round(wall, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per (scheme, method): mean and std over seeds."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for cell in results["cells"].values():
+        if cell.get("status") == "done":
+            groups.setdefault((cell["scheme"], cell["method"]), []).append(cell)
+    order = {m: i for i, m in enumerate(results.get("config", {}).get("methods", []))}
+    rows = []
+    for (scheme, method), cells in sorted(groups.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 99))):
+        row = {"scheme": scheme, "method": method, "seeds": len(cells)}
+        for metric in ("accuracy", "retention", "answer_kl", "calibration_seconds", "peak_rss_mib"):
+            row[metric] = _mean_std([c[metric] for c in cells])
+        rows.append(row)
+    return rows
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    fp = results["fp"]
+    lines = [f"FP accuracy {fp['accuracy']:.3f} on {fp['num_questions']} held-out questions "
+             f"(model {results.get('config', {}).get('model_dir', '?')}).", "",
+             "| scheme | method | seeds | accuracy | retention | answer KL | calib s | peak RSS MiB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in summarize(results):
+        acc, ret, kl, sec, rss = (row[m] for m in ("accuracy", "retention", "answer_kl", "calibration_seconds",
+                                                     "peak_rss_mib"))
+        lines.append(f"| {row['scheme']} | {row['method']} | {row['seeds']} | {acc[0]:.3f} ± {acc[1]:.3f} | "
+                     f"{ret[0]:.3f} ± {ret[1]:.3f} | {kl[0]:.4f} ± {kl[1]:.4f} | {sec[0]:.1f} | {rss[0]:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def chart(results: dict[str, Any], path: Path) -> Path | None:
+    """Grouped bars of retention (mean, std over seeds) per scheme and method."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no chart (pip install 'tlq[bench]')", file=sys.stderr)
+        return None
+    rows = summarize(results)
+    schemes = sorted({r["scheme"] for r in rows})
+    methods = [m for m in results.get("config", {}).get("methods", []) if any(r["method"] == m for r in rows)]
+    width = 0.8 / max(len(methods), 1)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(schemes) * max(len(methods), 1) * 0.5, 3.6))
+    for i, method in enumerate(methods):
+        xs, ys, es = [], [], []
+        for j, scheme in enumerate(schemes):
+            row = next((r for r in rows if r["scheme"] == scheme and r["method"] == method), None)
+            if row:
+                xs.append(j + (i - (len(methods) - 1) / 2) * width)
+                ys.append(row["retention"][0])
+                es.append(row["retention"][1])
+        ax.bar(xs, ys, width, yerr=es, label=method, capsize=2)
+    ax.set_xticks(range(len(schemes)), schemes)
+    ax.set_ylabel("retention (quantized / FP accuracy)")
+    ax.set_ylim(0, 1.05)
+    ax.axhline(1.0, color="gray", lw=0.5)
+    ax.legend(fontsize=8, ncol=min(len(methods), 3))
+    ax.set_title(Path(results.get("config", {}).get("model_dir", "")).name, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
