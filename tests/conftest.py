@@ -19,7 +19,7 @@ def calib_split(tmp_path_factory):
     from tlq.data.synthetic import SceneConfig, write_split
 
     folder = tmp_path_factory.mktemp("calib")
-    path = write_split(folder, 6, seed=11, config=SceneConfig(grid=4, scene=3), name="calib")
+    path = write_split(folder, 6, seed=11, config=SceneConfig(grid=4, scene=3, questions_per_image=3), name="calib")
     return path, folder
 
 

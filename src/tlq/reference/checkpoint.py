@@ -97,9 +97,12 @@ def build_model_and_processor(family: str, words: Iterable[str], size: ModelSize
                                          **markers)
             model = tf.Qwen2_5_VLForConditionalGeneration(config)
             processor_class = tf.Qwen2_5_VLProcessor
-        area = size.image_size * size.image_size
+        # Native dynamic resolution, as in real Qwen2-VL: an image keeps its size (one token per
+        # 2x2 patches) between a 2x2-token minimum and image_size^2 pixels.
+        token_side = 2 * size.patch
         image_processor = Qwen2VLImageProcessorPil(patch_size=size.patch, merge_size=2, temporal_patch_size=2,
-                                                   min_pixels=area, max_pixels=area)
+                                                   min_pixels=4 * token_side * token_side,
+                                                   max_pixels=size.image_size * size.image_size)
         processor = videoless_processor(processor_class, image_processor, tokenizer,
                                         chat_template=tokenizer.chat_template)
     model.generation_config.eos_token_id = eos

@@ -1,0 +1,30 @@
+import json
+
+import pytest
+
+import tlq.bench as bench
+from tlq.bench import BenchConfig, run_bench
+
+
+def test_bench_runs_cells_and_skips_finished_ones(tiny_checkpoints, calib_split, tmp_path, monkeypatch):
+    path, folder = calib_split
+    cfg = BenchConfig(model_dir=str(tiny_checkpoints["qwen2_vl"]), calib=str(path), eval_data=str(path),
+                      calib_images=str(folder), eval_images=str(folder), out_dir=str(tmp_path / "b"),
+                      methods=["rtn"], schemes=["W4A16-g32"], seeds=[0, 1], num_samples=2, device="cpu")
+    results = run_bench(cfg, progress=False)
+    cells = results["cells"]
+    assert set(cells) == {"rtn|W4A16-g32|0", "rtn|W4A16-g32|1"}
+    for cell in cells.values():
+        assert cell["status"] == "done" and cell["peak_rss_mib"] > 50 and 0 <= cell["accuracy"] <= 1
+        assert cell["calibration_seconds"] > 0
+    table = (tmp_path / "b" / "table.md").read_text()
+    assert "| W4A16-g32 | rtn | 2 |" in table
+    assert (tmp_path / "b" / "chart.png").stat().st_size > 1000
+    assert not (tmp_path / "b" / "checkpoints" / "rtn-W4A16-g32-s0").exists()
+
+    def fail(*args, **kwargs):
+        raise AssertionError("finished cells must not be recomputed")
+
+    monkeypatch.setattr(bench, "_run_quantize_measured", fail)
+    again = run_bench(cfg, progress=False)
+    assert again["cells"] == json.loads((tmp_path / "b" / "results.json").read_text())["cells"]
