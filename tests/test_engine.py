@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from tlq.api import prepare_samples
-from tlq.engine import (LayerInputs, calibrate_layer, capture_layer_inputs, install_activation_quant,
-                        quantize_layers, run_layer)
+from tlq.activations import LayerInputs, capture_layer_inputs, install_activation_quant, run_layer
+from tlq.engine import calibrate_layer, quantize_layers
 from tlq.models import load_model
 from tlq.models.processing import load_processor
 from tlq.recipe import Recipe
@@ -58,7 +58,7 @@ def test_gptq_has_lower_layer_error_than_rtn_on_the_same_inputs(tiny_checkpoints
         errors = {}
         for method in ("rtn", "gptq"):
             r = Recipe(method=method, scheme=scheme, num_samples=6)
-            _, _, report = calibrate_layer(copy.deepcopy(layer), index, inputs, adapter, r, device)
+            _, _, _, report = calibrate_layer(copy.deepcopy(layer), index, inputs, adapter, r, device)
             errors[method] = report.relative_error
         assert errors["gptq"] < errors["rtn"], (index, errors)
         with torch.no_grad():

@@ -8,7 +8,8 @@ from torch import nn
 
 from tlq.api import prepare_samples
 from tlq.compat import load_quantized
-from tlq.engine import install_model_activation_quant, quantize_layers
+from tlq.activations import install_model_activation_quant
+from tlq.engine import quantize_layers
 from tlq.export import RECIPE_FILE, export_compressed
 from tlq.models import load_model
 from tlq.models.processing import load_processor

@@ -52,6 +52,38 @@ def prepare_samples(model, adapter, processor, calib: str | Path, images: str | 
     return samples
 
 
+def build_token_weights(model, adapter, samples: list[Sample], recipe: Recipe):
+    """The per-token weights the recipe's method calibrates with (None = uniform), and a summary.
+
+    TLQ and MBQ share one forward + backward pass of the FP model over the calibration samples.
+    """
+    from tlq.engine import resolve_device
+    from tlq.importance import (WeightingConfig, compute_importance, kept_tokens, modality_ratios,
+                                modality_weights, token_weights)
+
+    plan = recipe.plan()
+    if plan.weighting == "uniform":
+        if recipe.keep_ratio is not None or recipe.token_budget is not None:
+            raise TlqError("a token budget selects tokens by importance: use it with --method tlq")
+        return None, {"weighting": "uniform"}
+    importance = compute_importance(model, adapter, samples, recipe.importance_score, resolve_device(recipe.device))
+    record: dict[str, Any] = {"weighting": plan.weighting, "fp_answer_loss": round(importance.loss, 5),
+                              "tokens_by_kind": importance.kept_summary()}
+    if plan.weighting == "modality":
+        ratios = modality_ratios(importance, adapter)
+        record["image_weight_per_layer"] = {str(k): {p: round(v, 5) for p, v in r.items()} for k, r in ratios.items()}
+        return modality_weights(importance, adapter), record
+    config = WeightingConfig(floor=recipe.importance_floor, clip=recipe.importance_clip, keep_ratio=recipe.keep_ratio,
+                             token_budget=recipe.token_budget, min_share=recipe.min_kind_share)
+    record["score"] = recipe.importance_score
+    if recipe.keep_ratio is not None or recipe.token_budget is not None:
+        last = len(adapter.layers(model)) - 1
+        record["kept_tokens_by_kind"] = {
+            f"{layer}.{name}": kept_tokens(importance, config, layer, name)
+            for layer in (0, last) for name in ("self_attn.q_proj", "mlp.down_proj")}
+    return token_weights(importance, config), record
+
+
 def quantize(model_dir: str | Path, out_dir: str | Path, calib: str | Path, images: str | Path | None = None,
              recipe: Recipe | None = None, overwrite: bool = False, progress: bool = True,
              dtype: str = "auto", trust_remote_code: bool = False) -> QuantizeReport:
@@ -68,7 +100,11 @@ def quantize(model_dir: str | Path, out_dir: str | Path, calib: str | Path, imag
     check_exportable(model, adapter, scheme)
     processor = load_processor(model_dir, trust_remote_code=trust_remote_code)
     samples = prepare_samples(model, adapter, processor, calib, images, recipe, records=records)
-    calibration = quantize_layers(model, adapter, samples, recipe, progress=progress)
+    importance_start = time.perf_counter()
+    weights, weighting_record = build_token_weights(model, adapter, samples, recipe)
+    importance_seconds = time.perf_counter() - importance_start
+    calibration = quantize_layers(model, adapter, samples, recipe, token_weights=weights, progress=progress)
+    calibration.seconds += importance_seconds
     record: dict[str, Any] = {
         "recipe": recipe.to_dict(),
         "scheme": scheme.to_dict(),
@@ -77,6 +113,8 @@ def quantize(model_dir: str | Path, out_dir: str | Path, calib: str | Path, imag
         "calibration": {"file": str(calib), "num_samples": len(samples),
                         "num_tokens": sum(s.num_tokens for s in samples), "data_sha256": data_hash(records)},
         "layer_relative_error": [round(r.relative_error, 6) for r in calibration.layers],
+        "rescaled_groups": [r.rescaled for r in calibration.layers if r.rescaled],
+        "token_weighting": weighting_record,
         "calibration_seconds": round(calibration.seconds, 3),
         "versions": package_versions(),
     }

@@ -32,13 +32,28 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
                         help="observe all Linears of a layer in one pass instead of group by group")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
+    tlq = parser.add_argument_group("TLQ / MBQ / AWQ options")
+    tlq.add_argument("--backend", default="auto", help="tlq solver: auto, gptq, scale, both (default auto)")
+    tlq.add_argument("--importance", default="fisher", help="token score: fisher, l2, gx, layer_output")
+    tlq.add_argument("--floor", type=float, default=0.1, help="minimum token weight lam (default 0.1)")
+    tlq.add_argument("--clip", type=float, default=None, help="cap on the normalised importance")
+    tlq.add_argument("--keep-ratio", type=float, default=None, help="token-level set: share of tokens kept")
+    tlq.add_argument("--token-budget", type=int, default=None, help="token-level set: tokens kept in all")
+    tlq.add_argument("--min-kind-share", type=float, default=0.1, help="minimum share per token kind in the set")
+    tlq.add_argument("--target", default="symmetric", help="objective target: symmetric or asymmetric")
+    tlq.add_argument("--no-exposure", dest="exposure", action="store_false",
+                     help="ablation: calibrate every layer on FP activations")
+    tlq.add_argument("--scale-loss", default="auto", help="scale search loss: auto, mse, mae")
 
 
 def _recipe_from(args: argparse.Namespace) -> Recipe:
     return Recipe(method=args.method, scheme=args.scheme, group_size=args.group_size, symmetric=args.symmetric,
                   num_samples=args.num_samples, seed=args.seed, max_length=args.max_length,
                   dampening=args.dampening, block_size=args.block_size, act_order=args.act_order,
-                  true_sequential=args.true_sequential, device=args.device)
+                  true_sequential=args.true_sequential, device=args.device, backend=args.backend,
+                  importance_score=args.importance, importance_floor=args.floor, importance_clip=args.clip,
+                  keep_ratio=args.keep_ratio, token_budget=args.token_budget, min_kind_share=args.min_kind_share,
+                  target=args.target, exposure=args.exposure, scale_loss=args.scale_loss)
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@
     capture layer-0 inputs once (the model's own forward computes M-RoPE ids, masks, rotary cos/sin)
     for each decoder layer l:
         move layer l alone to the device
+        [rescale its scaling groups: AWQ / MBQ / TLQ scale search, SmoothQuant]
         for each Linear group in solve order (q,k,v -> o -> gate,up -> down):
             run the layer on x~_l, feeding each Linear's inputs to its solver; solve; write Q(W) back
         x~_{l+1} = quantized layer l applied to x~_l        (quantization-exposed: the deployed path)
@@ -10,7 +11,8 @@
 
 Inputs x~ always come from the already-quantized earlier layers, and with an activation scheme every
 quantized Linear fake-quantizes its input per token both while observing and while propagating, so
-calibration sees exactly what the deployed model computes.
+calibration sees exactly what the deployed model computes. The FP-path stream x_l (the FP model's
+activations) is kept only when the recipe asks for it: the asymmetric target, or exposure off.
 """
 
 from __future__ import annotations
@@ -19,16 +21,18 @@ import copy
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
 
+from tlq.activations import (LayerInputs, capture_layer_inputs, capture_linear_inputs, check_finite,
+                             install_activation_quant, layer_output, resolve_device, run_layer, to_device)
 from tlq.data import Sample
-from tlq.errors import TlqError
 from tlq.models import ModelAdapter
-from tlq.quant import QuantizedWeight, fake_quant_activation, solver_factory
-from tlq.recipe import Recipe, Scheme
+from tlq.quant import QuantizedWeight, solver_factory
+from tlq.recipe import Recipe
+from tlq.rescale import rescale_layer
 
 log = logging.getLogger(__name__)
 
@@ -37,18 +41,11 @@ TokenWeights = Callable[[int, str, int], "torch.Tensor | None"]
 
 
 @dataclass
-class LayerInputs:
-    """Per-sample hidden states entering a decoder layer, and the keyword arguments it is called with."""
-
-    hidden: list[torch.Tensor]
-    kwargs: list[dict[str, Any]]
-
-
-@dataclass
 class LayerReport:
     index: int
     relative_error: float  # ||quantized layer(x~) - FP layer(x~)|| / ||FP layer(x~)||
     seconds: float
+    rescaled: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -58,156 +55,54 @@ class CalibrationResult:
     seconds: float = 0.0
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise TlqError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TlqError(f"device {name} requested but CUDA is not available: use --device cpu")
-    return device
-
-
-def _to(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
-    return value
-
-
-class _Captured(Exception):
-    pass
-
-
-class _Catcher(nn.Module):
-    """Stands in for decoder layer 0 during capture: records its call and stops the forward."""
-
-    def __init__(self, store: LayerInputs) -> None:
-        super().__init__()
-        self.store = store
-
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if args:
-            raise TlqError("decoder layer called with positional arguments tlq does not know how to replay")
-        for key in ("cache", "past_key_values", "past_key_value", "use_cache", "cache_position"):
-            kwargs.pop(key, None)
-        self.store.hidden.append(hidden_states.detach().cpu())
-        self.store.kwargs.append(_to(kwargs, torch.device("cpu")))
-        raise _Captured
-
-
-def _check_uniform_layers(model: nn.Module, num_layers: int) -> None:
-    # Every layer is replayed with layer 0's arguments; sliding-window layers would need their own mask.
-    layer_types = getattr(getattr(model.config, "text_config", model.config), "layer_types", None)
-    if layer_types and len(set(layer_types[:num_layers])) > 1:
-        raise TlqError(f"mixed attention layer types {sorted(set(layer_types))} are not supported yet")
-
-
-@torch.no_grad()
-def capture_layer_inputs(model: nn.Module, adapter: ModelAdapter, samples: list[Sample],
-                         device: torch.device) -> LayerInputs:
-    """Run the model up to decoder layer 0 for each sample (vision tower, projector, embeddings on device)."""
-    parent_name, _, attr = adapter.decoder_layers.rpartition(".")
-    parent = model.get_submodule(parent_name)
-    layers = getattr(parent, attr)
-    _check_uniform_layers(model, len(layers))
-    store = LayerInputs(hidden=[], kwargs=[])
-    setattr(parent, attr, nn.ModuleList([_Catcher(store)]))
-    try:
-        model.to(device)
-        for sample in samples:
-            try:
-                model(**_to(sample.inputs, device), use_cache=False)
-            except _Captured:
-                continue
-            raise TlqError("the model's forward never reached decoder layer 0: unsupported model layout")
-    finally:
-        model.to("cpu")
-        setattr(parent, attr, layers)
-    return store
-
-
-def _output(value: Any) -> torch.Tensor:
-    return value[0] if isinstance(value, (tuple, list)) else value
-
-
-def run_layer(layer: nn.Module, inputs: LayerInputs, device: torch.device,
-              before_sample: Callable[[int], None] | None = None) -> Iterator[tuple[int, torch.Tensor]]:
-    """Apply `layer` to every sample; yields (sample index, output on device)."""
-    for i, (hidden, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs)):
-        if before_sample is not None:
-            before_sample(i)
-        yield i, _output(layer(hidden.to(device), **_to(kwargs, device)))
-
-
-def _activation_quant_hook(bits: int):
-    def hook(module: nn.Module, args: tuple) -> tuple:
-        return (fake_quant_activation(args[0], bits), *args[1:])
-
-    return hook
-
-
-def install_activation_quant(linears: list[nn.Linear], scheme: Scheme) -> list[torch.utils.hooks.RemovableHandle]:
-    """Per-token dynamic fake-quant of each Linear's input, as the deployed W*A8 kernels compute."""
-    if not scheme.quantizes_activations:
-        return []
-    return [linear.register_forward_pre_hook(_activation_quant_hook(scheme.act_bits)) for linear in linears]
-
-
-def install_model_activation_quant(model: nn.Module, adapter: ModelAdapter, scheme: Scheme):
-    """Activation fake-quant on every quantized Linear of the whole model (for evaluation)."""
-    return install_activation_quant([model.get_submodule(n) for n in adapter.quantized_linear_names(model)], scheme)
-
-
 class _Observer:
     """Forward pre-hook that hands a Linear's (possibly activation-quantized) input to its solver."""
 
-    def __init__(self, solver, layer_index: int, name: str, token_weights: TokenWeights | None) -> None:
-        self.solver, self.layer_index, self.name, self.token_weights = solver, layer_index, name, token_weights
+    def __init__(self, solver, layer_index: int, name: str, token_weights: TokenWeights | None,
+                 fp_inputs: list[torch.Tensor] | None) -> None:
+        self.solver, self.layer_index, self.name = solver, layer_index, name
+        self.token_weights, self.fp_inputs = token_weights, fp_inputs
         self.sample = 0
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
-        weights = None
-        if self.token_weights is not None:
-            weights = self.token_weights(self.layer_index, self.name, self.sample)
-            if weights is not None:
-                weights = weights.to(args[0].device)
-        self.solver.observe(args[0], weights)
-
-
-def _check_finite(tensor: torch.Tensor, where: str) -> None:
-    if not torch.isfinite(tensor).all():
-        raise TlqError(f"NaN or inf in activations {where}: load the model in float32 or bfloat16 (--dtype)")
+        x = args[0]
+        weights = self.token_weights(self.layer_index, self.name, self.sample) if self.token_weights else None
+        target = self.fp_inputs[self.sample].to(x.device) if self.fp_inputs is not None else None
+        self.solver.observe(x, None if weights is None else weights.to(x.device), target)
 
 
 @torch.no_grad()
 def calibrate_layer(layer: nn.Module, index: int, inputs: LayerInputs, adapter: ModelAdapter, recipe: Recipe,
-                    device: torch.device, token_weights: TokenWeights | None = None,
-                    prefix: str = "") -> tuple[dict[str, QuantizedWeight], LayerInputs, LayerReport]:
+                    device: torch.device, token_weights: TokenWeights | None = None, prefix: str = "",
+                    fp_inputs: LayerInputs | None = None):
     """Quantize one decoder layer (already on `device`) in place on its calibration inputs.
 
-    Returns the quantized weights (keyed `prefix + linear name`), the layer's quantized outputs (the
-    next layer's inputs, on the CPU) and its relative output error against the FP layer on the same inputs.
+    Returns (quantized weights keyed `prefix + linear name`, the quantized layer's outputs = the next
+    layer's inputs, the FP layer's outputs on `fp_inputs` or None, a LayerReport).
     """
     start = time.perf_counter()
     scheme = recipe.resolved_scheme()
-    make_solver = solver_factory(recipe.method)
+    plan = recipe.plan()
+    make_solver = solver_factory(plan.solver)
     groups = adapter.linear_groups if recipe.true_sequential else (adapter.linear_names,)
-    reference = copy.deepcopy(layer)  # the FP layer, to measure this layer's error
+    reference = copy.deepcopy(layer)  # the FP layer: error report and FP-path stream
+    rescaled = []
+    if plan.transform is not None:
+        rescaled = rescale_layer(layer, index, inputs, adapter, recipe, device, token_weights, fp_inputs)
+    asymmetric = recipe.target == "asymmetric" and fp_inputs is not None and fp_inputs is not inputs
+    fp_scaled = copy.deepcopy(layer) if asymmetric else None  # FP weights, same scaling as `layer`
     linears = {name: layer.get_submodule(name) for name in adapter.linear_names}
     act_hooks = install_activation_quant(list(linears.values()), scheme)
     quantized: dict[str, QuantizedWeight] = {}
     try:
         for group in groups:
             solvers = {name: make_solver(linears[name].weight.data, scheme, recipe) for name in group}
-            observers = {name: _Observer(s, index, name, token_weights) for name, s in solvers.items()
-                         if s.needs_inputs}
-            if observers:
+            observed = [name for name, s in solvers.items() if s.needs_inputs]
+            if observed:
+                fp_linear_inputs = capture_linear_inputs(fp_scaled, observed, fp_inputs, device) if asymmetric else {}
+                observers = {name: _Observer(solvers[name], index, name, token_weights, fp_linear_inputs.get(name))
+                             for name in observed}
+
                 def set_sample(i: int) -> None:
                     for obs in observers.values():
                         obs.sample = i
@@ -227,16 +122,19 @@ def calibrate_layer(layer: nn.Module, index: int, inputs: LayerInputs, adapter: 
         # Propagate: the quantized layer's outputs are the next layer's calibration inputs.
         outputs, error_sq, norm_sq = [], 0.0, 0.0
         for i, out in run_layer(layer, inputs, device):
-            _check_finite(out, f"after decoder layer {index}")
-            ref = _output(reference(inputs.hidden[i].to(device), **_to(inputs.kwargs[i], device)))
+            check_finite(out, f"after decoder layer {index}")
+            ref = layer_output(reference(inputs.hidden[i].to(device), **to_device(inputs.kwargs[i], device)))
             error_sq += float((out.float() - ref.float()).pow(2).sum())
             norm_sq += float(ref.float().pow(2).sum())
             outputs.append(out.cpu())
     finally:
         for handle in act_hooks:
             handle.remove()
-    report = LayerReport(index, (error_sq / max(norm_sq, 1e-30)) ** 0.5, time.perf_counter() - start)
-    return quantized, LayerInputs(hidden=outputs, kwargs=inputs.kwargs), report
+    fp_outputs = None
+    if fp_inputs is not None:
+        fp_outputs = LayerInputs([out.cpu() for _, out in run_layer(reference, fp_inputs, device)], fp_inputs.kwargs)
+    report = LayerReport(index, (error_sq / max(norm_sq, 1e-30)) ** 0.5, time.perf_counter() - start, rescaled)
+    return quantized, LayerInputs(hidden=outputs, kwargs=inputs.kwargs), fp_outputs, report
 
 
 @torch.no_grad()
@@ -251,16 +149,22 @@ def quantize_layers(model: nn.Module, adapter: ModelAdapter, samples: list[Sampl
     result = CalibrationResult()
     inputs = capture_layer_inputs(model, adapter, samples, device)
     for hidden in inputs.hidden:
-        _check_finite(hidden, "entering decoder layer 0")
+        check_finite(hidden, "entering decoder layer 0")
+    fp_inputs = inputs if (recipe.target == "asymmetric" or not recipe.exposure) else None
     layers = adapter.layers(model)
     bar = tqdm(range(len(layers)), desc=f"{recipe.method} {recipe.resolved_scheme().name}", disable=not progress)
     for index in bar:
         if on_layer_inputs is not None:
             on_layer_inputs(index, inputs)
         layer = layers[index].to(device)
-        quantized, inputs, report = calibrate_layer(layer, index, inputs, adapter, recipe, device, token_weights,
-                                                    prefix=f"{adapter.decoder_layers}.{index}.")
+        quantized, outputs, fp_outputs, report = calibrate_layer(
+            layer, index, inputs, adapter, recipe, device, token_weights, f"{adapter.decoder_layers}.{index}.",
+            fp_inputs)
         layers[index].to("cpu")
+        if recipe.exposure:
+            inputs, fp_inputs = outputs, fp_outputs
+        else:  # ablation: every layer calibrated on the FP model's activations
+            inputs = fp_inputs = fp_outputs
         result.quantized.update(quantized)
         result.layers.append(report)
         bar.set_postfix(rel_err=f"{report.relative_error:.4f}")

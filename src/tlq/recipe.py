@@ -16,7 +16,18 @@ from typing import Any
 
 from tlq.errors import TlqError
 
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", "awq", "smoothquant", "mbq", "tlq")
+BACKENDS = ("auto", "gptq", "scale", "both")
+TARGETS = ("symmetric", "asymmetric")
+
+
+@dataclass(frozen=True)
+class MethodPlan:
+    """What a method runs on each layer: a rescaling transform, a weight solver, a token weighting."""
+
+    transform: str | None  # None | "scale_search" | "smoothquant"
+    solver: str  # "rtn" | "gptq"
+    weighting: str  # "uniform" | "modality" (MBQ) | "importance" (TLQ)
 
 
 @dataclass(frozen=True)
@@ -121,6 +132,25 @@ class Recipe:
     act_order: bool = False
     # Observe each Linear group after the earlier groups of the same layer are quantized.
     true_sequential: bool = True
+    # Quantization-exposed calibration: layer l sees the outputs of the quantized layers < l. Off = every
+    # layer calibrated on the FP model's activations (ablation only).
+    exposure: bool = True
+    # What the layer objective compares against: the FP layer on the quantized-path input (symmetric) or
+    # on the FP-path input (asymmetric; keeps a second activation stream).
+    target: str = "symmetric"
+    # TLQ: solver backend; auto = GPTQ for weight-only schemes, scale search then GPTQ for W*A8.
+    backend: str = "auto"
+    importance_score: str = "fisher"
+    importance_floor: float = 0.1
+    importance_clip: float | None = None
+    keep_ratio: float | None = None  # token-level calibration set: share of tokens kept per Linear
+    token_budget: int | None = None  # ... or a total number of tokens
+    min_kind_share: float = 0.1  # minimum share of the kept tokens for each token kind present
+    # Scale search (AWQ / MBQ / TLQ scale backend) and SmoothQuant.
+    scale_grid: int = 20
+    scale_loss: str = "auto"  # mse | mae; auto = mae for MBQ (as published), mse otherwise
+    scale_max_tokens: int = 16384
+    smooth_alpha: float = 0.5
     device: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -135,7 +165,46 @@ class Recipe:
             raise TlqError(f"dampening must be in (0, 1), got {self.dampening}")
         if self.block_size < 1:
             raise TlqError(f"block size must be >= 1, got {self.block_size}")
-        self.resolved_scheme()  # validate early
+        if self.target not in TARGETS:
+            raise TlqError(f"unknown target {self.target!r}: use one of {', '.join(TARGETS)}")
+        if self.backend not in BACKENDS:
+            raise TlqError(f"unknown backend {self.backend!r}: use one of {', '.join(BACKENDS)}")
+        if self.scale_loss not in ("auto", "mse", "mae"):
+            raise TlqError(f"unknown scale loss {self.scale_loss!r}: use auto, mse or mae")
+        if not 0 <= self.importance_floor <= 1:
+            raise TlqError(f"importance floor must be in [0, 1], got {self.importance_floor}")
+        if self.keep_ratio is not None and not 0 < self.keep_ratio <= 1:
+            raise TlqError(f"--keep-ratio must be in (0, 1], got {self.keep_ratio}")
+        if self.token_budget is not None and self.token_budget < 1:
+            raise TlqError(f"--token-budget must be >= 1, got {self.token_budget}")
+        if self.keep_ratio is not None and self.token_budget is not None:
+            raise TlqError("give either --keep-ratio or --token-budget, not both")
+        scheme = self.resolved_scheme()  # validate early
+        if self.method == "smoothquant" and not scheme.quantizes_activations:
+            raise TlqError("smoothquant migrates activation outliers: use it with W4A8 or W8A8")
+
+    def plan(self) -> MethodPlan:
+        scheme = self.resolved_scheme()
+        if self.method in ("rtn", "gptq"):
+            return MethodPlan(None, self.method, "uniform")
+        if self.method == "awq":
+            return MethodPlan("scale_search", "rtn", "uniform")
+        if self.method == "smoothquant":
+            return MethodPlan("smoothquant", "rtn", "uniform")
+        if self.method == "mbq":
+            return MethodPlan("scale_search", "rtn", "modality")
+        backend = self.backend
+        if backend == "auto":
+            backend = "both" if scheme.quantizes_activations else "gptq"
+        return {"gptq": MethodPlan(None, "gptq", "importance"),
+                "scale": MethodPlan("scale_search", "rtn", "importance"),
+                "both": MethodPlan("scale_search", "gptq", "importance")}[backend]
+
+    @property
+    def scale_loss_resolved(self) -> str:
+        if self.scale_loss != "auto":
+            return self.scale_loss
+        return "mae" if self.method == "mbq" else "mse"
 
     def resolved_scheme(self) -> Scheme:
         return parse_scheme(self.scheme, self.group_size, self.symmetric)

@@ -27,8 +27,13 @@ class LinearSolver:
         self.scheme = scheme
         self.recipe = recipe
 
-    def observe(self, inputs: torch.Tensor, token_weights: torch.Tensor | None = None) -> None:
-        """Accumulate inputs [..., in_features]; token_weights [...] scale each token's error."""
+    def observe(self, inputs: torch.Tensor, token_weights: torch.Tensor | None = None,
+                target_inputs: torch.Tensor | None = None) -> None:
+        """Accumulate inputs [..., in_features]; token_weights [...] scale each token's error.
+
+        target_inputs, when given, are the same tokens' inputs on the FP path: the objective then
+        compares Q x~ with W x_fp (the asymmetric target) instead of W x~.
+        """
 
     def solve(self) -> QuantizedWeight:
         raise NotImplementedError

@@ -22,23 +22,44 @@ class GPTQ(LinearSolver):
         super().__init__(weight, scheme, recipe)
         columns = weight.shape[1]
         self.hessian_sum = torch.zeros(columns, columns, dtype=torch.float32, device=weight.device)
+        self.cross_sum: torch.Tensor | None = None  # sum_t w_t x_fp,t x~_t^T (asymmetric target)
         self.num_tokens = 0
 
-    def observe(self, inputs: torch.Tensor, token_weights: torch.Tensor | None = None) -> None:
+    def observe(self, inputs: torch.Tensor, token_weights: torch.Tensor | None = None,
+                target_inputs: torch.Tensor | None = None) -> None:
         x = inputs.reshape(-1, inputs.shape[-1]).float()
+        root = None
         if token_weights is not None:
             w = token_weights.reshape(-1).to(x)
             if w.shape[0] != x.shape[0]:
                 raise ValueError(f"{w.shape[0]} token weights for {x.shape[0]} tokens")
-            x = x * w.clamp_min(0).sqrt().unsqueeze(1)
+            root = w.clamp_min(0).sqrt().unsqueeze(1)
+            x = x * root
         self.hessian_sum.addmm_(x.t(), x)
+        if target_inputs is not None:
+            x_fp = target_inputs.reshape(-1, target_inputs.shape[-1]).float().to(x.device)
+            x_fp = x_fp * root if root is not None else x_fp
+            if self.cross_sum is None:
+                self.cross_sum = torch.zeros_like(self.hessian_sum)
+            self.cross_sum.addmm_(x_fp.t(), x)
         self.num_tokens += x.shape[0]
 
     def hessian(self) -> torch.Tensor:
         return 2.0 * self.hessian_sum / max(self.num_tokens, 1)
 
+    def target_weight(self) -> torch.Tensor:
+        """W for the symmetric target; for the asymmetric one the least-squares W C H^-1, since
+        sum_t w_t ||W x_fp,t - Q x~_t||^2 = sum_t w_t ||W C H^-1 x~_t - Q x~_t||^2 + const."""
+        if self.cross_sum is None:
+            return self.weight
+        h = self.hessian_sum.clone()
+        diag = torch.arange(h.shape[0], device=h.device)
+        h[diag, diag] += self.recipe.dampening * h.diagonal().mean().clamp_min(1e-12)
+        mapping = torch.linalg.solve(h, self.cross_sum.t()).t()  # C H^-1 (H symmetric)
+        return (self.weight.float() @ mapping).to(self.weight.dtype)
+
     def solve(self) -> QuantizedWeight:
-        return gptq_quantize(self.weight, self.hessian(), self.scheme, self.recipe.dampening,
+        return gptq_quantize(self.target_weight(), self.hessian(), self.scheme, self.recipe.dampening,
                              self.recipe.block_size, self.recipe.act_order)
 
 

@@ -1,0 +1,164 @@
+"""Layer inputs: capture them at decoder layer 0, replay a layer on them, fake-quantize activations.
+
+Layer 0's inputs come from the model's own forward (vision tower, projector, embeddings, M-RoPE
+positions, masks, rotary tables), stopped at the first decoder layer; every later layer is replayed
+with the same keyword arguments. Activations live on the CPU between layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from tlq.data import Sample
+from tlq.errors import TlqError
+from tlq.models import ModelAdapter
+from tlq.quant import fake_quant_activation
+from tlq.recipe import Scheme
+
+
+@dataclass
+class LayerInputs:
+    """Per-sample hidden states entering a decoder layer, and the keyword arguments it is called with."""
+
+    hidden: list[torch.Tensor]
+    kwargs: list[dict[str, Any]]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise TlqError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TlqError(f"device {name} requested but CUDA is not available: use --device cpu")
+    return device
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value
+
+
+class _Captured(Exception):
+    pass
+
+
+class _Catcher(nn.Module):
+    """Stands in for decoder layer 0 during capture: records its call and stops the forward."""
+
+    def __init__(self, store: LayerInputs) -> None:
+        super().__init__()
+        self.store = store
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if args:
+            raise TlqError("decoder layer called with positional arguments tlq does not know how to replay")
+        for key in ("cache", "past_key_values", "past_key_value", "use_cache", "cache_position"):
+            kwargs.pop(key, None)
+        self.store.hidden.append(hidden_states.detach().cpu())
+        self.store.kwargs.append(to_device(kwargs, torch.device("cpu")))
+        raise _Captured
+
+
+def _check_uniform_layers(model: nn.Module, num_layers: int) -> None:
+    # Every layer is replayed with layer 0's arguments; sliding-window layers would need their own mask.
+    layer_types = getattr(getattr(model.config, "text_config", model.config), "layer_types", None)
+    if layer_types and len(set(layer_types[:num_layers])) > 1:
+        raise TlqError(f"mixed attention layer types {sorted(set(layer_types))} are not supported yet")
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, adapter: ModelAdapter, samples: list[Sample],
+                         device: torch.device) -> LayerInputs:
+    """Run the model up to decoder layer 0 for each sample (vision tower, projector, embeddings on device)."""
+    parent_name, _, attr = adapter.decoder_layers.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    layers = getattr(parent, attr)
+    _check_uniform_layers(model, len(layers))
+    store = LayerInputs(hidden=[], kwargs=[])
+    setattr(parent, attr, nn.ModuleList([_Catcher(store)]))
+    try:
+        model.to(device)
+        for sample in samples:
+            try:
+                model(**to_device(sample.inputs, device), use_cache=False)
+            except _Captured:
+                continue
+            raise TlqError("the model's forward never reached decoder layer 0: unsupported model layout")
+    finally:
+        model.to("cpu")
+        setattr(parent, attr, layers)
+    return store
+
+
+def layer_output(value: Any) -> torch.Tensor:
+    return value[0] if isinstance(value, (tuple, list)) else value
+
+
+def run_layer(layer: nn.Module, inputs: LayerInputs, device: torch.device,
+              before_sample: Callable[[int], None] | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """Apply `layer` to every sample; yields (sample index, output on device)."""
+    for i, (hidden, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs)):
+        if before_sample is not None:
+            before_sample(i)
+        yield i, layer_output(layer(hidden.to(device), **to_device(kwargs, device)))
+
+
+def _activation_quant_hook(bits: int):
+    def hook(module: nn.Module, args: tuple) -> tuple:
+        return (fake_quant_activation(args[0], bits), *args[1:])
+
+    return hook
+
+
+def install_activation_quant(linears: list[nn.Linear], scheme: Scheme) -> list[torch.utils.hooks.RemovableHandle]:
+    """Per-token dynamic fake-quant of each Linear's input, as the deployed W*A8 kernels compute."""
+    if not scheme.quantizes_activations:
+        return []
+    return [linear.register_forward_pre_hook(_activation_quant_hook(scheme.act_bits)) for linear in linears]
+
+
+def install_model_activation_quant(model: nn.Module, adapter: ModelAdapter, scheme: Scheme):
+    """Activation fake-quant on every quantized Linear of the whole model (for evaluation)."""
+    return install_activation_quant([model.get_submodule(n) for n in adapter.quantized_linear_names(model)], scheme)
+
+
+def check_finite(tensor: torch.Tensor, where: str) -> None:
+    if not torch.isfinite(tensor).all():
+        raise TlqError(f"NaN or inf in activations {where}: load the model in float32 or bfloat16 (--dtype)")
+
+
+@torch.no_grad()
+def capture_linear_inputs(layer: nn.Module, names: list[str], inputs: LayerInputs, device: torch.device,
+                          keep: Callable[[int, str], torch.Tensor | None] | None = None) -> dict[str, list[torch.Tensor]]:
+    """Each named Linear's input [tokens, in] per sample (CPU); `keep(sample, name)` may pick token rows."""
+    store: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    current = [0]
+
+    def hook(name: str):
+        def record(module, args):
+            x = args[0].reshape(-1, args[0].shape[-1])
+            rows = keep(current[0], name) if keep is not None else None
+            store[name].append((x if rows is None else x[rows.to(x.device)]).cpu())
+
+        return record
+
+    handles = [layer.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        for _ in run_layer(layer, inputs, device, lambda i: current.__setitem__(0, i)):
+            pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return store

@@ -1,0 +1,280 @@
+"""Token importance from one backward pass (TLQ), MBQ's modality ratios, and the token-level set.
+
+One forward + backward of the FP model per calibration sample, loss = cross-entropy on the answer
+tokens, parameters frozen. For every quantized Linear, hooks read the gradient at that Linear's own
+output y and reduce it per token:
+    fisher (default)  a_t = mean_o (dL/dy_{t,o})^2   the diagonal approximation of E[(g^T dW x_t)^2]
+    l2                a_t = ||dL/dy_t||_2
+    gx                a_t = mean_o |dL/dy_{t,o} * y_{t,o}|
+    layer_output      a_t = mean_h (dL/dh_t)^2 at the decoder layer's output, shared by its Linears
+Scores are normalised per sample to mean 1, optionally clipped, and floored:
+    w_t = lam + (1 - lam) * a_t
+(DESIGN.md 2.1 explains why the per-Linear score and the floor matter.) The same pass records mean |g|
+per token kind at o_proj and down_proj for MBQ's per-modality weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from tlq.data import Sample
+from tlq.activations import to_device
+from tlq.engine import TokenWeights
+from tlq.errors import TlqError
+from tlq.models import ANSWER, IMAGE, PROMPT, TOKEN_KIND_NAMES, ModelAdapter
+
+SCORES = ("fisher", "l2", "gx", "layer_output")
+
+
+@dataclass
+class TokenImportance:
+    """Raw per-token scores: scores[f"{layer}.{linear}"][sample] is a float tensor [tokens]."""
+
+    scores: dict[str, list[torch.Tensor]]
+    abs_grad: dict[str, list[torch.Tensor]]  # mean |g| per token at the Linear's output (for MBQ)
+    token_kinds: list[torch.Tensor]
+    score: str = "fisher"
+    loss: float = 0.0
+
+    def save(self, path: str | Path) -> None:
+        """safetensors: one concatenated tensor per Linear, sample offsets and token kinds."""
+        from safetensors.torch import save_file
+
+        lengths = torch.tensor([len(k) for k in self.token_kinds])
+        tensors = {"token_kinds": torch.cat(self.token_kinds).contiguous(),
+                   "sample_offsets": torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])}
+        for name, per_sample in self.scores.items():
+            tensors[f"score.{name}"] = torch.cat(per_sample).float().contiguous()
+        for name, per_sample in self.abs_grad.items():
+            tensors[f"abs_grad.{name}"] = torch.cat(per_sample).float().contiguous()
+        save_file(tensors, str(path), metadata={"score": self.score, "loss": repr(self.loss),
+                                                "kinds": ",".join(TOKEN_KIND_NAMES)})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TokenImportance":
+        from safetensors import safe_open
+
+        try:
+            handle = safe_open(str(path), "pt")
+        except Exception as exc:  # safetensors raises its own error types
+            raise TlqError(f"cannot read importance file {path}: {exc}") from None
+        with handle as f:
+            meta = f.metadata() or {}
+            offsets = f.get_tensor("sample_offsets").tolist()
+            split = lambda t: [t[a:b] for a, b in zip(offsets[:-1], offsets[1:])]  # noqa: E731
+            kinds = split(f.get_tensor("token_kinds"))
+            scores = {k[len("score."):]: split(f.get_tensor(k)) for k in f.keys() if k.startswith("score.")}
+            abs_grad = {k[len("abs_grad."):]: split(f.get_tensor(k)) for k in f.keys() if k.startswith("abs_grad.")}
+        return cls(scores, abs_grad, kinds, meta.get("score", "fisher"), float(meta.get("loss", 0.0)))
+
+    def kept_summary(self) -> dict[str, int]:
+        kinds = torch.cat(self.token_kinds)
+        return {name: int((kinds == i).sum()) for i, name in enumerate(TOKEN_KIND_NAMES)}
+
+
+def compute_importance(model: nn.Module, adapter: ModelAdapter, samples: list[Sample], score: str = "fisher",
+                       device: torch.device | str = "cpu") -> TokenImportance:
+    """One forward + backward per sample of the FP model; parameters stay frozen."""
+    if score not in SCORES:
+        raise TlqError(f"unknown importance score {score!r}: use one of {', '.join(SCORES)}")
+    device = torch.device(device)
+    layers = adapter.layers(model)
+    scores: dict[str, list[torch.Tensor]] = {}
+    abs_grad: dict[str, list[torch.Tensor]] = {}
+    handles = []
+
+    def record(store: dict, key: str, value: torch.Tensor) -> None:
+        store.setdefault(key, []).append(value.detach().float().cpu())
+
+    def linear_hook(key: str) -> Callable:
+        def hook(module, args, output):
+            if not output.requires_grad:
+                return
+
+            def on_grad(grad):
+                g = grad[0].float()
+                record(abs_grad, key, g.abs().mean(-1))
+                if score == "fisher":
+                    record(scores, key, g.pow(2).mean(-1))
+                elif score == "l2":
+                    record(scores, key, g.norm(dim=-1))
+                elif score == "gx":
+                    record(scores, key, (g * output[0].detach().float()).abs().mean(-1))
+
+            output.register_hook(on_grad)
+
+        return hook
+
+    def layer_hook(index: int) -> Callable:
+        def hook(module, args, output):
+            hidden = output[0] if isinstance(output, (tuple, list)) else output
+            if hidden.requires_grad:
+                def on_grad(grad):
+                    value = grad[0].float().pow(2).mean(-1)
+                    for name in adapter.linear_names:
+                        record(scores, f"{index}.{name}", value)
+
+                hidden.register_hook(on_grad)
+
+        return hook
+
+    def make_leaf(module, args, output):
+        return output.detach().requires_grad_(True)  # gradients flow from here; no parameter needs one
+
+    for index, layer in enumerate(layers):
+        for name in adapter.linear_names:
+            handles.append(layer.get_submodule(name).register_forward_hook(linear_hook(f"{index}.{name}")))
+        if score == "layer_output":
+            handles.append(layer.register_forward_hook(layer_hook(index)))
+    handles.append(model.get_input_embeddings().register_forward_hook(make_leaf))
+    model.to(device)
+    total_loss, counted = 0.0, 0
+    kinds = []
+    try:
+        with torch.enable_grad():
+            for sample in samples:
+                labels = sample.labels.to(device)
+                if not (labels != -100).any():
+                    raise TlqError("a calibration sample has no answer tokens: TLQ needs an assistant turn in each")
+                loss = model(**to_device(sample.inputs, device), labels=labels, use_cache=False).loss
+                if not torch.isfinite(loss):
+                    raise TlqError("NaN loss in the importance pass: load the model in float32 or bfloat16 (--dtype)")
+                loss.backward()
+                total_loss += loss.item()
+                counted += 1
+                kinds.append(sample.token_kinds.clone())
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.to("cpu")
+    expected = len(samples)
+    for key, values in scores.items():
+        if len(values) != expected:
+            raise TlqError(f"importance hook for {key} fired {len(values)} times for {expected} samples")
+    return TokenImportance(scores=scores, abs_grad=abs_grad, token_kinds=kinds, score=score,
+                           loss=total_loss / max(counted, 1))
+
+
+@dataclass
+class WeightingConfig:
+    floor: float = 0.1  # lam: every token keeps at least this weight
+    clip: float | None = None  # cap on the normalised score (outlier clip), None = no cap
+    keep_ratio: float | None = None  # token-level set: keep this share of tokens per Linear
+    token_budget: int | None = None  # ... or this many tokens in all
+    min_share: float = 0.1  # each present token kind gets at least this share of the kept tokens
+
+
+def _normalise(score: torch.Tensor, floor: float, clip: float | None) -> torch.Tensor:
+    a = score / score.mean().clamp_min(1e-30)
+    if clip is not None:
+        a = a.clamp(max=clip)
+    return floor + (1.0 - floor) * a
+
+
+def select_tokens(score: torch.Tensor, kinds: torch.Tensor, budget: int, min_share: float,
+                  tie_break: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean mask of `budget` tokens with the highest score, each present kind getting a minimum share.
+
+    Ties (e.g. zero gradient at the last layer for everything but the answer) are broken by `tie_break`.
+    """
+    total = score.numel()
+    budget = max(1, min(budget, total))
+    key = score.double()
+    if tie_break is not None:
+        key = key + 1e-9 * tie_break.double() / tie_break.double().abs().max().clamp_min(1e-30) * key.abs().max()
+    keep = torch.zeros(total, dtype=torch.bool)
+    for kind in kinds.unique():
+        members = (kinds == kind).nonzero().squeeze(1)
+        quota = min(len(members), int(round(min_share * budget)))
+        if quota:
+            keep[members[key[members].topk(quota).indices]] = True
+    remaining = budget - int(keep.sum())
+    if remaining > 0:
+        rest = key.masked_fill(keep, float("-inf"))
+        keep[rest.topk(remaining).indices] = True
+    return keep
+
+
+def token_weights(importance: TokenImportance, config: WeightingConfig = WeightingConfig()) -> TokenWeights:
+    """The engine's per-(layer, Linear, sample) token weights from raw scores (+ token-level set)."""
+    weights: dict[str, list[torch.Tensor]] = {}
+    lengths = [len(k) for k in importance.token_kinds]
+    kinds = torch.cat(importance.token_kinds)
+    layer_mean: dict[str, torch.Tensor] = {}
+    if config.keep_ratio is not None or config.token_budget is not None:
+        per_layer: dict[str, list[torch.Tensor]] = {}
+        for key, per_sample in importance.scores.items():
+            normalised = torch.cat([s / s.mean().clamp_min(1e-30) for s in per_sample])
+            per_layer.setdefault(key.split(".", 1)[0], []).append(normalised)
+        layer_mean = {k: torch.stack(v).mean(0) for k, v in per_layer.items()}
+    for key, per_sample in importance.scores.items():
+        w = torch.cat([_normalise(s, config.floor, config.clip) for s in per_sample])
+        if layer_mean:
+            budget = config.token_budget or int(round(config.keep_ratio * len(w)))
+            keep = select_tokens(w, kinds, budget, config.min_share, layer_mean[key.split(".", 1)[0]])
+            w = torch.where(keep, w, torch.zeros_like(w))
+        weights[key] = list(torch.split(w, lengths))
+
+    def lookup(layer: int, name: str, sample: int) -> torch.Tensor:
+        return weights[f"{layer}.{name}"][sample]
+
+    return lookup
+
+
+def kept_tokens(importance: TokenImportance, config: WeightingConfig, layer: int, name: str) -> dict[str, int]:
+    """How many tokens of each kind enter the statistics of one Linear (for the report)."""
+    lookup = token_weights(importance, config)
+    w = torch.cat([lookup(layer, name, i) for i in range(len(importance.token_kinds))])
+    kinds = torch.cat(importance.token_kinds)
+    return {n: int(((kinds == i) & (w > 0)).sum()) for i, n in enumerate(TOKEN_KIND_NAMES)}
+
+
+def modality_ratios(importance: TokenImportance, adapter: ModelAdapter) -> dict[int, dict[str, float]]:
+    """MBQ: per layer, rho = mean|g| over image tokens / mean|g| over answer tokens, read at o_proj
+    (attention groups) and down_proj (MLP groups), floored at its median over layers."""
+    kinds = torch.cat(importance.token_kinds)
+    raw: dict[str, dict[int, float]] = {"attention": {}, "mlp": {}}
+    for key, per_sample in importance.abs_grad.items():
+        layer, name = key.split(".", 1)
+        part = "attention" if name.endswith("o_proj") else "mlp" if name.endswith("down_proj") else None
+        if part is None:
+            continue
+        g = torch.cat(per_sample)
+        image, answer = g[kinds == IMAGE], g[kinds == ANSWER]
+        if len(answer) == 0 or answer.mean() == 0:
+            raise TlqError("MBQ needs answer tokens with a gradient in the calibration samples")
+        raw[part][int(layer)] = float(image.mean() / answer.mean()) if len(image) else 0.0
+    ratios: dict[int, dict[str, float]] = {}
+    for part, per_layer in raw.items():
+        if not per_layer:
+            continue
+        median = float(torch.tensor(list(per_layer.values())).median())
+        for layer, rho in per_layer.items():
+            ratios.setdefault(layer, {})[part] = max(rho, median)
+    return ratios
+
+
+def modality_weights(importance: TokenImportance, adapter: ModelAdapter) -> TokenWeights:
+    """MBQ token weights: image tokens rho (per layer and part), answer tokens 1, prompt tokens 0."""
+    ratios = modality_ratios(importance, adapter)
+    attention_linears = {n for n in adapter.linear_names if n.startswith("self_attn")}
+
+    def lookup(layer: int, name: str, sample: int) -> torch.Tensor:
+        kinds = importance.token_kinds[sample]
+        rho = ratios[layer]["attention" if name in attention_linears else "mlp"]
+        w = torch.zeros(len(kinds))
+        w[kinds == IMAGE] = rho
+        w[kinds == ANSWER] = 1.0
+        w[kinds == PROMPT] = 0.0
+        return w
+
+    return lookup
+
+
+__all__ = ["SCORES", "TokenImportance", "WeightingConfig", "compute_importance", "kept_tokens",
+           "modality_ratios", "modality_weights", "select_tokens", "token_weights"]

@@ -1,0 +1,100 @@
+"""Per-channel rescaling of a scaling group before its Linears are quantized (AWQ, MBQ, TLQ, SmoothQuant).
+
+A scaling group is a source (a norm, or a Linear whose output rows feed the targets) and the Linears it
+feeds. Scaling input channel c of the targets by s_c and the source's output channel c by 1/s_c keeps
+the FP function; it moves quantization difficulty between weights and activations.
+
+- `search_scales` (AWQ-style): s = mean|x|^alpha over a grid of alpha, each scored by the token-weighted
+  error of the targets' outputs, with the weight (and, for W*A8, the per-token activation)
+  fake-quantization the deployed model applies. Uniform weights give AWQ; modality weights MBQ;
+  gradient importance TLQ.
+- `smoothquant_scales`: s = max|x|^a / max|W|^(1-a) (Xiao et al., 2023), no search.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tlq.quant.primitives import fake_quant_activation, fake_quant_weight
+from tlq.recipe import Scheme
+
+
+def concat_targets(targets: list[nn.Linear]) -> torch.Tensor:
+    return torch.cat([t.weight.detach().float() for t in targets], dim=0)
+
+
+def _weighted_error(diff: torch.Tensor, weights: torch.Tensor | None, loss: str) -> torch.Tensor:
+    per_token = diff.abs().mean(-1) if loss == "mae" else diff.pow(2).mean(-1)
+    if weights is None:
+        return per_token.sum()
+    return (per_token * weights).sum()
+
+
+@torch.no_grad()
+def search_scales(x: torch.Tensor, targets: list[nn.Linear], scheme: Scheme, weights: torch.Tensor | None = None,
+                  loss: str = "mse", grid: int = 20, target_x: torch.Tensor | None = None,
+                  chunk: int = 4096) -> tuple[torch.Tensor, float, float]:
+    """Best per-channel scales for the targets' shared input.
+
+    x: [tokens, in] quantized-path inputs; weights: [tokens] or None; target_x: FP-path inputs (the
+    asymmetric target), else the FP targets applied to x. Returns (scales, best alpha, best / unscaled loss).
+    """
+    weight = concat_targets(targets)
+    x = x.float()
+    target_x = x if target_x is None else target_x.float()
+    magnitude = x.abs().mean(0) if weights is None else (x.abs() * weights[:, None]).sum(0) / weights.sum().clamp_min(1e-30)
+    magnitude = magnitude.clamp_min(1e-8)
+
+    def error(scales: torch.Tensor) -> float:
+        q = fake_quant_weight((weight * scales).to(targets[0].weight.dtype), scheme).weight.float()
+        total = 0.0
+        for a in range(0, len(x), chunk):
+            xs = x[a:a + chunk] / scales
+            if scheme.quantizes_activations:
+                xs = fake_quant_activation(xs, scheme.act_bits)
+            diff = xs @ q.T - target_x[a:a + chunk] @ weight.T
+            total += float(_weighted_error(diff, None if weights is None else weights[a:a + chunk], loss))
+        return total
+
+    best_scales = torch.ones_like(magnitude)
+    baseline = best = error(best_scales)
+    best_alpha = 0.0
+    for step in range(1, grid):
+        alpha = step / grid
+        scales = magnitude.pow(alpha)
+        scales = scales / (scales.max() * scales.min()).sqrt()
+        value = error(scales)
+        if value < best:
+            best, best_alpha, best_scales = value, alpha, scales
+    return best_scales, best_alpha, best / max(baseline, 1e-30)
+
+
+@torch.no_grad()
+def smoothquant_scales(x: torch.Tensor, targets: list[nn.Linear], alpha: float = 0.5) -> torch.Tensor:
+    act_max = x.float().abs().amax(0).clamp_min(1e-5)
+    weight_max = concat_targets(targets).abs().amax(0).clamp_min(1e-5)
+    return (act_max.pow(alpha) / weight_max.pow(1 - alpha)).clamp_min(1e-5)
+
+
+@torch.no_grad()
+def apply_scales(source: nn.Module, targets: list[nn.Linear], scales: torch.Tensor) -> None:
+    """Fold 1/s into the source's output channels and s into the targets' input columns."""
+    if isinstance(source, nn.Linear):
+        source.weight.div_(scales.to(source.weight)[:, None])
+        if source.bias is not None:
+            source.bias.div_(scales.to(source.bias))
+    else:  # RMSNorm / LayerNorm: y = weight * normalised(x) (+ bias)
+        source.weight.div_(scales.to(source.weight))
+        if getattr(source, "bias", None) is not None:
+            source.bias.div_(scales.to(source.bias))
+    for target in targets:
+        target.weight.mul_(scales.to(target.weight)[None, :])
+
+
+def group_applies(source: nn.Module, targets: list[nn.Linear]) -> bool:
+    """A Linear source feeds the targets channel for channel only when the shapes match (not under GQA)."""
+    width = targets[0].in_features
+    if isinstance(source, nn.Linear):
+        return source.out_features == width
+    return getattr(source, "weight", None) is not None and source.weight.numel() == width
