@@ -28,3 +28,13 @@ def test_bench_runs_cells_and_skips_finished_ones(tiny_checkpoints, calib_split,
     monkeypatch.setattr(bench, "_run_quantize_measured", fail)
     again = run_bench(cfg, progress=False)
     assert again["cells"] == json.loads((tmp_path / "b" / "results.json").read_text())["cells"]
+
+
+def test_method_specs():
+    from tlq.bench import parse_method_spec
+    from tlq.errors import TlqError
+
+    assert parse_method_spec("tlq") == ("tlq", [])
+    assert parse_method_spec("tlq+keep-ratio=0.25+no-exposure") == ("tlq", ["--keep-ratio", "0.25", "--no-exposure"])
+    with pytest.raises(TlqError, match="unknown method"):
+        parse_method_spec("magic+x=1")

@@ -48,6 +48,20 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def parse_method_spec(spec: str) -> tuple[str, list[str]]:
+    """'tlq+keep-ratio=0.25+no-exposure' -> ('tlq', ['--keep-ratio', '0.25', '--no-exposure'])."""
+    name, *options = spec.split("+")
+    if name not in METHODS:
+        raise TlqError(f"unknown method {name!r} in {spec!r}: use {', '.join(METHODS)} (options as +flag=value)")
+    flags: list[str] = []
+    for option in options:
+        key, _, value = option.partition("=")
+        flags.append(f"--{key}")
+        if value:
+            flags.append(value)
+    return name, flags
+
+
 def _cell_key(method: str, scheme: str, seed: int) -> str:
     return f"{method}|{scheme}|{seed}"
 
@@ -56,8 +70,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for method in cfg.methods:
-        if method not in METHODS:
-            raise TlqError(f"unknown method {method!r}: use {', '.join(METHODS)}")
+        parse_method_spec(method)
     for scheme in cfg.schemes:
         parse_scheme(scheme)
     results_path = out_dir / "results.json"
@@ -74,7 +87,9 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
                 key = _cell_key(method, scheme, seed)
                 if results["cells"].get(key, {}).get("status") == "done":
                     continue
-                checkpoint = out_dir / "checkpoints" / f"{method}-{scheme}-s{seed}"
+                if not _applies(method, scheme):
+                    continue
+                checkpoint = out_dir / "checkpoints" / f"{method.replace('=', '')}-{scheme}-s{seed}"
                 run = _run_quantize_measured(cfg, method, scheme, seed, checkpoint)
                 recipe = json.loads((checkpoint / "tlq_recipe.json").read_text())
                 report = evaluate(checkpoint, cfg.eval_data, cfg.eval_images, reference=cfg.model_dir,
@@ -103,9 +118,10 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
 
 def _run_quantize_measured(cfg: BenchConfig, method: str, scheme: str, seed: int, out: Path) -> dict[str, Any]:
     """Run `tlq quantize` as a child and read its own peak RSS from wait4 (Linux reports KiB)."""
+    name, flags = parse_method_spec(method)
     argv = [sys.executable, "-m", "tlq", "quantize", cfg.model_dir, "--out", str(out), "--calib", cfg.calib,
-            "--method", method, "--scheme", scheme, "--seed", str(seed), "--num-samples", str(cfg.num_samples),
-            "--device", cfg.device, "--overwrite", "--quiet", *cfg.quantize_args]
+            "--method", name, "--scheme", scheme, "--seed", str(seed), "--num-samples", str(cfg.num_samples),
+            "--device", cfg.device, "--overwrite", "--quiet", *flags, *cfg.quantize_args]
     if cfg.calib_images:
         argv += ["--images", cfg.calib_images]
     start = time.perf_counter()
@@ -121,6 +137,11 @@ def _run_quantize_measured(cfg: BenchConfig, method: str, scheme: str, seed: int
     if proc.returncode != 0:
         raise TlqError(f"quantize {method} {scheme} seed {seed} failed: {message[-1] if message else proc.returncode}")
     return {"wall_seconds": round(wall, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
+
+
+def _applies(method: str, scheme: str) -> bool:
+    # SmoothQuant only exists for weight+activation schemes.
+    return not (parse_method_spec(method)[0] == "smoothquant" and not parse_scheme(scheme).quantizes_activations)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:

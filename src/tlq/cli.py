@@ -35,6 +35,7 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     tlq = parser.add_argument_group("TLQ / MBQ / AWQ options")
     tlq.add_argument("--backend", default="auto", help="tlq solver: auto, gptq, scale, both (default auto)")
     tlq.add_argument("--importance", default="fisher", help="token score: fisher, l2, gx, layer_output")
+    tlq.add_argument("--weighting", default="auto", help="ablation: auto, uniform, modality, importance")
     tlq.add_argument("--floor", type=float, default=0.1, help="minimum token weight lam (default 0.1)")
     tlq.add_argument("--clip", type=float, default=None, help="cap on the normalised importance")
     tlq.add_argument("--keep-ratio", type=float, default=None, help="token-level set: share of tokens kept")
@@ -51,7 +52,7 @@ def _recipe_from(args: argparse.Namespace) -> Recipe:
                   num_samples=args.num_samples, seed=args.seed, max_length=args.max_length,
                   dampening=args.dampening, block_size=args.block_size, act_order=args.act_order,
                   true_sequential=args.true_sequential, device=args.device, backend=args.backend,
-                  importance_score=args.importance, importance_floor=args.floor, importance_clip=args.clip,
+                  importance_score=args.importance, weighting=args.weighting, importance_floor=args.floor, importance_clip=args.clip,
                   keep_ratio=args.keep_ratio, token_budget=args.token_budget, min_kind_share=args.min_kind_share,
                   target=args.target, exposure=args.exposure, scale_loss=args.scale_loss)
 
@@ -75,6 +76,28 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     report = evaluate(args.model_dir, args.data, images=args.images, reference=args.reference,
                       num_samples=args.num_samples, batch_size=args.batch_size, device=args.device, out=args.out)
     print(json.dumps(report, indent=2))
+    return 0
+
+
+def _cmd_importance(args: argparse.Namespace) -> int:
+    from tlq.api import prepare_samples
+    from tlq.data import load_records
+    from tlq.engine import resolve_device
+    from tlq.importance import compute_importance
+    from tlq.models import adapter_for, load_model, read_model_type
+    from tlq.models.processing import load_processor
+
+    recipe = Recipe(num_samples=args.num_samples, seed=args.seed, max_length=args.max_length)
+    adapter_for(read_model_type(args.model_dir))
+    records = load_records(args.calib, args.images, recipe.num_samples, recipe.seed)
+    model, adapter = load_model(args.model_dir, dtype=args.dtype)
+    samples = prepare_samples(model, adapter, load_processor(args.model_dir), args.calib, args.images, recipe,
+                              records=records)
+    importance = compute_importance(model, adapter, samples, args.score, resolve_device(args.device))
+    importance.save(args.out)
+    kinds = importance.kept_summary()
+    print(f"wrote {args.out}: {args.score} scores of {len(importance.scores)} Linears over {len(samples)} samples "
+          f"({', '.join(f'{v} {k}' for k, v in kinds.items())} tokens); FP answer loss {importance.loss:.4f}")
     return 0
 
 
@@ -158,13 +181,27 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="also write the JSON report here")
     e.set_defaults(func=_cmd_eval)
 
+    i = sub.add_parser("importance", help="per-token, per-Linear gradient importance (safetensors)")
+    i.add_argument("model_dir")
+    i.add_argument("--calib", required=True)
+    i.add_argument("--images", default=None)
+    i.add_argument("--out", required=True, help="output .safetensors file")
+    i.add_argument("--score", default="fisher", help="fisher, l2, gx, layer_output")
+    i.add_argument("--num-samples", type=int, default=128)
+    i.add_argument("--seed", type=int, default=0)
+    i.add_argument("--max-length", type=int, default=2048)
+    i.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    i.add_argument("--device", default="auto")
+    i.set_defaults(func=_cmd_importance)
+
     b = sub.add_parser("bench", help="methods x schemes x seeds: quantize, evaluate, tabulate")
     b.add_argument("model_dir")
     b.add_argument("--calib", required=True, help="calibration pool (each seed draws --num-samples from it)")
     b.add_argument("--images", default=None, help="image folder of the calibration pool")
     b.add_argument("--eval", required=True, help="held-out evaluation split")
     b.add_argument("--eval-images", default=None, help="image folder of the evaluation split (default --images)")
-    b.add_argument("--methods", default="rtn,gptq")
+    b.add_argument("--methods", default="rtn,gptq",
+                   help="comma-separated; options per method as +flag=value, e.g. tlq+keep-ratio=0.25")
     b.add_argument("--schemes", default="W3A16,W4A8")
     b.add_argument("--seeds", default="0,1,2")
     b.add_argument("--num-samples", type=int, default=128)
@@ -183,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     o = sub.add_parser("stress", help="write a function-preserving outlier variant of a checkpoint (benchmarks)")
     o.add_argument("model_dir")
     o.add_argument("--out", required=True)
-    o.add_argument("--kind", choices=["weight", "activation"], required=True)
+    o.add_argument("--kind", choices=["weight", "activation", "both"], required=True)
     o.add_argument("--scale", type=float, default=32.0)
     o.add_argument("--channels", type=int, default=4)
     o.add_argument("--seed", type=int, default=0)

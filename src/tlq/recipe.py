@@ -141,6 +141,8 @@ class Recipe:
     # TLQ: solver backend; auto = GPTQ for weight-only schemes, scale search then GPTQ for W*A8.
     backend: str = "auto"
     importance_score: str = "fisher"
+    # Token weighting override for ablations: auto (the method's own), uniform, modality, importance.
+    weighting: str = "auto"
     importance_floor: float = 0.1
     importance_clip: float | None = None
     keep_ratio: float | None = None  # token-level calibration set: share of tokens kept per Linear
@@ -169,6 +171,8 @@ class Recipe:
             raise TlqError(f"unknown target {self.target!r}: use one of {', '.join(TARGETS)}")
         if self.backend not in BACKENDS:
             raise TlqError(f"unknown backend {self.backend!r}: use one of {', '.join(BACKENDS)}")
+        if self.weighting not in ("auto", "uniform", "modality", "importance"):
+            raise TlqError(f"unknown weighting {self.weighting!r}: use auto, uniform, modality or importance")
         if self.scale_loss not in ("auto", "mse", "mae"):
             raise TlqError(f"unknown scale loss {self.scale_loss!r}: use auto, mse or mae")
         if not 0 <= self.importance_floor <= 1:
@@ -184,6 +188,12 @@ class Recipe:
             raise TlqError("smoothquant migrates activation outliers: use it with W4A8 or W8A8")
 
     def plan(self) -> MethodPlan:
+        plan = self._method_plan()
+        if self.weighting != "auto":
+            plan = MethodPlan(plan.transform, plan.solver, self.weighting)
+        return plan
+
+    def _method_plan(self) -> MethodPlan:
         scheme = self.resolved_scheme()
         if self.method in ("rtn", "gptq"):
             return MethodPlan(None, self.method, "uniform")

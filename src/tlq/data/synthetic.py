@@ -53,6 +53,7 @@ class SceneConfig:
     max_objects: int = 4
     digit_probability: float = 0.5
     questions_per_image: int = 1
+    one_per_type: bool = True  # False: any mix of the candidate questions (more supervision per image)
 
 
 def _draw_shape(canvas: np.ndarray, y: int, x: int, shape: str, color: tuple[int, int, int]) -> None:
@@ -126,6 +127,9 @@ def make_example(rng: np.random.Generator, config: SceneConfig = SceneConfig()) 
                        "answer": answer})
     if digit is not None:
         candidates.append({"type": "digit", "question": _TEMPLATES["digit"], "answer": NUMBER_WORDS[digit]})
+    if not config.one_per_type:
+        order = rng.permutation(len(candidates))[:config.questions_per_image]
+        return canvas, [candidates[int(i)] for i in order]
     # Spread question types: at most one question of each type per image.
     by_type: dict[str, list[dict]] = {}
     for qa in candidates:

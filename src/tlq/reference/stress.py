@@ -5,6 +5,7 @@ round-to-nearest barely hurts them. For k channels per norm -> Linears scaling g
 -> q,k,v and post_attention_layernorm -> gate,up) this rescales
     weight outliers:     norm.weight[c] /= s,   W[:, c] *= s   (large weight columns: W-only schemes suffer)
     activation outliers: norm.weight[c] *= s,   W[:, c] /= s   (large activation channels: W*A8 suffers)
+    both:                k channels of each kind, disjoint (real LLMs have both)
 The product is unchanged, so the FP model computes the same function up to float rounding. The
 variant's `tlq_stress.json` records kind, s, k, seed and the channels; it is a benchmark device, never
 applied to a user's model.
@@ -22,7 +23,7 @@ from tlq.models import load_model
 from tlq.models.processing import load_processor
 
 STRESS_FILE = "tlq_stress.json"
-KINDS = ("weight", "activation")
+KINDS = ("weight", "activation", "both")
 
 
 @torch.no_grad()
@@ -30,19 +31,23 @@ def apply_outliers(model, adapter, kind: str, scale: float, channels: int, seed:
     """Rescale `channels` random channels of every norm-fed group by `scale`; returns the record."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}")
-    factor = 1.0 / scale if kind == "weight" else scale
     generator = torch.Generator().manual_seed(seed)
-    chosen: dict[str, list[int]] = {}
+    chosen: dict[str, dict[str, list[int]]] = {}
+    kinds = ("weight", "activation") if kind == "both" else (kind,)
     for index, layer in enumerate(adapter.layers(model)):
         for group in adapter.scaling_groups:
             source = layer.get_submodule(group.source)
             if isinstance(source, torch.nn.Linear):
                 continue  # only norm -> Linear groups: a norm's weight is a pure per-channel scale
-            picked = torch.randperm(source.weight.numel(), generator=generator)[:channels]
-            source.weight[picked] *= factor
-            for target in group.targets:
-                layer.get_submodule(target).weight[:, picked] /= factor
-            chosen[f"{index}.{group.source}"] = sorted(picked.tolist())
+            order = torch.randperm(source.weight.numel(), generator=generator)
+            record = chosen.setdefault(f"{index}.{group.source}", {})
+            for position, which in enumerate(kinds):
+                picked = order[position * channels:(position + 1) * channels]
+                factor = 1.0 / scale if which == "weight" else scale
+                source.weight[picked] *= factor
+                for target in group.targets:
+                    layer.get_submodule(target).weight[:, picked] /= factor
+                record[which] = sorted(picked.tolist())
     return {"kind": kind, "scale": scale, "channels_per_group": channels, "seed": seed, "channels": chosen}
 
 

@@ -2,7 +2,7 @@
 
     python -m tlq.reference.train --family qwen2_vl --scale small --minutes 12 --out models/reference/qwen2_vl-small
 
-Fresh examples are drawn every step (no epoch, no overfitting), three questions per image, loss on the
+Fresh examples are drawn every step (no epoch, no overfitting), up to five questions per image, loss on the
 answers only. The run stops at the time budget or the step limit, keeps the checkpoint with the best
 validation accuracy (teacher-forced answer token, on a split from another seed), and writes
 `training.json` with the seed, command, time and accuracy.
@@ -34,10 +34,10 @@ SCALES = {
     "large": ModelSize(hidden=256, intermediate=512, layers=4, heads=4, kv_heads=2, vision_hidden=96,
                        vision_layers=2, vision_heads=2, patch=8, image_size=128),
 }
-TRAIN_SCENES = SceneConfig(questions_per_image=3)
+TRAIN_SCENES = SceneConfig(questions_per_image=5, one_per_type=False)
 # Curriculum: half the training images are the bare 4x4-cell scene (no background, fewer tokens), which
 # teaches grounding fast; the other half are full canvases like the held-out splits.
-ZOOMED_SCENES = SceneConfig(grid=4, scene=4, questions_per_image=3)
+ZOOMED_SCENES = SceneConfig(grid=4, scene=4, questions_per_image=5, one_per_type=False)
 ZOOMED_SHARE = 0.5
 VALIDATION_SEED = 999
 
