@@ -116,6 +116,7 @@ def quantize(model_dir: str | Path, out_dir: str | Path, calib: str | Path, imag
         "rescaled_groups": [r.rescaled for r in calibration.layers if r.rescaled],
         "token_weighting": weighting_record,
         "calibration_seconds": round(calibration.seconds, 3),
+        "peak_device_memory_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         "versions": package_versions(),
     }
     export_compressed(model, adapter, scheme, calibration.quantized, out_dir, source_dir=model_dir,

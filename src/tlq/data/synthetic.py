@@ -73,8 +73,9 @@ def _draw_shape(canvas: np.ndarray, y: int, x: int, shape: str, color: tuple[int
 
 
 def _draw_digit(canvas: np.ndarray, y: int, x: int, digit: int) -> None:
-    h, w, t = CELL - 4, CELL // 2, 2
-    top, left = y + 2, x + (CELL - w) // 2
+    """A seven-segment digit filling a 2 x 2 block of cells (a digit is too fine for one 16 px token)."""
+    h, w, t = 2 * CELL - 6, CELL - 2, 4
+    top, left = y + 3, x + (2 * CELL - w) // 2
     boxes = {
         "a": (0, 0, t, w), "g": (h // 2 - 1, 0, t, w), "d": (h - t, 0, t, w),
         "f": (0, 0, h // 2, t), "b": (0, w - t, h // 2, t), "e": (h // 2, 0, h // 2, t), "c": (h // 2, w - t, h // 2, t),
@@ -90,7 +91,15 @@ def make_example(rng: np.random.Generator, config: SceneConfig = SceneConfig()) 
     base = rng.integers(20, 70, size=3)
     canvas = (base + rng.normal(0, 6, size=(size, size, 3))).clip(0, 255).astype(np.uint8)
     top, left = rng.integers(0, config.grid - config.scene + 1, size=2)
-    cells = rng.permutation(config.scene * config.scene)
+    free = list(range(config.scene * config.scene))
+    digit = None
+    if rng.random() < config.digit_probability:
+        dy, dx = (int(v) for v in rng.integers(0, config.scene - 1, size=2))
+        digit = int(rng.integers(0, 10))
+        _draw_digit(canvas, (top + dy) * CELL, (left + dx) * CELL, digit)
+        block = {(dy + a) * config.scene + dx + b for a in (0, 1) for b in (0, 1)}
+        free = [c for c in free if c not in block]
+    cells = rng.permutation(free)
     count = int(rng.integers(1, config.max_objects + 1))
     objects = []
     for k in range(count):
@@ -99,11 +108,6 @@ def make_example(rng: np.random.Generator, config: SceneConfig = SceneConfig()) 
         shape = str(rng.choice(SHAPES))
         objects.append((color, shape))
         _draw_shape(canvas, (top + cy) * CELL, (left + cx) * CELL, shape, COLORS[color])
-    digit = None
-    if rng.random() < config.digit_probability:
-        cy, cx = divmod(int(cells[count]), config.scene)
-        digit = int(rng.integers(0, 10))
-        _draw_digit(canvas, (top + cy) * CELL, (left + cx) * CELL, digit)
 
     candidates: list[dict] = []
     shapes = [s for _, s in objects]

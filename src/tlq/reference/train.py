@@ -77,11 +77,15 @@ def answer_accuracy(model, batches) -> float:
 
 
 def train(family: str, scale: str, out_dir: Path, minutes: float, max_steps: int, batch_size: int, lr: float,
-          seed: int, threads: int) -> dict:
+          seed: int, threads: int, init: Path | None = None) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     size = size_for(family, scale)
     model, processor = build_model_and_processor(family, vocabulary(), size, seed=seed)
+    if init is not None:  # continue from an earlier stage (same family and scale)
+        from tlq.models import load_model
+
+        model.load_state_dict(load_model(init, dtype="float32")[0].state_dict())
     pad_id = processor.tokenizer.pad_token_id
     model.train()
     params = sum(p.numel() for p in model.parameters())
@@ -125,7 +129,7 @@ def train(family: str, scale: str, out_dir: Path, minutes: float, max_steps: int
         "steps": step, "best_step": best_step, "batch_size": batch_size, "learning_rate": lr,
         "training_seconds": round(seconds, 1), "threads": threads,
         "val_answer_token_accuracy": round(best, 4), "validation_seed": VALIDATION_SEED,
-        "torch": torch.__version__, "command": " ".join(["python -m tlq.reference.train", *sys.argv[1:]]),
+        "init": str(init) if init else None, "torch": torch.__version__, "command": " ".join(["python -m tlq.reference.train", *sys.argv[1:]]),
         "history": history,
     }
     (out_dir / "training.json").write_text(json.dumps(info, indent=1) + "\n")
@@ -143,9 +147,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--init", type=Path, default=None, help="start from this checkpoint (a second stage)")
     args = parser.parse_args(argv)
     info = train(args.family, args.scale, args.out, args.minutes, args.max_steps, args.batch_size, args.lr,
-                 args.seed, args.threads)
+                 args.seed, args.threads, args.init)
     print(f"done: {info['steps']} steps in {info['training_seconds']} s, best val accuracy "
           f"{info['val_answer_token_accuracy']} at step {info['best_step']}")
 
