@@ -14,22 +14,24 @@ OUT=benchmarks/results/$NAME
 STAGE=${1:-all}
 
 [ -f "$DATA/test.json" ] || $TLQ synth --out "$DATA" --calib 512 --test 1000
-for kind in weight activation both; do
+for kind in weight activation; do
   [ -f "$VARIANTS-$kind/config.json" ] || $TLQ stress "$MODEL" --out "$VARIANTS-$kind" --kind "$kind" --scale 32 --channels 4
 done
 COMMON=(--calib "$DATA/calib.json" --images "$DATA" --eval "$DATA/test.json" --seeds 0,1,2 --num-samples 128)
+METHODS=rtn,gptq,awq,smoothquant,mbq,tlq
+ABLATION=tlq,tlq+weighting=uniform,tlq+weighting=modality,tlq+keep-ratio=0.5,tlq+keep-ratio=0.25,\
+tlq+keep-ratio=0.1,tlq+no-exposure,tlq+target=asymmetric,tlq+floor=0
 
-if [ "$STAGE" = rtn_gptq ] || [ "$STAGE" = all ]; then   # issue 3: room for calibration to show
-  for model in "$MODEL" "$VARIANTS-weight" "$VARIANTS-activation"; do
-    $TLQ bench "$model" "${COMMON[@]}" --methods rtn,gptq --schemes W3A16,W4A8 --out "$OUT/rtn_gptq/$(basename "$model")"
-  done
+# Weight-only schemes on the weight-outlier variant, weight+activation schemes on the activation-outlier
+# variant (DESIGN.md 5: s = 32, k = 4): each stresses what its schemes are sensitive to.
+if [ "$STAGE" = methods ] || [ "$STAGE" = all ]; then
+  $TLQ bench "$VARIANTS-weight" "${COMMON[@]}" --methods $METHODS --schemes W3A16,W4A16,W2A16 --out "$OUT/methods/weight_outliers"
+  $TLQ bench "$VARIANTS-activation" "${COMMON[@]}" --methods $METHODS --schemes W4A8,W8A8 --out "$OUT/methods/activation_outliers"
 fi
-if [ "$STAGE" = methods ] || [ "$STAGE" = all ]; then    # issue 4: every method, every scheme
-  $TLQ bench "$VARIANTS-both" "${COMMON[@]}" --methods rtn,gptq,awq,smoothquant,mbq,tlq \
-    --schemes W3A16,W4A8,W4A16,W8A8,W2A16 --out "$OUT/methods"
+if [ "$STAGE" = ablation ] || [ "$STAGE" = all ]; then
+  $TLQ bench "$VARIANTS-weight" "${COMMON[@]}" --methods $ABLATION --schemes W3A16 --out "$OUT/ablation/weight_outliers"
+  $TLQ bench "$VARIANTS-activation" "${COMMON[@]}" --methods $ABLATION --schemes W4A8 --out "$OUT/ablation/activation_outliers"
 fi
-if [ "$STAGE" = ablation ] || [ "$STAGE" = all ]; then   # issue 4: what TLQ's parts are worth
-  $TLQ bench "$VARIANTS-both" "${COMMON[@]}" --schemes W3A16,W4A8 --out "$OUT/ablation" --methods \
-tlq,tlq+weighting=uniform,tlq+weighting=modality,tlq+keep-ratio=0.5,tlq+keep-ratio=0.25,tlq+keep-ratio=0.1,\
-tlq+no-exposure,tlq+target=asymmetric,tlq+floor=0,tlq+floor=0.3
+if [ "$STAGE" = rtn_gptq ] || [ "$STAGE" = all ]; then   # the model as trained (variants: see methods/)
+  $TLQ bench "$MODEL" "${COMMON[@]}" --methods rtn,gptq --schemes W3A16,W4A8 --out "$OUT/as_trained"
 fi

@@ -77,7 +77,9 @@ def evaluate(model_dir: str | Path, data: str | Path, images: str | Path | None 
     """Exact-match accuracy (overall and per question type), answer NLL and KL to `reference`."""
     start = time.perf_counter()
     adapter_for(read_model_type(model_dir))  # a clear error for unsupported folders
-    records = load_records(data, images, num_samples, seed=0)
+    records = load_records(data, images)
+    if num_samples is not None:
+        records = records[:num_samples]  # the first N, so a prefix of a split is comparable across runs
     model = load_quantized(model_dir).to(device).eval()
     processor = load_processor(model_dir)
     ref_model = load_quantized(reference).to(device).eval() if reference is not None else None

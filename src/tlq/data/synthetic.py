@@ -54,6 +54,7 @@ class SceneConfig:
     digit_probability: float = 0.5
     questions_per_image: int = 1
     one_per_type: bool = True  # False: any mix of the candidate questions (more supervision per image)
+    always_ask: tuple[str, ...] = ()  # question types asked whenever the image allows them (training mixes)
 
 
 def _draw_shape(canvas: np.ndarray, y: int, x: int, shape: str, color: tuple[int, int, int]) -> None:
@@ -132,8 +133,9 @@ def make_example(rng: np.random.Generator, config: SceneConfig = SceneConfig()) 
     if digit is not None:
         candidates.append({"type": "digit", "question": _TEMPLATES["digit"], "answer": NUMBER_WORDS[digit]})
     if not config.one_per_type:
-        order = rng.permutation(len(candidates))[:config.questions_per_image]
-        return canvas, [candidates[int(i)] for i in order]
+        order = sorted(rng.permutation(len(candidates)).tolist(),
+                       key=lambda i: candidates[i]["type"] not in config.always_ask)
+        return canvas, [candidates[int(i)] for i in order[:config.questions_per_image]]
     # Spread question types: at most one question of each type per image.
     by_type: dict[str, list[dict]] = {}
     for qa in candidates:

@@ -39,6 +39,8 @@ TRAIN_SCENES = SceneConfig(questions_per_image=5, one_per_type=False)
 # teaches grounding fast; the other half are full canvases like the held-out splits.
 ZOOMED_SCENES = SceneConfig(grid=4, scene=4, questions_per_image=5, one_per_type=False)
 ZOOMED_SHARE = 0.5
+# A later stage can focus on what the model still gets wrong (--focus digit: digits in 80% of the images
+# and always asked about).
 VALIDATION_SEED = 999
 
 
@@ -77,7 +79,7 @@ def answer_accuracy(model, batches) -> float:
 
 
 def train(family: str, scale: str, out_dir: Path, minutes: float, max_steps: int, batch_size: int, lr: float,
-          seed: int, threads: int, init: Path | None = None) -> dict:
+          seed: int, threads: int, init: Path | None = None, focus: tuple[str, ...] = ()) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     size = size_for(family, scale)
@@ -103,6 +105,11 @@ def train(family: str, scale: str, out_dir: Path, minutes: float, max_steps: int
         for group in optimizer.param_groups:
             group["lr"] = lr * max(scale_lr, 0.02)
         scenes = [ZOOMED_SCENES if rng.random() < ZOOMED_SHARE else TRAIN_SCENES for _ in range(batch_size)]
+        if focus:
+            from dataclasses import replace
+
+            scenes = [replace(scene, always_ask=focus, digit_probability=0.8 if "digit" in focus else
+                              scene.digit_probability) for scene in scenes]
         inputs, labels = collate([_sample(rng, processor, scene) for scene in scenes], pad_id)
         loss = model(**inputs, labels=labels).loss
         optimizer.zero_grad(set_to_none=True)
@@ -129,7 +136,8 @@ def train(family: str, scale: str, out_dir: Path, minutes: float, max_steps: int
         "steps": step, "best_step": best_step, "batch_size": batch_size, "learning_rate": lr,
         "training_seconds": round(seconds, 1), "threads": threads,
         "val_answer_token_accuracy": round(best, 4), "validation_seed": VALIDATION_SEED,
-        "init": str(init) if init else None, "torch": torch.__version__, "command": " ".join(["python -m tlq.reference.train", *sys.argv[1:]]),
+        "init": str(init) if init else None, "focus": list(focus), "torch": torch.__version__,
+        "command": " ".join(["python -m tlq.reference.train", *sys.argv[1:]]),
         "history": history,
     }
     (out_dir / "training.json").write_text(json.dumps(info, indent=1) + "\n")
@@ -148,9 +156,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--init", type=Path, default=None, help="start from this checkpoint (a second stage)")
+    parser.add_argument("--focus", default="", help="question types always asked when possible, e.g. digit")
     args = parser.parse_args(argv)
+    focus = tuple(t for t in args.focus.split(",") if t)
     info = train(args.family, args.scale, args.out, args.minutes, args.max_steps, args.batch_size, args.lr,
-                 args.seed, args.threads, args.init)
+                 args.seed, args.threads, args.init, focus)
     print(f"done: {info['steps']} steps in {info['training_seconds']} s, best val accuracy "
           f"{info['val_answer_token_accuracy']} at step {info['best_step']}")
 
