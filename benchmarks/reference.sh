@@ -20,7 +20,7 @@ done
 COMMON=(--calib "$DATA/calib.json" --images "$DATA" --eval "$DATA/test.json" --seeds 0,1,2 --num-samples 128)
 METHODS=rtn,gptq,awq,smoothquant,mbq,tlq
 ABLATION=tlq,tlq+weighting=uniform,tlq+weighting=modality,tlq+keep-ratio=0.5,tlq+keep-ratio=0.25,\
-tlq+keep-ratio=0.1,tlq+no-exposure,tlq+target=asymmetric,tlq+floor=0
+tlq+keep-ratio=0.1,tlq+no-exposure,tlq+target=asymmetric,tlq+floor=0,tlq+backend=both
 
 # Weight-only schemes on the weight-outlier variant, weight+activation schemes on the activation-outlier
 # variant (DESIGN.md 5: s = 32, k = 4): each stresses what its schemes are sensitive to.

@@ -200,8 +200,9 @@ def select_tokens(score: torch.Tensor, kinds: torch.Tensor, budget: int, min_sha
     return keep
 
 
-def token_weights(importance: TokenImportance, config: WeightingConfig = WeightingConfig()) -> TokenWeights:
+def token_weights(importance: TokenImportance, config: WeightingConfig | None = None) -> TokenWeights:
     """The engine's per-(layer, Linear, sample) token weights from raw scores (+ token-level set)."""
+    config = config or WeightingConfig()
     weights: dict[str, list[torch.Tensor]] = {}
     lengths = [len(k) for k in importance.token_kinds]
     kinds = torch.cat(importance.token_kinds)
