@@ -76,12 +76,13 @@ def build_token_weights(model, adapter, samples: list[Sample], recipe: Recipe):
     config = WeightingConfig(floor=recipe.importance_floor, clip=recipe.importance_clip, keep_ratio=recipe.keep_ratio,
                              token_budget=recipe.token_budget, min_share=recipe.min_kind_share)
     record["score"] = recipe.importance_score
+    lookup = token_weights(importance, config)
     if recipe.keep_ratio is not None or recipe.token_budget is not None:
         last = len(adapter.layers(model)) - 1
         record["kept_tokens_by_kind"] = {
-            f"{layer}.{name}": kept_tokens(importance, config, layer, name)
+            f"{layer}.{name}": kept_tokens(importance, lookup, layer, name)
             for layer in (0, last) for name in ("self_attn.q_proj", "mlp.down_proj")}
-    return token_weights(importance, config), record
+    return lookup, record
 
 
 def quantize(model_dir: str | Path, out_dir: str | Path, calib: str | Path, images: str | Path | None = None,

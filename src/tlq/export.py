@@ -52,7 +52,7 @@ def quantization_config(model: nn.Module, adapter: ModelAdapter, scheme: Scheme)
                               quantization_status="frozen")
 
 
-def _check_grouping(model: nn.Module, adapter: ModelAdapter, scheme: Scheme) -> None:
+def check_exportable(model: nn.Module, adapter: ModelAdapter, scheme: Scheme) -> None:
     # compressed-tensors stores one group size per scheme: a Linear narrower than the group cannot be
     # stored with it, so refuse before calibrating rather than after.
     if scheme.group_size is None:
@@ -68,10 +68,6 @@ def _check_grouping(model: nn.Module, adapter: ModelAdapter, scheme: Scheme) -> 
 
 def _largest_pow2_divisor(n: int) -> int:
     return min(n & -n, 128)
-
-
-def check_exportable(model: nn.Module, adapter: ModelAdapter, scheme: Scheme) -> None:
-    _check_grouping(model, adapter, scheme)
 
 
 def _copy_side_files(source_dir: Path, target_dir: Path) -> None:

@@ -227,9 +227,8 @@ def token_weights(importance: TokenImportance, config: WeightingConfig | None = 
     return lookup
 
 
-def kept_tokens(importance: TokenImportance, config: WeightingConfig, layer: int, name: str) -> dict[str, int]:
+def kept_tokens(importance: TokenImportance, lookup: TokenWeights, layer: int, name: str) -> dict[str, int]:
     """How many tokens of each kind enter the statistics of one Linear (for the report)."""
-    lookup = token_weights(importance, config)
     w = torch.cat([lookup(layer, name, i) for i in range(len(importance.token_kinds))])
     kinds = torch.cat(importance.token_kinds)
     return {n: int(((kinds == i) & (w > 0)).sum()) for i, n in enumerate(TOKEN_KIND_NAMES)}
