@@ -63,7 +63,10 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     recipe = _recipe_from(args)
     report = quantize(args.model_dir, args.out, calib=args.calib, images=args.images, recipe=recipe,
                       overwrite=args.overwrite, progress=not args.quiet, dtype=args.dtype,
-                      trust_remote_code=args.trust_remote_code)
+                      trust_remote_code=args.trust_remote_code, resume=args.resume,
+                      dist_timeout_s=args.dist_timeout)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # rank 0 reports
     errors = ", ".join(f"{r.relative_error:.4f}" for r in report.calibration.layers)
     print(f"wrote {report.out_dir} ({report.num_samples} samples, {report.num_tokens} tokens, "
           f"{report.seconds:.1f} s); layer output errors: {errors}")
@@ -82,6 +85,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_importance(args: argparse.Namespace) -> int:
     from tlq.api import prepare_samples
     from tlq.data import load_records
+    from tlq.distributed import rank_device, ranks_from_environment, shutdown
     from tlq.engine import resolve_device
     from tlq.importance import compute_importance
     from tlq.models import adapter_for, load_model, read_model_type
@@ -90,10 +94,16 @@ def _cmd_importance(args: argparse.Namespace) -> int:
     recipe = Recipe(num_samples=args.num_samples, seed=args.seed, max_length=args.max_length)
     adapter_for(read_model_type(args.model_dir))
     records = load_records(args.calib, args.images, recipe.num_samples, recipe.seed)
+    ranks = ranks_from_environment(args.device)  # under torchrun each rank takes a shard of the samples
+    shard = ranks.shard(len(records))
     model, adapter = load_model(args.model_dir, dtype=args.dtype)
     samples = prepare_samples(model, adapter, load_processor(args.model_dir), args.calib, args.images, recipe,
-                              records=records)
-    importance = compute_importance(model, adapter, samples, args.score, resolve_device(args.device))
+                              records=records[shard.start:shard.stop])
+    importance = compute_importance(model, adapter, samples, args.score,
+                                    resolve_device(rank_device(ranks, args.device)), ranks=ranks)
+    shutdown(ranks)
+    if not ranks.main:
+        return 0
     importance.save(args.out)
     kinds = importance.kept_summary()
     print(f"wrote {args.out}: {args.score} scores of {len(importance.scores)} Linears over {len(samples)} samples "
@@ -167,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     q.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
+    q.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="do not keep finished layers in OUT.tlq-work/ (by default a rerun after a crash resumes)")
+    q.add_argument("--dist-timeout", type=float, default=1800.0,
+                   help="under torchrun: seconds a rank waits for the others before giving up (default 1800)")
     _add_recipe_arguments(q)
     q.set_defaults(func=_cmd_quantize)
 

@@ -9,6 +9,11 @@
         x~_{l+1} = quantized layer l applied to x~_l        (quantization-exposed: the deployed path)
         move layer l back; activations stay on the CPU
 
+Under torchrun every rank runs this loop on its own shard of the samples; the solvers' statistics,
+the scale-search losses and the error report are combined through `Ranks` (tlq.distributed), so all
+ranks hold the same quantized layer after each step. With a work directory (tlq.resume) each finished
+layer and the next layer's inputs are saved, and a rerun continues after the last finished layer.
+
 Inputs x~ always come from the already-quantized earlier layers, and with an activation scheme every
 quantized Linear fake-quantizes its input per token both while observing and while propagating, so
 calibration sees exactly what the deployed model computes. The FP-path stream x_l (the FP model's
@@ -18,7 +23,9 @@ activations) is kept only when the recipe asks for it: the asymmetric target, or
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -29,6 +36,7 @@ from torch import nn
 from tlq.activations import (LayerInputs, capture_layer_inputs, capture_linear_inputs, check_finite,
                              install_activation_quant, layer_output, resolve_device, run_layer, to_device)
 from tlq.data import Sample
+from tlq.distributed import SINGLE, Ranks
 from tlq.models import ModelAdapter
 from tlq.quant import QuantizedWeight, solver_factory
 from tlq.recipe import Recipe
@@ -46,6 +54,31 @@ class LayerReport:
     relative_error: float  # ||quantized layer(x~) - FP layer(x~)|| / ||FP layer(x~)||
     seconds: float
     rescaled: list[dict] = field(default_factory=list)
+    resumed: bool = False  # loaded from the work directory, not recomputed
+
+
+def _solve_group(solvers: dict, ranks: Ranks) -> dict[str, QuantizedWeight]:
+    """Solve a Linear group: statistics summed onto each Linear's owner rank, solved there, broadcast.
+
+    Owners are balanced by Hessian size, so a group's solves run in parallel over the ranks. Solvers
+    without statistics (RTN) are solved on every rank alike.
+    """
+    names = list(solvers)
+    shared = [n for n in names if ranks.distributed and solvers[n].needs_inputs]
+    owners = dict(zip(shared, ranks.owners([float(solvers[n].weight.shape[1]) ** 2 for n in shared])))
+    for name in shared:
+        reduced = [ranks.sum_to(t, owners[name]) for t in solvers[name].statistics()]
+        if owners[name] == ranks.rank:
+            solvers[name].load_statistics(reduced)
+    results = {name: solvers[name].solve() for name in names if owners.get(name, ranks.rank) == ranks.rank}
+    for name in shared:
+        owner = owners[name]
+        shapes = ranks.gather_objects(None if owner != ranks.rank else
+                                      [(tuple(t.shape), str(t.dtype)) for t in results[name].tensors()])[owner]
+        mine = results[name].tensors() if owner == ranks.rank else [
+            torch.empty(shape, dtype=getattr(torch, dtype.split(".")[-1])) for shape, dtype in shapes]
+        results[name] = QuantizedWeight(*[ranks.broadcast(t, owner) for t in mine])
+    return {name: results[name] for name in names}
 
 
 @dataclass
@@ -74,7 +107,7 @@ class _Observer:
 @torch.no_grad()
 def calibrate_layer(layer: nn.Module, index: int, inputs: LayerInputs, adapter: ModelAdapter, recipe: Recipe,
                     device: torch.device, token_weights: TokenWeights | None = None, prefix: str = "",
-                    fp_inputs: LayerInputs | None = None):
+                    fp_inputs: LayerInputs | None = None, ranks: Ranks = SINGLE):
     """Quantize one decoder layer (already on `device`) in place on its calibration inputs.
 
     Returns (quantized weights keyed `prefix + linear name`, the quantized layer's outputs = the next
@@ -88,7 +121,7 @@ def calibrate_layer(layer: nn.Module, index: int, inputs: LayerInputs, adapter: 
     reference = copy.deepcopy(layer)  # the FP layer: error report and FP-path stream
     rescaled = []
     if plan.transform is not None:
-        rescaled = rescale_layer(layer, index, inputs, adapter, recipe, device, token_weights, fp_inputs)
+        rescaled = rescale_layer(layer, index, inputs, adapter, recipe, device, token_weights, fp_inputs, ranks)
     asymmetric = recipe.target == "asymmetric" and fp_inputs is not None and fp_inputs is not inputs
     fp_scaled = copy.deepcopy(layer) if asymmetric else None  # FP weights, same scaling as `layer`
     linears = {name: layer.get_submodule(name) for name in adapter.linear_names}
@@ -114,8 +147,7 @@ def calibrate_layer(layer: nn.Module, index: int, inputs: LayerInputs, adapter: 
                 finally:
                     for handle in handles:
                         handle.remove()
-            for name, solver in solvers.items():
-                result = solver.solve()
+            for name, result in _solve_group(solvers, ranks).items():
                 linears[name].weight.data.copy_(result.weight)
                 quantized[prefix + name] = QuantizedWeight(weight=result.weight.cpu(), scale=result.scale.cpu(),
                                                            zero_point=result.zero_point.cpu())
@@ -133,6 +165,7 @@ def calibrate_layer(layer: nn.Module, index: int, inputs: LayerInputs, adapter: 
     fp_outputs = None
     if fp_inputs is not None:
         fp_outputs = LayerInputs([out.cpu() for _, out in run_layer(reference, fp_inputs, device)], fp_inputs.kwargs)
+    error_sq, norm_sq = ranks.sum(torch.tensor([error_sq, norm_sq], dtype=torch.float64)).tolist()
     report = LayerReport(index, (error_sq / max(norm_sq, 1e-30)) ** 0.5, time.perf_counter() - start, rescaled)
     return quantized, LayerInputs(hidden=outputs, kwargs=inputs.kwargs), fp_outputs, report
 
@@ -140,8 +173,13 @@ def calibrate_layer(layer: nn.Module, index: int, inputs: LayerInputs, adapter: 
 @torch.no_grad()
 def quantize_layers(model: nn.Module, adapter: ModelAdapter, samples: list[Sample], recipe: Recipe,
                     token_weights: TokenWeights | None = None, progress: bool = True,
-                    on_layer_inputs: Callable[[int, LayerInputs], None] | None = None) -> CalibrationResult:
-    """Calibrate and fake-quantize every decoder Linear of `model` in place; returns weights and grids."""
+                    on_layer_inputs: Callable[[int, LayerInputs], None] | None = None, ranks: Ranks = SINGLE,
+                    work=None) -> CalibrationResult:
+    """Calibrate and fake-quantize every decoder Linear of `model` in place; returns weights and grids.
+
+    `samples` are this rank's shard; `token_weights` is indexed by this rank's sample numbers. `work`
+    (a tlq.resume.WorkDir, opened) makes the run resumable.
+    """
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
@@ -152,14 +190,27 @@ def quantize_layers(model: nn.Module, adapter: ModelAdapter, samples: list[Sampl
         check_finite(hidden, "entering decoder layer 0")
     fp_inputs = inputs if (recipe.target == "asymmetric" or not recipe.exposure) else None
     layers = adapter.layers(model)
-    bar = tqdm(range(len(layers)), desc=f"{recipe.method} {recipe.resolved_scheme().name}", disable=not progress)
+    prefix = f"{adapter.decoder_layers}."
+    first = work.finished if work is not None else 0
+    for index in range(first):  # finished before a crash: restore, do not recompute
+        quantized, report = work.load_layer(index, layers[index])
+        result.quantized.update(quantized)
+        result.layers.append(LayerReport(**{**report, "resumed": True}))
+    if first:
+        hidden, fp_hidden = work.load_inputs(first)
+        inputs = LayerInputs(hidden, inputs.kwargs)
+        if fp_inputs is not None:
+            fp_inputs = LayerInputs(fp_hidden, inputs.kwargs) if recipe.exposure else inputs
+        log.info("resumed from %s: layers 0..%d were finished", work.path, first - 1)
+    pause_after = int(os.environ.get("TLQ_DEBUG_PAUSE_AFTER_LAYER", "-1"))  # lets tests kill a run mid-way
+    bar = tqdm(range(first, len(layers)), desc=f"{recipe.method} {recipe.resolved_scheme().name}",
+               disable=not progress or not ranks.main, initial=first, total=len(layers))
     for index in bar:
         if on_layer_inputs is not None:
             on_layer_inputs(index, inputs)
         layer = layers[index].to(device)
         quantized, outputs, fp_outputs, report = calibrate_layer(
-            layer, index, inputs, adapter, recipe, device, token_weights, f"{adapter.decoder_layers}.{index}.",
-            fp_inputs)
+            layer, index, inputs, adapter, recipe, device, token_weights, f"{prefix}{index}.", fp_inputs, ranks)
         layers[index].to("cpu")
         if recipe.exposure:
             inputs, fp_inputs = outputs, fp_outputs
@@ -167,7 +218,13 @@ def quantize_layers(model: nn.Module, adapter: ModelAdapter, samples: list[Sampl
             inputs = fp_inputs = fp_outputs
         result.quantized.update(quantized)
         result.layers.append(report)
+        if work is not None:
+            work.save_layer(index, layers[index], quantized, dataclasses.asdict(report), inputs.hidden,
+                            fp_inputs.hidden if fp_inputs is not None and fp_inputs is not inputs else None)
         bar.set_postfix(rel_err=f"{report.relative_error:.4f}")
         log.info("layer %d: relative output error %.5f (%.1f s)", index, report.relative_error, report.seconds)
+        if index == pause_after:
+            while True:
+                time.sleep(60)
     result.seconds = time.perf_counter() - start
     return result

@@ -22,8 +22,9 @@ from typing import Callable
 import torch
 from torch import nn
 
+from tlq.activations import LayerInputs, capture_layer_inputs, layer_output, run_layer, to_device
 from tlq.data import Sample
-from tlq.activations import to_device
+from tlq.distributed import SINGLE, Ranks
 from tlq.engine import TokenWeights
 from tlq.errors import TlqError
 from tlq.models import ANSWER, IMAGE, PROMPT, TOKEN_KIND_NAMES, ModelAdapter
@@ -77,87 +78,169 @@ class TokenImportance:
         return {name: int((kinds == i).sum()) for i, name in enumerate(TOKEN_KIND_NAMES)}
 
 
-def compute_importance(model: nn.Module, adapter: ModelAdapter, samples: list[Sample], score: str = "fisher",
-                       device: torch.device | str = "cpu") -> TokenImportance:
-    """One forward + backward per sample of the FP model; parameters stay frozen."""
-    if score not in SCORES:
-        raise TlqError(f"unknown importance score {score!r}: use one of {', '.join(SCORES)}")
-    device = torch.device(device)
-    layers = adapter.layers(model)
-    scores: dict[str, list[torch.Tensor]] = {}
-    abs_grad: dict[str, list[torch.Tensor]] = {}
-    handles = []
+class _Recorder:
+    """Hooks that turn the gradient at each quantized Linear's output (or the layer's output) into scores."""
 
-    def record(store: dict, key: str, value: torch.Tensor) -> None:
+    def __init__(self, adapter: ModelAdapter, score: str) -> None:
+        self.adapter, self.score = adapter, score
+        self.scores: dict[str, list[torch.Tensor]] = {}
+        self.abs_grad: dict[str, list[torch.Tensor]] = {}
+
+    def _record(self, store: dict, key: str, value: torch.Tensor) -> None:
         store.setdefault(key, []).append(value.detach().float().cpu())
 
-    def linear_hook(key: str) -> Callable:
+    def _linear_hook(self, key: str) -> Callable:
         def hook(module, args, output):
             if not output.requires_grad:
                 return
 
             def on_grad(grad):
                 g = grad[0].float()
-                record(abs_grad, key, g.abs().mean(-1))
-                if score == "fisher":
-                    record(scores, key, g.pow(2).mean(-1))
-                elif score == "l2":
-                    record(scores, key, g.norm(dim=-1))
-                elif score == "gx":
-                    record(scores, key, (g * output[0].detach().float()).abs().mean(-1))
+                self._record(self.abs_grad, key, g.abs().mean(-1))
+                if self.score == "fisher":
+                    self._record(self.scores, key, g.pow(2).mean(-1))
+                elif self.score == "l2":
+                    self._record(self.scores, key, g.norm(dim=-1))
+                elif self.score == "gx":
+                    self._record(self.scores, key, (g * output[0].detach().float()).abs().mean(-1))
 
             output.register_hook(on_grad)
 
         return hook
 
-    def layer_hook(index: int) -> Callable:
-        def hook(module, args, output):
-            hidden = output[0] if isinstance(output, (tuple, list)) else output
-            if hidden.requires_grad:
-                def on_grad(grad):
-                    value = grad[0].float().pow(2).mean(-1)
-                    for name in adapter.linear_names:
-                        record(scores, f"{index}.{name}", value)
+    def layer_output_grad(self, index: int, grad: torch.Tensor) -> None:
+        """dL/dh at decoder layer `index`'s output, for one sample ([1, tokens, hidden])."""
+        if self.score == "layer_output":
+            value = grad[0].float().pow(2).mean(-1)
+            for name in self.adapter.linear_names:
+                self._record(self.scores, f"{index}.{name}", value)
 
-                hidden.register_hook(on_grad)
+    def attach(self, layer: nn.Module, index: int, layer_output_hook: bool) -> list:
+        handles = [layer.get_submodule(name).register_forward_hook(self._linear_hook(f"{index}.{name}"))
+                   for name in self.adapter.linear_names]
+        if layer_output_hook and self.score == "layer_output":
+            def hook(module, args, output):
+                hidden = layer_output(output)
+                if hidden.requires_grad:
+                    hidden.register_hook(lambda grad: self.layer_output_grad(index, grad))
 
-        return hook
+            handles.append(layer.register_forward_hook(hook))
+        return handles
 
+
+def _answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled (answer) positions, as the models' own loss."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(),
+                                             ignore_index=-100)
+
+
+def _check_sample(sample: Sample) -> None:
+    if not (sample.labels != -100).any():
+        raise TlqError("a calibration sample has no answer tokens: TLQ needs an assistant turn in each")
+
+
+def _check_loss(loss: torch.Tensor) -> None:
+    if not torch.isfinite(loss):
+        raise TlqError("NaN loss in the importance pass: load the model in float32 or bfloat16 (--dtype)")
+
+
+def _full_backward(model: nn.Module, adapter: ModelAdapter, samples: list[Sample], recorder: _Recorder,
+                   device: torch.device) -> list[float]:
+    """The reference: autograd through the whole model, one sample at a time."""
     def make_leaf(module, args, output):
         return output.detach().requires_grad_(True)  # gradients flow from here; no parameter needs one
 
-    for index, layer in enumerate(layers):
-        for name in adapter.linear_names:
-            handles.append(layer.get_submodule(name).register_forward_hook(linear_hook(f"{index}.{name}")))
-        if score == "layer_output":
-            handles.append(layer.register_forward_hook(layer_hook(index)))
+    handles = [h for index, layer in enumerate(adapter.layers(model)) for h in recorder.attach(layer, index, True)]
     handles.append(model.get_input_embeddings().register_forward_hook(make_leaf))
     model.to(device)
-    total_loss, counted = 0.0, 0
-    kinds = []
+    losses = []
     try:
         with torch.enable_grad():
             for sample in samples:
-                labels = sample.labels.to(device)
-                if not (labels != -100).any():
-                    raise TlqError("a calibration sample has no answer tokens: TLQ needs an assistant turn in each")
-                loss = model(**to_device(sample.inputs, device), labels=labels, use_cache=False).loss
-                if not torch.isfinite(loss):
-                    raise TlqError("NaN loss in the importance pass: load the model in float32 or bfloat16 (--dtype)")
+                loss = model(**to_device(sample.inputs, device), labels=sample.labels.to(device), use_cache=False).loss
+                _check_loss(loss)
                 loss.backward()
-                total_loss += loss.item()
-                counted += 1
-                kinds.append(sample.token_kinds.clone())
+                losses.append(loss.item())
     finally:
         for handle in handles:
             handle.remove()
         model.to("cpu")
-    expected = len(samples)
-    for key, values in scores.items():
-        if len(values) != expected:
-            raise TlqError(f"importance hook for {key} fired {len(values)} times for {expected} samples")
-    return TokenImportance(scores=scores, abs_grad=abs_grad, token_kinds=kinds, score=score,
-                           loss=total_loss / max(counted, 1))
+    return losses
+
+
+def _streamed_backward(model: nn.Module, adapter: ModelAdapter, samples: list[Sample], recorder: _Recorder,
+                       device: torch.device) -> list[float]:
+    """The same gradients with one decoder layer on the device at a time.
+
+    Forward layer by layer keeping each layer's inputs on the CPU; the loss at the head gives dL/dh_L;
+    then from the top, each layer is recomputed on its stored inputs and the upstream gradient pushed
+    through it (hooks read the Linears' output gradients on the way), giving the next upstream gradient.
+    """
+    layers = adapter.layers(model)
+    captured = capture_layer_inputs(model, adapter, samples, device)
+    stored = [captured.hidden]
+    with torch.no_grad():
+        for layer in layers:
+            layer.to(device)
+            stored.append([out.cpu() for _, out in run_layer(layer, LayerInputs(stored[-1], captured.kwargs), device)])
+            layer.to("cpu")
+    head = nn.Sequential(model.get_submodule(adapter.final_norm), model.get_submodule(adapter.lm_head)).to(device)
+    grads, losses = [], []
+    with torch.enable_grad():
+        for sample, hidden in zip(samples, stored[-1]):
+            h = hidden.to(device).requires_grad_(True)
+            loss = _answer_loss(head(h), sample.labels.to(device))
+            _check_loss(loss)
+            loss.backward()
+            grads.append(h.grad.cpu())
+            losses.append(loss.item())
+        head.to("cpu")
+        for index in reversed(range(len(layers))):
+            layer = layers[index].to(device)
+            handles = recorder.attach(layer, index, layer_output_hook=False)
+            try:
+                upstream = []
+                for i, (hidden, kwargs) in enumerate(zip(stored[index], captured.kwargs)):
+                    recorder.layer_output_grad(index, grads[i])
+                    x = hidden.to(device).requires_grad_(True)
+                    layer_output(layer(x, **to_device(kwargs, device))).backward(grads[i].to(device))
+                    upstream.append(x.grad.cpu())
+            finally:
+                for handle in handles:
+                    handle.remove()
+                layer.to("cpu")
+            grads, stored[index + 1] = upstream, None
+    return losses
+
+
+def compute_importance(model: nn.Module, adapter: ModelAdapter, samples: list[Sample], score: str = "fisher",
+                       device: torch.device | str = "cpu", streamed: bool = True,
+                       ranks: Ranks = SINGLE) -> TokenImportance:
+    """One forward + backward per sample of the FP model; parameters stay frozen.
+
+    `streamed` (default) keeps one decoder layer on the device; False runs autograd through the whole
+    model (the reference the streamed pass is tested against). Under torchrun `samples` are this rank's
+    shard and the result holds every rank's samples, in order.
+    """
+    if score not in SCORES:
+        raise TlqError(f"unknown importance score {score!r}: use one of {', '.join(SCORES)}")
+    for sample in samples:
+        _check_sample(sample)
+    recorder = _Recorder(adapter, score)
+    backward = _streamed_backward if streamed else _full_backward
+    was_training = model.training
+    model.eval()
+    losses = backward(model, adapter, samples, recorder, torch.device(device))
+    model.train(was_training)
+    for key, values in recorder.scores.items():
+        if len(values) != len(samples):
+            raise TlqError(f"importance hook for {key} fired {len(values)} times for {len(samples)} samples")
+    parts = ranks.gather_objects((recorder.scores, recorder.abs_grad, [s.token_kinds.clone() for s in samples],
+                                  losses))
+    merge = lambda index: {key: [t for part in parts for t in part[index][key]] for key in parts[0][index]}  # noqa: E731
+    all_losses = [loss for part in parts for loss in part[3]]
+    return TokenImportance(scores=merge(0), abs_grad=merge(1), token_kinds=[k for part in parts for k in part[2]],
+                           score=score, loss=sum(all_losses) / max(len(all_losses), 1))
 
 
 @dataclass

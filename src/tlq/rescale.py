@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from tlq.activations import LayerInputs, capture_linear_inputs
+from tlq.distributed import SINGLE, Ranks
 from tlq.models import ModelAdapter
 from tlq.quant.scaling import apply_scales, group_applies, search_scales, smoothquant_scales
 from tlq.recipe import Recipe
@@ -28,7 +29,8 @@ def _group_weights(token_weights, index: int, targets: tuple[str, ...], sample: 
 
 @torch.no_grad()
 def rescale_layer(layer: nn.Module, index: int, inputs: LayerInputs, adapter: ModelAdapter, recipe: Recipe,
-                  device: torch.device, token_weights=None, fp_inputs: LayerInputs | None = None) -> list[dict]:
+                  device: torch.device, token_weights=None, fp_inputs: LayerInputs | None = None,
+                  ranks: Ranks = SINGLE) -> list[dict]:
     """Search (or compute) and fold the scales of every applicable group; returns one record per group."""
     plan = recipe.plan()
     scheme = recipe.resolved_scheme()
@@ -63,16 +65,23 @@ def rescale_layer(layer: nn.Module, index: int, inputs: LayerInputs, adapter: Mo
         if token_weights is not None:
             per_sample = [_group_weights(token_weights, index, group.targets, i) for i in range(len(inputs.hidden))]
             weights = torch.cat([w[w > 0] for w in per_sample]).to(device) if per_sample[0] is not None else None
-        if len(x) > recipe.scale_max_tokens:
-            pick = torch.randperm(len(x), generator=generator)[:recipe.scale_max_tokens].to(device)
+        # The subsample is drawn over all ranks' tokens (rank order = sample order), so it is the same
+        # token set whatever the number of ranks.
+        counts = ranks.gather_objects(len(x))
+        offset, total = sum(counts[:ranks.rank]), sum(counts)
+        if total > recipe.scale_max_tokens:
+            pick = torch.randperm(total, generator=generator)[:recipe.scale_max_tokens]
+            pick = (pick[(pick >= offset) & (pick < offset + len(x))] - offset).to(device)
             x = x[pick]
             target_x = target_x[pick] if target_x is not None else None
             weights = weights[pick] if weights is not None else None
         if plan.transform == "smoothquant":
-            scales, alpha, ratio = smoothquant_scales(x, targets, recipe.smooth_alpha), recipe.smooth_alpha, None
+            scales = smoothquant_scales(x, targets, recipe.smooth_alpha, ranks)
+            alpha, ratio = recipe.smooth_alpha, None
         else:
             scales, alpha, ratio = search_scales(x, targets, scheme, weights, recipe.scale_loss_resolved,
-                                                 recipe.scale_grid, target_x)
+                                                 recipe.scale_grid, target_x, ranks=ranks)
         apply_scales(source, targets, scales)
-        records.append({"source": group.source, "alpha": alpha, "loss_ratio": ratio, "tokens": len(x)})
+        records.append({"source": group.source, "alpha": alpha, "loss_ratio": ratio,
+                        "tokens": min(total, recipe.scale_max_tokens)})
     return records

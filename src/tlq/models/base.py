@@ -35,6 +35,9 @@ class ModelAdapter:
     linear_groups: tuple[tuple[str, ...], ...]
     scaling_groups: tuple[ScalingGroup, ...]
     image_token_config_key: str = "image_token_id"
+    # The language-model head after the last decoder layer (the streamed importance backward starts there).
+    final_norm: str = "model.language_model.norm"
+    lm_head: str = "lm_head"
 
     @property
     def linear_names(self) -> tuple[str, ...]:

@@ -35,6 +35,13 @@ class LinearSolver:
         compares Q x~ with W x_fp (the asymmetric target) instead of W x~.
         """
 
+    def statistics(self) -> list[torch.Tensor]:
+        """The accumulated statistics as tensors that add up over calibration ranks (none by default)."""
+        return []
+
+    def load_statistics(self, tensors: list[torch.Tensor]) -> None:
+        """Replace the statistics with the sum over all ranks (same order as `statistics`)."""
+
     def solve(self) -> QuantizedWeight:
         raise NotImplementedError
 

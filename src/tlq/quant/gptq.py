@@ -1,7 +1,9 @@
 """GPTQ (Frantar et al., 2022) with per-token weights.
 
 The layer objective is sum_t w_t ||W x_t - Q x_t||^2, so the Hessian is H = 2 sum_t w_t x_t x_t^T / N:
-feeding sqrt(w_t) x_t to the usual accumulation gives it. Uniform weights are plain GPTQ; a zero weight
+feeding sqrt(w_t) x_t to the usual accumulation gives it. Each sample's product is computed in float32
+and added into a float64 sum, so the Hessian does not depend on how samples are split over ranks (the
+float32 solve then sees the same matrix for 1, 2 or 3 ranks). Uniform weights are plain GPTQ; a zero weight
 removes a token. The solve is the reference column-by-column OBS update with lazy block updates,
 damping as a fraction of the mean Hessian diagonal, group-wise grids, and act-order with static groups
 (the grids are fixed up front in the original column order, so the exported layout needs no g_idx).
@@ -21,9 +23,9 @@ class GPTQ(LinearSolver):
     def __init__(self, weight: torch.Tensor, scheme: Scheme, recipe: Recipe) -> None:
         super().__init__(weight, scheme, recipe)
         columns = weight.shape[1]
-        self.hessian_sum = torch.zeros(columns, columns, dtype=torch.float32, device=weight.device)
+        self.hessian_sum = torch.zeros(columns, columns, dtype=torch.float64, device=weight.device)
         self.cross_sum: torch.Tensor | None = None  # sum_t w_t x_fp,t x~_t^T (asymmetric target)
-        self.num_tokens = 0
+        self.num_tokens = torch.zeros((), dtype=torch.float64, device=weight.device)
 
     def observe(self, inputs: torch.Tensor, token_weights: torch.Tensor | None = None,
                 target_inputs: torch.Tensor | None = None) -> None:
@@ -35,27 +37,35 @@ class GPTQ(LinearSolver):
                 raise ValueError(f"{w.shape[0]} token weights for {x.shape[0]} tokens")
             root = w.clamp_min(0).sqrt().unsqueeze(1)
             x = x * root
-        self.hessian_sum.addmm_(x.t(), x)
+        self.hessian_sum += (x.t() @ x).double()
         if target_inputs is not None:
             x_fp = target_inputs.reshape(-1, target_inputs.shape[-1]).float().to(x.device)
             x_fp = x_fp * root if root is not None else x_fp
             if self.cross_sum is None:
                 self.cross_sum = torch.zeros_like(self.hessian_sum)
-            self.cross_sum.addmm_(x_fp.t(), x)
+            self.cross_sum += (x_fp.t() @ x).double()
         self.num_tokens += x.shape[0]
 
+    def statistics(self) -> list[torch.Tensor]:
+        return [self.hessian_sum, self.num_tokens] + ([self.cross_sum] if self.cross_sum is not None else [])
+
+    def load_statistics(self, tensors: list[torch.Tensor]) -> None:
+        self.hessian_sum, self.num_tokens = tensors[0], tensors[1]
+        if len(tensors) > 2:
+            self.cross_sum = tensors[2]
+
     def hessian(self) -> torch.Tensor:
-        return 2.0 * self.hessian_sum / max(self.num_tokens, 1)
+        return (2.0 * self.hessian_sum / self.num_tokens.clamp_min(1)).float()
 
     def target_weight(self) -> torch.Tensor:
         """W for the symmetric target; for the asymmetric one the least-squares W C H^-1, since
         sum_t w_t ||W x_fp,t - Q x~_t||^2 = sum_t w_t ||W C H^-1 x~_t - Q x~_t||^2 + const."""
         if self.cross_sum is None:
             return self.weight
-        h = self.hessian_sum.clone()
+        h = self.hessian_sum.float()
         diag = torch.arange(h.shape[0], device=h.device)
         h[diag, diag] += self.recipe.dampening * h.diagonal().mean().clamp_min(1e-12)
-        mapping = torch.linalg.solve(h, self.cross_sum.t()).t()  # C H^-1 (H symmetric)
+        mapping = torch.linalg.solve(h, self.cross_sum.float().t()).t()  # C H^-1 (H symmetric)
         return (self.weight.float() @ mapping).to(self.weight.dtype)
 
     def solve(self) -> QuantizedWeight:

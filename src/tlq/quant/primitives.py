@@ -23,6 +23,9 @@ class QuantizedWeight:
     scale: torch.Tensor
     zero_point: torch.Tensor
 
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.weight, self.scale, self.zero_point]
+
 
 def grid_params(w: torch.Tensor, bits: int, symmetric: bool, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Min-max scale and zero point for each row of `w` (one group of columns): both [rows, 1]."""

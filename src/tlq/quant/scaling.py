@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tlq.distributed import SINGLE, Ranks
 from tlq.quant.primitives import fake_quant_activation, fake_quant_weight
 from tlq.recipe import Scheme
 
@@ -34,17 +35,25 @@ def _weighted_error(diff: torch.Tensor, weights: torch.Tensor | None, loss: str)
 @torch.no_grad()
 def search_scales(x: torch.Tensor, targets: list[nn.Linear], scheme: Scheme, weights: torch.Tensor | None = None,
                   loss: str = "mse", grid: int = 20, target_x: torch.Tensor | None = None,
-                  chunk: int = 4096) -> tuple[torch.Tensor, float, float]:
+                  chunk: int = 4096, ranks: Ranks = SINGLE) -> tuple[torch.Tensor, float, float]:
     """Best per-channel scales for the targets' shared input.
 
     x: [tokens, in] quantized-path inputs; weights: [tokens] or None; target_x: FP-path inputs (the
     asymmetric target), else the FP targets applied to x. Returns (scales, best alpha, best / unscaled loss).
+    Under data-parallel calibration x holds this rank's tokens; magnitudes and losses are summed over ranks.
     """
     weight = concat_targets(targets)
     x = x.float()
     target_x = x if target_x is None else target_x.float()
-    magnitude = x.abs().mean(0) if weights is None else (x.abs() * weights[:, None]).sum(0) / weights.sum().clamp_min(1e-30)
-    magnitude = magnitude.clamp_min(1e-8)
+    # Summed in float64 so that the magnitudes, hence the scales, do not depend on how tokens are split
+    # over ranks (with W*A8 a last-bit change in a scale can flip an activation rounding).
+    absolute = x.abs().double()
+    if weights is None:
+        totals = ranks.sum(torch.cat([absolute.sum(0), absolute.new_tensor([len(x)])]))
+    else:
+        w = weights.double()
+        totals = ranks.sum(torch.cat([(absolute * w[:, None]).sum(0), w.sum()[None]]))
+    magnitude = (totals[:-1] / totals[-1].clamp_min(1e-30)).float().clamp_min(1e-8)
 
     def error(scales: torch.Tensor) -> float:
         q = fake_quant_weight((weight * scales).to(targets[0].weight.dtype), scheme).weight.float()
@@ -55,7 +64,7 @@ def search_scales(x: torch.Tensor, targets: list[nn.Linear], scheme: Scheme, wei
                 xs = fake_quant_activation(xs, scheme.act_bits)
             diff = xs @ q.T - target_x[a:a + chunk] @ weight.T
             total += float(_weighted_error(diff, None if weights is None else weights[a:a + chunk], loss))
-        return total
+        return float(ranks.sum(torch.tensor(total, dtype=torch.float64)))
 
     best_scales = torch.ones_like(magnitude)
     baseline = best = error(best_scales)
@@ -71,8 +80,10 @@ def search_scales(x: torch.Tensor, targets: list[nn.Linear], scheme: Scheme, wei
 
 
 @torch.no_grad()
-def smoothquant_scales(x: torch.Tensor, targets: list[nn.Linear], alpha: float = 0.5) -> torch.Tensor:
-    act_max = x.float().abs().amax(0).clamp_min(1e-5)
+def smoothquant_scales(x: torch.Tensor, targets: list[nn.Linear], alpha: float = 0.5,
+                       ranks: Ranks = SINGLE) -> torch.Tensor:
+    local_max = x.float().abs().amax(0) if len(x) else x.new_zeros(x.shape[-1], dtype=torch.float32)
+    act_max = ranks.max(local_max).clamp_min(1e-5)
     weight_max = concat_targets(targets).abs().amax(0).clamp_min(1e-5)
     return (act_max.pow(alpha) / weight_max.pow(1 - alpha)).clamp_min(1e-5)
 
