@@ -156,6 +156,16 @@ def _cmd_stress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from tlq.plan import format_plan, model_shape, parse_size, plan_memory
+
+    plan = plan_memory(model_shape(args.model_dir), args.devices, parse_size(args.device_memory), args.samples,
+                       args.tokens_per_sample, dtype_bytes=2 if args.dtype in ("bfloat16", "float16") else 4,
+                       asymmetric=args.target == "asymmetric")
+    print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from tlq.demo import run_demo
 
@@ -239,6 +249,17 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--channels", type=int, default=4)
     o.add_argument("--seed", type=int, default=0)
     o.set_defaults(func=_cmd_stress)
+
+    p = sub.add_parser("plan", help="per-rank memory estimate of a calibration run, from config.json alone")
+    p.add_argument("model_dir", help="checkpoint folder (only config.json is read)")
+    p.add_argument("--devices", type=int, default=1, help="number of ranks / GPUs (default 1)")
+    p.add_argument("--device-memory", default="24GiB", help="memory per device, e.g. 24GiB, 80GB (default 24GiB)")
+    p.add_argument("--samples", type=int, default=128, help="calibration samples (default 128)")
+    p.add_argument("--tokens-per-sample", type=int, default=1024, help="tokens per sample (default 1024)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--target", default="symmetric", help="symmetric or asymmetric (keeps an FP stream)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.set_defaults(func=_cmd_plan)
 
     d = sub.add_parser("demo", help="quantize a small bundled model end to end and print the results")
     d.add_argument("--out", default="demo_out", help="folder for the demo's data, checkpoints and table")

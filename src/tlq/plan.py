@@ -1,0 +1,153 @@
+"""`tlq plan`: will a calibration run fit on N devices of a given size? From config.json alone.
+
+The model is instantiated on the meta device (shapes only, no memory, no weights), so every count below
+comes from the real transformers classes rather than from a formula per family. Per rank, with
+s = ceil(samples / N) samples of T tokens, hidden size d and element size b:
+
+device (the peak of the three phases)
+    capture     vision tower + embeddings, one image in flight
+    gradient    one decoder layer + one sample's autograd activations, or the LM head and its logits
+    calibrate   one decoder layer twice (working copy + FP reference), the float64 statistics of the
+                largest Linear group, the float32 solve buffers, one sample's activations
+host
+    model weights           the whole checkpoint (weights are loaded eagerly today)
+    layer-input cache       2 x s x T x d x b (inputs and outputs of the current layer), x2 for the
+                            asymmetric target's FP stream
+    gradient pass           (L + 1) x s x T x d x b (each layer's stored inputs; freed before calibration)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tlq.errors import TlqError
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "k": 2**10, "m": 2**20, "g": 2**30,
+          "t": 2**40, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'24GiB', '80GB', '24G' (binary), '1.5TiB' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise TlqError(f"cannot read memory size {text!r}: write it like 24GiB, 80GB or 16G")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def _gib(n: float) -> float:
+    return round(n / 2**30, 2)
+
+
+@dataclass
+class ModelShape:
+    name: str
+    model_type: str
+    total_params: int
+    vision_params: int
+    embed_params: int
+    head_params: int
+    layer_params: int
+    num_layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    vocab: int
+    linear_groups_in: list[list[int]] = field(default_factory=list)  # in_features per Linear, per solve group
+
+
+def model_shape(model_dir: str | Path) -> ModelShape:
+    """Shapes of the checkpoint's model, built on the meta device from its config."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from tlq.models import adapter_for, read_model_type
+
+    adapter = adapter_for(read_model_type(model_dir))
+    config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    layers = adapter.layers(model)
+    layer = layers[0]
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    text = config.get_text_config()
+    embed = model.get_input_embeddings()
+    head = model.get_submodule(adapter.lm_head)
+    tied = head.weight is embed.weight
+    decoder = model.get_submodule(adapter.decoder_layers.rpartition(".")[0])
+    total = count(model)
+    vision = total - count(decoder) - (0 if tied else count(head))
+    return ModelShape(
+        name=Path(model_dir).name, model_type=config.model_type, total_params=total, vision_params=vision,
+        embed_params=count(embed), head_params=count(head), layer_params=count(layer), num_layers=len(layers),
+        hidden=text.hidden_size, intermediate=text.intermediate_size, heads=text.num_attention_heads,
+        vocab=text.vocab_size,
+        linear_groups_in=[[layer.get_submodule(n).in_features for n in group] for group in adapter.linear_groups],
+    )
+
+
+def plan_memory(shape: ModelShape, devices: int, device_memory: int, samples: int, tokens: int,
+                dtype_bytes: int = 2, asymmetric: bool = False) -> dict[str, Any]:
+    """Per-rank peak memory estimate (bytes) of a `tlq quantize` run and whether it fits."""
+    if devices < 1 or samples < 1 or tokens < 1:
+        raise TlqError("--devices, --samples and --tokens-per-sample must be >= 1")
+    b, d, f, T = dtype_bytes, shape.hidden, shape.intermediate, tokens
+    per_rank = math.ceil(samples / devices)
+    layer = shape.layer_params * b
+    # One sample through a layer: residual, normed input, q/k/v/o, MLP gate/up/act (float32 where upcast).
+    sample_acts = T * (6 * d + 3 * f) * 4 + shape.heads * T * T * 4
+    group_stats = max(sum(n * n for n in group) for group in shape.linear_groups_in) * 8  # float64 Hessians
+    widest = max(n for group in shape.linear_groups_in for n in group)
+    solve = 3 * widest * widest * 4  # float32 H, damped copy / Cholesky, inverse
+    calibrate = 2 * layer + group_stats + solve + sample_acts
+    head = shape.head_params * b + 3 * T * shape.vocab * 4  # logits, log-softmax, gradient (float32)
+    gradient = max(layer + 2 * sample_acts, head)
+    capture = (shape.vision_params + shape.embed_params) * b + 4 * T * d * 4
+    device_peak = max(calibrate, gradient, capture)
+    hidden_cache = per_rank * T * d * b
+    cache = 2 * hidden_cache * (2 if asymmetric else 1)
+    gradient_store = (shape.num_layers + 1) * hidden_cache
+    weights = shape.total_params * b
+    host_peak = weights + max(cache, gradient_store)
+    return {
+        "model": shape.name, "model_type": shape.model_type, "params_b": round(shape.total_params / 1e9, 3),
+        "devices": devices, "device_memory_gib": _gib(device_memory), "samples": samples,
+        "samples_per_rank": per_rank, "tokens_per_sample": tokens, "dtype_bytes": b,
+        "device_gib": {"calibrate": _gib(calibrate), "decoder_layer_x2": _gib(2 * layer),
+                       "hessians_largest_group": _gib(group_stats), "solve_buffers": _gib(solve),
+                       "one_sample_activations": _gib(sample_acts), "gradient_pass": _gib(gradient),
+                       "capture": _gib(capture), "peak": _gib(device_peak)},
+        "host_gib": {"model_weights": _gib(weights), "layer_input_cache": _gib(cache),
+                     "gradient_pass_inputs": _gib(gradient_store), "peak": _gib(host_peak)},
+        "fits": device_peak <= device_memory,
+    }
+
+
+def format_plan(plan: dict[str, Any]) -> str:
+    dev, host = plan["device_gib"], plan["host_gib"]
+    verdict = "fits" if plan["fits"] else "does NOT fit: add devices, use larger ones, or cut --samples/--tokens-per-sample"
+    return "\n".join([
+        f"{plan['model']} ({plan['model_type']}, {plan['params_b']} B params): {plan['devices']} x "
+        f"{plan['device_memory_gib']} GiB, {plan['samples']} samples x {plan['tokens_per_sample']} tokens "
+        f"({plan['samples_per_rank']} per rank)",
+        "| per rank | GiB |", "|---|---|",
+        f"| device: decoder layer (working + FP copy) | {dev['decoder_layer_x2']} |",
+        f"| device: float64 Hessians, largest Linear group | {dev['hessians_largest_group']} |",
+        f"| device: GPTQ solve buffers | {dev['solve_buffers']} |",
+        f"| device: one sample's activations | {dev['one_sample_activations']} |",
+        f"| device: calibration phase | {dev['calibrate']} |",
+        f"| device: gradient pass (streamed) | {dev['gradient_pass']} |",
+        f"| device: layer-0 capture (vision tower + embeddings) | {dev['capture']} |",
+        f"| **device peak** | **{dev['peak']}** |",
+        f"| host: model weights | {host['model_weights']} |",
+        f"| host: layer-input cache | {host['layer_input_cache']} |",
+        f"| host: gradient-pass stored inputs | {host['gradient_pass_inputs']} |",
+        f"| **host peak** | **{host['peak']}** |",
+        f"verdict: {verdict}",
+    ])
+
+
+__all__ = ["ModelShape", "format_plan", "model_shape", "parse_size", "plan_memory"]

@@ -1,0 +1,53 @@
+"""`tlq plan` on the published configs of the supported families (tests/fixtures/configs, no weights)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tlq.errors import TlqError
+from tlq.plan import model_shape, parse_size, plan_memory
+
+CONFIGS = Path(__file__).parent / "fixtures" / "configs"
+# Parameter counts the model cards state (billions).
+PUBLISHED_PARAMS = {
+    "qwen2-vl-2b-instruct": 2.21, "qwen2-vl-7b-instruct": 8.29, "qwen2-vl-72b-instruct": 73.4,
+    "llava-onevision-qwen2-0.5b-ov-hf": 0.894, "llava-onevision-qwen2-7b-ov-hf": 8.03,
+    "llava-onevision-qwen2-72b-ov-hf": 73.2,
+}
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    return {name: model_shape(CONFIGS / name) for name in PUBLISHED_PARAMS}
+
+
+def test_shapes_come_from_the_real_classes(shapes):
+    for name, billions in PUBLISHED_PARAMS.items():
+        assert shapes[name].total_params / 1e9 == pytest.approx(billions, rel=0.02), name
+    big = shapes["qwen2-vl-72b-instruct"]
+    assert big.num_layers == 80 and big.linear_groups_in == [[8192] * 3, [8192], [8192] * 2, [29568]]
+
+
+def test_per_rank_activation_memory_falls_as_one_over_n(shapes):
+    shape = shapes["llava-onevision-qwen2-7b-ov-hf"]
+    plans = {n: plan_memory(shape, n, parse_size("24GiB"), 128, 1024) for n in (1, 2, 4, 8)}
+    for n in (2, 4, 8):
+        assert plans[n]["samples_per_rank"] == 128 // n
+        assert plans[n]["host_gib"]["layer_input_cache"] == pytest.approx(plans[1]["host_gib"]["layer_input_cache"] / n,
+                                                                          rel=0.02)
+        assert plans[n]["device_gib"]["peak"] == plans[1]["device_gib"]["peak"]  # one layer per rank either way
+
+
+def test_verdicts(shapes):
+    assert plan_memory(shapes["qwen2-vl-2b-instruct"], 1, parse_size("24GiB"), 128, 1024)["fits"]
+    big = plan_memory(shapes["qwen2-vl-72b-instruct"], 4, parse_size("24GiB"), 128, 1024)
+    assert big["fits"] and big["device_gib"]["peak"] > 16  # the 29568-wide down_proj statistics dominate
+    assert not plan_memory(shapes["qwen2-vl-72b-instruct"], 4, parse_size("16GiB"), 128, 1024)["fits"]
+
+
+def test_sizes_parse_and_bad_ones_say_how():
+    assert parse_size("24GiB") == 24 * 2**30 and parse_size("80GB") == 80 * 10**9 and parse_size("16g") == 16 * 2**30
+    with pytest.raises(TlqError, match="write it like"):
+        parse_size("lots")
