@@ -7,7 +7,10 @@ with the same keyword arguments. Activations live on the CPU between layers.
 
 from __future__ import annotations
 
+import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
@@ -18,6 +21,66 @@ from tlq.errors import TlqError
 from tlq.models import ModelAdapter
 from tlq.quant import fake_quant_activation
 from tlq.recipe import Scheme
+
+
+class SpilledActivations:
+    """A list of per-sample tensors kept in files instead of host memory (`--offload-dir`).
+
+    Supports what the layer loop does with activations: append, index, iterate, len. Each tensor is one
+    safetensors file; reading it back gives an exact copy.
+    """
+
+    _count = 0
+
+    def __init__(self, folder: Path) -> None:
+        SpilledActivations._count += 1
+        self.folder = Path(folder) / f"list{SpilledActivations._count:06d}"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.length = 0
+
+    def append(self, tensor: torch.Tensor) -> None:
+        from safetensors.torch import save_file
+
+        save_file({"t": tensor.detach().cpu().contiguous()}, str(self.folder / f"{self.length:06d}.safetensors"))
+        self.length += 1
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        from safetensors.torch import load_file
+
+        if not -self.length <= index < self.length:
+            raise IndexError(index)
+        return load_file(str(self.folder / f"{index % self.length:06d}.safetensors"))["t"]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (self[i] for i in range(self.length))
+
+    def __del__(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+_offload_dir: Path | None = None
+
+
+@contextmanager
+def offload_activations(folder: str | Path | None):
+    """Within this block, activation lists created by the layer loop live in `folder` (None: in memory)."""
+    global _offload_dir
+    previous, _offload_dir = _offload_dir, (Path(folder) if folder is not None else None)
+    try:
+        yield
+    finally:
+        _offload_dir = previous
+
+
+def activation_list(values=()) -> list | SpilledActivations:
+    """An empty (or filled) per-sample activation list: in memory, or on disk under offload_activations."""
+    store = [] if _offload_dir is None else SpilledActivations(_offload_dir)
+    for value in values:
+        store.append(value)
+    return store
 
 
 @dataclass
@@ -86,7 +149,7 @@ def capture_layer_inputs(model: nn.Module, adapter: ModelAdapter, samples: list[
     parent = model.get_submodule(parent_name)
     layers = getattr(parent, attr)
     _check_uniform_layers(model, len(layers))
-    store = LayerInputs(hidden=[], kwargs=[])
+    store = LayerInputs(hidden=activation_list(), kwargs=[])
     setattr(parent, attr, nn.ModuleList([_Catcher(store)]))
     try:
         model.to(device)

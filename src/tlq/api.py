@@ -16,12 +16,14 @@ from typing import Any
 
 import torch
 
+from tlq.activations import offload_activations
 from tlq.data import Sample, build_samples, data_hash, load_records
 from tlq.distributed import DEFAULT_TIMEOUT_S, SINGLE, Ranks, rank_device, ranks_from_environment, shutdown
 from tlq.engine import CalibrationResult, quantize_layers
 from tlq.errors import TlqError
-from tlq.export import check_exportable, export_compressed
+from tlq.export import check_exportable, export_compressed, export_streamed
 from tlq.models import adapter_for, load_model, read_model_type
+from tlq.models.lazy import load_lazy
 from tlq.models.processing import load_processor
 from tlq.recipe import Recipe
 from tlq.resume import WorkDir, work_dir_for
@@ -57,7 +59,7 @@ def prepare_samples(model, adapter, processor, calib: str | Path, images: str | 
 
 
 def build_token_weights(model, adapter, samples: list[Sample], recipe: Recipe, ranks: Ranks = SINGLE,
-                        importance_file: Path | None = None):
+                        importance_file: Path | None = None, layers=None):
     """The per-token weights the recipe's method calibrates with (None = uniform), and a summary.
 
     TLQ and MBQ share one forward + backward pass of the FP model over the calibration samples (each
@@ -78,7 +80,7 @@ def build_token_weights(model, adapter, samples: list[Sample], recipe: Recipe, r
         importance = TokenImportance.load(importance_file)
     else:
         importance = compute_importance(model, adapter, samples, recipe.importance_score,
-                                        resolve_device(recipe.device), ranks=ranks)
+                                        resolve_device(recipe.device), ranks=ranks, layers=layers)
         if importance_file is not None and ranks.main:
             importance.save(importance_file)
     record: dict[str, Any] = {"weighting": plan.weighting, "fp_answer_loss": round(importance.loss, 5),
@@ -113,12 +115,15 @@ def _peak_host_memory_bytes() -> int:
 def quantize(model_dir: str | Path, out_dir: str | Path, calib: str | Path, images: str | Path | None = None,
              recipe: Recipe | None = None, overwrite: bool = False, progress: bool = True,
              dtype: str = "auto", trust_remote_code: bool = False, ranks: Ranks | None = None,
-             resume: bool = True, dist_timeout_s: float = DEFAULT_TIMEOUT_S) -> QuantizeReport:
+             resume: bool = True, dist_timeout_s: float = DEFAULT_TIMEOUT_S, lazy: bool = False,
+             offload_dir: str | Path | None = None) -> QuantizeReport:
     """Calibrate the decoder of the VLM in `model_dir` and write a compressed-tensors checkpoint to `out_dir`.
 
     Under torchrun (WORLD_SIZE > 1) the samples are sharded over the ranks and rank 0 writes the output.
     With `resume`, finished layers are kept in `OUT.tlq-work/` until the output is written, and the
-    same call after a crash continues from there.
+    same call after a crash continues from there. With `lazy`, decoder layers are read from the
+    checkpoint one at a time (host memory ~ one layer + activations) and the output is written layer by
+    layer from the work directory.
     """
     start = time.perf_counter()
     recipe = recipe or Recipe()
@@ -132,8 +137,15 @@ def quantize(model_dir: str | Path, out_dir: str | Path, calib: str | Path, imag
     if len(records) < ranks.size:
         raise TlqError(f"{len(records)} calibration samples for {ranks.size} ranks: use more samples or fewer ranks")
     recipe = dataclasses.replace(recipe, device=rank_device(ranks, recipe.device))
-    model, adapter = load_model(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
-    check_exportable(model, adapter, scheme)
+    layers = None
+    if lazy:
+        if not resume:
+            raise TlqError("--lazy keeps the calibrated layers in OUT.tlq-work/: drop --no-resume")
+        model, adapter, layers = load_lazy(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
+        check_exportable(model, adapter, scheme, layers.empty_layer(0))
+    else:
+        model, adapter = load_model(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
+        check_exportable(model, adapter, scheme)
     processor = load_processor(model_dir, trust_remote_code=trust_remote_code)
     shard = ranks.shard(len(records))
     samples = prepare_samples(model, adapter, processor, calib, images, recipe, records=records[shard.start:shard.stop])
@@ -144,12 +156,14 @@ def quantize(model_dir: str | Path, out_dir: str | Path, calib: str | Path, imag
                        "ranks": ranks.size, "dtype": dtype, "tlq": package_versions()["tlq"]}
         work = WorkDir(work_dir_for(out_dir), fingerprint, ranks)
         work.open()
-    importance_start = time.perf_counter()
-    weights, weighting_record = build_token_weights(model, adapter, samples, recipe, ranks,
-                                                    work.importance_path if work is not None else None)
-    importance_seconds = time.perf_counter() - importance_start
-    calibration = quantize_layers(model, adapter, samples, recipe, token_weights=weights, progress=progress,
-                                  ranks=ranks, work=work)
+    spill = None if offload_dir is None else Path(offload_dir) / f"rank{ranks.rank}"
+    with offload_activations(spill):
+        importance_start = time.perf_counter()
+        weights, weighting_record = build_token_weights(model, adapter, samples, recipe, ranks,
+                                                        work.importance_path if work is not None else None, layers)
+        importance_seconds = time.perf_counter() - importance_start
+        calibration = quantize_layers(model, adapter, samples, recipe, token_weights=weights, progress=progress,
+                                      ranks=ranks, work=work, layers=layers)
     calibration.seconds += importance_seconds
     num_tokens = int(ranks.sum(torch.tensor(sum(s.num_tokens for s in samples))))
     per_rank = ranks.gather_objects({
@@ -179,10 +193,17 @@ def quantize(model_dir: str | Path, out_dir: str | Path, calib: str | Path, imag
     # compression path whenever torch.distributed is initialised.
     ranks.barrier()
     shutdown(ranks)
-    if ranks.main:
+    if ranks.main and layers is not None:
+        def layer_state(index: int):
+            state, grids, _ = work.layer_state(index)
+            prefix = f"{adapter.decoder_layers}.{index}."
+            return state, {name[len(prefix):]: q for name, q in grids.items()}
+
+        export_streamed(model, adapter, scheme, layers, layer_state, out_dir, model_dir, record, overwrite)
+    elif ranks.main:
         export_compressed(model, adapter, scheme, calibration.quantized, out_dir, source_dir=model_dir,
                           recipe_record=record, overwrite=overwrite)
-        if work is not None:
-            shutil.rmtree(work.path, ignore_errors=True)
+    if ranks.main and work is not None:
+        shutil.rmtree(work.path, ignore_errors=True)
     return QuantizeReport(out_dir=out_dir, calibration=calibration, num_samples=len(records),
                           num_tokens=num_tokens, seconds=time.perf_counter() - start)

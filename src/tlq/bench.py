@@ -124,18 +124,26 @@ def _run_quantize_measured(cfg: BenchConfig, method: str, scheme: str, seed: int
             "--device", cfg.device, "--overwrite", "--quiet", *flags, *cfg.quantize_args]
     if cfg.calib_images:
         argv += ["--images", cfg.calib_images]
+    return run_measured(argv, f"quantize {method} {scheme} seed {seed}")
+
+
+def run_measured(argv: list[str], what: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run a child process; its wall time and its own peak RSS from wait4 (Linux reports KiB).
+
+    Only the direct child is measured: under torchrun, read each rank's own figure from tlq_recipe.json.
+    """
+    import tempfile
+
     start = time.perf_counter()
-    err_path = out.parent / f".{out.name}.stderr"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(err_path, "w") as err:
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err)
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        message = err.read().strip().splitlines()
+    code = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - start
-    message = err_path.read_text().strip().splitlines()
-    err_path.unlink(missing_ok=True)
-    if proc.returncode != 0:
-        raise TlqError(f"quantize {method} {scheme} seed {seed} failed: {message[-1] if message else proc.returncode}")
+    if code != 0:
+        raise TlqError(f"{what} failed: {message[-1] if message else code}")
     return {"wall_seconds": round(wall, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
 
 

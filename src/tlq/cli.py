@@ -64,7 +64,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     report = quantize(args.model_dir, args.out, calib=args.calib, images=args.images, recipe=recipe,
                       overwrite=args.overwrite, progress=not args.quiet, dtype=args.dtype,
                       trust_remote_code=args.trust_remote_code, resume=args.resume,
-                      dist_timeout_s=args.dist_timeout)
+                      dist_timeout_s=args.dist_timeout, lazy=args.lazy, offload_dir=args.offload_dir)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # rank 0 reports
     errors = ", ".join(f"{r.relative_error:.4f}" for r in report.calibration.layers)
@@ -189,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.add_argument("--no-resume", dest="resume", action="store_false",
                    help="do not keep finished layers in OUT.tlq-work/ (by default a rerun after a crash resumes)")
+    q.add_argument("--lazy", action="store_true",
+                   help="read decoder layers from the checkpoint one at a time (host RAM ~ one layer, not the model)")
+    q.add_argument("--offload-dir", default=None,
+                   help="keep per-sample activations in files under this folder instead of host RAM")
     q.add_argument("--dist-timeout", type=float, default=1800.0,
                    help="under torchrun: seconds a rank waits for the others before giving up (default 1800)")
     _add_recipe_arguments(q)

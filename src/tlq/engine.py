@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from tlq.activations import (LayerInputs, capture_layer_inputs, capture_linear_inputs, check_finite,
+from tlq.activations import (LayerInputs, activation_list, capture_layer_inputs, capture_linear_inputs, check_finite,
                              install_activation_quant, layer_output, resolve_device, run_layer, to_device)
 from tlq.data import Sample
 from tlq.distributed import SINGLE, Ranks
@@ -152,7 +152,7 @@ def calibrate_layer(layer: nn.Module, index: int, inputs: LayerInputs, adapter: 
                 quantized[prefix + name] = QuantizedWeight(weight=result.weight.cpu(), scale=result.scale.cpu(),
                                                            zero_point=result.zero_point.cpu())
         # Propagate: the quantized layer's outputs are the next layer's calibration inputs.
-        outputs, error_sq, norm_sq = [], 0.0, 0.0
+        outputs, error_sq, norm_sq = activation_list(), 0.0, 0.0
         for i, out in run_layer(layer, inputs, device):
             check_finite(out, f"after decoder layer {index}")
             ref = layer_output(reference(inputs.hidden[i].to(device), **to_device(inputs.kwargs[i], device)))
@@ -164,7 +164,8 @@ def calibrate_layer(layer: nn.Module, index: int, inputs: LayerInputs, adapter: 
             handle.remove()
     fp_outputs = None
     if fp_inputs is not None:
-        fp_outputs = LayerInputs([out.cpu() for _, out in run_layer(reference, fp_inputs, device)], fp_inputs.kwargs)
+        fp_outputs = LayerInputs(activation_list(out.cpu() for _, out in run_layer(reference, fp_inputs, device)),
+                                 fp_inputs.kwargs)
     error_sq, norm_sq = ranks.sum(torch.tensor([error_sq, norm_sq], dtype=torch.float64)).tolist()
     report = LayerReport(index, (error_sq / max(norm_sq, 1e-30)) ** 0.5, time.perf_counter() - start, rescaled)
     return quantized, LayerInputs(hidden=outputs, kwargs=inputs.kwargs), fp_outputs, report
@@ -174,13 +175,17 @@ def calibrate_layer(layer: nn.Module, index: int, inputs: LayerInputs, adapter: 
 def quantize_layers(model: nn.Module, adapter: ModelAdapter, samples: list[Sample], recipe: Recipe,
                     token_weights: TokenWeights | None = None, progress: bool = True,
                     on_layer_inputs: Callable[[int, LayerInputs], None] | None = None, ranks: Ranks = SINGLE,
-                    work=None) -> CalibrationResult:
+                    work=None, layers=None) -> CalibrationResult:
     """Calibrate and fake-quantize every decoder Linear of `model` in place; returns weights and grids.
 
     `samples` are this rank's shard; `token_weights` is indexed by this rank's sample numbers. `work`
-    (a tlq.resume.WorkDir, opened) makes the run resumable.
+    (a tlq.resume.WorkDir, opened) makes the run resumable. `layers` (tlq.models.lazy) says where decoder
+    layers come from: resident in `model` (default), or read from the checkpoint one at a time, in which
+    case finished layers live only in the work directory and `result.quantized` stays empty.
     """
     from tqdm.auto import tqdm
+
+    from tlq.models.lazy import ResidentLayers
 
     start = time.perf_counter()
     device = resolve_device(recipe.device)
@@ -189,18 +194,20 @@ def quantize_layers(model: nn.Module, adapter: ModelAdapter, samples: list[Sampl
     for hidden in inputs.hidden:
         check_finite(hidden, "entering decoder layer 0")
     fp_inputs = inputs if (recipe.target == "asymmetric" or not recipe.exposure) else None
-    layers = adapter.layers(model)
+    layers = layers if layers is not None else ResidentLayers(model, adapter)
+    if layers.lazy and work is None:
+        raise ValueError("lazy layers need a work directory to keep the calibrated layers in")
     prefix = f"{adapter.decoder_layers}."
     first = work.finished if work is not None else 0
     for index in range(first):  # finished before a crash: restore, do not recompute
-        quantized, report = work.load_layer(index, layers[index])
+        quantized, report = work.load_layer(index, None if layers.lazy else layers.layers[index])
         result.quantized.update(quantized)
         result.layers.append(LayerReport(**{**report, "resumed": True}))
     if first:
         hidden, fp_hidden = work.load_inputs(first)
-        inputs = LayerInputs(hidden, inputs.kwargs)
+        inputs = LayerInputs(activation_list(hidden), inputs.kwargs)
         if fp_inputs is not None:
-            fp_inputs = LayerInputs(fp_hidden, inputs.kwargs) if recipe.exposure else inputs
+            fp_inputs = LayerInputs(activation_list(fp_hidden), inputs.kwargs) if recipe.exposure else inputs
         log.info("resumed from %s: layers 0..%d were finished", work.path, first - 1)
     pause_after = int(os.environ.get("TLQ_DEBUG_PAUSE_AFTER_LAYER", "-1"))  # lets tests kill a run mid-way
     bar = tqdm(range(first, len(layers)), desc=f"{recipe.method} {recipe.resolved_scheme().name}",
@@ -208,19 +215,22 @@ def quantize_layers(model: nn.Module, adapter: ModelAdapter, samples: list[Sampl
     for index in bar:
         if on_layer_inputs is not None:
             on_layer_inputs(index, inputs)
-        layer = layers[index].to(device)
+        layer = layers.load(index, device)
         quantized, outputs, fp_outputs, report = calibrate_layer(
             layer, index, inputs, adapter, recipe, device, token_weights, f"{prefix}{index}.", fp_inputs, ranks)
-        layers[index].to("cpu")
+        layer.to("cpu")
         if recipe.exposure:
             inputs, fp_inputs = outputs, fp_outputs
         else:  # ablation: every layer calibrated on the FP model's activations
             inputs = fp_inputs = fp_outputs
-        result.quantized.update(quantized)
+        if not layers.lazy:
+            result.quantized.update(quantized)
         result.layers.append(report)
         if work is not None:
-            work.save_layer(index, layers[index], quantized, dataclasses.asdict(report), inputs.hidden,
+            work.save_layer(index, layer, quantized, dataclasses.asdict(report), inputs.hidden,
                             fp_inputs.hidden if fp_inputs is not None and fp_inputs is not inputs else None)
+        layers.release(index)
+        del layer
         bar.set_postfix(rel_err=f"{report.relative_error:.4f}")
         log.info("layer %d: relative output error %.5f (%.1f s)", index, report.relative_error, report.seconds)
         if index == pause_after:

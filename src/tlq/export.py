@@ -6,6 +6,11 @@ weight already lies on its grid, so packing reproduces exactly the weights tlq c
 Weight-only schemes are stored `pack-quantized`, W8A8/W4A8 `int-quantized` (int8 weights, dynamic
 per-token int8 activations). Every Linear outside the decoder layers is listed in `ignore`.
 
+`export_compressed` saves a model held in memory. `export_streamed` writes the same format without it
+(lazy calibration): tensors outside the decoder are copied from the source shards verbatim, and each
+calibrated decoder layer (read back from the work directory) is compressed on its own and written as
+its own shard, so host memory holds one layer.
+
 The output appears atomically: everything is written to a temporary sibling and renamed at the end.
 """
 
@@ -52,13 +57,15 @@ def quantization_config(model: nn.Module, adapter: ModelAdapter, scheme: Scheme)
                               quantization_status="frozen")
 
 
-def check_exportable(model: nn.Module, adapter: ModelAdapter, scheme: Scheme) -> None:
+def check_exportable(model: nn.Module, adapter: ModelAdapter, scheme: Scheme, layer: nn.Module | None = None) -> None:
     # compressed-tensors stores one group size per scheme: a Linear narrower than the group cannot be
-    # stored with it, so refuse before calibrating rather than after.
+    # stored with it, so refuse before calibrating rather than after. Every decoder layer has the shapes
+    # of `layer` (default: the first).
     if scheme.group_size is None:
         return
-    for name in adapter.quantized_linear_names(model):
-        columns = model.get_submodule(name).in_features
+    layer = layer if layer is not None else adapter.layers(model)[0]
+    for name in adapter.linear_names:
+        columns = layer.get_submodule(name).in_features
         if columns % scheme.group_size:
             raise TlqError(
                 f"{name} has {columns} inputs, not a multiple of group size {scheme.group_size}: "
@@ -79,6 +86,95 @@ def _copy_side_files(source_dir: Path, target_dir: Path) -> None:
             continue
         if not (target_dir / path.name).exists():
             shutil.copy2(path, target_dir / path.name)
+
+
+def _checkpoint_names(module_names: list[str], checkpoint_keys: set[str]) -> list[str]:
+    """The checkpoint key (without '.weight') of each module: drop leading parts until the key exists
+    ('model.visual.blocks.0.attn.qkv' is stored as 'visual.blocks.0.attn.qkv')."""
+    names = []
+    for name in module_names:
+        parts = name.split(".")
+        for start in range(len(parts)):
+            if ".".join(parts[start:]) + ".weight" in checkpoint_keys:
+                names.append(".".join(parts[start:]))
+                break
+    return names
+
+
+def _publish(staging: Path, out_dir: Path) -> None:
+    if out_dir.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.replace(out_dir, trash / out_dir.name)
+        os.replace(staging, out_dir)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(staging, out_dir)
+
+
+def export_streamed(skeleton: nn.Module, adapter: ModelAdapter, scheme: Scheme, layers, layer_state,
+                    out_dir: str | Path, source_dir: str | Path, recipe_record: dict[str, Any] | None = None,
+                    overwrite: bool = False) -> Path:
+    """Write the compressed checkpoint one decoder layer at a time.
+
+    skeleton: the model without decoder layers (lazy loading); layers: its tlq.models.lazy.LazyLayers;
+    layer_state(i) -> (the calibrated layer's state dict, {Linear name in the layer: QuantizedWeight}).
+    """
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus, apply_quantization_config
+    from safetensors.torch import save_file
+
+    from tlq.models.lazy import CheckpointTensors
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise TlqError(f"output {out_dir} already exists: remove it or pass --overwrite")
+    tensors = CheckpointTensors(source_dir)
+    prefix = tensors.layer_prefix()
+    config = quantization_config(skeleton, adapter, scheme)
+    config.ignore = sorted(set(config.ignore) | set(_checkpoint_names(config.ignore, set(tensors.keys()))))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        weight_map: dict[str, str] = {}
+        total = 0
+
+        def write(shard: dict[str, torch.Tensor], name: str) -> None:
+            nonlocal total
+            save_file({k: v.contiguous() for k, v in shard.items()}, str(staging / name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+            total += sum(v.numel() * v.element_size() for v in shard.values())
+
+        write(tensors.get_many([k for k in tensors.keys() if not k.startswith(prefix)]), "model-outside-decoder.safetensors")
+        for index in range(len(layers)):
+            layer = layers.empty_layer(index)
+            state, grids = layer_state(index)
+            layer.load_state_dict(state)
+            layer_config = QuantizationConfig(config_groups=config.config_groups, ignore=[], format=config.format,
+                                              quantization_status="frozen")
+            apply_quantization_config(layer, layer_config, show_progress=False)
+            with torch.no_grad():
+                for name, q in grids.items():
+                    module = layer.get_submodule(name)
+                    module.weight_scale.data.copy_(q.scale.to(module.weight_scale.dtype).reshape(module.weight_scale.shape))
+                    if hasattr(module, "weight_zero_point"):
+                        zero = q.zero_point.reshape(module.weight_zero_point.shape)
+                        module.weight_zero_point.data.copy_(zero.to(module.weight_zero_point.dtype))
+            ModelCompressor.from_pretrained_model(layer, quantization_format=config.format).compress_model(layer)
+            write({f"{prefix}{index}.{k}": v for k, v in layer.state_dict().items()},
+                  f"model-decoder-{index:05d}.safetensors")
+        (staging / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=1))
+        shutil.copy2(Path(source_dir) / "config.json", staging / "config.json")
+        config.quantization_status = QuantizationStatus.COMPRESSED
+        ModelCompressor(quantization_config=config).update_config(str(staging))
+        _copy_side_files(Path(source_dir), staging)
+        if recipe_record is not None:
+            (staging / RECIPE_FILE).write_text(json.dumps(recipe_record, indent=2, sort_keys=True) + "\n")
+        _publish(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
 
 
 def export_compressed(model: nn.Module, adapter: ModelAdapter, scheme: Scheme, quantized: dict[str, QuantizedWeight],
@@ -122,13 +218,7 @@ def export_compressed(model: nn.Module, adapter: ModelAdapter, scheme: Scheme, q
             _copy_side_files(Path(source_dir), staging)
         if recipe_record is not None:
             (staging / RECIPE_FILE).write_text(json.dumps(recipe_record, indent=2, sort_keys=True) + "\n")
-        if out_dir.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, trash / out_dir.name)
-            os.replace(staging, out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(staging, out_dir)
+        _publish(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -22,7 +22,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from tlq.activations import LayerInputs, capture_layer_inputs, layer_output, run_layer, to_device
+from tlq.activations import (LayerInputs, activation_list, capture_layer_inputs, layer_output, run_layer,
+                             to_device)
 from tlq.data import Sample
 from tlq.distributed import SINGLE, Ranks
 from tlq.engine import TokenWeights
@@ -145,7 +146,7 @@ def _check_loss(loss: torch.Tensor) -> None:
 
 
 def _full_backward(model: nn.Module, adapter: ModelAdapter, samples: list[Sample], recorder: _Recorder,
-                   device: torch.device) -> list[float]:
+                   device: torch.device, layers=None) -> list[float]:
     """The reference: autograd through the whole model, one sample at a time."""
     def make_leaf(module, args, output):
         return output.detach().requires_grad_(True)  # gradients flow from here; no parameter needs one
@@ -169,21 +170,24 @@ def _full_backward(model: nn.Module, adapter: ModelAdapter, samples: list[Sample
 
 
 def _streamed_backward(model: nn.Module, adapter: ModelAdapter, samples: list[Sample], recorder: _Recorder,
-                       device: torch.device) -> list[float]:
+                       device: torch.device, layers=None) -> list[float]:
     """The same gradients with one decoder layer on the device at a time.
 
     Forward layer by layer keeping each layer's inputs on the CPU; the loss at the head gives dL/dh_L;
     then from the top, each layer is recomputed on its stored inputs and the upstream gradient pushed
     through it (hooks read the Linears' output gradients on the way), giving the next upstream gradient.
     """
-    layers = adapter.layers(model)
+    from tlq.models.lazy import ResidentLayers
+
+    layers = layers if layers is not None else ResidentLayers(model, adapter)
     captured = capture_layer_inputs(model, adapter, samples, device)
     stored = [captured.hidden]
     with torch.no_grad():
-        for layer in layers:
-            layer.to(device)
-            stored.append([out.cpu() for _, out in run_layer(layer, LayerInputs(stored[-1], captured.kwargs), device)])
-            layer.to("cpu")
+        for index in range(len(layers)):
+            layer = layers.load(index, device)
+            stored.append(activation_list(out.cpu() for _, out in run_layer(layer, LayerInputs(stored[-1],
+                                                                                          captured.kwargs), device)))
+            layers.release(index)
     head = nn.Sequential(model.get_submodule(adapter.final_norm), model.get_submodule(adapter.lm_head)).to(device)
     grads, losses = [], []
     with torch.enable_grad():
@@ -196,7 +200,7 @@ def _streamed_backward(model: nn.Module, adapter: ModelAdapter, samples: list[Sa
             losses.append(loss.item())
         head.to("cpu")
         for index in reversed(range(len(layers))):
-            layer = layers[index].to(device)
+            layer = layers.load(index, device)
             handles = recorder.attach(layer, index, layer_output_hook=False)
             try:
                 upstream = []
@@ -208,14 +212,14 @@ def _streamed_backward(model: nn.Module, adapter: ModelAdapter, samples: list[Sa
             finally:
                 for handle in handles:
                     handle.remove()
-                layer.to("cpu")
+                layers.release(index)
             grads, stored[index + 1] = upstream, None
     return losses
 
 
 def compute_importance(model: nn.Module, adapter: ModelAdapter, samples: list[Sample], score: str = "fisher",
                        device: torch.device | str = "cpu", streamed: bool = True,
-                       ranks: Ranks = SINGLE) -> TokenImportance:
+                       ranks: Ranks = SINGLE, layers=None) -> TokenImportance:
     """One forward + backward per sample of the FP model; parameters stay frozen.
 
     `streamed` (default) keeps one decoder layer on the device; False runs autograd through the whole
@@ -230,7 +234,9 @@ def compute_importance(model: nn.Module, adapter: ModelAdapter, samples: list[Sa
     backward = _streamed_backward if streamed else _full_backward
     was_training = model.training
     model.eval()
-    losses = backward(model, adapter, samples, recorder, torch.device(device))
+    if layers is not None and layers.lazy and not streamed:
+        raise TlqError("lazy layers need the streamed importance pass")
+    losses = backward(model, adapter, samples, recorder, torch.device(device), layers)
     model.train(was_training)
     for key, values in recorder.scores.items():
         if len(values) != len(samples):

@@ -122,15 +122,22 @@ class WorkDir:
         self._inputs_path(index, self.ranks.rank).unlink(missing_ok=True)
         self.finished = index + 1
 
-    def load_layer(self, index: int, layer: nn.Module) -> tuple[dict[str, QuantizedWeight], dict]:
-        """Put finished layer `index` back into `layer`; returns its grids and its report."""
+    def layer_state(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, QuantizedWeight], dict]:
+        """Finished layer `index`: its state dict, its Linears' grids (full names) and its report."""
         tensors, meta = _load_tensors(self._layer_path(index))
         state = {k[len("state."):]: v for k, v in tensors.items() if k.startswith("state.")}
-        layer.load_state_dict(state)
         names = {k[len("grid."):].rsplit(".", 1)[0] for k in tensors if k.startswith("grid.")}
         quantized = {name: QuantizedWeight(weight=tensors[f"grid.{name}.weight"], scale=tensors[f"grid.{name}.scale"],
                                            zero_point=tensors[f"grid.{name}.zero_point"]) for name in sorted(names)}
-        return quantized, json.loads(meta.get("report", "{}"))
+        return state, quantized, json.loads(meta.get("report", "{}"))
+
+    def load_layer(self, index: int, layer: nn.Module | None) -> tuple[dict[str, QuantizedWeight], dict]:
+        """Put finished layer `index` back into `layer` (if given); returns its grids and its report."""
+        state, quantized, report = self.layer_state(index)
+        if layer is None:
+            return {}, report
+        layer.load_state_dict(state)
+        return quantized, report
 
     def load_inputs(self, index: int) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
         tensors, _ = _load_tensors(self._inputs_path(index, self.ranks.rank))

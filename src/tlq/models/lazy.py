@@ -1,0 +1,161 @@
+"""Lazy decoder layers: host memory holds one layer at a time, not the checkpoint.
+
+The model is loaded without its decoder layers (a config with zero layers, so transformers loads the
+vision tower, projector, embeddings, final norm and head with its own key mapping, and leaves the layer
+tensors on disk). Each decoder layer is then built from its class and filled from the safetensors shards
+only while the layer loop (or the streamed importance pass) works on it, and dropped afterwards.
+
+`ResidentLayers` is the same interface over an ordinary, fully loaded model, so the layer loop has one
+code path for both.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tlq.errors import TlqError
+from tlq.models import ModelAdapter, adapter_for, read_model_type
+
+
+class CheckpointTensors:
+    """Tensors of a checkpoint by key, read from its safetensors shards on demand (memory-mapped)."""
+
+    def __init__(self, model_dir: str | Path) -> None:
+        model_dir = Path(model_dir)
+        index = model_dir / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {key: model_dir / name for key, name in weight_map.items()}
+        elif (model_dir / "model.safetensors").exists():
+            from safetensors import safe_open
+
+            with safe_open(str(model_dir / "model.safetensors"), "pt") as handle:
+                self.files = {key: model_dir / "model.safetensors" for key in handle.keys()}  # noqa: SIM118
+        else:
+            raise TlqError(f"{model_dir} has no safetensors weights: lazy loading reads model.safetensors[.index.json]")
+
+    def keys(self) -> list[str]:
+        return list(self.files)
+
+    def get_many(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """Copies of the tensors; each shard is mapped only while it is read, so the pages of layers
+        already processed do not stay in this process's resident memory."""
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for key in keys:
+            by_file.setdefault(self.files[key], []).append(key)
+        out = {}
+        for path, names in by_file.items():
+            with safe_open(str(path), "pt") as handle:
+                out.update({name: handle.get_tensor(name).clone() for name in names})
+        return out
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.get_many([key])[key]
+
+    def layer_prefix(self) -> str:
+        """The key prefix of decoder layer i is `prefix + str(i) + '.'` (e.g. 'model.layers.')."""
+        found = {m.group(1) for key in self.files if (m := re.fullmatch(r"(.*\.layers\.)0\.input_layernorm\.weight", key))}
+        if len(found) != 1:
+            raise TlqError(f"cannot find the decoder layers in the checkpoint keys (found {sorted(found) or 'none'})")
+        return found.pop()
+
+
+class ResidentLayers:
+    """The decoder layers of a fully loaded model: loading moves one to the device, releasing moves it back."""
+
+    lazy = False
+
+    def __init__(self, model: nn.Module, adapter: ModelAdapter) -> None:
+        self.layers = adapter.layers(model)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def load(self, index: int, device: torch.device) -> nn.Module:
+        return self.layers[index].to(device)
+
+    def release(self, index: int) -> None:
+        self.layers[index].to("cpu")
+
+
+class LazyLayers(ResidentLayers):
+    """Decoder layers materialised from the checkpoint one at a time."""
+
+    lazy = True
+
+    def __init__(self, model: nn.Module, adapter: ModelAdapter, tensors: CheckpointTensors, layer_class: type,
+                 text_config, num_layers: int, dtype: torch.dtype) -> None:
+        self.layers = adapter.layers(model)
+        self.tensors, self.layer_class, self.text_config, self.dtype = tensors, layer_class, text_config, dtype
+        self.prefix = tensors.layer_prefix()
+        self.layers.extend(nn.Module() for _ in range(num_layers))  # placeholders, replaced while in use
+
+    def empty_layer(self, index: int) -> nn.Module:
+        """Decoder layer `index` with uninitialised CPU tensors of the checkpoint's dtype."""
+        with torch.device("meta"):
+            layer = self.layer_class(self.text_config, layer_idx=index)
+        return layer.to_empty(device="cpu").to(self.dtype)
+
+    def load(self, index: int, device: torch.device) -> nn.Module:
+        layer = self.empty_layer(index)
+        keys = {name: f"{self.prefix}{index}.{name}" for name in layer.state_dict()}
+        missing = [key for key in keys.values() if key not in self.tensors.files]
+        if missing:
+            raise TlqError(f"checkpoint lacks {missing[0]} (and {len(missing) - 1} more) for decoder layer {index}")
+        values = self.tensors.get_many(list(keys.values()))
+        layer.load_state_dict({name: values[key].to(self.dtype) for name, key in keys.items()})
+        layer.eval().requires_grad_(False)
+        self.layers[index] = layer.to(device)
+        return self.layers[index]
+
+    def release(self, index: int) -> None:
+        self.layers[index] = nn.Module()
+
+
+def load_lazy(model_dir: str | Path, dtype: str = "auto", trust_remote_code: bool = False):
+    """(model without decoder layers, adapter, LazyLayers) for a local checkpoint."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers.utils import logging as hf_logging
+
+    adapter = adapter_for(read_model_type(model_dir))
+    tensors = CheckpointTensors(model_dir)
+    config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=trust_remote_code)
+    text = config.get_text_config()
+    num_layers, layer_types = text.num_hidden_layers, getattr(text, "layer_types", None)
+    text.num_hidden_layers = 1
+    if layer_types is not None:
+        text.layer_types = layer_types[:1]
+    with torch.device("meta"):
+        layer_class = type(adapter.layers(AutoModelForImageTextToText.from_config(config))[0])
+    text.num_hidden_layers = 0
+    if layer_types is not None:
+        text.layer_types = []
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the layers' keys are "unexpected" on purpose
+    try:
+        torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+        model = AutoModelForImageTextToText.from_pretrained(str(model_dir), config=config, dtype=torch_dtype,
+                                                            local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise TlqError(f"cannot load the model in {model_dir}: {str(exc).splitlines()[0]}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    # The forward iterates over config.num_hidden_layers layers: give every config object the model
+    # holds (transformers may have copied ours) the real count back.
+    configs = {id(c): c for c in [text, model.config.get_text_config()] +
+               [getattr(m, "config", None) for m in model.modules()] if c is not None}
+    for sub in configs.values():
+        if getattr(sub, "num_hidden_layers", None) == 0:
+            sub.num_hidden_layers = num_layers
+            if layer_types is not None:
+                sub.layer_types = layer_types
+    model.eval().requires_grad_(False)
+    layer_dtype = next(model.get_submodule(adapter.final_norm).parameters()).dtype
+    return model, adapter, LazyLayers(model, adapter, tensors, layer_class, text, num_layers, layer_dtype)

@@ -1,0 +1,56 @@
+"""Lazy decoder layers: the same checkpoint as calibrating the fully loaded model, bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tlq.api import quantize
+from tlq.compat import load_quantized
+from tlq.errors import TlqError
+from tlq.models.lazy import CheckpointTensors, load_lazy
+from tlq.recipe import Recipe
+
+
+@pytest.mark.parametrize(("family", "method", "scheme"), [("qwen2_vl", "gptq", "W4A16-g32"),
+                                                          ("llava_onevision", "tlq", "W4A8")])
+def test_lazy_output_equals_eager_output(family, method, scheme, tiny_checkpoints, calib_split, tmp_path):
+    path, images = calib_split
+    recipe = Recipe(method=method, scheme=scheme, num_samples=4)
+    eager = quantize(tiny_checkpoints[family], tmp_path / "eager", path, images, recipe, progress=False).out_dir
+    lazy = quantize(tiny_checkpoints[family], tmp_path / "lazy", path, images, recipe, progress=False, lazy=True).out_dir
+    assert not (tmp_path / "lazy.tlq-work").exists()
+    assert len(list(lazy.glob("model-decoder-*.safetensors"))) == 2  # one shard per decoder layer
+    a, b = load_quantized(eager).state_dict(), load_quantized(lazy).state_dict()
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_skeleton_holds_no_decoder_layer(tiny_checkpoints):
+    model, adapter, layers = load_lazy(tiny_checkpoints["qwen2_vl"])
+    assert len(layers) == 2 and not any(isinstance(m, torch.nn.Linear) for m in adapter.layers(model).modules())
+    layer = layers.load(1, torch.device("cpu"))
+    prefix = CheckpointTensors(tiny_checkpoints["qwen2_vl"]).layer_prefix()
+    expected = CheckpointTensors(tiny_checkpoints["qwen2_vl"]).get(f"{prefix}1.mlp.down_proj.weight")
+    assert torch.equal(layer.mlp.down_proj.weight, expected)
+    layers.release(1)
+    assert not list(adapter.layers(model)[1].parameters())
+
+
+def test_lazy_needs_the_work_directory(tiny_checkpoints, calib_split, tmp_path):
+    with pytest.raises(TlqError, match="drop --no-resume"):
+        quantize(tiny_checkpoints["qwen2_vl"], tmp_path / "o", *calib_split, Recipe(num_samples=2), lazy=True,
+                 resume=False)
+
+
+def test_offloaded_activations_give_the_same_checkpoint(tiny_checkpoints, calib_split, tmp_path):
+    """--offload-dir keeps activations in files; the result does not change, and the files go away."""
+    path, images = calib_split
+    recipe = Recipe(method="tlq", scheme="W4A16-g32", num_samples=3)
+    memory = quantize(tiny_checkpoints["qwen2_vl"], tmp_path / "memory", path, images, recipe, progress=False)
+    disk = quantize(tiny_checkpoints["qwen2_vl"], tmp_path / "disk", path, images, recipe, progress=False, lazy=True,
+                    offload_dir=tmp_path / "spill")
+    a, b = load_quantized(memory.out_dir).state_dict(), load_quantized(disk.out_dir).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "spill" / "rank0").is_dir() and not list((tmp_path / "spill").rglob("*.safetensors"))
