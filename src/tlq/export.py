@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -101,14 +102,39 @@ def _checkpoint_names(module_names: list[str], checkpoint_keys: set[str]) -> lis
     return names
 
 
-def _publish(staging: Path, out_dir: Path) -> None:
-    if out_dir.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.replace(out_dir, trash / out_dir.name)
-        os.replace(staging, out_dir)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(staging, out_dir)
+@contextmanager
+def _staged(out_dir: Path, overwrite: bool, source_dir: str | Path | None, recipe_record: dict[str, Any] | None):
+    """Yield a temporary sibling of `out_dir` to write into; on success add the side files and the recipe
+    and rename it into place, on any error remove it."""
+    if out_dir.exists() and not overwrite:
+        raise TlqError(f"output {out_dir} already exists: remove it or pass --overwrite")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield staging
+        if source_dir is not None:
+            _copy_side_files(Path(source_dir), staging)
+        if recipe_record is not None:
+            (staging / RECIPE_FILE).write_text(json.dumps(recipe_record, indent=2, sort_keys=True) + "\n")
+        if out_dir.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, trash / out_dir.name)
+            os.replace(staging, out_dir)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+@torch.no_grad()
+def _set_grid(module: nn.Module, q: QuantizedWeight) -> None:
+    """Copy a calibrated grid into the parameters compressed-tensors attached to `module`."""
+    module.weight_scale.data.copy_(q.scale.to(module.weight_scale.dtype).reshape(module.weight_scale.shape))
+    if hasattr(module, "weight_zero_point"):
+        zero = q.zero_point.reshape(module.weight_zero_point.shape)
+        module.weight_zero_point.data.copy_(zero.to(module.weight_zero_point.dtype))
 
 
 def export_streamed(skeleton: nn.Module, adapter: ModelAdapter, scheme: Scheme, layers, layer_state,
@@ -125,16 +151,11 @@ def export_streamed(skeleton: nn.Module, adapter: ModelAdapter, scheme: Scheme, 
 
     from tlq.models.lazy import CheckpointTensors
 
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise TlqError(f"output {out_dir} already exists: remove it or pass --overwrite")
     tensors = CheckpointTensors(source_dir)
     prefix = tensors.layer_prefix()
     config = quantization_config(skeleton, adapter, scheme)
     config.ignore = sorted(set(config.ignore) | set(_checkpoint_names(config.ignore, set(tensors.keys()))))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with _staged(Path(out_dir), overwrite, source_dir, recipe_record) as staging:
         weight_map: dict[str, str] = {}
         total = 0
 
@@ -152,13 +173,8 @@ def export_streamed(skeleton: nn.Module, adapter: ModelAdapter, scheme: Scheme, 
             layer_config = QuantizationConfig(config_groups=config.config_groups, ignore=[], format=config.format,
                                               quantization_status="frozen")
             apply_quantization_config(layer, layer_config, show_progress=False)
-            with torch.no_grad():
-                for name, q in grids.items():
-                    module = layer.get_submodule(name)
-                    module.weight_scale.data.copy_(q.scale.to(module.weight_scale.dtype).reshape(module.weight_scale.shape))
-                    if hasattr(module, "weight_zero_point"):
-                        zero = q.zero_point.reshape(module.weight_zero_point.shape)
-                        module.weight_zero_point.data.copy_(zero.to(module.weight_zero_point.dtype))
+            for name, q in grids.items():
+                _set_grid(layer.get_submodule(name), q)
             ModelCompressor.from_pretrained_model(layer, quantization_format=config.format).compress_model(layer)
             write({f"{prefix}{index}.{k}": v for k, v in layer.state_dict().items()},
                   f"model-decoder-{index:05d}.safetensors")
@@ -167,14 +183,7 @@ def export_streamed(skeleton: nn.Module, adapter: ModelAdapter, scheme: Scheme, 
         shutil.copy2(Path(source_dir) / "config.json", staging / "config.json")
         config.quantization_status = QuantizationStatus.COMPRESSED
         ModelCompressor(quantization_config=config).update_config(str(staging))
-        _copy_side_files(Path(source_dir), staging)
-        if recipe_record is not None:
-            (staging / RECIPE_FILE).write_text(json.dumps(recipe_record, indent=2, sort_keys=True) + "\n")
-        _publish(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)
 
 
 def export_compressed(model: nn.Module, adapter: ModelAdapter, scheme: Scheme, quantized: dict[str, QuantizedWeight],
@@ -194,19 +203,13 @@ def export_compressed(model: nn.Module, adapter: ModelAdapter, scheme: Scheme, q
     if missing:
         raise ValueError(f"{len(missing)} decoder Linears were not calibrated, e.g. {missing[0]}")
     check_exportable(model, adapter, scheme)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with _staged(out_dir, overwrite, source_dir, recipe_record) as staging:
         config = quantization_config(model, adapter, scheme)
         apply_quantization_config(model, config, show_progress=False)
-        with torch.no_grad():
-            for name, q in quantized.items():
-                module = model.get_submodule(name)
-                module.weight.data.copy_(q.weight.to(module.weight.dtype))
-                module.weight_scale.data.copy_(q.scale.to(module.weight_scale.dtype).reshape(module.weight_scale.shape))
-                if hasattr(module, "weight_zero_point"):
-                    zero = q.zero_point.reshape(module.weight_zero_point.shape)
-                    module.weight_zero_point.data.copy_(zero.to(module.weight_zero_point.dtype))
+        for name, q in quantized.items():
+            module = model.get_submodule(name)
+            module.weight.data.copy_(q.weight.to(module.weight.dtype))
+            _set_grid(module, q)
         compressor = ModelCompressor.from_pretrained_model(model, quantization_format=config.format)
         # compressed-tensors writes `ignore` in checkpoint key names (what vLLM matches, e.g. Qwen2-VL's
         # "visual.*"), while transformers 5 matches loaded module names ("model.visual.*"): list both.
@@ -214,12 +217,4 @@ def export_compressed(model: nn.Module, adapter: ModelAdapter, scheme: Scheme, q
         compressor.compress_model(model)
         model.save_pretrained(staging)
         compressor.update_config(str(staging))
-        if source_dir is not None:
-            _copy_side_files(Path(source_dir), staging)
-        if recipe_record is not None:
-            (staging / RECIPE_FILE).write_text(json.dumps(recipe_record, indent=2, sort_keys=True) + "\n")
-        _publish(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir
