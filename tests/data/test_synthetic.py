@@ -21,12 +21,13 @@ def test_same_seed_same_data(tmp_path):
     assert _digests(tmp_path / "a", ra) == _digests(tmp_path / "b", rb)
 
 
-def test_calibration_and_test_splits_never_share_an_image(tmp_path):
-    paths = write_splits(tmp_path, calib=40, test=40)
-    calib = json.loads(paths["calib"].read_text())
-    test = json.loads(paths["test"].read_text())
-    assert not {r["image"] for r in calib} & {r["image"] for r in test}
-    assert not _digests(tmp_path, calib) & _digests(tmp_path, test)
+def test_calibration_validation_and_test_splits_never_share_an_image(tmp_path):
+    paths = write_splits(tmp_path, calib=40, test=40, val=40)
+    splits = {name: json.loads(path.read_text()) for name, path in paths.items()}
+    assert sorted(splits) == ["calib", "test", "val"]
+    for a, b in (("calib", "test"), ("calib", "val"), ("val", "test")):
+        assert not {r["image"] for r in splits[a]} & {r["image"] for r in splits[b]}
+        assert not _digests(tmp_path, splits[a]) & _digests(tmp_path, splits[b])
 
 
 def test_answers_depend_on_a_few_cells_and_most_of_the_image_is_background():

@@ -179,10 +179,11 @@ def write_split(out_dir: str | Path, num_images: int, seed: int, config: SceneCo
 
 # Seeds of the on-disk splits. Training draws fresh examples from its own seed and validates on
 # seed 999 (tlq.reference.train); calibration and test never share a seed, so never an image.
-SPLIT_SEEDS = {"calib": 1, "test": 2}
+# The validation split is for choosing options (defaults, budgets); the test split only reports.
+SPLIT_SEEDS = {"calib": 1, "test": 2, "val": 3}
 
 
-def write_splits(out_dir: str | Path, calib: int = 512, test: int = 1000) -> dict[str, Path]:
-    """The calibration pool and the held-out test split, one question per image."""
+def write_splits(out_dir: str | Path, calib: int = 512, test: int = 1000, val: int = 0) -> dict[str, Path]:
+    """The calibration pool, the held-out test split and (val > 0) a validation split, one question per image."""
     return {name: write_split(out_dir, count, SPLIT_SEEDS[name], name=name)
-            for name, count in (("calib", calib), ("test", test))}
+            for name, count in (("calib", calib), ("test", test), ("val", val)) if count > 0}
