@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces benchmarks/results/: the retention benchmark on a bundled reference VLM.
-#   benchmarks/reference.sh [rtn_gptq|methods|ablation|all]      (MODEL=models/reference/NAME to choose)
+#   benchmarks/reference.sh [rtn_gptq|methods|ablation|validation|all]      (MODEL=models/reference/NAME to choose)
 # Calibration pool (seed 1) and test split (seed 2) come from `tlq synth`; every cell is mean/std over
 # calibration seeds 0,1,2 (each draws 128 samples from the pool). Reruns skip finished cells.
 set -euo pipefail
@@ -20,26 +20,35 @@ STAGE=${1:-all}
 # W4A8 lost only 1.6 points on qwen2_vl-small, commit 3238c6f).
 WEIGHT_SCALE=${WEIGHT_SCALE:-32}
 ACT_SCALE=${ACT_SCALE:-256}
-[ -f "$VARIANTS-weight/config.json" ] || $TLQ stress "$MODEL" --out "$VARIANTS-weight" --kind weight --scale "$WEIGHT_SCALE" --channels 4
-[ -f "$VARIANTS-activation/config.json" ] || $TLQ stress "$MODEL" --out "$VARIANTS-activation" --kind activation --scale "$ACT_SCALE" --channels 4
+WEIGHT_VARIANT=$VARIANTS-weight-s$WEIGHT_SCALE
+ACT_VARIANT=$VARIANTS-activation-s$ACT_SCALE
+[ -f "$WEIGHT_VARIANT/config.json" ] || $TLQ stress "$MODEL" --out "$WEIGHT_VARIANT" --kind weight --scale "$WEIGHT_SCALE" --channels 4
+[ -f "$ACT_VARIANT/config.json" ] || $TLQ stress "$MODEL" --out "$ACT_VARIANT" --kind activation --scale "$ACT_SCALE" --channels 4
+[ -f "$DATA/val.json" ] || $TLQ synth --out "$DATA" --calib 0 --test 0 --val 500
 COMMON=(--calib "$DATA/calib.json" --images "$DATA" --eval "$DATA/test.json" --seeds 0,1,2 --num-samples 128)
 METHODS=rtn,gptq,awq,smoothquant,mbq,tlq
 ABLATION=tlq,tlq+weighting=uniform,tlq+weighting=modality,tlq+keep-ratio=0.5,tlq+keep-ratio=0.25,\
-tlq+keep-ratio=0.1,tlq+no-exposure,tlq+target=asymmetric,tlq+floor=0,tlq+backend=both
+tlq+keep-ratio=0.1,tlq+no-exposure,tlq+target=asymmetric,tlq+floor=0,tlq+backend=both,tlq+clip=10
+# Choosing TLQ's defaults: candidates scored on the validation split (seed 3), never on the test split.
+CANDIDATES=tlq+backend=gptq,tlq+backend=both,tlq+backend=gptq+target=asymmetric,tlq+backend=both+target=asymmetric
+VALIDATION=(--calib "$DATA/calib.json" --images "$DATA" --eval "$DATA/val.json" --seeds 0,1,2 --num-samples 128)
 
 # Weight-only schemes on the weight-outlier variant, weight+activation schemes on the activation-outlier
 # variant (DESIGN.md 5: s = 32, k = 4): each stresses what its schemes are sensitive to.
 if [ "$STAGE" = methods ] || [ "$STAGE" = all ]; then
-  $TLQ bench "$VARIANTS-weight" "${COMMON[@]}" --methods $METHODS --schemes W3A16,W4A16,W2A16 --out "$OUT/methods/weight_outliers"
-  $TLQ bench "$VARIANTS-activation" "${COMMON[@]}" --methods $METHODS --schemes W4A8,W8A8 --out "$OUT/methods/activation_outliers"
+  $TLQ bench "$WEIGHT_VARIANT" "${COMMON[@]}" --methods $METHODS --schemes W3A16,W4A16,W2A16 --out "$OUT/methods/weight_outliers"
+  $TLQ bench "$ACT_VARIANT" "${COMMON[@]}" --methods $METHODS --schemes W4A8,W8A8 --out "$OUT/methods/activation_outliers"
 fi
 if [ "$STAGE" = ablation ] || [ "$STAGE" = all ]; then
-  $TLQ bench "$VARIANTS-weight" "${COMMON[@]}" --methods $ABLATION --schemes W3A16 --out "$OUT/ablation/weight_outliers"
-  $TLQ bench "$VARIANTS-activation" "${COMMON[@]}" --methods $ABLATION --schemes W4A8 --out "$OUT/ablation/activation_outliers"
+  $TLQ bench "$WEIGHT_VARIANT" "${COMMON[@]}" --methods $ABLATION --schemes W3A16 --out "$OUT/ablation/weight_outliers"
+  $TLQ bench "$ACT_VARIANT" "${COMMON[@]}" --methods $ABLATION --schemes W4A8 --out "$OUT/ablation/activation_outliers"
 fi
 if [ "$STAGE" = rtn_gptq ] || [ "$STAGE" = all ]; then   # issue 3: RTN and GPTQ on the model and both variants
   $TLQ bench "$MODEL" "${COMMON[@]}" --methods rtn,gptq --schemes W3A16,W4A8 --out "$OUT/rtn_gptq/as_trained"
-  for kind in weight activation; do
-    $TLQ bench "$VARIANTS-$kind" "${COMMON[@]}" --methods rtn,gptq --schemes W3A16,W4A8 --out "$OUT/rtn_gptq/${kind}_outliers"
-  done
+  $TLQ bench "$WEIGHT_VARIANT" "${COMMON[@]}" --methods rtn,gptq --schemes W3A16,W4A8 --out "$OUT/rtn_gptq/weight_outliers"
+  $TLQ bench "$ACT_VARIANT" "${COMMON[@]}" --methods rtn,gptq --schemes W3A16,W4A8 --out "$OUT/rtn_gptq/activation_outliers"
+fi
+if [ "$STAGE" = validation ]; then
+  $TLQ bench "$WEIGHT_VARIANT" "${VALIDATION[@]}" --methods $CANDIDATES --schemes W3A16 --out "$OUT/validation/weight_outliers"
+  $TLQ bench "$ACT_VARIANT" "${VALIDATION[@]}" --methods $CANDIDATES --schemes W4A8 --out "$OUT/validation/activation_outliers"
 fi

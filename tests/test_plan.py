@@ -51,3 +51,11 @@ def test_sizes_parse_and_bad_ones_say_how():
     assert parse_size("24GiB") == 24 * 2**30 and parse_size("80GB") == 80 * 10**9 and parse_size("16g") == 16 * 2**30
     with pytest.raises(TlqError, match="write it like"):
         parse_size("lots")
+
+
+def test_lazy_plan_holds_one_layer_on_the_host(shapes):
+    shape = shapes["qwen2-vl-72b-instruct"]
+    eager = plan_memory(shape, 4, parse_size("24GiB"), 128, 1024)
+    lazy = plan_memory(shape, 4, parse_size("24GiB"), 128, 1024, lazy=True)
+    assert lazy["host_gib"]["model_weights"] < eager["host_gib"]["model_weights"] / 10  # embeddings, head, ViT + 2 layers
+    assert lazy["device_gib"] == eager["device_gib"]

@@ -161,7 +161,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     plan = plan_memory(model_shape(args.model_dir), args.devices, parse_size(args.device_memory), args.samples,
                        args.tokens_per_sample, dtype_bytes=2 if args.dtype in ("bfloat16", "float16") else 4,
-                       asymmetric=args.target == "asymmetric")
+                       asymmetric=args.target == "asymmetric", lazy=args.lazy)
     print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
     return 0
 
@@ -263,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens-per-sample", type=int, default=1024, help="tokens per sample (default 1024)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--target", default="symmetric", help="symmetric or asymmetric (keeps an FP stream)")
+    p.add_argument("--lazy", action="store_true", help="plan a `tlq quantize --lazy` run")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.set_defaults(func=_cmd_plan)
 

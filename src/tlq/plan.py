@@ -10,7 +10,7 @@ device (the peak of the three phases)
     calibrate   one decoder layer twice (working copy + FP reference), the float64 statistics of the
                 largest Linear group, the float32 solve buffers, one sample's activations
 host
-    model weights           the whole checkpoint (weights are loaded eagerly today)
+    model weights           the whole checkpoint; with --lazy only what is outside the decoder + one layer
     layer-input cache       2 x s x T x d x b (inputs and outputs of the current layer), x2 for the
                             asymmetric target's FP stream
     gradient pass           (L + 1) x s x T x d x b (each layer's stored inputs; freed before calibration)
@@ -90,7 +90,7 @@ def model_shape(model_dir: str | Path) -> ModelShape:
 
 
 def plan_memory(shape: ModelShape, devices: int, device_memory: int, samples: int, tokens: int,
-                dtype_bytes: int = 2, asymmetric: bool = False) -> dict[str, Any]:
+                dtype_bytes: int = 2, asymmetric: bool = False, lazy: bool = False) -> dict[str, Any]:
     """Per-rank peak memory estimate (bytes) of a `tlq quantize` run and whether it fits."""
     if devices < 1 or samples < 1 or tokens < 1:
         raise TlqError("--devices, --samples and --tokens-per-sample must be >= 1")
@@ -110,11 +110,14 @@ def plan_memory(shape: ModelShape, devices: int, device_memory: int, samples: in
     hidden_cache = per_rank * T * d * b
     cache = 2 * hidden_cache * (2 if asymmetric else 1)
     gradient_store = (shape.num_layers + 1) * hidden_cache
-    weights = shape.total_params * b
+    if lazy:
+        weights = (shape.total_params - shape.num_layers * shape.layer_params + 2 * shape.layer_params) * b
+    else:
+        weights = shape.total_params * b
     host_peak = weights + max(cache, gradient_store)
     return {
         "model": shape.name, "model_type": shape.model_type, "params_b": round(shape.total_params / 1e9, 3),
-        "devices": devices, "device_memory_gib": _gib(device_memory), "samples": samples,
+        "devices": devices, "device_memory_gib": _gib(device_memory), "samples": samples, "lazy": lazy,
         "samples_per_rank": per_rank, "tokens_per_sample": tokens, "dtype_bytes": b,
         "device_gib": {"calibrate": _gib(calibrate), "decoder_layer_x2": _gib(2 * layer),
                        "hessians_largest_group": _gib(group_stats), "solve_buffers": _gib(solve),
@@ -142,7 +145,8 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"| device: gradient pass (streamed) | {dev['gradient_pass']} |",
         f"| device: layer-0 capture (vision tower + embeddings) | {dev['capture']} |",
         f"| **device peak** | **{dev['peak']}** |",
-        f"| host: model weights | {host['model_weights']} |",
+        f"| host: model weights ({'lazy: outside the decoder + one layer' if plan['lazy'] else 'whole model'}) | "
+        f"{host['model_weights']} |",
         f"| host: layer-input cache | {host['layer_input_cache']} |",
         f"| host: gradient-pass stored inputs | {host['gradient_pass_inputs']} |",
         f"| **host peak** | **{host['peak']}** |",

@@ -83,7 +83,8 @@ def answer_accuracy(model, batches) -> float:
 
 
 def train(family: str, scale: str, out_dir: Path, minutes: float, max_steps: int, batch_size: int, lr: float,
-          seed: int, threads: int, init: Path | None = None, focus: tuple[str, ...] = ()) -> dict:
+          seed: int, threads: int, init: Path | None = None, focus: tuple[str, ...] = (),
+          focus_after: float = 0.0) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     size = size_for(family, scale)
@@ -112,7 +113,7 @@ def train(family: str, scale: str, out_dir: Path, minutes: float, max_steps: int
         for group in optimizer.param_groups:
             group["lr"] = lr * max(scale_lr, 0.02)
         scenes = [ZOOMED_SCENES if rng.random() < ZOOMED_SHARE else TRAIN_SCENES for _ in range(batch_size)]
-        if focus:
+        if focus and progress >= focus_after:
             scenes[:int(batch_size * FOCUS_SHARE)] = [focus_scenes] * int(batch_size * FOCUS_SHARE)
         inputs, labels = collate([_sample(rng, processor, scene) for scene in scenes], pad_id)
         loss = model(**inputs, labels=labels).loss
@@ -142,7 +143,8 @@ def train(family: str, scale: str, out_dir: Path, minutes: float, max_steps: int
         "steps": step, "best_step": best_step, "batch_size": batch_size, "learning_rate": lr,
         "training_seconds": round(seconds, 1), "threads": threads,
         "val_answer_token_accuracy": round(best, 4), "validation_seed": VALIDATION_SEED,
-        "init": str(init) if init else None, "focus": list(focus), "torch": torch.__version__,
+        "init": str(init) if init else None, "focus": list(focus), "focus_after": focus_after,
+        "torch": torch.__version__,
         "command": " ".join(["python -m tlq.reference.train", *sys.argv[1:]]),
         "history": history,
     }
@@ -163,10 +165,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--init", type=Path, default=None, help="start from this checkpoint (a second stage)")
     parser.add_argument("--focus", default="", help="question types always asked when possible, e.g. digit")
+    parser.add_argument("--focus-after", type=float, default=0.0,
+                        help="start the focus once this share of the time/step budget is spent (default 0)")
     args = parser.parse_args(argv)
     focus = tuple(t for t in args.focus.split(",") if t)
     info = train(args.family, args.scale, args.out, args.minutes, args.max_steps, args.batch_size, args.lr,
-                 args.seed, args.threads, args.init, focus)
+                 args.seed, args.threads, args.init, focus, args.focus_after)
     print(f"done: {info['steps']} steps in {info['training_seconds']} s, best val accuracy "
           f"{info['val_answer_token_accuracy']} at step {info['best_step']}")
 
