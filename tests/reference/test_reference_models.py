@@ -27,8 +27,6 @@ def test_reference_models_are_committed():
 
 
 @pytest.mark.parametrize("name", MODELS)
-@pytest.mark.xfail(strict=True, reason="qwen2_vl-small answers 89.3% (digit questions at chance): issue 3 is open; "
-                                       "remove this mark when a retrained model passes")
 def test_reference_models_reach_90_percent(name):
     recorded = json.loads((ROOT / name / "eval_test.json").read_text())
     assert recorded["accuracy"] >= 0.9, "a reference model must answer >= 90% of held-out questions"
