@@ -147,10 +147,15 @@ def calibrate_layer(layer: nn.Module, index: int, inputs: LayerInputs, adapter: 
                 finally:
                     for handle in handles:
                         handle.remove()
-            for name, result in _solve_group(solvers, ranks).items():
-                linears[name].weight.data.copy_(result.weight)
-                quantized[prefix + name] = QuantizedWeight(weight=result.weight.cpu(), scale=result.scale.cpu(),
-                                                           zero_point=result.zero_point.cpu())
+                observers.clear()
+            solved = _solve_group(solvers, ranks)
+            del solvers  # their statistics (Hessians) are no longer needed
+            for name, result in solved.items():
+                # The solved tensor becomes the weight (no second copy of the layer's weights on the host).
+                linears[name].weight.data = result.weight.to(linears[name].weight.device, linears[name].weight.dtype)
+                quantized[prefix + name] = QuantizedWeight(weight=linears[name].weight.data.cpu(),
+                                                           scale=result.scale.cpu(), zero_point=result.zero_point.cpu())
+            del solved
         # Propagate: the quantized layer's outputs are the next layer's calibration inputs.
         outputs, error_sq, norm_sq = activation_list(), 0.0, 0.0
         for i, out in run_layer(layer, inputs, device):

@@ -4,7 +4,7 @@
         run.json                      what the run is (recipe, model, data hash, ranks) and how far it got
         importance.safetensors        the token importance of the FP model (the one backward pass)
         layer_00003.safetensors       layer 3 as calibrated: its state (fake-quantized Linears, rescaled
-                                      norms), the Linears' grids, and its report
+                                      norms), the Linears' scales and zero points, and its report
         inputs_00004.rank0.safetensors  the next layer's inputs on each rank's samples (+ FP-path stream)
 
 After layer l: the layer file, then every rank's inputs for l + 1, then (rank 0, after a barrier)
@@ -108,9 +108,8 @@ class WorkDir:
         """Record layer `index` as finished, with the inputs of layer index + 1."""
         if self.ranks.main:
             tensors = {f"state.{k}": v for k, v in layer.state_dict().items()}
-            for name, q in quantized.items():
-                tensors.update({f"grid.{name}.weight": q.weight, f"grid.{name}.scale": q.scale,
-                                f"grid.{name}.zero_point": q.zero_point})
+            for name, q in quantized.items():  # the weight itself is the layer state's (fake-quantized) weight
+                tensors.update({f"grid.{name}.scale": q.scale, f"grid.{name}.zero_point": q.zero_point})
             _atomic_tensors(self._layer_path(index), tensors, {"report": json.dumps(report)})
         hidden = {f"hidden.{i}": h for i, h in enumerate(next_hidden)}
         hidden.update({f"fp.{i}": h for i, h in enumerate(next_fp or [])})
@@ -127,7 +126,12 @@ class WorkDir:
         tensors, meta = _load_tensors(self._layer_path(index))
         state = {k[len("state."):]: v for k, v in tensors.items() if k.startswith("state.")}
         names = {k[len("grid."):].rsplit(".", 1)[0] for k in tensors if k.startswith("grid.")}
-        quantized = {name: QuantizedWeight(weight=tensors[f"grid.{name}.weight"], scale=tensors[f"grid.{name}.scale"],
+        weights = {k[:-len(".weight")]: v for k, v in state.items() if k.endswith(".weight")}
+
+        def weight_of(name: str) -> torch.Tensor:  # full module name -> the layer's own weight
+            return next(v for rel, v in weights.items() if name.endswith("." + rel))
+
+        quantized = {name: QuantizedWeight(weight=weight_of(name), scale=tensors[f"grid.{name}.scale"],
                                            zero_point=tensors[f"grid.{name}.zero_point"]) for name in sorted(names)}
         return state, quantized, json.loads(meta.get("report", "{}"))
 

@@ -22,6 +22,11 @@ from tlq.errors import TlqError
 from tlq.models import ModelAdapter, adapter_for, read_model_type
 
 
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
 class CheckpointTensors:
     """Tensors of a checkpoint by key, read from its safetensors shards on demand (memory-mapped)."""
 
@@ -38,22 +43,36 @@ class CheckpointTensors:
                 self.files = {key: model_dir / "model.safetensors" for key in handle.keys()}  # noqa: SIM118
         else:
             raise TlqError(f"{model_dir} has no safetensors weights: lazy loading reads model.safetensors[.index.json]")
+        self._headers: dict[Path, tuple[int, dict]] = {}
 
     def keys(self) -> list[str]:
         return list(self.files)
 
-    def get_many(self, keys: list[str]) -> dict[str, torch.Tensor]:
-        """Copies of the tensors; each shard is mapped only while it is read, so the pages of layers
-        already processed do not stay in this process's resident memory."""
-        from safetensors import safe_open
+    def _header(self, path: Path) -> tuple[int, dict]:
+        if path not in self._headers:
+            with open(path, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                self._headers[path] = (8 + size, json.loads(f.read(size)))
+        return self._headers[path]
 
-        by_file: dict[Path, list[str]] = {}
-        for key in keys:
-            by_file.setdefault(self.files[key], []).append(key)
+    def get_many(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """The tensors, read with plain file reads into fresh buffers (one copy, no memory map): the
+        pages of layers already processed never count towards this process's resident memory."""
         out = {}
-        for path, names in by_file.items():
-            with safe_open(str(path), "pt") as handle:
-                out.update({name: handle.get_tensor(name).clone() for name in names})
+        for key in keys:
+            path = self.files[key]
+            start, header = self._header(path)
+            entry = header[key]
+            begin, end = entry["data_offsets"]
+            buffer = bytearray(end - begin)
+            with open(path, "rb") as f:
+                f.seek(start + begin)
+                f.readinto(buffer)
+            dtype = _DTYPES.get(entry["dtype"])
+            if dtype is None:
+                raise TlqError(f"{path}: tensor {key} has dtype {entry['dtype']}, which tlq cannot read")
+            tensor = torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
+            out[key] = tensor.reshape(entry["shape"])
         return out
 
     def get(self, key: str) -> torch.Tensor:
@@ -97,20 +116,23 @@ class LazyLayers(ResidentLayers):
         self.prefix = tensors.layer_prefix()
         self.layers.extend(nn.Module() for _ in range(num_layers))  # placeholders, replaced while in use
 
+    def _meta_layer(self, index: int) -> nn.Module:
+        with torch.device("meta"):
+            return self.layer_class(self.text_config, layer_idx=index).to(self.dtype)
+
     def empty_layer(self, index: int) -> nn.Module:
         """Decoder layer `index` with uninitialised CPU tensors of the checkpoint's dtype."""
-        with torch.device("meta"):
-            layer = self.layer_class(self.text_config, layer_idx=index)
-        return layer.to_empty(device="cpu").to(self.dtype)
+        return self._meta_layer(index).to_empty(device="cpu")
 
     def load(self, index: int, device: torch.device) -> nn.Module:
-        layer = self.empty_layer(index)
+        layer = self._meta_layer(index)
         keys = {name: f"{self.prefix}{index}.{name}" for name in layer.state_dict()}
         missing = [key for key in keys.values() if key not in self.tensors.files]
         if missing:
             raise TlqError(f"checkpoint lacks {missing[0]} (and {len(missing) - 1} more) for decoder layer {index}")
         values = self.tensors.get_many(list(keys.values()))
-        layer.load_state_dict({name: values[key].to(self.dtype) for name, key in keys.items()})
+        # assign=True: the freshly read tensors become the parameters (no second copy of the layer).
+        layer.load_state_dict({name: values[key].to(self.dtype) for name, key in keys.items()}, assign=True)
         layer.eval().requires_grad_(False)
         self.layers[index] = layer.to(device)
         return self.layers[index]
