@@ -38,3 +38,17 @@ def test_method_specs():
     assert parse_method_spec("tlq+keep-ratio=0.25+no-exposure") == ("tlq", ["--keep-ratio", "0.25", "--no-exposure"])
     with pytest.raises(TlqError, match="unknown method"):
         parse_method_spec("magic+x=1")
+
+
+def test_measured_peak_rss_is_the_childs_own(tmp_path):
+    """The caller holds ~600 MiB; the child allocates ~100 MiB: the report must be about the child."""
+    import sys
+
+    from tlq.bench import run_measured
+
+    ballast = bytearray(600 * 2**20)  # noqa: F841  (resident in this process while the child runs)
+    for i in range(0, len(ballast), 4096):
+        ballast[i] = 1
+    child = [sys.executable, "-c", "b = bytearray(100 * 2**20)\nfor i in range(0, len(b), 4096): b[i] = 1"]
+    measured = run_measured(child, "allocate")
+    assert 100 <= measured["peak_rss_mib"] < 400

@@ -23,6 +23,7 @@ from tlq.engine import CalibrationResult, quantize_layers
 from tlq.errors import TlqError
 from tlq.export import check_exportable, export_compressed, export_streamed
 from tlq.models import adapter_for, load_model, read_model_type
+from tlq.measure import peak_rss_bytes
 from tlq.models.lazy import load_lazy
 from tlq.models.processing import load_processor
 from tlq.recipe import Recipe
@@ -106,10 +107,6 @@ def build_token_weights(model, adapter, samples: list[Sample], recipe: Recipe, r
     return (lambda layer, name, sample: lookup(layer, name, offset + sample)), record
 
 
-def _peak_host_memory_bytes() -> int:
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
 def quantize(model_dir: str | Path, out_dir: str | Path, calib: str | Path, images: str | Path | None = None,
@@ -170,7 +167,7 @@ def quantize(model_dir: str | Path, out_dir: str | Path, calib: str | Path, imag
         "rank": ranks.rank, "samples": len(samples), "tokens": sum(s.num_tokens for s in samples),
         "activation_bytes": sum(s.num_tokens for s in samples) * model.config.get_text_config().hidden_size
         * next(model.parameters()).element_size(),
-        "peak_host_memory_bytes": _peak_host_memory_bytes(),
+        "peak_host_memory_bytes": peak_rss_bytes(),  # VmHWM: not inherited from a launcher
         "peak_device_memory_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
     })
     record: dict[str, Any] = {

@@ -14,7 +14,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,23 +127,21 @@ def _run_quantize_measured(cfg: BenchConfig, method: str, scheme: str, seed: int
 
 
 def run_measured(argv: list[str], what: str, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run a child process; its wall time and its own peak RSS from wait4 (Linux reports KiB).
-
-    Only the direct child is measured: under torchrun, read each rank's own figure from tlq_recipe.json.
-    """
+    """Run a child process; its wall time and its own peak RSS (through tlq.measure, so that this
+    process's memory is not counted; under torchrun, the largest rank's)."""
     import tempfile
 
-    start = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-        err.seek(0)
-        message = err.read().strip().splitlines()
-    code = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - start
-    if code != 0:
-        raise TlqError(f"{what} failed: {message[-1] if message else code}")
-    return {"wall_seconds": round(wall, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
+    with tempfile.TemporaryDirectory() as scratch:
+        report = Path(scratch) / "measure.json"
+        with open(Path(scratch) / "stderr", "w+") as err:
+            code = subprocess.call([sys.executable, "-m", "tlq.measure", str(report), "--", *argv],
+                                   stdout=subprocess.DEVNULL, stderr=err, env=env)
+            err.seek(0)
+            message = err.read().strip().splitlines()
+        if code != 0 or not report.exists():
+            raise TlqError(f"{what} failed: {message[-1] if message else code}")
+        measured = json.loads(report.read_text())
+    return {"wall_seconds": measured["wall_seconds"], "peak_rss_mib": round(measured["peak_rss_bytes"] / 2**20, 1)}
 
 
 def _applies(method: str, scheme: str) -> bool:

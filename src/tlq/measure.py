@@ -1,0 +1,46 @@
+"""Peak resident memory of a command, measured so that the caller's own memory does not leak into it.
+
+    python -m tlq.measure OUT.json -- COMMAND ARGS...
+
+On Linux a child's `ru_maxrss` (what wait4 reports) starts from the high-water mark of the process that
+spawned it: a benchmark that holds 4 GB and starts `tlq quantize` sees at least 4 GB, whatever the
+child really used. This small process is started first; it spawns the command and reports the largest
+`ru_maxrss` among its children, whose starting point is this process's few megabytes.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def peak_rss_bytes() -> int:
+    """This process's own peak RSS since it started (VmHWM; it is reset when a process execs)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def main() -> int:
+    out, separator, *command = sys.argv[1:]
+    if separator != "--" or not command:
+        print("usage: python -m tlq.measure OUT.json -- COMMAND ...", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    code = subprocess.call(command)
+    Path(out).write_text(json.dumps({
+        "returncode": code, "wall_seconds": round(time.perf_counter() - start, 2),
+        "peak_rss_bytes": int(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) * 1024}))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
