@@ -61,18 +61,23 @@ def main() -> None:
         rows.append({"mode": mode, **measured, "checkpoint_bytes": size_bytes, "output_bytes": out_bytes,
                      "peak_rss_share_of_checkpoint": round(measured["peak_rss_mib"] * 2**20 / size_bytes, 3)})
         print(json.dumps(rows[-1]), flush=True)
+        write_results(args, size_bytes, rows)  # after each mode, so a stopped run keeps what it measured
+    shutil.rmtree(args.work, ignore_errors=True)
+
+
+def write_results(args: argparse.Namespace, size_bytes: int, rows: list[dict]) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     config = {"layers": args.layers, "hidden": 2048, "intermediate": 4096, "dtype": "float32",
               "method": "gptq", "scheme": "W4A16", "samples": 4, "command": " ".join(sys.argv)}
     (args.out / "results.json").write_text(json.dumps({"config": config, "runs": rows}, indent=1) + "\n")
     lines = [f"Lazy layers on a {size_bytes / 2**30:.2f} GiB Qwen2-VL-architecture checkpoint ({args.layers} layers, "
-             f"hidden 2048, float32), GPTQ W4A16, 4 samples, CPU (`python benchmarks/lazy_memory.py`).", "",
+             f"hidden 2048, float32), GPTQ W4A16, 4 samples, CPU (`python benchmarks/lazy_memory.py`). Peak RSS is "
+             f"the quantize process's own (tlq.measure); wall time depends on what else ran on the machine.", "",
              "| mode | wall s | peak RSS MiB | peak RSS / checkpoint |", "|---|---|---|---|"]
     lines += [f"| {r['mode']} | {r['wall_seconds']} | {r['peak_rss_mib']} | {r['peak_rss_share_of_checkpoint']:.1%} |"
               for r in rows]
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    shutil.rmtree(args.work, ignore_errors=True)
 
 
 if __name__ == "__main__":
