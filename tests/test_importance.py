@@ -130,7 +130,7 @@ def test_mbq_ratio_uses_image_and_answer_tokens_with_median_floor():
 def test_tlq_with_floor_one_is_plain_gptq(tiny_checkpoints, calib_split):
     results = {}
     for method in ("gptq", "tlq"):
-        recipe = Recipe(method=method, scheme="W3A16-g32", num_samples=3, importance_floor=1.0)
+        recipe = Recipe(method=method, scheme="W3A16-g32", num_samples=3, importance_floor=1.0, backend="gptq")
         model, adapter, samples = _setup(tiny_checkpoints["qwen2_vl"], calib_split, n=3)
         weights, _ = build_token_weights(model, adapter, samples, recipe)
         results[method] = quantize_layers(model, adapter, samples, recipe, token_weights=weights, progress=False)
