@@ -117,7 +117,7 @@ def quantize(model_dir: str | Path, out_dir: str | Path, calib: str | Path, imag
     """Calibrate the decoder of the VLM in `model_dir` and write a compressed-tensors checkpoint to `out_dir`.
 
     Under torchrun (WORLD_SIZE > 1) the samples are sharded over the ranks and rank 0 writes the output.
-    With `resume`, finished layers are kept in `OUT.tlq-work/` until the output is written, and the
+    With `resume`, finished layers are kept in `OUT.tlq-work/` until the output is written (rank 0 removes them after writing), and the
     same call after a crash continues from there. With `lazy`, decoder layers are read from the
     checkpoint one at a time (host memory ~ one layer + activations) and the output is written layer by
     layer from the work directory.
@@ -162,10 +162,11 @@ def quantize(model_dir: str | Path, out_dir: str | Path, calib: str | Path, imag
         calibration = quantize_layers(model, adapter, samples, recipe, token_weights=weights, progress=progress,
                                       ranks=ranks, work=work, layers=layers)
     calibration.seconds += importance_seconds
-    num_tokens = int(ranks.sum(torch.tensor(sum(s.num_tokens for s in samples))))
+    local_tokens = sum(s.num_tokens for s in samples)
+    num_tokens = int(ranks.sum(torch.tensor(local_tokens)))
     per_rank = ranks.gather_objects({
-        "rank": ranks.rank, "samples": len(samples), "tokens": sum(s.num_tokens for s in samples),
-        "activation_bytes": sum(s.num_tokens for s in samples) * model.config.get_text_config().hidden_size
+        "rank": ranks.rank, "samples": len(samples), "tokens": local_tokens,
+        "activation_bytes": local_tokens * model.config.get_text_config().hidden_size
         * next(model.parameters()).element_size(),
         "peak_host_memory_bytes": peak_rss_bytes(),  # VmHWM: not inherited from a launcher
         "peak_device_memory_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,

@@ -194,7 +194,6 @@ class Recipe:
         return plan
 
     def _method_plan(self) -> MethodPlan:
-        scheme = self.resolved_scheme()
         if self.method in ("rtn", "gptq"):
             return MethodPlan(None, self.method, "uniform")
         if self.method == "awq":

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -148,8 +147,3 @@ class WorkDir:
         hidden = [tensors[f"hidden.{i}"] for i in range(sum(k.startswith("hidden.") for k in tensors))]
         fp = [tensors[f"fp.{i}"] for i in range(sum(k.startswith("fp.") for k in tensors))]
         return hidden, (fp or None)
-
-    def remove(self) -> None:
-        self.ranks.barrier()
-        if self.ranks.main:
-            shutil.rmtree(self.path, ignore_errors=True)
