@@ -111,7 +111,7 @@ def test_a_dead_rank_stops_the_others_with_a_clear_message(tiny_checkpoints, cal
     finally:
         for proc in procs:
             proc.kill()
-    assert procs[0].returncode == 2
+    assert procs[0].returncode == 2, err[-2000:]
     lines = [line for line in err.strip().splitlines() if line.startswith("tlq: error:")]
     assert len(lines) == 1 and "rank 0/2" in lines[0] and "another rank probably died" in lines[0], err[-2000:]
     assert "Traceback" not in err

@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from tlq.errors import TlqError
+from tlq.errors import RankFailure, TlqError
 from tlq.recipe import METHODS, SCHEMES, Recipe
 
 
@@ -286,6 +286,13 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["TQDM_DISABLE"] = "1"  # library progress bars; our commands print their own lines
     try:
         return args.func(args)
+    except RankFailure as exc:
+        # A broken process group aborts the interpreter when it is destroyed at exit (gloo): leave
+        # without running destructors, after the message is out. The work directory stays for resume.
+        print(f"tlq: error: {exc}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)
     except TlqError as exc:
         print(f"tlq: error: {exc}", file=sys.stderr)
         return 2

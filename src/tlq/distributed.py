@@ -11,7 +11,7 @@ Only rank 0 writes the output.
 
 A single process is `Ranks()` (rank 0 of 1): every method is then the identity, so the layer loop has one
 code path. A collective that fails (a rank died, or stopped answering within the timeout) raises a
-TlqError naming the rank, instead of hanging.
+RankFailure (a TlqError) naming the rank, instead of hanging.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
-from tlq.errors import TlqError
+from tlq.errors import RankFailure, TlqError
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 1800.0
@@ -75,7 +75,7 @@ class Ranks:
             raise
         except (RuntimeError, ValueError) as exc:  # DistBackendError and gloo/NCCL errors are RuntimeErrors
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise TlqError(
+            raise RankFailure(
                 f"rank {self.rank}/{self.size}: {what} failed, another rank probably died or stopped responding "
                 f"(timeout {self.timeout_s:.0f} s; see that rank's log): {first[:200]}"
             ) from None
