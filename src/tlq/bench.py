@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tlq.errors import TlqError
-from tlq.evaluate import evaluate
+from tlq.evaluate import EvalSet, evaluate
 from tlq.recipe import METHODS, parse_scheme
 
 
@@ -77,8 +77,9 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     if results_path.is_file():
         results = json.loads(results_path.read_text())
     results["config"] = asdict(cfg)
+    fp = _FPAnswers(cfg)
     if "fp" not in results:
-        results["fp"] = evaluate(cfg.model_dir, cfg.eval_data, cfg.eval_images, num_samples=cfg.eval_samples)
+        results["fp"] = fp.report()
         _atomic_write(results_path, json.dumps(results, indent=1) + "\n")
     for scheme in cfg.schemes:
         for method in cfg.methods:
@@ -91,8 +92,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
                 checkpoint = out_dir / "checkpoints" / f"{method.replace('=', '')}-{scheme}-s{seed}"
                 run = _run_quantize_measured(cfg, method, scheme, seed, checkpoint)
                 recipe = json.loads((checkpoint / "tlq_recipe.json").read_text())
-                report = evaluate(checkpoint, cfg.eval_data, cfg.eval_images, reference=cfg.model_dir,
-                                  num_samples=cfg.eval_samples)
+                report = fp.evaluate(checkpoint)
                 results["cells"][key] = {
                     "status": "done", "method": method, "scheme": scheme, "seed": seed,
                     "accuracy": report["accuracy"], "answer_kl": report["answer_kl"],
@@ -113,6 +113,41 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     _atomic_write(out_dir / "table.md", table)
     chart(results, out_dir / "chart.png")
     return results
+
+
+class _FPAnswers:
+    """The FP model is evaluated once per bench run; its answer log-probabilities serve every cell's KL.
+
+    The quantized checkpoints carry the FP model's processor, so the held-out inputs are built once too.
+    When the cached log-probabilities would be large (real vocabularies), the FP model runs again per cell.
+    """
+
+    MAX_CACHE_BYTES = 2**30
+
+    def __init__(self, cfg: BenchConfig) -> None:
+        self.cfg = cfg
+        self.eval_set: EvalSet | None = None
+        self.logp: list | None = None
+        self._report: dict[str, Any] | None = None
+
+    def report(self) -> dict[str, Any]:
+        if self._report is None:
+            from tlq.models.processing import load_processor
+
+            cfg = self.cfg
+            self.eval_set = EvalSet.load(cfg.eval_data, cfg.eval_images, load_processor(cfg.model_dir),
+                                         cfg.eval_samples)
+            logp: list = []
+            self._report = evaluate(cfg.model_dir, cfg.eval_data, cfg.eval_images, eval_set=self.eval_set,
+                                    keep_logp=logp)
+            if sum(t.numel() * t.element_size() for t in logp) <= self.MAX_CACHE_BYTES:
+                self.logp = logp
+        return self._report
+
+    def evaluate(self, checkpoint: Path) -> dict[str, Any]:
+        self.report()
+        return evaluate(checkpoint, self.cfg.eval_data, self.cfg.eval_images, reference=self.cfg.model_dir,
+                        eval_set=self.eval_set, reference_logp=self.logp)
 
 
 def _run_quantize_measured(cfg: BenchConfig, method: str, scheme: str, seed: int, out: Path) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +43,14 @@ def _answer_spans(labels: torch.Tensor) -> list[tuple[int, int]]:
 
 @torch.no_grad()
 def score_samples(model, samples: list[Sample], pad_id: int, reference=None, batch_size: int = 16,
-                  device: str | torch.device = "cpu") -> list[dict[str, float]]:
-    """Per answer: exact (0/1), nll (sum over its tokens), tokens, kl (sum, if a reference is given)."""
+                  device: str | torch.device = "cpu", reference_logp: list[torch.Tensor] | None = None,
+                  keep_logp: list[torch.Tensor] | None = None) -> list[dict[str, float]]:
+    """Per answer: exact (0/1), nll (sum over its tokens), tokens, kl (sum, if a reference is given).
+
+    The reference is a model run on the same batches, or `reference_logp`: its answer log-probabilities
+    from an earlier call, one [tokens, vocab] tensor per answer, in answer order. `keep_logp`, a list,
+    receives this model's answer log-probabilities in that form (how a benchmark runs the FP model once).
+    """
     results = []
     for begin in range(0, len(samples), batch_size):
         chunk = samples[begin:begin + batch_size]
@@ -64,27 +71,59 @@ def score_samples(model, samples: list[Sample], pad_id: int, reference=None, bat
                     "nll": float(-pred.gather(-1, targets[:, None]).sum()),
                     "tokens": int(end - start),
                 }
-                if ref_logp is not None:
-                    ref = ref_logp[row, positions]
+                ref = ref_logp[row, positions] if ref_logp is not None else None
+                if reference_logp is not None:
+                    if len(results) >= len(reference_logp):
+                        raise ValueError(f"{len(reference_logp)} reference answers for more answers: not the same data")
+                    ref = reference_logp[len(results)]
+                if ref is not None:
                     answer["kl"] = float((ref.exp() * (ref - pred)).sum())
+                if keep_logp is not None:
+                    keep_logp.append(pred.clone())
                 results.append(answer)
+    if reference_logp is not None and len(reference_logp) != len(results):
+        raise ValueError(f"{len(reference_logp)} reference answers for {len(results)} answers: not the same data")
     return results
+
+
+@dataclass
+class EvalSet:
+    """Held-out questions turned into model inputs once; a model and its quantized copies share them."""
+
+    records: list
+    samples: list[Sample]
+
+    @classmethod
+    def load(cls, data: str | Path, images: str | Path | None, processor,
+             num_samples: int | None = None) -> "EvalSet":
+        records = load_records(data, images)
+        if num_samples is not None:
+            records = records[:num_samples]  # the first N, so a prefix of a split is comparable across runs
+        return cls(records, build_samples(records, processor))
 
 
 def evaluate(model_dir: str | Path, data: str | Path, images: str | Path | None = None,
              reference: str | Path | None = None, num_samples: int | None = None, batch_size: int = 16,
-             device: str = "cpu", out: str | Path | None = None) -> dict[str, Any]:
-    """Exact-match accuracy (overall and per question type), answer NLL and KL to `reference`."""
+             device: str = "cpu", out: str | Path | None = None, eval_set: EvalSet | None = None,
+             reference_logp: list[torch.Tensor] | None = None,
+             keep_logp: list[torch.Tensor] | None = None) -> dict[str, Any]:
+    """Exact-match accuracy (overall and per question type), answer NLL and KL to `reference`.
+
+    `eval_set` (already built inputs), `reference_logp` (the reference's answer log-probabilities, so
+    the reference model is not run again) and `keep_logp` are what `tlq bench` passes to evaluate
+    many quantized copies of one model; see score_samples.
+    """
     start = time.perf_counter()
     adapter_for(read_model_type(model_dir))  # a clear error for unsupported folders
-    records = load_records(data, images)
-    if num_samples is not None:
-        records = records[:num_samples]  # the first N, so a prefix of a split is comparable across runs
     model = load_quantized(model_dir).to(device).eval()
     processor = load_processor(model_dir)
-    ref_model = load_quantized(reference).to(device).eval() if reference is not None else None
-    samples = build_samples(records, processor)
-    scores = score_samples(model, samples, processor.tokenizer.pad_token_id, ref_model, batch_size, device)
+    eval_set = eval_set or EvalSet.load(data, images, processor, num_samples)
+    records = eval_set.records
+    ref_model = None
+    if reference is not None and reference_logp is None:
+        ref_model = load_quantized(reference).to(device).eval()
+    scores = score_samples(model, eval_set.samples, processor.tokenizer.pad_token_id, ref_model, batch_size, device,
+                           reference_logp, keep_logp)
     types = [t for record in records for t in record.meta.get("types", ["all"] * sum(
         m["role"] == "assistant" for m in record.messages))]
     if len(types) != len(scores):
@@ -101,8 +140,9 @@ def evaluate(model_dir: str | Path, data: str | Path, images: str | Path | None 
         "answer_nll": sum(s["nll"] for s in scores) / max(tokens, 1),
         "seconds": round(time.perf_counter() - start, 2),
     }
-    if ref_model is not None:
+    if reference is not None:
         report["reference"] = str(reference)
+    if scores and "kl" in scores[0]:
         report["answer_kl"] = sum(s["kl"] for s in scores) / max(tokens, 1)
     if out is not None:
         Path(out).write_text(json.dumps(report, indent=2) + "\n")
