@@ -78,3 +78,31 @@ def test_token_weights_reach_the_solver(tiny_checkpoints, calib_split):
     assert {c[2] for c in calls} == {0, 1, 2}
     assert {c[1] for c in calls} == set(adapter.linear_names)
     assert {c[0] for c in calls} == {0, 1}
+
+
+@pytest.mark.parametrize(("method", "scheme", "target"), [
+    ("rtn", "W4A8", "symmetric"), ("gptq", "W3A16-g32", "symmetric"), ("awq", "W3A16-g32", "symmetric"),
+    ("smoothquant", "W8A8", "symmetric"), ("mbq", "W4A8", "symmetric"), ("tlq", "W4A8", "asymmetric")])
+def test_calibration_never_writes_into_the_fp_layer_tensors(tiny_checkpoints, calib_split, method, scheme, target):
+    """The FP reference is a storage-sharing view (engine.fp_view): every method must rebind, not write."""
+    from tlq.api import build_token_weights
+
+    recipe = Recipe(method=method, scheme=scheme, num_samples=4, target=target)
+    model, adapter, samples = _setup(tiny_checkpoints["qwen2_vl"], calib_split, recipe)
+    weights, _ = build_token_weights(model, adapter, samples, recipe)
+    device = torch.device("cpu")
+    inputs = capture_layer_inputs(model, adapter, samples, device)
+    layer = adapter.layers(model)[0]
+    snapshot = {name: t.clone() for name, t in layer.state_dict().items()}
+    originals = {name: t for name, t in layer.state_dict().items()}
+    fp_inputs = LayerInputs([h + 0.01 for h in inputs.hidden], inputs.kwargs)  # a distinct FP-path stream
+    _, _, fp_outputs, _ = calibrate_layer(layer, 0, inputs, adapter, recipe, device, weights, fp_inputs=fp_inputs)
+    for name, tensor in originals.items():
+        assert torch.equal(tensor, snapshot[name]), name
+    assert any(not torch.equal(t, snapshot[n]) for n, t in layer.state_dict().items())  # the layer did change
+    reference = copy.deepcopy(layer)
+    reference.load_state_dict(snapshot)
+    with torch.no_grad():
+        expected = [out for _, out in run_layer(reference, fp_inputs, device)]
+    for got, want in zip(fp_outputs.hidden, expected):
+        assert torch.equal(got, want)

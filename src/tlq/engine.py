@@ -28,7 +28,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -104,6 +104,18 @@ class _Observer:
         self.solver.observe(x, None if weights is None else weights.to(x.device), target)
 
 
+def fp_view(layer: nn.Module) -> nn.Module:
+    """A copy of `layer` whose parameters share storage with it: the FP layer at no memory cost.
+
+    Sound because calibration never writes into a layer's tensors: scale folding and solved weights
+    rebind `.data` to new tensors, so this copy keeps the old ones (tests/test_engine.py checks it for
+    every method). For a 72B layer a deepcopy would be 1.7 GB of host memory on top of the layer.
+    """
+    memo: dict[int, Any] = {id(p): nn.Parameter(p.data, requires_grad=False) for p in layer.parameters()}
+    memo.update({id(b): b for b in layer.buffers()})
+    return copy.deepcopy(layer, memo)
+
+
 @torch.no_grad()
 def calibrate_layer(layer: nn.Module, index: int, inputs: LayerInputs, adapter: ModelAdapter, recipe: Recipe,
                     device: torch.device, token_weights: TokenWeights | None = None, prefix: str = "",
@@ -118,12 +130,12 @@ def calibrate_layer(layer: nn.Module, index: int, inputs: LayerInputs, adapter: 
     plan = recipe.plan()
     make_solver = solver_factory(plan.solver)
     groups = adapter.linear_groups if recipe.true_sequential else (adapter.linear_names,)
-    reference = copy.deepcopy(layer)  # the FP layer: error report and FP-path stream
+    reference = fp_view(layer)  # the FP layer: error report and FP-path stream
     rescaled = []
     if plan.transform is not None:
         rescaled = rescale_layer(layer, index, inputs, adapter, recipe, device, token_weights, fp_inputs, ranks)
     asymmetric = recipe.target == "asymmetric" and fp_inputs is not None and fp_inputs is not inputs
-    fp_scaled = copy.deepcopy(layer) if asymmetric else None  # FP weights, same scaling as `layer`
+    fp_scaled = fp_view(layer) if asymmetric else None  # FP weights, same scaling as `layer`
     linears = {name: layer.get_submodule(name) for name in adapter.linear_names}
     act_hooks = install_activation_quant(list(linears.values()), scheme)
     quantized: dict[str, QuantizedWeight] = {}

@@ -69,31 +69,46 @@ class GPTQ(LinearSolver):
         return (self.weight.float() @ mapping).to(self.weight.dtype)
 
     def solve(self) -> QuantizedWeight:
-        return gptq_quantize(self.target_weight(), self.hessian(), self.scheme, self.recipe.dampening,
-                             self.recipe.block_size, self.recipe.act_order)
+        target, hessian = self.target_weight(), self.hessian()
+        # The float64 sums are done with; freeing them before the solve keeps the peak at about two
+        # float32 in x in matrices (a 29568-wide down_proj Hessian is 7 GB in float64).
+        self.hessian_sum = self.cross_sum = None
+        return gptq_quantize(target, hessian, self.scheme, self.recipe.dampening, self.recipe.block_size,
+                             self.recipe.act_order, overwrite_hessian=True)
 
 
 def _inverse_cholesky(hessian: torch.Tensor, dampening: float) -> torch.Tensor:
-    """Upper Cholesky factor of H^-1 after damping; retries with stronger damping if H is not PD."""
+    """Upper Cholesky factor of H^-1 after damping; retries with stronger damping if H is not PD.
+
+    Damps `hessian` in place (its diagonal is restored before each retry), so it is the caller's to
+    give; at most two other in x in matrices are alive at once.
+    """
     diag = torch.arange(hessian.shape[0], device=hessian.device)
-    mean_diag = torch.mean(torch.diag(hessian))
+    original = hessian.diagonal().clone()
+    mean_diag = torch.mean(original)
     for attempt in range(6):
-        damped = hessian.clone()
-        damped[diag, diag] += dampening * (10 ** attempt) * mean_diag
-        chol, info = torch.linalg.cholesky_ex(damped)
+        hessian[diag, diag] = original + dampening * (10 ** attempt) * mean_diag
+        chol, info = torch.linalg.cholesky_ex(hessian)
         if info == 0:
             inverse = torch.cholesky_inverse(chol)
+            del chol
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
             if info == 0:
                 return upper
+            del inverse, upper
     raise RuntimeError("GPTQ: Hessian is not positive definite even with 10^5 x damping; check the inputs for NaN")
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, dampening: float = 0.01,
-                  block_size: int = 128, act_order: bool = False) -> QuantizedWeight:
-    """Quantize `weight` [out, in] to `scheme` minimising the H-weighted output error."""
+                  block_size: int = 128, act_order: bool = False, overwrite_hessian: bool = False) -> QuantizedWeight:
+    """Quantize `weight` [out, in] to `scheme` minimising the H-weighted output error.
+
+    `overwrite_hessian` lets the solve use a float32 `hessian` as its workspace instead of a copy.
+    """
     W = weight.detach().float().clone()
-    H = hessian.detach().float().clone()
+    H = hessian.detach().float()
+    if not (overwrite_hessian and H is hessian):
+        H = H.clone()
     rows, columns = W.shape
     bits = scheme.weight_bits
     group = scheme.group_for(columns)
@@ -121,6 +136,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, d
         W, H = W[:, perm], H[perm][:, perm]
 
     Hinv = _inverse_cholesky(H, dampening)
+    del H, hessian  # only H^-1's factor is used from here on
     # Lazy batches aligned to group boundaries, so every dynamic group lies inside one block and its
     # grid is read from the error-updated weights.
     if group < columns:

@@ -90,17 +90,21 @@ def smoothquant_scales(x: torch.Tensor, targets: list[nn.Linear], alpha: float =
 
 @torch.no_grad()
 def apply_scales(source: nn.Module, targets: list[nn.Linear], scales: torch.Tensor) -> None:
-    """Fold 1/s into the source's output channels and s into the targets' input columns."""
+    """Fold 1/s into the source's output channels and s into the targets' input columns.
+
+    New tensors are bound (never written in place), so a storage-sharing FP view of the layer
+    (tlq.engine.fp_view) keeps the original values.
+    """
     if isinstance(source, nn.Linear):
-        source.weight.div_(scales.to(source.weight)[:, None])
+        source.weight.data = source.weight / scales.to(source.weight)[:, None]
         if source.bias is not None:
-            source.bias.div_(scales.to(source.bias))
+            source.bias.data = source.bias / scales.to(source.bias)
     else:  # RMSNorm / LayerNorm: y = weight * normalised(x) (+ bias)
-        source.weight.div_(scales.to(source.weight))
+        source.weight.data = source.weight / scales.to(source.weight)
         if getattr(source, "bias", None) is not None:
-            source.bias.div_(scales.to(source.bias))
+            source.bias.data = source.bias / scales.to(source.bias)
     for target in targets:
-        target.weight.mul_(scales.to(target.weight)[None, :])
+        target.weight.data = target.weight * scales.to(target.weight)[None, :]
 
 
 def group_applies(source: nn.Module, targets: list[nn.Linear]) -> bool:
