@@ -28,7 +28,8 @@ ACT_VARIANT=$VARIANTS-activation-s$ACT_SCALE
 COMMON=(--calib "$DATA/calib.json" --images "$DATA" --eval "$DATA/test.json" --seeds 0,1,2 --num-samples 128)
 METHODS=rtn,gptq,awq,smoothquant,mbq,tlq
 ABLATION=tlq,tlq+weighting=uniform,tlq+weighting=modality,tlq+keep-ratio=0.5,tlq+keep-ratio=0.25,\
-tlq+keep-ratio=0.1,tlq+no-exposure,tlq+target=asymmetric,tlq+floor=0,tlq+backend=both,tlq+clip=10
+tlq+keep-ratio=0.1,tlq+no-exposure,tlq+target=asymmetric,tlq+floor=0,tlq+floor=0.3,tlq+backend=gptq,tlq+backend=scale,\
+tlq+clip=10,tlq+importance=layer_output,tlq+importance=l2,tlq+importance=gx
 # Choosing TLQ's defaults: candidates scored on the validation split (seed 3), never on the test split.
 CANDIDATES=tlq+backend=gptq,tlq+backend=both,tlq+backend=gptq+target=asymmetric,tlq+backend=both+target=asymmetric
 VALIDATION=(--calib "$DATA/calib.json" --images "$DATA" --eval "$DATA/val.json" --seeds 0,1,2 --num-samples 128)
