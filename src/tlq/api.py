@@ -23,7 +23,7 @@ from tlq.engine import CalibrationResult, quantize_layers
 from tlq.errors import TlqError
 from tlq.export import check_exportable, export_compressed, export_streamed
 from tlq.models import adapter_for, load_model, read_model_type
-from tlq.measure import peak_rss_bytes
+from tlq.measure import peak_rss_bytes, release_freed_memory_promptly
 from tlq.models.lazy import load_lazy
 from tlq.models.processing import load_processor
 from tlq.recipe import Recipe
@@ -138,6 +138,7 @@ def quantize(model_dir: str | Path, out_dir: str | Path, calib: str | Path, imag
     if lazy:
         if not resume:
             raise TlqError("--lazy keeps the calibrated layers in OUT.tlq-work/: drop --no-resume")
+        release_freed_memory_promptly()  # host memory is what --lazy is for
         model, adapter, layers = load_lazy(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
         check_exportable(model, adapter, scheme, layers.empty_layer(0))
     else:

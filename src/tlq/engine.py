@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from tlq.activations import (LayerInputs, activation_list, capture_layer_inputs, capture_linear_inputs, check_finite,
-                             install_activation_quant, layer_output, resolve_device, run_layer, to_device)
+                             install_activation_quant, resolve_device, run_layer)
 from tlq.data import Sample
 from tlq.distributed import SINGLE, Ranks
 from tlq.models import ModelAdapter
@@ -105,11 +105,11 @@ class _Observer:
 
 
 def fp_view(layer: nn.Module) -> nn.Module:
-    """A copy of `layer` whose parameters share storage with it: the FP layer at no memory cost.
+    """A copy of `layer` whose parameters share storage with it: its FP weights, without a copy now.
 
     Sound because calibration never writes into a layer's tensors: scale folding and solved weights
     rebind `.data` to new tensors, so this copy keeps the old ones (tests/test_engine.py checks it for
-    every method). For a 72B layer a deepcopy would be 1.7 GB of host memory on top of the layer.
+    every method). The old tensors then stay alive as long as the view does.
     """
     memo: dict[int, Any] = {id(p): nn.Parameter(p.data, requires_grad=False) for p in layer.parameters()}
     memo.update({id(b): b for b in layer.buffers()})
@@ -130,12 +130,20 @@ def calibrate_layer(layer: nn.Module, index: int, inputs: LayerInputs, adapter: 
     plan = recipe.plan()
     make_solver = solver_factory(plan.solver)
     groups = adapter.linear_groups if recipe.true_sequential else (adapter.linear_names,)
-    reference = fp_view(layer)  # the FP layer: error report and FP-path stream
+    # What the FP layer computes is taken before anything changes, so no FP copy of the layer is kept
+    # through the solves (it would double a layer's host memory): its outputs on the quantized-path
+    # inputs (the error report's reference) and on the FP-path inputs (the FP stream), both spillable.
+    reference_outputs = activation_list(out.cpu() for _, out in run_layer(layer, inputs, device))
+    fp_outputs = None
+    if fp_inputs is not None:
+        fp_outputs = LayerInputs(activation_list(out.cpu() for _, out in run_layer(layer, fp_inputs, device)),
+                                 fp_inputs.kwargs)
     rescaled = []
     if plan.transform is not None:
         rescaled = rescale_layer(layer, index, inputs, adapter, recipe, device, token_weights, fp_inputs, ranks)
     asymmetric = recipe.target == "asymmetric" and fp_inputs is not None and fp_inputs is not inputs
-    fp_scaled = fp_view(layer) if asymmetric else None  # FP weights, same scaling as `layer`
+    # The asymmetric target needs the FP-path inputs of each Linear, through FP weights scaled like `layer`.
+    fp_scaled = fp_view(layer) if asymmetric else None
     linears = {name: layer.get_submodule(name) for name in adapter.linear_names}
     act_hooks = install_activation_quant(list(linears.values()), scheme)
     quantized: dict[str, QuantizedWeight] = {}
@@ -172,17 +180,14 @@ def calibrate_layer(layer: nn.Module, index: int, inputs: LayerInputs, adapter: 
         outputs, error_sq, norm_sq = activation_list(), 0.0, 0.0
         for i, out in run_layer(layer, inputs, device):
             check_finite(out, f"after decoder layer {index}")
-            ref = layer_output(reference(inputs.hidden[i].to(device), **to_device(inputs.kwargs[i], device)))
+            ref = reference_outputs[i].to(device)
             error_sq += float((out.float() - ref.float()).pow(2).sum())
             norm_sq += float(ref.float().pow(2).sum())
             outputs.append(out.cpu())
     finally:
         for handle in act_hooks:
             handle.remove()
-    fp_outputs = None
-    if fp_inputs is not None:
-        fp_outputs = LayerInputs(activation_list(out.cpu() for _, out in run_layer(reference, fp_inputs, device)),
-                                 fp_inputs.kwargs)
+    del reference_outputs
     error_sq, norm_sq = ranks.sum(torch.tensor([error_sq, norm_sq], dtype=torch.float64)).tolist()
     report = LayerReport(index, (error_sq / max(norm_sq, 1e-30)) ** 0.5, time.perf_counter() - start, rescaled)
     return quantized, LayerInputs(hidden=outputs, kwargs=inputs.kwargs), fp_outputs, report

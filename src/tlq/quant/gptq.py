@@ -37,13 +37,13 @@ class GPTQ(LinearSolver):
                 raise ValueError(f"{w.shape[0]} token weights for {x.shape[0]} tokens")
             root = w.clamp_min(0).sqrt().unsqueeze(1)
             x = x * root
-        self.hessian_sum += (x.t() @ x).double()
+        self.hessian_sum += x.t() @ x  # float32 product summed in float64, without a float64 copy
         if target_inputs is not None:
             x_fp = target_inputs.reshape(-1, target_inputs.shape[-1]).float().to(x.device)
             x_fp = x_fp * root if root is not None else x_fp
             if self.cross_sum is None:
                 self.cross_sum = torch.zeros_like(self.hessian_sum)
-            self.cross_sum += (x_fp.t() @ x).double()
+            self.cross_sum += x_fp.t() @ x
         self.num_tokens += x.shape[0]
 
     def statistics(self) -> list[torch.Tensor]:
@@ -69,9 +69,11 @@ class GPTQ(LinearSolver):
         return (self.weight.float() @ mapping).to(self.weight.dtype)
 
     def solve(self) -> QuantizedWeight:
-        target, hessian = self.target_weight(), self.hessian()
-        # The float64 sums are done with; freeing them before the solve keeps the peak at about two
-        # float32 in x in matrices (a 29568-wide down_proj Hessian is 7 GB in float64).
+        target = self.target_weight()
+        # The float64 sums are consumed: scaled in place (same operations as hessian()), converted, and
+        # dropped before the solve, so the peak stays near three float32 in x in matrices (a 29568-wide
+        # down_proj Hessian is 7 GB in float64).
+        hessian = self.hessian_sum.mul_(2.0).div_(self.num_tokens.clamp_min(1)).float()
         self.hessian_sum = self.cross_sum = None
         return gptq_quantize(target, hessian, self.scheme, self.recipe.dampening, self.recipe.block_size,
                              self.recipe.act_order, overwrite_hessian=True)
