@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -68,7 +69,8 @@ def main() -> None:
 def write_results(args: argparse.Namespace, size_bytes: int, rows: list[dict]) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     config = {"layers": args.layers, "hidden": 2048, "intermediate": 4096, "dtype": "float32",
-              "method": "gptq", "scheme": "W4A16", "samples": 4, "command": " ".join(sys.argv)}
+              "method": "gptq", "scheme": "W4A16", "samples": 4, "command": " ".join(sys.argv),
+              "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
     (args.out / "results.json").write_text(json.dumps({"config": config, "runs": rows}, indent=1) + "\n")
     lines = [f"Lazy layers on a {size_bytes / 2**30:.2f} GiB Qwen2-VL-architecture checkpoint ({args.layers} layers, "
              f"hidden 2048, float32), GPTQ W4A16, 4 samples, CPU (`python benchmarks/lazy_memory.py`). Peak RSS is "
