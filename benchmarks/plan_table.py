@@ -34,12 +34,12 @@ def main() -> None:
     (args.out / "plan.json").write_text(json.dumps(plans, indent=1) + "\n")
     lines = [f"`tlq plan`: {args.samples} samples x {args.tokens_per_sample} tokens, bfloat16, devices of "
              f"{args.device_memory}, --lazy; GiB per rank (`python benchmarks/plan_table.py`).", "",
-             "| model | params (B) | devices | device: layer x2 | Hessians | solve | device peak | fits | "
+             "| model | params (B) | devices | device: layer | Hessians | solve | device peak | fits | "
              "host: act. cache | host: grad-pass inputs | host: weights |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in plans:
         d, h = p["device_gib"], p["host_gib"]
-        lines.append(f"| {p['model']} | {p['params_b']} | {p['devices']} | {d['decoder_layer_x2']} | "
+        lines.append(f"| {p['model']} | {p['params_b']} | {p['devices']} | {d['decoder_layer']} | "
                      f"{d['hessians_largest_group']} | {d['solve_buffers']} | {d['peak']} | "
                      f"{'yes' if p['fits'] else 'no'} | {h['layer_input_cache']} | {h['gradient_pass_inputs']} | "
                      f"{h['model_weights']} |")

@@ -7,12 +7,15 @@ s = ceil(samples / N) samples of T tokens, hidden size d and element size b:
 device (the peak of the three phases)
     capture     vision tower + embeddings, one image in flight
     gradient    one decoder layer + one sample's autograd activations, or the LM head and its logits
-    calibrate   one decoder layer twice (working copy + FP reference), the float64 statistics of the
-                largest Linear group, the float32 solve buffers, one sample's activations
+    calibrate   one decoder layer + the old weights of the Linear group being replaced (the FP
+                layer's outputs are taken before the solves, so no FP copy is kept; the asymmetric
+                target keeps one), the float64 statistics of the largest group with one float32
+                product in flight, the float32 solve buffers, one sample's activations
 host
     model weights           the whole checkpoint; with --lazy only what is outside the decoder + one layer
-    layer-input cache       2 x s x T x d x b (inputs and outputs of the current layer), x2 for the
-                            asymmetric target's FP stream
+    layer-input cache       3 x s x T x d x b (the layer's inputs, its outputs and the FP layer's outputs
+                            for the error report), + 2 x for an FP stream (asymmetric target or
+                            --no-exposure); --offload-dir moves it to disk
     gradient pass           (L + 1) x s x T x d x b (each layer's stored inputs; freed before calibration)
 """
 
@@ -57,6 +60,7 @@ class ModelShape:
     heads: int
     vocab: int
     linear_groups_in: list[list[int]] = field(default_factory=list)  # in_features per Linear, per solve group
+    linear_groups_params: list[int] = field(default_factory=list)  # weight elements per solve group
 
 
 def model_shape(model_dir: str | Path) -> ModelShape:
@@ -86,6 +90,8 @@ def model_shape(model_dir: str | Path) -> ModelShape:
         hidden=text.hidden_size, intermediate=text.intermediate_size, heads=text.num_attention_heads,
         vocab=text.vocab_size,
         linear_groups_in=[[layer.get_submodule(n).in_features for n in group] for group in adapter.linear_groups],
+        linear_groups_params=[sum(layer.get_submodule(n).weight.numel() for n in group)
+                              for group in adapter.linear_groups],
     )
 
 
@@ -99,16 +105,18 @@ def plan_memory(shape: ModelShape, devices: int, device_memory: int, samples: in
     layer = shape.layer_params * b
     # One sample through a layer: residual, normed input, q/k/v/o, MLP gate/up/act (float32 where upcast).
     sample_acts = T * (6 * d + 3 * f) * 4 + shape.heads * T * T * 4
-    group_stats = max(sum(n * n for n in group) for group in shape.linear_groups_in) * 8  # float64 Hessians
     widest = max(n for group in shape.linear_groups_in for n in group)
-    solve = 3 * widest * widest * 4  # float32 H, damped copy / Cholesky, inverse
-    calibrate = 2 * layer + group_stats + solve + sample_acts
+    # float64 Hessians of the largest group, plus the float32 product being added
+    group_stats = max(sum(n * n for n in group) for group in shape.linear_groups_in) * 8 + widest * widest * 4
+    solve = 3 * widest * widest * 4  # float32 H (damped in place), its Cholesky factor, the inverse
+    replaced = max(shape.linear_groups_params) * b  # a group's old weights while its solved ones are bound
+    calibrate = (2 if asymmetric else 1) * layer + replaced + group_stats + solve + sample_acts
     head = shape.head_params * b + 3 * T * shape.vocab * 4  # logits, log-softmax, gradient (float32)
     gradient = max(layer + 2 * sample_acts, head)
     capture = (shape.vision_params + shape.embed_params) * b + 4 * T * d * 4
     device_peak = max(calibrate, gradient, capture)
     hidden_cache = per_rank * T * d * b
-    cache = 2 * hidden_cache * (2 if asymmetric else 1)
+    cache = hidden_cache * (5 if asymmetric else 3)
     gradient_store = (shape.num_layers + 1) * hidden_cache
     if lazy:
         weights = (shape.total_params - shape.num_layers * shape.layer_params + 2 * shape.layer_params) * b
@@ -119,7 +127,8 @@ def plan_memory(shape: ModelShape, devices: int, device_memory: int, samples: in
         "model": shape.name, "model_type": shape.model_type, "params_b": round(shape.total_params / 1e9, 3),
         "devices": devices, "device_memory_gib": _gib(device_memory), "samples": samples, "lazy": lazy,
         "samples_per_rank": per_rank, "tokens_per_sample": tokens, "dtype_bytes": b,
-        "device_gib": {"calibrate": _gib(calibrate), "decoder_layer_x2": _gib(2 * layer),
+        "device_gib": {"calibrate": _gib(calibrate), "decoder_layer": _gib(layer),
+                       "replaced_group_weights": _gib(replaced),
                        "hessians_largest_group": _gib(group_stats), "solve_buffers": _gib(solve),
                        "one_sample_activations": _gib(sample_acts), "gradient_pass": _gib(gradient),
                        "capture": _gib(capture), "peak": _gib(device_peak)},
@@ -137,7 +146,8 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"{plan['device_memory_gib']} GiB, {plan['samples']} samples x {plan['tokens_per_sample']} tokens "
         f"({plan['samples_per_rank']} per rank)",
         "| per rank | GiB |", "|---|---|",
-        f"| device: decoder layer (working + FP copy) | {dev['decoder_layer_x2']} |",
+        f"| device: decoder layer | {dev['decoder_layer']} |",
+        f"| device: old weights of the group being solved | {dev['replaced_group_weights']} |",
         f"| device: float64 Hessians, largest Linear group | {dev['hessians_largest_group']} |",
         f"| device: GPTQ solve buffers | {dev['solve_buffers']} |",
         f"| device: one sample's activations | {dev['one_sample_activations']} |",
