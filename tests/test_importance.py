@@ -138,6 +138,27 @@ def test_tlq_with_floor_one_is_plain_gptq(tiny_checkpoints, calib_split):
         assert torch.allclose(q.weight, results["tlq"].quantized[name].weight, atol=1e-6), name
 
 
+def test_recipe_chooses_the_gradient_pass(tiny_checkpoints, calib_split, monkeypatch):
+    """--importance-pass full (1 forward + 1 backward) and streamed give the same token weights."""
+    import tlq.importance as importance_module
+
+    used = []
+    for name in ("_full_backward", "_streamed_backward"):
+        original = getattr(importance_module, name)
+        monkeypatch.setattr(importance_module, name,
+                            lambda *a, _f=original, _n=name, **k: used.append(_n) or _f(*a, **k))
+    lookups = {}
+    for gradient_pass in ("full", "streamed"):
+        recipe = Recipe(method="tlq", scheme="W4A8", num_samples=3, importance_pass=gradient_pass)
+        model, adapter, samples = _setup(tiny_checkpoints["qwen2_vl"], calib_split, n=3)
+        lookups[gradient_pass], _ = build_token_weights(model, adapter, samples, recipe)
+    for name in ("self_attn.k_proj", "mlp.down_proj"):
+        for sample in range(3):
+            a, b = lookups["full"](1, name, sample), lookups["streamed"](1, name, sample)
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (name, sample)
+    assert used == ["_full_backward", "_streamed_backward"]
+
+
 def test_importance_file_round_trip(tiny_checkpoints, calib_split, tmp_path):
     model, adapter, samples = _setup(tiny_checkpoints["llava_onevision"], calib_split, n=2)
     importance = compute_importance(model, adapter, samples)

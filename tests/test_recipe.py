@@ -40,3 +40,5 @@ def test_recipe_validates_and_round_trips():
         Recipe.from_dict({"methd": "gptq"})
     with pytest.raises(TlqError, match="num-samples"):
         Recipe(num_samples=0)
+    with pytest.raises(TlqError, match="importance pass"):
+        Recipe(method="tlq", importance_pass="partial")

@@ -81,7 +81,8 @@ def build_token_weights(model, adapter, samples: list[Sample], recipe: Recipe, r
         importance = TokenImportance.load(importance_file)
     else:
         importance = compute_importance(model, adapter, samples, recipe.importance_score,
-                                        resolve_device(recipe.device), ranks=ranks, layers=layers)
+                                        resolve_device(recipe.device), streamed=recipe.importance_pass == "streamed",
+                                        ranks=ranks, layers=layers)
         if importance_file is not None and ranks.main:
             importance.save(importance_file)
     record: dict[str, Any] = {"weighting": plan.weighting, "fp_answer_loss": round(importance.loss, 5),

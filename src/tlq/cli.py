@@ -35,6 +35,9 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     tlq = parser.add_argument_group("TLQ / MBQ / AWQ options")
     tlq.add_argument("--backend", default="auto", help="tlq solver: auto, gptq, scale, both (default auto)")
     tlq.add_argument("--importance", default="fisher", help="token score: fisher, l2, gx, layer_output")
+    tlq.add_argument("--importance-pass", default="streamed", choices=["streamed", "full"],
+                     help="gradient pass: streamed (one layer on the device, layers recomputed) or full "
+                          "(autograd through the whole model on one device; not with --lazy)")
     tlq.add_argument("--weighting", default="auto", help="ablation: auto, uniform, modality, importance")
     tlq.add_argument("--floor", type=float, default=0.1, help="minimum token weight lam (default 0.1)")
     tlq.add_argument("--clip", type=float, default=None, help="cap on the normalised importance")
@@ -52,7 +55,7 @@ def _recipe_from(args: argparse.Namespace) -> Recipe:
                   num_samples=args.num_samples, seed=args.seed, max_length=args.max_length,
                   dampening=args.dampening, block_size=args.block_size, act_order=args.act_order,
                   true_sequential=args.true_sequential, device=args.device, backend=args.backend,
-                  importance_score=args.importance, weighting=args.weighting, importance_floor=args.floor, importance_clip=args.clip,
+                  importance_score=args.importance, importance_pass=args.importance_pass, weighting=args.weighting, importance_floor=args.floor, importance_clip=args.clip,
                   keep_ratio=args.keep_ratio, token_budget=args.token_budget, min_kind_share=args.min_kind_share,
                   target=args.target, exposure=args.exposure, scale_loss=args.scale_loss)
 
@@ -100,7 +103,8 @@ def _cmd_importance(args: argparse.Namespace) -> int:
     samples = prepare_samples(model, adapter, load_processor(args.model_dir), args.calib, args.images, recipe,
                               records=records[shard.start:shard.stop])
     importance = compute_importance(model, adapter, samples, args.score,
-                                    resolve_device(rank_device(ranks, args.device)), ranks=ranks)
+                                    resolve_device(rank_device(ranks, args.device)),
+                                    streamed=args.importance_pass == "streamed", ranks=ranks)
     shutdown(ranks)
     if not ranks.main:
         return 0
@@ -215,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--images", default=None)
     i.add_argument("--out", required=True, help="output .safetensors file")
     i.add_argument("--score", default="fisher", help="fisher, l2, gx, layer_output")
+    i.add_argument("--importance-pass", default="streamed", choices=["streamed", "full"],
+                   help="streamed (one layer on the device) or full (autograd through the whole model)")
     i.add_argument("--num-samples", type=int, default=128)
     i.add_argument("--seed", type=int, default=0)
     i.add_argument("--max-length", type=int, default=2048)
