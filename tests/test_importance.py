@@ -170,3 +170,15 @@ def test_importance_file_round_trip(tiny_checkpoints, calib_split, tmp_path):
             assert torch.equal(a, b)
     assert [k.tolist() for k in loaded.token_kinds] == [k.tolist() for k in importance.token_kinds]
     assert loaded.kept_summary()["image"] > loaded.kept_summary()["answer"] > 0
+
+
+def test_auto_takes_the_full_pass_when_it_fits(tiny_checkpoints, calib_split):
+    from tlq.importance import full_pass_fits
+
+    model, adapter, samples = _setup(tiny_checkpoints["qwen2_vl"], calib_split, n=2)
+    assert full_pass_fits(model, adapter, samples, torch.device("cpu"))  # a tiny model always fits
+    lazy_layers = type("Lazy", (), {"lazy": True})()
+    assert not full_pass_fits(model, adapter, samples, torch.device("cpu"), lazy_layers)
+    recipe = Recipe(method="tlq", scheme="W4A8", num_samples=2)
+    _, record = build_token_weights(model, adapter, samples, recipe)
+    assert recipe.importance_pass == "auto" and record["gradient_pass"] == "full"

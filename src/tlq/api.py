@@ -69,7 +69,7 @@ def build_token_weights(model, adapter, samples: list[Sample], recipe: Recipe, r
     pass is saved there (rank 0), or read back when a resumed run finds it.
     """
     from tlq.engine import resolve_device
-    from tlq.importance import (TokenImportance, WeightingConfig, compute_importance, kept_tokens,
+    from tlq.importance import (GRADIENT_PASSES, TokenImportance, WeightingConfig, compute_importance, kept_tokens,
                                 modality_ratios, modality_weights, token_weights)
 
     plan = recipe.plan()
@@ -81,11 +81,12 @@ def build_token_weights(model, adapter, samples: list[Sample], recipe: Recipe, r
         importance = TokenImportance.load(importance_file)
     else:
         importance = compute_importance(model, adapter, samples, recipe.importance_score,
-                                        resolve_device(recipe.device), streamed=recipe.importance_pass == "streamed",
+                                        resolve_device(recipe.device), streamed=GRADIENT_PASSES[recipe.importance_pass],
                                         ranks=ranks, layers=layers)
         if importance_file is not None and ranks.main:
             importance.save(importance_file)
     record: dict[str, Any] = {"weighting": plan.weighting, "fp_answer_loss": round(importance.loss, 5),
+                              "gradient_pass": importance.gradient_pass,
                               "tokens_by_kind": importance.kept_summary()}
     if plan.weighting == "modality":
         ratios = modality_ratios(importance, adapter)

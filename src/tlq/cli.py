@@ -35,9 +35,9 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     tlq = parser.add_argument_group("TLQ / MBQ / AWQ options")
     tlq.add_argument("--backend", default="auto", help="tlq solver: auto, gptq, scale, both (default auto)")
     tlq.add_argument("--importance", default="fisher", help="token score: fisher, l2, gx, layer_output")
-    tlq.add_argument("--importance-pass", default="streamed", choices=["streamed", "full"],
-                     help="gradient pass: streamed (one layer on the device, layers recomputed) or full "
-                          "(autograd through the whole model on one device; not with --lazy)")
+    tlq.add_argument("--importance-pass", default="auto", choices=["auto", "streamed", "full"],
+                     help="gradient pass: full (autograd through the whole model on one device), streamed "
+                          "(one layer on the device, layers recomputed), auto (full when it fits)")
     tlq.add_argument("--weighting", default="auto", help="ablation: auto, uniform, modality, importance")
     tlq.add_argument("--floor", type=float, default=0.1, help="minimum token weight lam (default 0.1)")
     tlq.add_argument("--clip", type=float, default=None, help="cap on the normalised importance")
@@ -90,7 +90,7 @@ def _cmd_importance(args: argparse.Namespace) -> int:
     from tlq.data import load_records
     from tlq.distributed import rank_device, ranks_from_environment, shutdown
     from tlq.engine import resolve_device
-    from tlq.importance import compute_importance
+    from tlq.importance import GRADIENT_PASSES, compute_importance
     from tlq.models import adapter_for, load_model, read_model_type
     from tlq.models.processing import load_processor
 
@@ -104,7 +104,8 @@ def _cmd_importance(args: argparse.Namespace) -> int:
                               records=records[shard.start:shard.stop])
     importance = compute_importance(model, adapter, samples, args.score,
                                     resolve_device(rank_device(ranks, args.device)),
-                                    streamed=args.importance_pass == "streamed", ranks=ranks)
+                                    streamed=GRADIENT_PASSES[args.importance_pass],
+                                    ranks=ranks)
     shutdown(ranks)
     if not ranks.main:
         return 0
@@ -219,8 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--images", default=None)
     i.add_argument("--out", required=True, help="output .safetensors file")
     i.add_argument("--score", default="fisher", help="fisher, l2, gx, layer_output")
-    i.add_argument("--importance-pass", default="streamed", choices=["streamed", "full"],
-                   help="streamed (one layer on the device) or full (autograd through the whole model)")
+    i.add_argument("--importance-pass", default="auto", choices=["auto", "streamed", "full"],
+                   help="full (autograd through the whole model), streamed (one layer on the device), "
+                        "auto (full when it fits)")
     i.add_argument("--num-samples", type=int, default=128)
     i.add_argument("--seed", type=int, default=0)
     i.add_argument("--max-length", type=int, default=2048)

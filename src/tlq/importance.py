@@ -31,6 +31,7 @@ from tlq.errors import TlqError
 from tlq.models import ANSWER, IMAGE, PROMPT, TOKEN_KIND_NAMES, ModelAdapter
 
 SCORES = ("fisher", "l2", "gx", "layer_output")
+GRADIENT_PASSES = {"auto": None, "streamed": True, "full": False}  # name -> compute_importance(streamed=)
 
 
 @dataclass
@@ -42,6 +43,7 @@ class TokenImportance:
     token_kinds: list[torch.Tensor]
     score: str = "fisher"
     loss: float = 0.0
+    gradient_pass: str = ""  # "full" or "streamed": which backward produced the scores
 
     def save(self, path: str | Path) -> None:
         """safetensors: one concatenated tensor per Linear, sample offsets and token kinds."""
@@ -55,7 +57,7 @@ class TokenImportance:
         for name, per_sample in self.abs_grad.items():
             tensors[f"abs_grad.{name}"] = torch.cat(per_sample).float().contiguous()
         save_file(tensors, str(path), metadata={"score": self.score, "loss": repr(self.loss),
-                                                "kinds": ",".join(TOKEN_KIND_NAMES)})
+                                                "kinds": ",".join(TOKEN_KIND_NAMES), "gradient_pass": self.gradient_pass})
 
     @classmethod
     def load(cls, path: str | Path) -> "TokenImportance":
@@ -72,7 +74,8 @@ class TokenImportance:
             kinds = split(f.get_tensor("token_kinds"))
             scores = {k[len("score."):]: split(f.get_tensor(k)) for k in f.keys() if k.startswith("score.")}
             abs_grad = {k[len("abs_grad."):]: split(f.get_tensor(k)) for k in f.keys() if k.startswith("abs_grad.")}
-        return cls(scores, abs_grad, kinds, meta.get("score", "fisher"), float(meta.get("loss", 0.0)))
+        return cls(scores, abs_grad, kinds, meta.get("score", "fisher"), float(meta.get("loss", 0.0)),
+                   meta.get("gradient_pass", ""))
 
     def kept_summary(self) -> dict[str, int]:
         kinds = torch.cat(self.token_kinds)
@@ -217,20 +220,50 @@ def _streamed_backward(model: nn.Module, adapter: ModelAdapter, samples: list[Sa
     return losses
 
 
+def full_pass_fits(model: nn.Module, adapter: ModelAdapter, samples: list[Sample], device: torch.device,
+                   layers=None) -> bool:
+    """Whether autograd through the whole model (1 forward + 1 backward, no recompute) fits comfortably:
+    the model on `device` plus one sample's saved activations in every layer, within half of what the
+    device (or the host, for CPU) has free. Lazy layers always take the streamed pass."""
+    if layers is not None and layers.lazy:
+        return False
+    text = model.config.get_text_config()
+    tokens = max((s.num_tokens for s in samples), default=0)
+    # Saved per token and layer: residual, normed input, q/k/v/o, MLP gate/up/act (float32 where upcast).
+    autograd = len(adapter.layers(model)) * tokens * (6 * text.hidden_size + 3 * text.intermediate_size) * 4
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        need = params + autograd
+    else:
+        import os
+
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return False
+        need = autograd  # the model is already in host memory
+    return need <= free / 2
+
+
 def compute_importance(model: nn.Module, adapter: ModelAdapter, samples: list[Sample], score: str = "fisher",
-                       device: torch.device | str = "cpu", streamed: bool = True,
+                       device: torch.device | str = "cpu", streamed: bool | None = True,
                        ranks: Ranks = SINGLE, layers=None) -> TokenImportance:
     """One forward + backward per sample of the FP model; parameters stay frozen.
 
-    `streamed` (default) keeps one decoder layer on the device; False runs autograd through the whole
-    model (the reference the streamed pass is tested against). Under torchrun `samples` are this rank's
-    shard and the result holds every rank's samples, in order.
+    `streamed` keeps one decoder layer on the device and recomputes each layer in the backward (2
+    forwards + 1 backward); False runs autograd through the whole model (1 forward + 1 backward, the
+    reference the streamed pass is tested against); None chooses the full pass when it fits
+    (full_pass_fits). Under torchrun `samples` are this rank's shard and the result holds every rank's
+    samples, in order.
     """
     if score not in SCORES:
         raise TlqError(f"unknown importance score {score!r}: use one of {', '.join(SCORES)}")
     for sample in samples:
         _check_sample(sample)
     recorder = _Recorder(adapter, score)
+    if streamed is None:
+        streamed = not full_pass_fits(model, adapter, samples, torch.device(device), layers)
     backward = _streamed_backward if streamed else _full_backward
     was_training = model.training
     model.eval()
@@ -246,7 +279,8 @@ def compute_importance(model: nn.Module, adapter: ModelAdapter, samples: list[Sa
     merge = lambda index: {key: [t for part in parts for t in part[index][key]] for key in parts[0][index]}  # noqa: E731
     all_losses = [loss for part in parts for loss in part[3]]
     return TokenImportance(scores=merge(0), abs_grad=merge(1), token_kinds=[k for part in parts for k in part[2]],
-                           score=score, loss=sum(all_losses) / max(len(all_losses), 1))
+                           score=score, loss=sum(all_losses) / max(len(all_losses), 1),
+                           gradient_pass="streamed" if streamed else "full")
 
 
 @dataclass

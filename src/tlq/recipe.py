@@ -141,10 +141,11 @@ class Recipe:
     # TLQ: solver backend; auto = both (importance-weighted scale search, then importance-weighted GPTQ).
     backend: str = "auto"
     importance_score: str = "fisher"
-    # The gradient pass: streamed (one decoder layer on the device, each layer's forward recomputed in
-    # the backward: 2 forwards + 1 backward) or full (autograd through the whole resident model on one
-    # device: 1 forward + 1 backward). Scores agree within 1e-4 relative.
-    importance_pass: str = "streamed"
+    # The gradient pass: full (autograd through the whole resident model on one device: 1 forward + 1
+    # backward), streamed (one decoder layer on the device, each layer's forward recomputed in the
+    # backward: 2 forwards + 1 backward), or auto (full when it fits, tlq.importance.full_pass_fits).
+    # Scores agree within 1e-4 relative.
+    importance_pass: str = "auto"
     # Token weighting override for ablations: auto (the method's own), uniform, modality, importance.
     weighting: str = "auto"
     importance_floor: float = 0.1
@@ -175,8 +176,8 @@ class Recipe:
             raise TlqError(f"unknown target {self.target!r}: use one of {', '.join(TARGETS)}")
         if self.backend not in BACKENDS:
             raise TlqError(f"unknown backend {self.backend!r}: use one of {', '.join(BACKENDS)}")
-        if self.importance_pass not in ("streamed", "full"):
-            raise TlqError(f"unknown importance pass {self.importance_pass!r}: use streamed or full")
+        if self.importance_pass not in ("auto", "streamed", "full"):
+            raise TlqError(f"unknown importance pass {self.importance_pass!r}: use auto, streamed or full")
         if self.weighting not in ("auto", "uniform", "modality", "importance"):
             raise TlqError(f"unknown weighting {self.weighting!r}: use auto, uniform, modality or importance")
         if self.scale_loss not in ("auto", "mse", "mae"):
