@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces benchmarks/results/: the retention benchmark on a bundled reference VLM.
-#   benchmarks/reference.sh [rtn_gptq|methods|ablation|validation|all]      (MODEL=models/reference/NAME to choose)
+#   benchmarks/reference.sh [rtn_gptq|methods|ablation|validation|all]      (MODEL=models/reference/NAME to choose;
+#   WEIGHT_SCHEMES / ACT_SCHEMES narrow the methods stage, e.g. WEIGHT_SCHEMES=W3A16 ACT_SCHEMES=W4A8)
 # Calibration pool (seed 1) and test split (seed 2) come from `tlq synth`; every cell is mean/std over
 # calibration seeds 0,1,2 (each draws 128 samples from the pool). Reruns skip finished cells.
 set -euo pipefail
@@ -37,8 +38,8 @@ VALIDATION=(--calib "$DATA/calib.json" --images "$DATA" --eval "$DATA/val.json" 
 # Weight-only schemes on the weight-outlier variant, weight+activation schemes on the activation-outlier
 # variant (DESIGN.md 5: s = 32, k = 4): each stresses what its schemes are sensitive to.
 if [ "$STAGE" = methods ] || [ "$STAGE" = all ]; then
-  $TLQ bench "$WEIGHT_VARIANT" "${COMMON[@]}" --methods $METHODS --schemes W3A16,W4A16,W2A16 --out "$OUT/methods/weight_outliers"
-  $TLQ bench "$ACT_VARIANT" "${COMMON[@]}" --methods $METHODS --schemes W4A8,W8A8 --out "$OUT/methods/activation_outliers"
+  $TLQ bench "$WEIGHT_VARIANT" "${COMMON[@]}" --methods $METHODS --schemes "${WEIGHT_SCHEMES:-W3A16,W4A16,W2A16}" --out "$OUT/methods/weight_outliers"
+  $TLQ bench "$ACT_VARIANT" "${COMMON[@]}" --methods $METHODS --schemes "${ACT_SCHEMES:-W4A8,W8A8}" --out "$OUT/methods/activation_outliers"
 fi
 if [ "$STAGE" = ablation ] || [ "$STAGE" = all ]; then
   $TLQ bench "$WEIGHT_VARIANT" "${COMMON[@]}" --methods $ABLATION --schemes W3A16 --out "$OUT/ablation/weight_outliers"
