@@ -135,7 +135,9 @@ def calibrate_layer(layer: nn.Module, index: int, inputs: LayerInputs, adapter: 
     # inputs (the error report's reference) and on the FP-path inputs (the FP stream), both spillable.
     reference_outputs = activation_list(out.cpu() for _, out in run_layer(layer, inputs, device))
     fp_outputs = None
-    if fp_inputs is not None:
+    if fp_inputs is inputs:  # exposure off: one stream, already computed
+        fp_outputs = LayerInputs(reference_outputs, fp_inputs.kwargs)
+    elif fp_inputs is not None:
         fp_outputs = LayerInputs(activation_list(out.cpu() for _, out in run_layer(layer, fp_inputs, device)),
                                  fp_inputs.kwargs)
     rescaled = []
