@@ -36,7 +36,7 @@ SCALES = {
                        vision_layers=2, vision_heads=2, patch=8, image_size=128),
     # hidden 256 so that a 128-column quantization group is a real group (two per row). Two text layers:
     # with four, Qwen2-VL ran 3374 steps in 60 CPU minutes and reached only 0.82 held-out (notes in
-    # models/reference/README.md); two halve the step and double the steps the budget buys.
+    # models/reference/attempts/README.md); two halve the step and double the steps the budget buys.
     "large": ModelSize(hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2, vision_hidden=96,
                        vision_layers=2, vision_heads=2, patch=8, image_size=128),
 }
@@ -97,7 +97,8 @@ def _worker_batch(batch_seed: tuple[int, int], scenes: list[SceneConfig]):
 
 class _BatchSource:
     """Draws training batches inline, or one step ahead in a spawned process (--data-workers 1): drawing
-    and tokenizing 32 images is 15-30% of a CPU step, and overlapping it with the step buys that back."""
+    and tokenizing 32 images is 15-30% of a CPU step, which this overlaps where a core is spare (on the
+    2-core machine, with 2 compute threads, it was no faster: models/reference/attempts/README.md)."""
 
     def __init__(self, family: str, scale: str, processor, pad_id: int, workers: int):
         self.processor, self.pad_id, self.pending = processor, pad_id, None
@@ -206,7 +207,8 @@ def train(family: str, scale: str, out_dir: Path, minutes: float, max_steps: int
         "steps": step, "best_step": best_step, "batch_size": batch_size, "learning_rate": lr,
         "training_seconds": round(seconds, 1), "threads": threads,
         "val_answer_token_accuracy": round(best, 4), "validation_seed": VALIDATION_SEED,
-        "init": str(init) if init else None, "focus": list(focus), "focus_after": focus_after, "data_workers": data_workers,
+        "init": str(init) if init else None, "focus": list(focus), "focus_after": focus_after,
+        "data_workers": data_workers,
         "torch": torch.__version__,
         "command": " ".join(["python -m tlq.reference.train", *sys.argv[1:]]),
         "history": history,
