@@ -36,7 +36,7 @@ SCALES = {
                        vision_layers=2, vision_heads=2, patch=8, image_size=128),
     # hidden 256 so that a 128-column quantization group is a real group (two per row). Two text layers:
     # with four, Qwen2-VL ran 3374 steps in 60 CPU minutes and reached only 0.82 held-out (notes in
-    # models/reference/attempts/README.md); two cut a step to ~0.75 s (LLaVA-OneVision
+    # models/reference/attempts/README.md); two cut a Qwen2-VL step to ~0.75 s (LLaVA-OneVision, ~0.92 s,
     # passed 0.94 held-out with them; Qwen2-VL still did not: attempts/README.md).
     "large": ModelSize(hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2, vision_hidden=96,
                        vision_layers=2, vision_heads=2, patch=8, image_size=128),
