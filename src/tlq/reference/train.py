@@ -54,6 +54,8 @@ ZOOMED_SHARE = 0.5
 # type), the other half stays the normal mix so the other skills are not forgotten.
 FOCUS_SHARE = 0.5
 VALIDATION_SEED = 999
+# Parameter names of the vision tower and its projector (Qwen2-VL / Qwen2.5-VL, LLaVA-OneVision).
+VISION_MODULES = ("visual.", "vision_tower.", "multi_modal_projector.")
 
 
 def size_for(family: str, scale: str) -> ModelSize:
@@ -136,9 +138,21 @@ def answer_accuracy(model, batches) -> float:
     return correct / max(total, 1)
 
 
+def make_optimizer(model: torch.nn.Module, lr: float, vision_lr_scale: float = 1.0) -> torch.optim.AdamW:
+    """AdamW with two parameter groups, the language model and the vision tower (with its projector); each
+    group's `lr_scale` multiplies the scheduled rate, so the vision tower can learn faster than the text."""
+    def is_vision(name: str) -> bool:
+        return any(module in name for module in VISION_MODULES)
+
+    named = list(model.named_parameters())
+    groups = [{"params": [p for n, p in named if not is_vision(n)], "lr_scale": 1.0},
+              {"params": [p for n, p in named if is_vision(n)], "lr_scale": vision_lr_scale}]
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+
+
 def train(family: str, scale: str, out_dir: Path, minutes: float, max_steps: int, batch_size: int, lr: float,
           seed: int, threads: int, init: Path | None = None, focus: tuple[str, ...] = (),
-          focus_after: float = 0.0, data_workers: int = 0) -> dict:
+          focus_after: float = 0.0, data_workers: int = 0, vision_lr_scale: float = 1.0) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     size = size_for(family, scale)
@@ -156,7 +170,7 @@ def train(family: str, scale: str, out_dir: Path, minutes: float, max_steps: int
     focus_scenes = replace(ZOOMED_SCENES, always_ask=focus, questions_per_image=1,
                            digit_probability=1.0 if "digit" in focus else ZOOMED_SCENES.digit_probability)
     focus_batches = [collate([_sample(val_rng, processor, focus_scenes) for _ in range(32)], pad_id)] if focus else []
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    optimizer = make_optimizer(model, lr, vision_lr_scale)
     budget = minutes * 60
     start = time.perf_counter()
     best, best_step, step, history = -1.0, 0, 0, []
@@ -174,7 +188,7 @@ def train(family: str, scale: str, out_dir: Path, minutes: float, max_steps: int
         progress = min(1.0, max((time.perf_counter() - start) / budget, step / max_steps))
         scale_lr = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * progress))
         for group in optimizer.param_groups:
-            group["lr"] = lr * max(scale_lr, 0.02)
+            group["lr"] = lr * group["lr_scale"] * max(scale_lr, 0.02)
         # The next step's scenes are chosen now (with this step's progress) so a background process can
         # draw them while this step computes.
         next_scenes = scenes_for(progress)
@@ -209,7 +223,7 @@ def train(family: str, scale: str, out_dir: Path, minutes: float, max_steps: int
         "training_seconds": round(seconds, 1), "threads": threads,
         "val_answer_token_accuracy": round(best, 4), "validation_seed": VALIDATION_SEED,
         "init": str(init) if init else None, "focus": list(focus), "focus_after": focus_after,
-        "data_workers": data_workers,
+        "data_workers": data_workers, "vision_lr_scale": vision_lr_scale,
         "torch": torch.__version__,
         "command": " ".join(["python -m tlq.reference.train", *sys.argv[1:]]),
         "history": history,
@@ -236,11 +250,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="start the focus once this share of the time/step budget is spent (default 0)")
     parser.add_argument("--data-workers", type=int, default=0, choices=[0, 1],
                         help="1: draw the next batch in a background process while this step computes")
+    parser.add_argument("--vision-lr-scale", type=float, default=1.0,
+                        help="the vision tower's learning rate as a multiple of --lr (default 1)")
     args = parser.parse_args(argv)
     focus = tuple(t for t in args.focus.split(",") if t)
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.scale]
     info = train(args.family, args.scale, args.out, args.minutes, args.max_steps, args.batch_size, lr,
-                 args.seed, args.threads, args.init, focus, args.focus_after, args.data_workers)
+                 args.seed, args.threads, args.init, focus, args.focus_after, args.data_workers,
+                 args.vision_lr_scale)
     print(f"done: {info['steps']} steps in {info['training_seconds']} s, best val accuracy "
           f"{info['val_answer_token_accuracy']} at step {info['best_step']}")
 
