@@ -1,6 +1,6 @@
 """Train tlq's reference VLMs from scratch on the procedural image-question data.
 
-    python -m tlq.reference.train --family qwen2_vl --scale small --minutes 12 --out models/reference/qwen2_vl-small
+    python -m tlq.reference.train --family qwen2_vl --scale small --minutes 40 --focus digit --focus-after 0.5 --vision-lr-scale 4 --out DIR
 
 Fresh examples are drawn every step (no epoch, no overfitting), up to five questions per image, loss on the
 answers only. The run stops at the time budget or the step limit, keeps the checkpoint with the best
