@@ -31,8 +31,10 @@ METHODS=rtn,gptq,awq,smoothquant,mbq,tlq
 ABLATION=tlq,tlq+weighting=uniform,tlq+weighting=modality,tlq+keep-ratio=0.5,tlq+keep-ratio=0.25,\
 tlq+keep-ratio=0.1,tlq+no-exposure,tlq+target=asymmetric,tlq+floor=0,tlq+floor=0.3,tlq+backend=gptq,tlq+backend=scale,\
 tlq+clip=10,tlq+importance=layer_output,tlq+importance=l2,tlq+importance=gx
-# Choosing TLQ's defaults: candidates scored on the validation split (seed 3), never on the test split.
-CANDIDATES=tlq+backend=gptq,tlq+backend=both,tlq+backend=gptq+target=asymmetric,tlq+backend=both+target=asymmetric
+# Choosing TLQ's defaults: candidates scored on the validation split (seed 3), never on the test split
+# (backend and target first; the importance floor and score were added after the ablation raised them).
+CANDIDATES=tlq+backend=gptq,tlq+backend=both,tlq+backend=gptq+target=asymmetric,tlq+backend=both+target=asymmetric,\
+tlq+floor=0,tlq+floor=0.3,tlq+importance=l2,tlq+importance=gx
 VALIDATION=(--calib "$DATA/calib.json" --images "$DATA" --eval "$DATA/val.json" --seeds 0,1,2 --num-samples 128)
 
 # Weight-only schemes on the weight-outlier variant, weight+activation schemes on the activation-outlier
