@@ -19,6 +19,10 @@ def _command(model, calib_split, out, *extra):
             "--images", str(images), "--method", "tlq", "--scheme", "W4A8", "--num-samples", "4", "--quiet", *extra]
 
 
+def _state(pid: int) -> str:
+    return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+
+
 def _env(**extra):
     return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
 
@@ -31,15 +35,13 @@ def test_killed_run_resumes_bit_identical(tiny_checkpoints, calib_split, tmp_pat
 
     out = tmp_path / "resumed"
     work = tmp_path / "resumed.tlq-work"
-    proc = subprocess.Popen(_command(model, calib_split, out), env=_env(TLQ_DEBUG_PAUSE_AFTER_LAYER="0"),
+    proc = subprocess.Popen(_command(model, calib_split, out), env=_env(TLQ_STOP_AT="layer-0-saved"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
-    while time.time() < deadline:
-        state = json.loads((work / "run.json").read_text()) if (work / "run.json").exists() else {}
-        if state.get("finished_layers") == 1:
-            break
+    while time.time() < deadline and _state(proc.pid) != "T":  # stopped itself at the named point
         assert proc.poll() is None
-        time.sleep(0.2)
+        time.sleep(0.1)
+    assert json.loads((work / "run.json").read_text())["finished_layers"] == 1
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert not out.exists() and (work / "layer_00000.safetensors").exists()

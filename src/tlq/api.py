@@ -9,20 +9,25 @@ from __future__ import annotations
 import dataclasses
 import platform
 import shutil
+import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tlq.activations import offload_activations
+from tlq import faults
+from tlq.activations import offload_activations, resolve_device
 from tlq.data import Sample, build_samples, data_hash, load_records
 from tlq.distributed import DEFAULT_TIMEOUT_S, SINGLE, Ranks, rank_device, ranks_from_environment, shutdown
 from tlq.engine import CalibrationResult, quantize_layers
-from tlq.errors import TlqError
+from tlq.errors import RankFailure, TlqError
 from tlq.export import check_exportable, export_compressed, export_streamed
+from tlq.guards import check_disjoint, check_output_location, output_lock, remove_stale_siblings
 from tlq.models import adapter_for, load_model, read_model_type
+from tlq.models.weights import check_weight_files
 from tlq.measure import peak_rss_bytes, release_freed_memory_promptly
 from tlq.models.lazy import load_lazy
 from tlq.models.processing import load_processor
@@ -60,16 +65,16 @@ def prepare_samples(model, adapter, processor, calib: str | Path, images: str | 
 
 
 def build_token_weights(model, adapter, samples: list[Sample], recipe: Recipe, ranks: Ranks = SINGLE,
-                        importance_file: Path | None = None, layers=None):
+                        work: WorkDir | None = None, layers=None):
     """The per-token weights the recipe's method calibrates with (None = uniform), and a summary.
 
     TLQ and MBQ share one forward + backward pass of the FP model over the calibration samples (each
     rank over its shard; the scores of all samples are gathered, so the token-level set is chosen
-    globally). The weights are looked up with this rank's sample numbers. With `importance_file` the
-    pass is saved there (rank 0), or read back when a resumed run finds it.
+    globally). The weights are looked up with this rank's sample numbers. With a work directory the
+    pass is kept there (rank 0 writes, every rank records its digest), or read back when a resumed run
+    finds it whole.
     """
-    from tlq.engine import resolve_device
-    from tlq.importance import (GRADIENT_PASSES, TokenImportance, WeightingConfig, compute_importance, kept_tokens,
+    from tlq.importance import (GRADIENT_PASSES, WeightingConfig, compute_importance, kept_tokens,
                                 modality_ratios, modality_weights, token_weights)
 
     plan = recipe.plan()
@@ -77,14 +82,14 @@ def build_token_weights(model, adapter, samples: list[Sample], recipe: Recipe, r
         if recipe.keep_ratio is not None or recipe.token_budget is not None:
             raise TlqError("a token budget selects tokens by importance: use it with --method tlq")
         return None, {"weighting": "uniform"}
-    if importance_file is not None and importance_file.exists():
-        importance = TokenImportance.load(importance_file)
-    else:
+    importance = work.saved_importance() if work is not None else None
+    if importance is None:
         importance = compute_importance(model, adapter, samples, recipe.importance_score,
                                         resolve_device(recipe.device), streamed=GRADIENT_PASSES[recipe.importance_pass],
                                         ranks=ranks, layers=layers)
-        if importance_file is not None and ranks.main:
-            importance.save(importance_file)
+        if work is not None:
+            work.keep_importance(importance)
+            faults.reached("importance-saved")
     record: dict[str, Any] = {"weighting": plan.weighting, "fp_answer_loss": round(importance.loss, 5),
                               "gradient_pass": importance.gradient_pass,
                               "tokens_by_kind": importance.kept_summary()}
@@ -111,35 +116,84 @@ def build_token_weights(model, adapter, samples: list[Sample], recipe: Recipe, r
 
 
 
+@dataclass
+class QuantizeJob:
+    """Everything a quantize call was given, checked before any heavy work (tlq.guards for the paths)."""
+
+    model_dir: Path
+    out_dir: Path
+    calib: Path
+    images: Path | None
+    recipe: Recipe
+    scheme: Any
+    records: list
+    offload_dir: Path | None
+    overwrite: bool
+
+
+def check_job(model_dir, out_dir, calib, images, recipe: Recipe, overwrite: bool, offload_dir,
+              confine_images: bool = True) -> QuantizeJob:
+    """Every check that needs no model: options, device, paths, weight files, calibration records.
+
+    The output (and its work folder) must not overlap any input, so `--overwrite` can only replace an
+    earlier output; the weight files are parsed before transformers sees them.
+    """
+    scheme = recipe.resolved_scheme()
+    adapter_for(read_model_type(model_dir))
+    resolve_device(recipe.device)
+    out_dir = Path(out_dir)
+    check_output_location(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise TlqError(f"output {out_dir} already exists: remove it or pass --overwrite")
+    if offload_dir is not None and Path(offload_dir).exists() and not Path(offload_dir).is_dir():
+        raise TlqError(f"--offload-dir {offload_dir} is a file: name a folder")
+    inputs = {"the model folder": model_dir, "--calib": calib, "--images": images}
+    outputs = {"--out": out_dir, "its work folder": work_dir_for(out_dir), "--offload-dir": offload_dir}
+    check_disjoint(outputs, inputs)
+    check_disjoint({"--out": out_dir}, {"--offload-dir": offload_dir})
+    check_weight_files(model_dir)
+    records = load_records(calib, images, recipe.num_samples, recipe.seed, confine=confine_images)
+    check_disjoint(outputs, {f"calibration image {path}": path for r in records for path in r.images})
+    return QuantizeJob(Path(model_dir), out_dir, Path(calib), None if images is None else Path(images), recipe,
+                       scheme, records, None if offload_dir is None else Path(offload_dir), overwrite)
+
+
 def quantize(model_dir: str | Path, out_dir: str | Path, calib: str | Path, images: str | Path | None = None,
              recipe: Recipe | None = None, overwrite: bool = False, progress: bool = True,
              dtype: str = "auto", trust_remote_code: bool = False, ranks: Ranks | None = None,
              resume: bool = True, dist_timeout_s: float = DEFAULT_TIMEOUT_S, lazy: bool = False,
-             offload_dir: str | Path | None = None) -> QuantizeReport:
+             offload_dir: str | Path | None = None, confine_images: bool = True) -> QuantizeReport:
     """Calibrate the decoder of the VLM in `model_dir` and write a compressed-tensors checkpoint to `out_dir`.
 
     Under torchrun (WORLD_SIZE > 1) the samples are sharded over the ranks and rank 0 writes the output.
-    With `resume`, finished layers are kept in `OUT.tlq-work/` until the output is written (rank 0 removes them after writing), and the
-    same call after a crash continues from there. With `lazy`, decoder layers are read from the
+    With `resume`, finished layers are kept in `OUT.tlq-work/` until the output is written (rank 0
+    removes them after writing), and the same call after a crash continues from there; a refusal
+    (TlqError) removes a work folder this call created. With `lazy`, decoder layers are read from the
     checkpoint one at a time (host memory ~ one layer + activations) and the output is written layer by
-    layer from the work directory.
+    layer from the work directory. Image paths must lie under the image folder unless `confine_images`
+    is off.
     """
-    start = time.perf_counter()
     recipe = recipe or Recipe()
-    scheme = recipe.resolved_scheme()
-    adapter = adapter_for(read_model_type(model_dir))
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise TlqError(f"output {out_dir} already exists: remove it or pass --overwrite")
-    records = load_records(calib, images, recipe.num_samples, recipe.seed)
+    if lazy and not resume:
+        raise TlqError("--lazy keeps the calibrated layers in OUT.tlq-work/: drop --no-resume")
+    job = check_job(model_dir, out_dir, calib, images, recipe, overwrite, offload_dir, confine_images)
     ranks = ranks or ranks_from_environment(recipe.device, dist_timeout_s)
-    if len(records) < ranks.size:
-        raise TlqError(f"{len(records)} calibration samples for {ranks.size} ranks: use more samples or fewer ranks")
-    recipe = dataclasses.replace(recipe, device=rank_device(ranks, recipe.device))
+    if len(job.records) < ranks.size:
+        raise TlqError(f"{len(job.records)} calibration samples for {ranks.size} ranks: use more samples or fewer ranks")
+    job.recipe = dataclasses.replace(recipe, device=rank_device(ranks, recipe.device))
+    with output_lock(job.out_dir, enabled=ranks.main):
+        if ranks.main:
+            remove_stale_siblings(job.out_dir)
+        return _run(job, ranks, progress=progress, dtype=dtype, trust_remote_code=trust_remote_code,
+                    resume=resume, lazy=lazy)
+
+
+def _run(job: QuantizeJob, ranks: Ranks, progress: bool, dtype: str, trust_remote_code: bool, resume: bool,
+         lazy: bool) -> QuantizeReport:
+    start = time.perf_counter()
+    recipe, scheme, records, out_dir, model_dir = job.recipe, job.scheme, job.records, job.out_dir, job.model_dir
     layers = None
     if lazy:
-        if not resume:
-            raise TlqError("--lazy keeps the calibrated layers in OUT.tlq-work/: drop --no-resume")
         release_freed_memory_promptly()  # host memory is what --lazy is for
         model, adapter, layers = load_lazy(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
         check_exportable(model, adapter, scheme, layers.empty_layer(0))
@@ -148,23 +202,67 @@ def quantize(model_dir: str | Path, out_dir: str | Path, calib: str | Path, imag
         check_exportable(model, adapter, scheme)
     processor = load_processor(model_dir, trust_remote_code=trust_remote_code)
     shard = ranks.shard(len(records))
-    samples = prepare_samples(model, adapter, processor, calib, images, recipe, records=records[shard.start:shard.stop])
+    samples = prepare_samples(model, adapter, processor, job.calib, job.images, recipe,
+                              records=records[shard.start:shard.stop])
     work = None
     if resume:
         fingerprint = {"recipe": {k: v for k, v in recipe.to_dict().items() if k != "device"},
-                       "model": str(Path(model_dir).resolve()), "data_sha256": data_hash(records),
+                       "model": str(model_dir.resolve()), "data_sha256": data_hash(records),
                        "ranks": ranks.size, "dtype": dtype, "tlq": package_versions()["tlq"]}
         work = WorkDir(work_dir_for(out_dir), fingerprint, ranks)
-        work.open()
-    spill = None if offload_dir is None else Path(offload_dir) / f"rank{ranks.rank}"
-    with offload_activations(spill):
+    with _removed_on_refusal(work, ranks), offload_folder(job.offload_dir, ranks) as spill, offload_activations(spill):
+        if work is not None:
+            work.open(len(layers) if layers is not None else len(adapter.layers(model)))
         importance_start = time.perf_counter()
-        weights, weighting_record = build_token_weights(model, adapter, samples, recipe, ranks,
-                                                        work.importance_path if work is not None else None, layers)
+        weights, weighting_record = build_token_weights(model, adapter, samples, recipe, ranks, work, layers)
         importance_seconds = time.perf_counter() - importance_start
         calibration = quantize_layers(model, adapter, samples, recipe, token_weights=weights, progress=progress,
                                       ranks=ranks, work=work, layers=layers)
-    calibration.seconds += importance_seconds
+        calibration.seconds += importance_seconds
+        record = _run_record(job, model, adapter, samples, calibration, weighting_record, ranks)
+        # Only rank 0 writes. The process group ends first: compressed-tensors switches to a collective
+        # compression path whenever torch.distributed is initialised.
+        ranks.barrier()
+        shutdown(ranks)
+        if ranks.main:
+            _write_output(job, model, adapter, calibration, layers, work, record)
+    if ranks.main and work is not None:
+        faults.reached("export-done")
+        shutil.rmtree(work.path, ignore_errors=True)
+    return QuantizeReport(out_dir=out_dir, calibration=calibration, num_samples=len(records),
+                          num_tokens=record["calibration"]["num_tokens"], seconds=time.perf_counter() - start)
+
+
+@contextmanager
+def _removed_on_refusal(work: WorkDir | None, ranks: Ranks):
+    """A refusal (TlqError) is deterministic, so rerunning cannot resume it: remove a work folder this
+    call created. An interruption or a crash keeps it for the rerun."""
+    created = work is not None and not work.path.exists()
+    try:
+        yield
+    except TlqError as exc:
+        if created and ranks.main and not isinstance(exc, RankFailure):
+            shutil.rmtree(work.path, ignore_errors=True)
+        raise
+
+
+@contextmanager
+def offload_folder(offload_dir: Path | None, ranks: Ranks):
+    """A fresh folder of this run's own under `--offload-dir` (removed at the end), or None."""
+    if offload_dir is None:
+        yield None
+        return
+    offload_dir.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f"tlq-activations-rank{ranks.rank}-", dir=offload_dir))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _run_record(job: QuantizeJob, model, adapter, samples, calibration: CalibrationResult, weighting_record,
+                ranks: Ranks) -> dict[str, Any]:
+    """tlq_recipe.json: what ran, on what, and what it measured."""
     local_tokens = sum(s.num_tokens for s in samples)
     num_tokens = int(ranks.sum(torch.tensor(local_tokens)))
     per_rank = ranks.gather_objects({
@@ -174,13 +272,13 @@ def quantize(model_dir: str | Path, out_dir: str | Path, calib: str | Path, imag
         "peak_host_memory_bytes": peak_rss_bytes(),  # VmHWM: not inherited from a launcher
         "peak_device_memory_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
     })
-    record: dict[str, Any] = {
-        "recipe": recipe.to_dict(),
-        "scheme": scheme.to_dict(),
+    return {
+        "recipe": job.recipe.to_dict(),
+        "scheme": job.scheme.to_dict(),
         "model_type": model.config.model_type,
-        "source_model": str(Path(model_dir).resolve()),
-        "calibration": {"file": str(calib), "num_samples": len(records), "num_tokens": num_tokens,
-                        "data_sha256": data_hash(records)},
+        "source_model": str(job.model_dir.resolve()),
+        "calibration": {"file": str(job.calib), "num_samples": len(job.records), "num_tokens": num_tokens,
+                        "data_sha256": data_hash(job.records)},
         "layer_relative_error": [round(r.relative_error, 6) for r in calibration.layers],
         "resumed_layers": sum(r.resumed for r in calibration.layers),
         "rescaled_groups": [r.rescaled for r in calibration.layers if r.rescaled],
@@ -190,21 +288,17 @@ def quantize(model_dir: str | Path, out_dir: str | Path, calib: str | Path, imag
         "ranks": per_rank,
         "versions": package_versions(),
     }
-    # Only rank 0 writes. The process group ends first: compressed-tensors switches to a collective
-    # compression path whenever torch.distributed is initialised.
-    ranks.barrier()
-    shutdown(ranks)
-    if ranks.main and layers is not None:
+
+
+def _write_output(job: QuantizeJob, model, adapter, calibration: CalibrationResult, layers, work, record) -> None:
+    if layers is not None:
         def layer_state(index: int):
             state, grids, _ = work.layer_state(index)
             prefix = f"{adapter.decoder_layers}.{index}."
             return state, {name[len(prefix):]: q for name, q in grids.items()}
 
-        export_streamed(model, adapter, scheme, layers, layer_state, out_dir, model_dir, record, overwrite)
-    elif ranks.main:
-        export_compressed(model, adapter, scheme, calibration.quantized, out_dir, source_dir=model_dir,
-                          recipe_record=record, overwrite=overwrite)
-    if ranks.main and work is not None:
-        shutil.rmtree(work.path, ignore_errors=True)
-    return QuantizeReport(out_dir=out_dir, calibration=calibration, num_samples=len(records),
-                          num_tokens=num_tokens, seconds=time.perf_counter() - start)
+        export_streamed(model, adapter, job.scheme, layers, layer_state, job.out_dir, job.model_dir, record,
+                        job.overwrite)
+    else:
+        export_compressed(model, adapter, job.scheme, calibration.quantized, job.out_dir, source_dir=job.model_dir,
+                          recipe_record=record, overwrite=job.overwrite)

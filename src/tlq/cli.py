@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -64,10 +65,13 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from tlq.api import quantize
 
     recipe = _recipe_from(args)
+    if not args.dist_timeout > 0:
+        raise TlqError(f"--dist-timeout must be > 0 seconds, got {args.dist_timeout}")
     report = quantize(args.model_dir, args.out, calib=args.calib, images=args.images, recipe=recipe,
                       overwrite=args.overwrite, progress=not args.quiet, dtype=args.dtype,
                       trust_remote_code=args.trust_remote_code, resume=args.resume,
-                      dist_timeout_s=args.dist_timeout, lazy=args.lazy, offload_dir=args.offload_dir)
+                      dist_timeout_s=args.dist_timeout, lazy=args.lazy, offload_dir=args.offload_dir,
+                      confine_images=not args.allow_outside_images)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # rank 0 reports
     errors = ", ".join(f"{r.relative_error:.4f}" for r in report.calibration.layers)
@@ -76,11 +80,31 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(value: int | None, option: str) -> None:
+    if value is not None and value < 1:
+        raise TlqError(f"{option} must be >= 1, got {value}")
+
+
+def _check_file_out(out: str, option: str, inputs: dict[str, str | None]) -> None:
+    from tlq.guards import check_disjoint, check_file_output
+
+    check_file_output(out, option)
+    check_disjoint({option: out}, inputs)
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from tlq.activations import resolve_device
     from tlq.evaluate import evaluate
 
+    _positive(args.num_samples, "--num-samples")
+    _positive(args.batch_size, "--batch-size")
+    resolve_device(args.device)
+    if args.out is not None:
+        _check_file_out(args.out, "--out", {"the model folder": args.model_dir, "--data": args.data,
+                                            "--images": args.images, "--reference": args.reference})
     report = evaluate(args.model_dir, args.data, images=args.images, reference=args.reference,
-                      num_samples=args.num_samples, batch_size=args.batch_size, device=args.device, out=args.out)
+                      num_samples=args.num_samples, batch_size=args.batch_size, device=args.device, out=args.out,
+                      confine_images=not args.allow_outside_images)
     print(json.dumps(report, indent=2))
     return 0
 
@@ -89,14 +113,22 @@ def _cmd_importance(args: argparse.Namespace) -> int:
     from tlq.api import prepare_samples
     from tlq.data import load_records
     from tlq.distributed import rank_device, ranks_from_environment, shutdown
-    from tlq.engine import resolve_device
+    from tlq.activations import resolve_device
     from tlq.importance import GRADIENT_PASSES, compute_importance
     from tlq.models import adapter_for, load_model, read_model_type
     from tlq.models.processing import load_processor
 
-    recipe = Recipe(num_samples=args.num_samples, seed=args.seed, max_length=args.max_length)
+    from tlq.models.weights import check_weight_files
+
+    recipe = Recipe(num_samples=args.num_samples, seed=args.seed, max_length=args.max_length,
+                    importance_score=args.score, device=args.device)
     adapter_for(read_model_type(args.model_dir))
-    records = load_records(args.calib, args.images, recipe.num_samples, recipe.seed)
+    resolve_device(args.device)
+    _check_file_out(args.out, "--out", {"the model folder": args.model_dir, "--calib": args.calib,
+                                        "--images": args.images})
+    check_weight_files(args.model_dir)
+    records = load_records(args.calib, args.images, recipe.num_samples, recipe.seed,
+                           confine=not args.allow_outside_images)
     ranks = ranks_from_environment(args.device)  # under torchrun each rank takes a shard of the samples
     shard = ranks.shard(len(records))
     model, adapter = load_model(args.model_dir, dtype=args.dtype)
@@ -109,7 +141,7 @@ def _cmd_importance(args: argparse.Namespace) -> int:
     shutdown(ranks)
     if not ranks.main:
         return 0
-    importance.save(args.out)
+    importance.save_atomic(args.out)
     kinds = importance.kept_summary()
     print(f"wrote {args.out}: {args.score} scores of {len(importance.scores)} Linears over {len(samples)} samples "
           f"({', '.join(f'{v} {k}' for k, v in kinds.items())} tokens); FP answer loss {importance.loss:.4f}")
@@ -130,6 +162,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     for path in (args.calib, args.eval):
         if not Path(path).is_file():
             raise TlqError(f"{path} does not exist: pass a ShareGPT4V-style JSON file")
+    from tlq.guards import check_disjoint, check_output_location
+
+    check_output_location(args.out)
+    check_disjoint({"--out": args.out}, {"the model folder": args.model_dir, "--calib": args.calib,
+                                         "--images": args.images, "--eval": args.eval,
+                                         "--eval-images": args.eval_images})
     cfg = BenchConfig(model_dir=args.model_dir, calib=args.calib, eval_data=args.eval, out_dir=args.out,
                       calib_images=args.images, eval_images=args.eval_images or args.images,
                       methods=_split(args.methods), schemes=_split(args.schemes), seeds=seeds,
@@ -155,7 +193,11 @@ def _cmd_stress(args: argparse.Namespace) -> int:
     from tlq.models import adapter_for, read_model_type
     from tlq.reference.stress import make_variant
 
+    from tlq.guards import check_disjoint, check_output_location
+
     adapter_for(read_model_type(args.model_dir))
+    check_output_location(args.out)
+    check_disjoint({"--out": args.out}, {"the model folder": args.model_dir})
     out = make_variant(args.model_dir, args.out, args.kind, args.scale, args.channels, args.seed)
     print(f"wrote {args.kind}-outlier variant to {out}")
     return 0
@@ -198,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read decoder layers from the checkpoint one at a time (host RAM ~ one layer, not the model)")
     q.add_argument("--offload-dir", default=None,
                    help="keep per-sample activations in files under this folder instead of host RAM")
+    q.add_argument("--allow-outside-images", action="store_true",
+                   help="let records name images outside the --images folder (absolute paths, .., symlinks)")
     q.add_argument("--dist-timeout", type=float, default=1800.0,
                    help="under torchrun: seconds a rank waits for the others before giving up (default 1800)")
     _add_recipe_arguments(q)
@@ -212,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--device", default="cpu")
     e.add_argument("--out", default=None, help="also write the JSON report here")
+    e.add_argument("--allow-outside-images", action="store_true",
+                   help="let records name images outside the --images folder")
     e.set_defaults(func=_cmd_eval)
 
     i = sub.add_parser("importance", help="per-token, per-Linear gradient importance (safetensors)")
@@ -228,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--max-length", type=int, default=2048)
     i.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     i.add_argument("--device", default="auto")
+    i.add_argument("--allow-outside-images", action="store_true",
+                   help="let records name images outside the --images folder")
     i.set_defaults(func=_cmd_importance)
 
     b = sub.add_parser("bench", help="methods x schemes x seeds: quantize, evaluate, tabulate")
@@ -292,8 +340,12 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' load/save bars
     if getattr(args, "quiet", False) or (args.command != "quantize" and not args.verbose):
         os.environ["TQDM_DISABLE"] = "1"  # library progress bars; our commands print their own lines
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.func(args)
+    except Terminated:
+        print("tlq: terminated (a rerun of the same command resumes)", file=sys.stderr)
+        return 143
     except RankFailure as exc:
         # A broken process group aborts the interpreter when it is destroyed at exit (gloo): leave
         # without running destructors, after the message is out. The work directory stays for resume.
@@ -307,6 +359,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tlq: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - the last resort: a bug in tlq, still one line unless -v
+        if args.verbose:
+            raise
+        reason = (str(exc).splitlines() or [""])[0][:300]
+        print(f"tlq: internal error: {type(exc).__name__}: {reason} (a bug in tlq: rerun with -v for the "
+              f"traceback and report it)", file=sys.stderr)
+        return 1
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is, so `finally` blocks remove temporary output."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
 
 
 if __name__ == "__main__":

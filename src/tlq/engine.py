@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -35,6 +34,7 @@ from torch import nn
 
 from tlq.activations import (LayerInputs, activation_list, capture_layer_inputs, capture_linear_inputs, check_finite,
                              install_activation_quant, resolve_device, run_layer)
+from tlq import faults
 from tlq.data import Sample
 from tlq.distributed import SINGLE, Ranks
 from tlq.models import ModelAdapter
@@ -233,7 +233,6 @@ def quantize_layers(model: nn.Module, adapter: ModelAdapter, samples: list[Sampl
         if fp_inputs is not None:
             fp_inputs = LayerInputs(activation_list(fp_hidden), inputs.kwargs) if recipe.exposure else inputs
         log.info("resumed from %s: layers 0..%d were finished", work.path, first - 1)
-    pause_after = int(os.environ.get("TLQ_DEBUG_PAUSE_AFTER_LAYER", "-1"))  # lets tests kill a run mid-way
     bar = tqdm(range(first, len(layers)), desc=f"{recipe.method} {recipe.resolved_scheme().name}",
                disable=not progress or not ranks.main, initial=first, total=len(layers))
     for index in bar:
@@ -257,8 +256,6 @@ def quantize_layers(model: nn.Module, adapter: ModelAdapter, samples: list[Sampl
         del layer
         bar.set_postfix(rel_err=f"{report.relative_error:.4f}")
         log.info("layer %d: relative output error %.5f (%.1f s)", index, report.relative_error, report.seconds)
-        if index == pause_after:
-            while True:
-                time.sleep(60)
+        faults.reached(f"layer-{index}-saved")
     result.seconds = time.perf_counter() - start
     return result

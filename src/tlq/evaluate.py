@@ -24,7 +24,10 @@ import torch
 from tlq.compat import load_quantized
 from tlq.data import Sample, build_samples, load_records
 from tlq.data.batching import collate
+from tlq.guards import write_file_atomic
+from tlq.errors import TlqError
 from tlq.models import adapter_for, read_model_type
+from tlq.models.weights import check_finite_parameters, check_loading_info, check_weight_files
 from tlq.models.processing import load_processor
 
 
@@ -86,6 +89,21 @@ def score_samples(model, samples: list[Sample], pad_id: int, reference=None, bat
     return results
 
 
+def _load_checked(model_dir: str | Path):
+    """A checkpoint (FP or compressed) as saved, with a one-line error for corrupt or incomplete files."""
+    check_weight_files(model_dir)
+    try:
+        model, info = load_quantized(model_dir, output_loading_info=True, use_safetensors=True)
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - config, safetensors and compressed-tensors raise many types
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+        raise TlqError(f"cannot load the model in {model_dir}: {reason}") from None
+    check_loading_info(model_dir, info)
+    check_finite_parameters(model, model_dir)
+    return model
+
+
 @dataclass
 class EvalSet:
     """Held-out questions turned into model inputs once; a model and its quantized copies share them."""
@@ -95,8 +113,8 @@ class EvalSet:
 
     @classmethod
     def load(cls, data: str | Path, images: str | Path | None, processor,
-             num_samples: int | None = None) -> "EvalSet":
-        records = load_records(data, images)
+             num_samples: int | None = None, confine_images: bool = True) -> "EvalSet":
+        records = load_records(data, images, confine=confine_images)
         if num_samples is not None:
             records = records[:num_samples]  # the first N, so a prefix of a split is comparable across runs
         return cls(records, build_samples(records, processor))
@@ -106,7 +124,7 @@ def evaluate(model_dir: str | Path, data: str | Path, images: str | Path | None 
              reference: str | Path | None = None, num_samples: int | None = None, batch_size: int = 16,
              device: str = "cpu", out: str | Path | None = None, eval_set: EvalSet | None = None,
              reference_logp: list[torch.Tensor] | None = None,
-             keep_logp: list[torch.Tensor] | None = None) -> dict[str, Any]:
+             keep_logp: list[torch.Tensor] | None = None, confine_images: bool = True) -> dict[str, Any]:
     """Exact-match accuracy (overall and per question type), answer NLL and KL to `reference`.
 
     `eval_set` (already built inputs), `reference_logp` (the reference's answer log-probabilities, so
@@ -115,13 +133,14 @@ def evaluate(model_dir: str | Path, data: str | Path, images: str | Path | None 
     """
     start = time.perf_counter()
     adapter_for(read_model_type(model_dir))  # a clear error for unsupported folders
-    model = load_quantized(model_dir).to(device).eval()
+    model = _load_checked(model_dir).to(device).eval()
     processor = load_processor(model_dir)
-    eval_set = eval_set or EvalSet.load(data, images, processor, num_samples)
+    eval_set = eval_set or EvalSet.load(data, images, processor, num_samples, confine_images)
     records = eval_set.records
     ref_model = None
     if reference is not None and reference_logp is None:
-        ref_model = load_quantized(reference).to(device).eval()
+        adapter_for(read_model_type(reference))
+        ref_model = _load_checked(reference).to(device).eval()
     scores = score_samples(model, eval_set.samples, processor.tokenizer.pad_token_id, ref_model, batch_size, device,
                            reference_logp, keep_logp)
     types = [t for record in records for t in record.meta.get("types", ["all"] * sum(
@@ -145,5 +164,5 @@ def evaluate(model_dir: str | Path, data: str | Path, images: str | Path | None 
     if scores and "kl" in scores[0]:
         report["answer_kl"] = sum(s["kl"] for s in scores) / max(tokens, 1)
     if out is not None:
-        Path(out).write_text(json.dumps(report, indent=2) + "\n")
+        write_file_atomic(out, json.dumps(report, indent=2) + "\n")
     return report

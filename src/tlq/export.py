@@ -27,7 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from tlq import faults
 from tlq.errors import TlqError
+from tlq.guards import describe_os_error, follow_umask
 from tlq.models import ModelAdapter
 from tlq.quant import QuantizedWeight
 from tlq.recipe import Scheme
@@ -105,17 +107,21 @@ def _checkpoint_names(module_names: list[str], checkpoint_keys: set[str]) -> lis
 @contextmanager
 def _staged(out_dir: Path, overwrite: bool, source_dir: str | Path | None, recipe_record: dict[str, Any] | None):
     """Yield a temporary sibling of `out_dir` to write into; on success add the side files and the recipe
-    and rename it into place, on any error remove it."""
+    and rename it into place, on any error remove it. A write that fails (disk full, read-only) is one
+    line; the folder gets the permissions the umask gives, like any folder the user makes."""
     if out_dir.exists() and not overwrite:
         raise TlqError(f"output {out_dir} already exists: remove it or pass --overwrite")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    staging = None
     try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
         yield staging
         if source_dir is not None:
             _copy_side_files(Path(source_dir), staging)
         if recipe_record is not None:
             (staging / RECIPE_FILE).write_text(json.dumps(recipe_record, indent=2, sort_keys=True) + "\n")
+        follow_umask(staging)
+        faults.reached("export-staged")
         if out_dir.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             os.replace(out_dir, trash / out_dir.name)
@@ -123,9 +129,24 @@ def _staged(out_dir: Path, overwrite: bool, source_dir: str | Path | None, recip
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+    except BaseException as exc:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, OSError) or _is_safetensors_io_error(exc):
+            raise TlqError(f"cannot write {out_dir}: {_describe_write_error(exc)}") from None
         raise
+
+
+def _is_safetensors_io_error(exc: BaseException) -> bool:
+    return type(exc).__name__ == "SafetensorError" and "error" in str(exc).lower()
+
+
+def _describe_write_error(exc: BaseException) -> str:
+    if isinstance(exc, OSError):
+        return describe_os_error(exc)
+    if "No space left" in str(exc) or "os error 28" in str(exc):
+        return "no space left on the device: free some space or write elsewhere"
+    return str(exc).splitlines()[0]
 
 
 @torch.no_grad()

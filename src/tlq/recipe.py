@@ -182,6 +182,16 @@ class Recipe:
             raise TlqError(f"unknown weighting {self.weighting!r}: use auto, uniform, modality or importance")
         if self.scale_loss not in ("auto", "mse", "mae"):
             raise TlqError(f"unknown scale loss {self.scale_loss!r}: use auto, mse or mae")
+        from tlq.importance import SCORES
+
+        if self.importance_score not in SCORES:
+            raise TlqError(f"unknown importance score {self.importance_score!r}: use one of {', '.join(SCORES)}")
+        if self.importance_clip is not None and not self.importance_clip > 0:
+            raise TlqError(f"--clip must be > 0, got {self.importance_clip}")
+        if not 0 <= self.min_kind_share < 1:
+            raise TlqError(f"--min-kind-share must be in [0, 1), got {self.min_kind_share}")
+        if self.scale_grid < 1 or self.scale_max_tokens < 1 or not 0 <= self.smooth_alpha <= 1:
+            raise TlqError("scale_grid and scale_max_tokens must be >= 1 and smooth_alpha in [0, 1]")
         if not 0 <= self.importance_floor <= 1:
             raise TlqError(f"importance floor must be in [0, 1], got {self.importance_floor}")
         if self.keep_ratio is not None and not 0 < self.keep_ratio <= 1:

@@ -12,10 +12,16 @@ run.json says l + 1 layers are done, and only then are the inputs for l removed.
 leaves a consistent state; rerunning the same command skips the finished layers and reproduces the
 uninterrupted result bit for bit (tensors are stored exactly; every random draw is seeded per layer).
 Everything is safetensors + JSON: nothing in the work directory is ever unpickled.
+
+The work directory is not trusted: run.json records the sha256 of every file the finished state rests
+on, and a file is read back only when its bytes still hash to that (a flipped bit, a file swapped or
+truncated after a crash is refused with its path), its tensors are finite, and run.json's own fields
+have the types and ranges a run writes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -42,12 +48,23 @@ def _atomic_json(path: Path, value: dict) -> None:
     os.replace(tmp, path)
 
 
-def _atomic_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _atomic_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+    """Write a safetensors file whole (temporary sibling + rename); returns its sha256."""
     from safetensors.torch import save_file
 
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    digest = _sha256(tmp)
     os.replace(tmp, path)
+    return digest
 
 
 def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -56,8 +73,13 @@ def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
         with safe_open(str(path), "pt") as handle:
             return {k: handle.get_tensor(k) for k in handle.keys()}, handle.metadata() or {}
-    except Exception as exc:  # safetensors raises its own error types
-        raise TlqError(f"cannot read {path} ({exc}): remove the work directory {path.parent} and rerun") from None
+    except Exception:  # noqa: BLE001 - safetensors raises its own error types
+        raise _refuse(path, "is not a readable safetensors file") from None
+
+
+def _refuse(path: Path, problem: str) -> TlqError:
+    return TlqError(f"work file {path} {problem}: remove the work directory {path.parent} and rerun "
+                    f"(or pass --no-resume)")
 
 
 class WorkDir:
@@ -66,33 +88,89 @@ class WorkDir:
     def __init__(self, path: str | Path, fingerprint: dict[str, Any], ranks: Ranks = SINGLE) -> None:
         self.path, self.fingerprint, self.ranks = Path(path), fingerprint, ranks
         self.finished = 0
+        self.digests: dict[str, str] = {}  # file name -> sha256, for every file the state rests on
 
-    def open(self) -> int:
+    def open(self, num_layers: int) -> int:
         """Create the directory or check that it belongs to this run; returns the number of finished layers."""
         run_file = self.path / RUN_FILE
         if run_file.exists():
-            try:
-                state = json.loads(run_file.read_text())
-            except (OSError, json.JSONDecodeError) as exc:
-                raise TlqError(f"cannot read {run_file} ({exc}): remove {self.path} and rerun") from None
-            if state.get("fingerprint") != self.fingerprint:
-                changed = sorted(k for k in set(self.fingerprint) | set(state.get("fingerprint", {}))
-                                 if self.fingerprint.get(k) != state.get("fingerprint", {}).get(k))
+            state = self._read_state(run_file, num_layers)
+            if state["fingerprint"] != self.fingerprint:
+                changed = sorted(k for k in set(self.fingerprint) | set(state["fingerprint"])
+                                 if self.fingerprint.get(k) != state["fingerprint"].get(k))
                 raise TlqError(f"work directory {self.path} belongs to a different run (differs in {', '.join(changed)}): "
                                f"rerun the same command to resume it, or remove it to start over")
-            self.finished = int(state.get("finished_layers", 0))
+            self.finished, self.digests = state["finished_layers"], dict(state["digests"])
+        elif self.path.exists() and any(self.path.iterdir()):
+            raise TlqError(f"work directory {self.path} has files but no {RUN_FILE}: remove it and rerun")
         self.ranks.barrier()  # every rank has read the state before rank 0 may write it
         if self.ranks.main and not run_file.exists():
             self.path.mkdir(parents=True, exist_ok=True)
-            _atomic_json(run_file, {"fingerprint": self.fingerprint, "finished_layers": 0})
+            self._write_state()
         self.ranks.barrier()
         return self.finished
+
+    def _read_state(self, run_file: Path, num_layers: int) -> dict[str, Any]:
+        try:
+            state = json.loads(run_file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise _refuse(run_file, f"cannot be read ({type(exc).__name__})") from None
+        finished = state.get("finished_layers") if isinstance(state, dict) else None
+        digests = state.get("digests", {}) if isinstance(state, dict) else None
+        if not isinstance(state, dict) or not isinstance(state.get("fingerprint"), dict):
+            raise _refuse(run_file, "is not a tlq run record")
+        if type(finished) is not int or not 0 <= finished <= num_layers:
+            raise _refuse(run_file, f"says finished_layers={finished!r}, not a layer count in 0..{num_layers}")
+        if not isinstance(digests, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in digests.items()):
+            raise _refuse(run_file, "has no valid digests")
+        return state
+
+    def _write_state(self) -> None:
+        _atomic_json(self.path / RUN_FILE, {"fingerprint": self.fingerprint, "finished_layers": self.finished,
+                                            "digests": dict(sorted(self.digests.items()))})
+
+    def _read(self, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """A work file's tensors, only if its bytes are the ones recorded and its values finite."""
+        expected = self.digests.get(path.name)
+        if expected is None:
+            raise _refuse(path, "is not recorded in run.json")
+        if not path.is_file():
+            raise _refuse(path, "is missing")
+        if _sha256(path) != expected:
+            raise _refuse(path, "changed since it was written (sha256 differs)")
+        tensors, meta = _load_tensors(path)
+        for key, value in tensors.items():
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise _refuse(path, f"holds NaN or inf in {key}")
+        return tensors, meta
 
     # -- importance (rank 0 writes; every rank reads) ------------------------------------------------
 
     @property
     def importance_path(self) -> Path:
         return self.path / "importance.safetensors"
+
+    def saved_importance(self):
+        """The importance pass of an earlier attempt of this run, if it was recorded whole (else None)."""
+        from tlq.importance import TokenImportance
+
+        if self.importance_path.name not in self.digests:
+            return None
+        self._read(self.importance_path)  # digest and finiteness
+        return TokenImportance.load(self.importance_path)
+
+    def keep_importance(self, importance) -> None:
+        """Rank 0 saves the importance pass and records it; every rank then knows its digest."""
+        digest = None
+        if self.ranks.main:
+            tmp = self.importance_path.with_name(self.importance_path.name + ".tmp")
+            importance.save(tmp)
+            digest = _sha256(tmp)
+            os.replace(tmp, self.importance_path)
+        self.digests[self.importance_path.name] = self.ranks.gather_objects(digest)[0]
+        if self.ranks.main:
+            self._write_state()
+        self.ranks.barrier()
 
     # -- layers ----------------------------------------------------------------------------------------
 
@@ -105,24 +183,31 @@ class WorkDir:
     def save_layer(self, index: int, layer: nn.Module, quantized: dict[str, QuantizedWeight], report: dict,
                    next_hidden: list[torch.Tensor], next_fp: list[torch.Tensor] | None) -> None:
         """Record layer `index` as finished, with the inputs of layer index + 1."""
+        written: dict[str, str] = {}
         if self.ranks.main:
             tensors = {f"state.{k}": v for k, v in layer.state_dict().items()}
             for name, q in quantized.items():  # the weight itself is the layer state's (fake-quantized) weight
                 tensors.update({f"grid.{name}.scale": q.scale, f"grid.{name}.zero_point": q.zero_point})
-            _atomic_tensors(self._layer_path(index), tensors, {"report": json.dumps(report)})
+            path = self._layer_path(index)
+            written[path.name] = _atomic_tensors(path, tensors, {"report": json.dumps(report)})
         hidden = {f"hidden.{i}": h for i, h in enumerate(next_hidden)}
         hidden.update({f"fp.{i}": h for i, h in enumerate(next_fp or [])})
-        _atomic_tensors(self._inputs_path(index + 1, self.ranks.rank), hidden)
-        self.ranks.barrier()
+        path = self._inputs_path(index + 1, self.ranks.rank)
+        written[path.name] = _atomic_tensors(path, hidden)
+        for part in self.ranks.gather_objects(written):  # also a barrier: every rank's files are written
+            self.digests.update(part)
+        for rank in range(self.ranks.size):
+            self.digests.pop(self._inputs_path(index, rank).name, None)
+        self.finished = index + 1
         if self.ranks.main:
-            _atomic_json(self.path / RUN_FILE, {"fingerprint": self.fingerprint, "finished_layers": index + 1})
+            self._write_state()
         self.ranks.barrier()
         self._inputs_path(index, self.ranks.rank).unlink(missing_ok=True)
-        self.finished = index + 1
 
     def layer_state(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, QuantizedWeight], dict]:
         """Finished layer `index`: its state dict, its Linears' grids (full names) and its report."""
-        tensors, meta = _load_tensors(self._layer_path(index))
+        path = self._layer_path(index)
+        tensors, meta = self._read(path)
         state = {k[len("state."):]: v for k, v in tensors.items() if k.startswith("state.")}
         names = {k[len("grid."):].rsplit(".", 1)[0] for k in tensors if k.startswith("grid.")}
         weights = {k[:-len(".weight")]: v for k, v in state.items() if k.endswith(".weight")}
@@ -130,20 +215,27 @@ class WorkDir:
         def weight_of(name: str) -> torch.Tensor:  # full module name -> the layer's own weight
             return next(v for rel, v in weights.items() if name.endswith("." + rel))
 
-        quantized = {name: QuantizedWeight(weight=weight_of(name), scale=tensors[f"grid.{name}.scale"],
-                                           zero_point=tensors[f"grid.{name}.zero_point"]) for name in sorted(names)}
-        return state, quantized, json.loads(meta.get("report", "{}"))
+        try:
+            quantized = {name: QuantizedWeight(weight=weight_of(name), scale=tensors[f"grid.{name}.scale"],
+                                               zero_point=tensors[f"grid.{name}.zero_point"]) for name in sorted(names)}
+            report = json.loads(meta.get("report", "{}"))
+        except (KeyError, StopIteration, ValueError):
+            raise _refuse(path, "does not hold a calibrated layer") from None
+        return state, quantized, report
 
     def load_layer(self, index: int, layer: nn.Module | None) -> tuple[dict[str, QuantizedWeight], dict]:
         """Put finished layer `index` back into `layer` (if given); returns its grids and its report."""
         state, quantized, report = self.layer_state(index)
         if layer is None:
             return {}, report
-        layer.load_state_dict(state)
+        try:
+            layer.load_state_dict(state)
+        except RuntimeError:
+            raise _refuse(self._layer_path(index), "does not fit this model's layer (names or shapes)") from None
         return quantized, report
 
     def load_inputs(self, index: int) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-        tensors, _ = _load_tensors(self._inputs_path(index, self.ranks.rank))
+        tensors, _ = self._read(self._inputs_path(index, self.ranks.rank))
         hidden = [tensors[f"hidden.{i}"] for i in range(sum(k.startswith("hidden.") for k in tensors))]
         fp = [tensors[f"fp.{i}"] for i in range(sum(k.startswith("fp.") for k in tensors))]
         return hidden, (fp or None)

@@ -53,4 +53,4 @@ def test_offloaded_activations_give_the_same_checkpoint(tiny_checkpoints, calib_
                     offload_dir=tmp_path / "spill")
     a, b = load_quantized(memory.out_dir).state_dict(), load_quantized(disk.out_dir).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert (tmp_path / "spill" / "rank0").is_dir() and not list((tmp_path / "spill").rglob("*.safetensors"))
+    assert (tmp_path / "spill").is_dir() and not list((tmp_path / "spill").iterdir())  # nothing left behind

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from tlq.errors import TlqError
+from tlq.guards import resolved
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 IMAGE_PLACEHOLDER = "<image>"
@@ -64,6 +65,8 @@ def read_records_file(path: str | Path) -> list[dict[str, Any]]:
             rows = json.loads(text)
         except json.JSONDecodeError as exc:
             raise TlqError(f"calibration file {path} is not valid JSON ({exc})") from None
+        except RecursionError:
+            raise TlqError(f"calibration file {path} is nested too deeply to be conversation records") from None
     else:
         rows = []
         for number, line in enumerate(text.splitlines(), 1):
@@ -72,6 +75,8 @@ def read_records_file(path: str | Path) -> list[dict[str, Any]]:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as exc:
                     raise TlqError(f"{path} line {number} is not valid JSON ({exc.msg})") from None
+                except RecursionError:
+                    raise TlqError(f"{path} line {number} is nested too deeply to be a conversation record") from None
     if not rows:
         raise TlqError(f"calibration file {path} has no records: it needs at least one conversation")
     return rows
@@ -108,9 +113,39 @@ def _to_messages(row: dict[str, Any], num_images: int, where: str) -> list[dict[
     return messages
 
 
+def _image_paths(row: dict[str, Any], base: Path, where: str, confine: bool) -> list[Path]:
+    """The record's image files, checked before anything opens them: a string or a list of strings,
+    each resolving (symlinks followed) inside the image folder unless `confine` is off."""
+    names = row.get("image", [])
+    names = [names] if isinstance(names, str) else names
+    if names is None:
+        names = []
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise TlqError(f"{where}: 'image' must be a path or a list of paths, got {json.dumps(row.get('image'))[:60]}")
+    root = resolved(base)
+    images = []
+    for name in names:
+        image = base / name
+        if confine and not _inside(resolved(image), root):
+            raise TlqError(f"{where}: image {name!r} resolves outside the image folder {base}: move it there, "
+                           f"or pass --allow-outside-images if you trust this file")
+        if not image.is_file():
+            raise TlqError(f"{where}: image {image} is missing: fix the path or the --images folder")
+        images.append(image)
+    return images
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
 def load_records(path: str | Path, images_dir: str | Path | None, num_samples: int | None = None,
-                 seed: int = 0) -> list[Record]:
-    """Read and validate a conversation file; choose `num_samples` records deterministically by `seed`."""
+                 seed: int = 0, confine: bool = True) -> list[Record]:
+    """Read and validate a conversation file; choose `num_samples` records deterministically by `seed`.
+
+    Image paths are relative to `images_dir` (default: the file's folder) and must stay inside it
+    (`confine`), so a record cannot make tlq read /etc/passwd or follow a symlink out of the folder.
+    """
     rows = read_records_file(path)
     base = Path(images_dir) if images_dir is not None else Path(path).parent
     if images_dir is not None and not base.is_dir():
@@ -120,12 +155,7 @@ def load_records(path: str | Path, images_dir: str | Path | None, num_samples: i
         where = f"{path} record {number}"
         if not isinstance(row, dict):
             raise TlqError(f"{where}: expected an object with 'image' and 'conversations'")
-        names = row.get("image", [])
-        names = [names] if isinstance(names, str) else list(names or [])
-        images = [base / name for name in names]
-        for image in images:
-            if not image.is_file():
-                raise TlqError(f"{where}: image {image} is missing: fix the path or the --images folder")
+        images = _image_paths(row, base, where, confine)
         meta = {k: v for k, v in row.items() if k not in ("image", "conversations")}
         records.append(Record(images=images, messages=_to_messages(row, len(images), where), line=number, meta=meta))
     if num_samples is not None and num_samples < len(records):
@@ -144,6 +174,12 @@ def data_hash(records: list[Record]) -> str:
     return digest.hexdigest()
 
 
+# Calibration images are resized to a few hundred tokens anyway; a larger image is a mistake or a
+# decompression bomb (a tiny PNG that expands to gigabytes). PIL's own limit only warns below 2x.
+MAX_IMAGE_PIXELS = 64_000_000
+MAX_ASPECT_RATIO = 200  # Qwen2-VL's image processor refuses more
+
+
 def _open_images(record: Record):
     from PIL import Image, UnidentifiedImageError
 
@@ -151,9 +187,16 @@ def _open_images(record: Record):
     for path in record.images:
         try:
             with Image.open(path) as image:
+                width, height = image.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise TlqError(f"image {path} is {width}x{height} pixels, more than {MAX_IMAGE_PIXELS:,}: "
+                                   f"resize it (calibration needs a few hundred image tokens)")
+                if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+                    raise TlqError(f"image {path} is {width}x{height}, an aspect ratio over {MAX_ASPECT_RATIO}: "
+                                   f"crop or pad it (VLM processors refuse such images)")
                 images.append(image.convert("RGB"))
-        except (OSError, UnidentifiedImageError) as exc:
-            raise TlqError(f"cannot read image {path}: {exc}") from None
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError) as exc:
+            raise TlqError(f"cannot read image {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     return images
 
 
@@ -232,8 +275,23 @@ def render_messages(messages: list[dict[str, Any]], images: list, processor,
     return Sample(inputs=dict(inputs), labels=labels)
 
 
+def _render_checked(record: Record, processor, max_length: int | None) -> Sample | None:
+    """render_sample, with a processor's or chat template's refusal of this record as one line."""
+    from jinja2.exceptions import TemplateError
+
+    try:
+        return render_sample(record, processor, max_length)
+    except TlqError:
+        raise
+    except TemplateError as exc:
+        raise TlqError(f"record {record.line}: the model's chat template fails ({exc}): fix chat_template.jinja") from None
+    except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise TlqError(f"record {record.line}: the processor cannot render it ({reason[:200]})") from None
+
+
 def build_samples(records: list[Record], processor, max_length: int | None = None) -> list[Sample]:
-    samples = [s for s in (render_sample(r, processor, max_length) for r in records) if s is not None]
+    samples = [s for s in (_render_checked(r, processor, max_length) for r in records) if s is not None]
     if not samples:
         raise TlqError(f"no calibration sample fits in --max-length {max_length} without cutting an image: raise it")
     return samples

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from tlq.errors import TlqError
 from tlq.models import llava_onevision, qwen2_5_vl, qwen2_vl
+from tlq.models.weights import check_finite_parameters, check_loading_info, check_weight_files
 from tlq.models.base import ANSWER, IMAGE, PROMPT, TOKEN_KIND_NAMES, ModelAdapter, ScalingGroup
 
 ADAPTERS: dict[str, ModelAdapter] = {
@@ -26,10 +27,16 @@ def read_model_type(model_dir: str | Path) -> str:
     if not config_path.is_file():
         raise TlqError(f"{model_dir} has no config.json: pass a Hugging Face checkpoint folder (config + safetensors)")
     try:
-        config = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise TlqError(f"cannot read {config_path}: {exc}") from None
-    return str(config.get("model_type", ""))
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).splitlines()[0]
+        raise TlqError(f"cannot read {config_path} ({reason}): restore the checkpoint's config.json") from None
+    if not isinstance(config, dict):
+        raise TlqError(f"{config_path} is a JSON {type(config).__name__}, not an object: restore the checkpoint's config.json")
+    model_type = config.get("model_type", "")
+    if not isinstance(model_type, str):
+        raise TlqError(f"{config_path}: model_type is {model_type!r}, not a name: restore the checkpoint's config.json")
+    return model_type
 
 
 def adapter_for(model_type: str) -> ModelAdapter:
@@ -41,25 +48,60 @@ def adapter_for(model_type: str) -> ModelAdapter:
 
 
 def load_model(model_dir: str | Path, dtype: str = "auto", trust_remote_code: bool = False):
-    """Load a supported VLM from a local directory (never from a hub) with its adapter."""
+    """Load a supported VLM from a local directory (never from a hub, never a pickle) with its adapter.
+
+    The weight files are checked before transformers reads them, and the load must fill the model
+    exactly: no tensor missing, none left over, every shape as config.json says (tlq.models.weights).
+    """
     adapter = adapter_for(read_model_type(model_dir))
-    from transformers import AutoModelForImageTextToText
-
-    import torch
-
-    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-    try:
-        model = AutoModelForImageTextToText.from_pretrained(
-            str(model_dir), dtype=torch_dtype, local_files_only=True, trust_remote_code=trust_remote_code
-        )
-    except (OSError, ValueError) as exc:
-        raise TlqError(f"cannot load the model in {model_dir}: {str(exc).splitlines()[0]}") from None
+    check_weight_files(model_dir)
+    model, info = from_pretrained_checked(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
+    check_loading_info(model_dir, info)
+    check_finite_parameters(model, model_dir)
     model.eval()
     model.requires_grad_(False)
     return model, adapter
 
 
+def from_pretrained_checked(model_dir: str | Path, dtype: str = "auto", trust_remote_code: bool = False,
+                            config=None):
+    """`AutoModelForImageTextToText.from_pretrained` of local safetensors, with its loading info; any
+    failure of the files or config.json is one line."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    extra = {} if config is None else {"config": config}
+    try:
+        return AutoModelForImageTextToText.from_pretrained(
+            str(model_dir), dtype=torch_dtype, local_files_only=True, trust_remote_code=trust_remote_code,
+            use_safetensors=True, output_loading_info=True, ignore_mismatched_sizes=True, **extra)
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - config validation, safetensors and torch raise many types
+        raise TlqError(f"cannot load the model in {model_dir}: {_first_line(exc)}") from None
+
+
+def load_config(model_dir: str | Path, trust_remote_code: bool = False):
+    """transformers' config of a local checkpoint, with a one-line error when config.json is inconsistent."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=trust_remote_code)
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise TlqError(f"cannot read the config of {model_dir}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    # Validation errors put the reason on a later line ("Class validation error ...:\n ValueError: ...").
+    reason = next((line for line in lines if "Error:" in line), lines[0] if lines else type(exc).__name__)
+    return reason[:300]
+
+
 __all__ = [
     "ADAPTERS", "ANSWER", "IMAGE", "PROMPT", "SUPPORTED_MODEL_TYPES", "TOKEN_KIND_NAMES", "ModelAdapter",
-    "ScalingGroup", "adapter_for", "load_model", "read_model_type",
+    "ScalingGroup", "adapter_for", "from_pretrained_checked", "load_config", "load_model", "read_model_type",
 ]

@@ -11,7 +11,6 @@ code path for both.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -19,7 +18,8 @@ import torch
 from torch import nn
 
 from tlq.errors import TlqError
-from tlq.models import ModelAdapter, adapter_for, read_model_type
+from tlq.models import (ModelAdapter, adapter_for, from_pretrained_checked, load_config, read_model_type)
+from tlq.models.weights import check_finite_parameters, check_loading_info, read_header, weight_files
 
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -31,29 +31,19 @@ class CheckpointTensors:
     """Tensors of a checkpoint by key, read from its safetensors shards on demand (memory-mapped)."""
 
     def __init__(self, model_dir: str | Path) -> None:
-        model_dir = Path(model_dir)
-        index = model_dir / "model.safetensors.index.json"
-        if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self.files = {key: model_dir / name for key, name in weight_map.items()}
-        elif (model_dir / "model.safetensors").exists():
-            from safetensors import safe_open
-
-            with safe_open(str(model_dir / "model.safetensors"), "pt") as handle:
-                self.files = {key: model_dir / "model.safetensors" for key in handle.keys()}  # noqa: SIM118
-        else:
-            raise TlqError(f"{model_dir} has no safetensors weights: lazy loading reads model.safetensors[.index.json]")
+        # Every shard's header is checked against its file first (tlq.models.weights): a corrupt
+        # shard is refused before anything is read from it.
+        self.files: dict[str, Path] = {}
         self._headers: dict[Path, tuple[int, dict]] = {}
+        for path in weight_files(model_dir):
+            self._headers[path] = read_header(path)
+            self.files.update({key: path for key in self._headers[path][1]})
 
     def keys(self) -> list[str]:
         return list(self.files)
 
-    def _header(self, path: Path) -> tuple[int, dict]:
-        if path not in self._headers:
-            with open(path, "rb") as f:
-                size = int.from_bytes(f.read(8), "little")
-                self._headers[path] = (8 + size, json.loads(f.read(size)))
-        return self._headers[path]
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._headers[self.files[key]][1][key]["shape"])
 
     def get_many(self, keys: list[str]) -> dict[str, torch.Tensor]:
         """The tensors, read with plain file reads into fresh buffers (one copy, no memory map): the
@@ -61,7 +51,7 @@ class CheckpointTensors:
         out = {}
         for key in keys:
             path = self.files[key]
-            start, header = self._header(path)
+            start, header = self._headers[path]
             entry = header[key]
             begin, end = entry["data_offsets"]
             buffer = bytearray(end - begin)
@@ -130,7 +120,15 @@ class LazyLayers(ResidentLayers):
         missing = [key for key in keys.values() if key not in self.tensors.files]
         if missing:
             raise TlqError(f"checkpoint lacks {missing[0]} (and {len(missing) - 1} more) for decoder layer {index}")
+        expected = layer.state_dict()
+        for name, key in keys.items():
+            if self.tensors.shape(key) != tuple(expected[name].shape):
+                raise TlqError(f"checkpoint tensor {key} has shape {list(self.tensors.shape(key))}, config.json "
+                               f"says {list(expected[name].shape)}: restore the checkpoint or its config.json")
         values = self.tensors.get_many(list(keys.values()))
+        for key, value in values.items():
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise TlqError(f"checkpoint tensor {key} holds NaN or inf: the checkpoint is corrupt; restore it")
         # assign=True: the freshly read tensors become the parameters (no second copy of the layer).
         layer.load_state_dict({name: values[key].to(self.dtype) for name, key in keys.items()}, assign=True)
         layer.eval().requires_grad_(False)
@@ -143,12 +141,12 @@ class LazyLayers(ResidentLayers):
 
 def load_lazy(model_dir: str | Path, dtype: str = "auto", trust_remote_code: bool = False):
     """(model without decoder layers, adapter, LazyLayers) for a local checkpoint."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers import AutoModelForImageTextToText
     from transformers.utils import logging as hf_logging
 
     adapter = adapter_for(read_model_type(model_dir))
     tensors = CheckpointTensors(model_dir)
-    config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=trust_remote_code)
+    config = load_config(model_dir, trust_remote_code=trust_remote_code)
     text = config.get_text_config()
     num_layers, layer_types = text.num_hidden_layers, getattr(text, "layer_types", None)
     text.num_hidden_layers = 1
@@ -160,15 +158,21 @@ def load_lazy(model_dir: str | Path, dtype: str = "auto", trust_remote_code: boo
     if layer_types is not None:
         text.layer_types = []
     verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the layers' keys are "unexpected" on purpose
+    hf_logging.set_verbosity_error()  # its load report lists the layers' keys, left out on purpose
     try:
-        torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-        model = AutoModelForImageTextToText.from_pretrained(str(model_dir), config=config, dtype=torch_dtype,
-                                                            local_files_only=True, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise TlqError(f"cannot load the model in {model_dir}: {str(exc).splitlines()[0]}") from None
+        model, info = from_pretrained_checked(model_dir, dtype=dtype, trust_remote_code=trust_remote_code,
+                                              config=config)
     finally:
         hf_logging.set_verbosity(verbosity)
+    # The layers' keys are "unexpected" on purpose: they are read one layer at a time, and checked then.
+    layer_keys = (tensors.layer_prefix(), adapter.decoder_layers + ".")
+    check_loading_info(model_dir, info, ignore_unexpected=layer_keys)
+    check_finite_parameters(model, model_dir)
+    stored = [k for k in tensors.keys() if k.startswith(tensors.layer_prefix())]
+    beyond = sorted({int(k[len(tensors.layer_prefix()):].split(".")[0]) for k in stored} - set(range(num_layers)))
+    if beyond:
+        raise TlqError(f"{model_dir}: the weights hold decoder layer {beyond[0]} but config.json says "
+                       f"{num_layers} layers: config.json and the weights disagree")
     # The forward iterates over config.num_hidden_layers layers: give every config object the model
     # holds (transformers may have copied ours) the real count back.
     configs = {id(c): c for c in [text, model.config.get_text_config()] +

@@ -43,36 +43,58 @@ def videoless_processor(processor_class: type, image_processor, tokenizer, chat_
 
 
 def load_processor(model_dir: str | Path, trust_remote_code: bool = False):
-    """AutoProcessor when it works here; otherwise the stock class built from image processor + tokenizer."""
+    """AutoProcessor when it works here; otherwise the stock class built from image processor + tokenizer.
+
+    Either way the processor must have a chat template: calibration records are rendered with it.
+    """
+    processor = _load_processor(str(model_dir), trust_remote_code)
+    template = getattr(processor, "chat_template", None) or getattr(processor.tokenizer, "chat_template", None)
+    if not template:
+        raise TlqError(f"{model_dir} has no chat template (chat_template.jinja or in tokenizer_config.json): "
+                       f"copy it from the original checkpoint")
+    return processor
+
+
+def _load_processor(model_dir: str, trust_remote_code: bool):
     import transformers
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
     from transformers.processing_utils import ProcessorMixin
 
-    model_dir = str(model_dir)
     try:
         processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True,
                                                   trust_remote_code=trust_remote_code)
         if isinstance(processor, ProcessorMixin) and getattr(processor, "image_processor", None) is not None:
             return processor
-    except (ImportError, AttributeError, OSError, ValueError, TypeError):
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception:  # noqa: BLE001 - missing torchvision and broken side files fail in many ways; retried below
         pass
     config_path = Path(model_dir) / "processor_config.json"
     if not config_path.is_file():
         raise TlqError(f"{model_dir} has no processor_config.json: save the model's processor with it")
-    config = json.loads(config_path.read_text())
-    class_name = config.get("processor_class", "")
-    processor_class = getattr(transformers, class_name, None)
-    if processor_class is None:
-        raise TlqError(f"unknown processor class {class_name!r} in {config_path}")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise TlqError(f"cannot read {config_path} ({type(exc).__name__}): restore it from the original checkpoint") from None
+    class_name = config.get("processor_class", "") if isinstance(config, dict) else ""
+    processor_class = getattr(transformers, str(class_name), None)
+    if processor_class is None or not isinstance(processor_class, type) or not issubclass(processor_class, ProcessorMixin):
+        raise TlqError(f"unknown processor class {class_name!r} in {config_path}: restore it from the original checkpoint")
     try:
         image_processor = AutoImageProcessor.from_pretrained(model_dir, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True,
                                                   trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise TlqError(f"cannot load the processor of {model_dir}: {str(exc).splitlines()[0]}") from None
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a missing or broken tokenizer raises many types
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise TlqError(f"cannot load the tokenizer or image processor of {model_dir}: {reason}") from None
     extra = {k: v for k, v in config.items() if k not in ("processor_class", "image_processor", "video_processor")}
     chat_template = None
     template_path = Path(model_dir) / "chat_template.jinja"
     if template_path.is_file():
         chat_template = template_path.read_text()
-    return videoless_processor(processor_class, image_processor, tokenizer, chat_template=chat_template, **extra)
+    try:
+        return videoless_processor(processor_class, image_processor, tokenizer, chat_template=chat_template, **extra)
+    except (TypeError, ValueError) as exc:
+        raise TlqError(f"cannot build the processor from {config_path}: {str(exc).splitlines()[0][:200]}") from None
