@@ -92,7 +92,7 @@ def test_a_dead_rank_stops_the_others_with_a_clear_message(tiny_checkpoints, cal
         env = {**_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         if rank == 1:
-            env["TLQ_DEBUG_PAUSE_AFTER_LAYER"] = "0"
+            env["TLQ_STOP_AT"] = "layer-0-saved"
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "tlq", "quantize", str(tiny_checkpoints["qwen2_vl"]), "--out",
              str(tmp_path / "out"), "--calib", str(path), "--images", str(images), "--num-samples", "4",

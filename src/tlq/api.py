@@ -79,8 +79,6 @@ def build_token_weights(model, adapter, samples: list[Sample], recipe: Recipe, r
 
     plan = recipe.plan()
     if plan.weighting == "uniform":
-        if recipe.keep_ratio is not None or recipe.token_budget is not None:
-            raise TlqError("a token budget selects tokens by importance: use it with --method tlq")
         return None, {"weighting": "uniform"}
     importance = work.saved_importance() if work is not None else None
     if importance is None:
@@ -143,8 +141,7 @@ def check_job(model_dir, out_dir, calib, images, recipe: Recipe, overwrite: bool
     resolve_device(recipe.device)
     out_dir = Path(out_dir)
     check_output_location(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise TlqError(f"output {out_dir} already exists: remove it or pass --overwrite")
+    _check_not_there(out_dir, overwrite)
     if offload_dir is not None and Path(offload_dir).exists() and not Path(offload_dir).is_dir():
         raise TlqError(f"--offload-dir {offload_dir} is a file: name a folder")
     inputs = {"the model folder": model_dir, "--calib": calib, "--images": images}
@@ -184,6 +181,7 @@ def quantize(model_dir: str | Path, out_dir: str | Path, calib: str | Path, imag
     with output_lock(job.out_dir, enabled=ranks.main):
         if ranks.main:
             remove_stale_siblings(job.out_dir)
+            _check_not_there(job.out_dir, job.overwrite)  # again: a run may have finished meanwhile
         return _run(job, ranks, progress=progress, dtype=dtype, trust_remote_code=trust_remote_code,
                     resume=resume, lazy=lazy)
 
@@ -226,11 +224,13 @@ def _run(job: QuantizeJob, ranks: Ranks, progress: bool, dtype: str, trust_remot
         shutdown(ranks)
         if ranks.main:
             _write_output(job, model, adapter, calibration, layers, work, record)
-    if ranks.main and work is not None:
-        faults.reached("export-done")
-        shutil.rmtree(work.path, ignore_errors=True)
     return QuantizeReport(out_dir=out_dir, calibration=calibration, num_samples=len(records),
                           num_tokens=record["calibration"]["num_tokens"], seconds=time.perf_counter() - start)
+
+
+def _check_not_there(out_dir: Path, overwrite: bool) -> None:
+    if (out_dir.exists() or out_dir.is_symlink()) and not overwrite:
+        raise TlqError(f"output {out_dir} already exists: remove it or pass --overwrite")
 
 
 @contextmanager
@@ -291,6 +291,8 @@ def _run_record(job: QuantizeJob, model, adapter, samples, calibration: Calibrat
 
 
 def _write_output(job: QuantizeJob, model, adapter, calibration: CalibrationResult, layers, work, record) -> None:
+    """Export; the work folder is retired together with the rename that makes the output appear."""
+    retire = (work.path,) if work is not None else ()
     if layers is not None:
         def layer_state(index: int):
             state, grids, _ = work.layer_state(index)
@@ -298,7 +300,7 @@ def _write_output(job: QuantizeJob, model, adapter, calibration: CalibrationResu
             return state, {name[len(prefix):]: q for name, q in grids.items()}
 
         export_streamed(model, adapter, job.scheme, layers, layer_state, job.out_dir, job.model_dir, record,
-                        job.overwrite)
+                        job.overwrite, retire)
     else:
         export_compressed(model, adapter, job.scheme, calibration.quantized, job.out_dir, source_dir=job.model_dir,
-                          recipe_record=record, overwrite=job.overwrite)
+                          recipe_record=record, overwrite=job.overwrite, retire=retire)

@@ -105,10 +105,16 @@ def _checkpoint_names(module_names: list[str], checkpoint_keys: set[str]) -> lis
 
 
 @contextmanager
-def _staged(out_dir: Path, overwrite: bool, source_dir: str | Path | None, recipe_record: dict[str, Any] | None):
+def _staged(out_dir: Path, overwrite: bool, source_dir: str | Path | None, recipe_record: dict[str, Any] | None,
+            retire: tuple[Path, ...] = ()):
     """Yield a temporary sibling of `out_dir` to write into; on success add the side files and the recipe
     and rename it into place, on any error remove it. A write that fails (disk full, read-only) is one
-    line; the folder gets the permissions the umask gives, like any folder the user makes."""
+    line; the folder gets the permissions the umask gives, like any folder the user makes.
+
+    `retire` (the run's work folder) and a replaced output are renamed into one `.OUT.old-*` sibling
+    just before the final rename and removed after it, so a kill at any point leaves either the old
+    state or the new output, plus at most that sibling, which the next run on OUT removes.
+    """
     if out_dir.exists() and not overwrite:
         raise TlqError(f"output {out_dir} already exists: remove it or pass --overwrite")
     staging = None
@@ -122,13 +128,14 @@ def _staged(out_dir: Path, overwrite: bool, source_dir: str | Path | None, recip
             (staging / RECIPE_FILE).write_text(json.dumps(recipe_record, indent=2, sort_keys=True) + "\n")
         follow_umask(staging)
         faults.reached("export-staged")
-        if out_dir.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, trash / out_dir.name)
-            os.replace(staging, out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(staging, out_dir)
+        trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        for path in (*retire, out_dir):
+            if path.exists():
+                os.replace(path, trash / path.name)
+        os.replace(staging, out_dir)
+        staging = None
+        faults.reached("export-renamed")
+        shutil.rmtree(trash, ignore_errors=True)
     except BaseException as exc:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
@@ -160,7 +167,7 @@ def _set_grid(module: nn.Module, q: QuantizedWeight) -> None:
 
 def export_streamed(skeleton: nn.Module, adapter: ModelAdapter, scheme: Scheme, layers, layer_state,
                     out_dir: str | Path, source_dir: str | Path, recipe_record: dict[str, Any] | None = None,
-                    overwrite: bool = False) -> Path:
+                    overwrite: bool = False, retire: tuple[Path, ...] = ()) -> Path:
     """Write the compressed checkpoint one decoder layer at a time.
 
     skeleton: the model without decoder layers (lazy loading); layers: its tlq.models.lazy.LazyLayers;
@@ -176,7 +183,7 @@ def export_streamed(skeleton: nn.Module, adapter: ModelAdapter, scheme: Scheme, 
     prefix = tensors.layer_prefix()
     config = quantization_config(skeleton, adapter, scheme)
     config.ignore = sorted(set(config.ignore) | set(_checkpoint_names(config.ignore, set(tensors.keys()))))
-    with _staged(Path(out_dir), overwrite, source_dir, recipe_record) as staging:
+    with _staged(Path(out_dir), overwrite, source_dir, recipe_record, retire) as staging:
         weight_map: dict[str, str] = {}
         total = 0
 
@@ -209,7 +216,8 @@ def export_streamed(skeleton: nn.Module, adapter: ModelAdapter, scheme: Scheme, 
 
 def export_compressed(model: nn.Module, adapter: ModelAdapter, scheme: Scheme, quantized: dict[str, QuantizedWeight],
                       out_dir: str | Path, source_dir: str | Path | None = None,
-                      recipe_record: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
+                      recipe_record: dict[str, Any] | None = None, overwrite: bool = False,
+                      retire: tuple[Path, ...] = ()) -> Path:
     """Save `model` (whose decoder Linears hold fake-quantized weights) as a compressed checkpoint.
 
     The model is compressed in place and should not be used for inference afterwards.
@@ -224,7 +232,7 @@ def export_compressed(model: nn.Module, adapter: ModelAdapter, scheme: Scheme, q
     if missing:
         raise ValueError(f"{len(missing)} decoder Linears were not calibrated, e.g. {missing[0]}")
     check_exportable(model, adapter, scheme)
-    with _staged(out_dir, overwrite, source_dir, recipe_record) as staging:
+    with _staged(out_dir, overwrite, source_dir, recipe_record, retire) as staging:
         config = quantization_config(model, adapter, scheme)
         apply_quantization_config(model, config, show_progress=False)
         for name, q in quantized.items():

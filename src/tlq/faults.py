@@ -4,8 +4,8 @@
 comma-separated list); then the process stops itself with SIGSTOP, and the test that started it sends
 SIGKILL or SIGTERM while it is frozen at exactly that point. Points: `importance-saved`,
 `layer-N-saved` (layer N and the next layer's inputs are recorded), `export-staged` (the output is
-complete in its temporary folder, not yet renamed), `export-done` (renamed; the work folder not yet
-removed).
+complete in its temporary folder, not yet renamed), `export-renamed` (the output is in place; the old
+work folder waits in a `.OUT.old-*` sibling to be removed).
 """
 
 from __future__ import annotations

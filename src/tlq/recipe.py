@@ -203,6 +203,8 @@ class Recipe:
         scheme = self.resolved_scheme()  # validate early
         if self.method == "smoothquant" and not scheme.quantizes_activations:
             raise TlqError("smoothquant migrates activation outliers: use it with W4A8 or W8A8")
+        if (self.keep_ratio is not None or self.token_budget is not None) and self.plan().weighting != "importance":
+            raise TlqError("a token budget selects tokens by importance: use it with --method tlq")
 
     def plan(self) -> MethodPlan:
         plan = self._method_plan()
