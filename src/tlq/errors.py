@@ -15,3 +15,13 @@ class RankFailure(TlqError):
     The process group is then unusable, and tearing it down can abort the process (gloo's C++ destructors
     call std::terminate on a broken connection), so the CLI leaves with os._exit after printing the line.
     """
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """The reason a library gave, as one line: validation errors put it on a later line
+    ("Class validation error ...:\n    ValueError: ..."), so prefer a line that names an error."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    reason = next((line for line in lines[1:] if "Error:" in line), lines[0])
+    return reason[:limit]

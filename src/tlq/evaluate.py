@@ -25,7 +25,7 @@ from tlq.compat import load_quantized
 from tlq.data import Sample, build_samples, load_records
 from tlq.data.batching import collate
 from tlq.guards import write_file_atomic
-from tlq.errors import TlqError
+from tlq.errors import TlqError, one_line
 from tlq.models import adapter_for, read_model_type
 from tlq.models.weights import check_finite_parameters, check_loading_info, check_weight_files
 from tlq.models.processing import load_processor
@@ -93,12 +93,12 @@ def _load_checked(model_dir: str | Path):
     """A checkpoint (FP or compressed) as saved, with a one-line error for corrupt or incomplete files."""
     check_weight_files(model_dir)
     try:
-        model, info = load_quantized(model_dir, output_loading_info=True, use_safetensors=True)
+        model, info = load_quantized(model_dir, output_loading_info=True, use_safetensors=True,
+                                     ignore_mismatched_sizes=True)
     except (KeyboardInterrupt, MemoryError):
         raise
     except Exception as exc:  # noqa: BLE001 - config, safetensors and compressed-tensors raise many types
-        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
-        raise TlqError(f"cannot load the model in {model_dir}: {reason}") from None
+        raise TlqError(f"cannot load the model in {model_dir}: {one_line(exc)}") from None
     check_loading_info(model_dir, info)
     check_finite_parameters(model, model_dir)
     return model

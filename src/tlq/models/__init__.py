@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tlq.errors import TlqError
+from tlq.errors import TlqError, one_line
 from tlq.models import llava_onevision, qwen2_5_vl, qwen2_vl
 from tlq.models.weights import check_finite_parameters, check_loading_info, check_weight_files
 from tlq.models.base import ANSWER, IMAGE, PROMPT, TOKEN_KIND_NAMES, ModelAdapter, ScalingGroup
@@ -79,7 +79,7 @@ def from_pretrained_checked(model_dir: str | Path, dtype: str = "auto", trust_re
     except (KeyboardInterrupt, MemoryError):
         raise
     except Exception as exc:  # noqa: BLE001 - config validation, safetensors and torch raise many types
-        raise TlqError(f"cannot load the model in {model_dir}: {_first_line(exc)}") from None
+        raise TlqError(f"cannot load the model in {model_dir}: {one_line(exc)}") from None
 
 
 def load_config(model_dir: str | Path, trust_remote_code: bool = False):
@@ -91,14 +91,7 @@ def load_config(model_dir: str | Path, trust_remote_code: bool = False):
     except (KeyboardInterrupt, MemoryError):
         raise
     except Exception as exc:  # noqa: BLE001
-        raise TlqError(f"cannot read the config of {model_dir}: {_first_line(exc)}") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    # Validation errors put the reason on a later line ("Class validation error ...:\n ValueError: ...").
-    reason = next((line for line in lines if "Error:" in line), lines[0] if lines else type(exc).__name__)
-    return reason[:300]
+        raise TlqError(f"cannot read the config of {model_dir}: {one_line(exc)}") from None
 
 
 __all__ = [

@@ -19,7 +19,7 @@ from torch import nn
 
 from tlq.errors import TlqError
 from tlq.models import (ModelAdapter, adapter_for, from_pretrained_checked, load_config, read_model_type)
-from tlq.models.weights import check_finite_parameters, check_loading_info, read_header, weight_files
+from tlq.models.weights import check_finite_parameters, check_loading_info, read_header, weight_files, weight_problem
 
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -127,8 +127,9 @@ class LazyLayers(ResidentLayers):
                                f"says {list(expected[name].shape)}: restore the checkpoint or its config.json")
         values = self.tensors.get_many(list(keys.values()))
         for key, value in values.items():
-            if value.is_floating_point() and not torch.isfinite(value).all():
-                raise TlqError(f"checkpoint tensor {key} holds NaN or inf: the checkpoint is corrupt; restore it")
+            problem = weight_problem(value)
+            if problem:
+                raise TlqError(f"checkpoint tensor {key} {problem}: the checkpoint is corrupt; restore it")
         # assign=True: the freshly read tensors become the parameters (no second copy of the layer).
         layer.load_state_dict({name: values[key].to(self.dtype) for name, key in keys.items()}, assign=True)
         layer.eval().requires_grad_(False)

@@ -42,12 +42,25 @@ def videoless_processor(processor_class: type, image_processor, tokenizer, chat_
     return _videoless(processor_class)(image_processor, tokenizer, chat_template=chat_template, **kwargs)
 
 
+# Any one of these is a tokenizer transformers can build; without them AutoTokenizer returns an empty one.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model",
+                   "tokenizer.tiktoken")
+
+
 def load_processor(model_dir: str | Path, trust_remote_code: bool = False):
     """AutoProcessor when it works here; otherwise the stock class built from image processor + tokenizer.
 
     Either way the processor must have a chat template: calibration records are rendered with it.
     """
+    if not any((Path(model_dir) / name).is_file() for name in TOKENIZER_FILES):
+        raise TlqError(f"{model_dir} has no tokenizer ({', '.join(TOKENIZER_FILES[:3])}, ...): copy the tokenizer "
+                       f"files from the original checkpoint")
     processor = _load_processor(str(model_dir), trust_remote_code)
+    image_token = getattr(processor, "image_token", None)
+    tokenizer = processor.tokenizer
+    if image_token is not None and tokenizer.convert_tokens_to_ids(image_token) in (None, tokenizer.unk_token_id):
+        raise TlqError(f"the tokenizer in {model_dir} does not know the image token {image_token!r}: "
+                       f"copy the tokenizer files from the original checkpoint")
     template = getattr(processor, "chat_template", None) or getattr(processor.tokenizer, "chat_template", None)
     if not template:
         raise TlqError(f"{model_dir} has no chat template (chat_template.jinja or in tokenizer_config.json): "

@@ -134,10 +134,30 @@ def check_loading_info(model_dir: str | Path, info: dict, ignore_unexpected: tup
                        f"config.json's model has no place for: config.json and the weights disagree")
 
 
-def check_finite_parameters(model, model_dir: str | Path) -> None:
-    """NaN or inf in a stored weight makes every method produce garbage: refuse it up front."""
+# The largest magnitude a served weight can have: float16's maximum. A stored value beyond it (3e38 in a
+# float32 file, say) cannot run in the half-precision kernels models are served with, and as a
+# quantization scale it zeroes every other weight of its group: a corrupt file, not a model.
+MAX_WEIGHT_MAGNITUDE = 65504.0
+
+
+def weight_problem(tensor) -> str | None:
+    """Why a stored floating tensor cannot be a real weight (NaN, inf, beyond float16), or None."""
     import torch
 
-    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-        if tensor.is_floating_point() and tensor.device.type != "meta" and not torch.isfinite(tensor).all():
-            raise TlqError(f"{model_dir}: weight {name} holds NaN or inf: the checkpoint is corrupt; restore it")
+    if not tensor.is_floating_point() or tensor.device.type == "meta" or tensor.numel() == 0:
+        return None
+    if not torch.isfinite(tensor).all():
+        return "holds NaN or inf"
+    peak = float(tensor.abs().max())
+    if peak > MAX_WEIGHT_MAGNITUDE:
+        return f"holds {peak:.3g}, beyond float16's range ({MAX_WEIGHT_MAGNITUDE:g})"
+    return None
+
+
+def check_finite_parameters(model, model_dir: str | Path) -> None:
+    """NaN, inf or an impossible magnitude in a stored weight makes every method produce garbage:
+    refuse it up front."""
+    for name, tensor in model.named_parameters():
+        problem = weight_problem(tensor)
+        if problem:
+            raise TlqError(f"{model_dir}: weight {name} {problem}: the checkpoint is corrupt; restore it")
