@@ -220,10 +220,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse's mistakes (unknown flag, a word where a number goes) as one line, like every other refusal."""
+
+    def error(self, message: str):
+        print(f"tlq: error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tlq", description="Post-training quantization for vision-language models")
+    parser = _OneLineParser(prog="tlq", description="Post-training quantization for vision-language models")
     parser.add_argument("-v", "--verbose", action="store_true", help="log each layer")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
 
     q = sub.add_parser("quantize", help="calibrate a VLM and write a compressed-tensors checkpoint")
     q.add_argument("model_dir", help="local Hugging Face checkpoint folder")
@@ -318,7 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=128, help="calibration samples (default 128)")
     p.add_argument("--tokens-per-sample", type=int, default=1024, help="tokens per sample (default 1024)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--target", default="symmetric", help="symmetric or asymmetric (keeps an FP stream)")
+    p.add_argument("--target", default="symmetric", choices=["symmetric", "asymmetric"],
+                   help="symmetric or asymmetric (keeps an FP stream)")
     p.add_argument("--lazy", action="store_true", help="plan a `tlq quantize --lazy` run")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.set_defaults(func=_cmd_plan)
@@ -333,7 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a one-line mistake (2)
+        return int(exc.code or 0)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     if not args.verbose:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -146,9 +146,9 @@ def weight_problem(tensor) -> str | None:
 
     if not tensor.is_floating_point() or tensor.device.type == "meta" or tensor.numel() == 0:
         return None
-    if not torch.isfinite(tensor).all():
+    if not torch.isfinite(tensor.detach()).all():
         return "holds NaN or inf"
-    peak = float(tensor.abs().max())
+    peak = float(tensor.detach().abs().max())
     if peak > MAX_WEIGHT_MAGNITUDE:
         return f"holds {peak:.3g}, beyond float16's range ({MAX_WEIGHT_MAGNITUDE:g})"
     return None
