@@ -89,6 +89,7 @@ class WorkDir:
         self.path, self.fingerprint, self.ranks = Path(path), fingerprint, ranks
         self.finished = 0
         self.digests: dict[str, str] = {}  # file name -> sha256, for every file the state rests on
+        self._verified: set[str] = set()  # checked against its digest in this process
 
     def open(self, num_layers: int) -> int:
         """Create the directory or check that it belongs to this run; returns the number of finished layers."""
@@ -100,7 +101,8 @@ class WorkDir:
                                  if self.fingerprint.get(k) != state["fingerprint"].get(k))
                 raise TlqError(f"work directory {self.path} belongs to a different run (differs in {', '.join(changed)}): "
                                f"rerun the same command to resume it, or remove it to start over")
-            self.finished, self.digests = state["finished_layers"], dict(state["digests"])
+            self.finished, self.digests = state["finished_layers"], dict(state.get("digests", {}))
+            self._check_finished_state()
         elif self.path.exists() and any(self.path.iterdir()):
             raise TlqError(f"work directory {self.path} has files but no {RUN_FILE}: remove it and rerun")
         self.ranks.barrier()  # every rank has read the state before rank 0 may write it
@@ -125,12 +127,18 @@ class WorkDir:
             raise _refuse(run_file, "has no valid digests")
         return state
 
-    def _write_state(self) -> None:
-        _atomic_json(self.path / RUN_FILE, {"fingerprint": self.fingerprint, "finished_layers": self.finished,
-                                            "digests": dict(sorted(self.digests.items()))})
+    def _check_finished_state(self) -> None:
+        """Before anything is written: every file the finished layers rest on is there and unchanged."""
+        if self.finished == 0:
+            return
+        for path in [self._layer_path(i) for i in range(self.finished)] + [self._inputs_path(self.finished, self.ranks.rank)]:
+            self._check(path)
+        if self.importance_path.name in self.digests:
+            self._check(self.importance_path)
 
-    def _read(self, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """A work file's tensors, only if its bytes are the ones recorded and its values finite."""
+    def _check(self, path: Path) -> None:
+        if path.name in self._verified:
+            return
         expected = self.digests.get(path.name)
         if expected is None:
             raise _refuse(path, "is not recorded in run.json")
@@ -138,6 +146,15 @@ class WorkDir:
             raise _refuse(path, "is missing")
         if _sha256(path) != expected:
             raise _refuse(path, "changed since it was written (sha256 differs)")
+        self._verified.add(path.name)
+
+    def _write_state(self) -> None:
+        _atomic_json(self.path / RUN_FILE, {"fingerprint": self.fingerprint, "finished_layers": self.finished,
+                                            "digests": dict(sorted(self.digests.items()))})
+
+    def _read(self, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """A work file's tensors, only if its bytes are the ones recorded and its values finite."""
+        self._check(path)
         tensors, meta = _load_tensors(path)
         for key, value in tensors.items():
             if value.is_floating_point() and not torch.isfinite(value).all():
