@@ -141,7 +141,6 @@ def check_job(model_dir, out_dir, calib, images, recipe: Recipe, overwrite: bool
     resolve_device(recipe.device)
     out_dir = Path(out_dir)
     check_output_location(out_dir)
-    _check_not_there(out_dir, overwrite)
     if offload_dir is not None and Path(offload_dir).exists() and not Path(offload_dir).is_dir():
         raise TlqError(f"--offload-dir {offload_dir} is a file: name a folder")
     inputs = {"the model folder": model_dir, "--calib": calib, "--images": images}
@@ -181,7 +180,7 @@ def quantize(model_dir: str | Path, out_dir: str | Path, calib: str | Path, imag
     with output_lock(job.out_dir, enabled=ranks.main):
         if ranks.main:
             remove_stale_siblings(job.out_dir)
-            _check_not_there(job.out_dir, job.overwrite)  # again: a run may have finished meanwhile
+            _check_not_there(job.out_dir, job.overwrite)  # under the lock: a run may have finished meanwhile
         return _run(job, ranks, progress=progress, dtype=dtype, trust_remote_code=trust_remote_code,
                     resume=resume, lazy=lazy)
 

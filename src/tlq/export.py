@@ -29,7 +29,7 @@ from torch import nn
 
 from tlq import faults
 from tlq.errors import TlqError
-from tlq.guards import describe_os_error, follow_umask
+from tlq.guards import follow_umask, write_error
 from tlq.models import ModelAdapter
 from tlq.quant import QuantizedWeight
 from tlq.recipe import Scheme
@@ -139,21 +139,10 @@ def _staged(out_dir: Path, overwrite: bool, source_dir: str | Path | None, recip
     except BaseException as exc:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(exc, OSError) or _is_safetensors_io_error(exc):
-            raise TlqError(f"cannot write {out_dir}: {_describe_write_error(exc)}") from None
+        reason = write_error(exc)
+        if reason is not None:
+            raise TlqError(f"cannot write {out_dir}: {reason}") from None
         raise
-
-
-def _is_safetensors_io_error(exc: BaseException) -> bool:
-    return type(exc).__name__ == "SafetensorError" and "error" in str(exc).lower()
-
-
-def _describe_write_error(exc: BaseException) -> str:
-    if isinstance(exc, OSError):
-        return describe_os_error(exc)
-    if "No space left" in str(exc) or "os error 28" in str(exc):
-        return "no space left on the device: free some space or write elsewhere"
-    return str(exc).splitlines()[0]
 
 
 @torch.no_grad()

@@ -80,6 +80,8 @@ def check_output_location(out: str | os.PathLike[str], what: str = "--out") -> P
         existing = existing.parent
     if not existing.is_dir():
         raise TlqError(f"{what} {out}: {existing} is a file, not a folder: choose another {what}")
+    if os.statvfs(existing).f_flag & os.ST_RDONLY:
+        raise TlqError(f"{what} {out}: {existing} is on a read-only filesystem: choose a writable location")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise TlqError(f"{what} {out}: cannot write in {existing} (permission denied): choose a writable location")
     return out
@@ -119,6 +121,18 @@ def describe_os_error(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
+def write_error(exc: BaseException) -> str | None:
+    """One line for an exception that means a write failed (OSError, or safetensors' own I/O error), else None."""
+    if isinstance(exc, OSError):
+        return describe_os_error(exc)
+    text = str(exc)
+    if type(exc).__name__ == "SafetensorError" and ("I/O error" in text or "os error" in text):
+        if "No space left" in text or "os error 28" in text:
+            return "no space left on the device: free some space or write elsewhere"
+        return text.splitlines()[0]
+    return None
+
+
 # -- one run per output ------------------------------------------------------------------------------
 
 def lock_path_for(out: Path) -> Path:
@@ -138,6 +152,7 @@ def output_lock(out: str | os.PathLike[str], enabled: bool = True) -> Iterator[N
         return
     out = Path(out)
     path = lock_path_for(out)
+    created = _first_missing(path.parent)
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -159,6 +174,29 @@ def output_lock(out: str | os.PathLike[str], enabled: bool = True) -> Iterator[N
     finally:
         path.unlink(missing_ok=True)
         os.close(fd)
+        _remove_empty(path.parent, created)
+
+
+def _first_missing(folder: Path) -> Path | None:
+    """The outermost folder on the way to `folder` that does not exist yet (None if it exists)."""
+    missing = None
+    while not folder.exists():
+        missing, folder = folder, folder.parent
+    return missing
+
+
+def _remove_empty(folder: Path, up_to: Path | None) -> None:
+    """Remove the folders this run created on the way to its output, if a refusal left them empty."""
+    if up_to is None:
+        return
+    while True:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        if folder == up_to:
+            return
+        folder = folder.parent
 
 
 def remove_stale_siblings(out: Path) -> None:

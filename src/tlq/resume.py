@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from torch import nn
 
 from tlq.distributed import SINGLE, Ranks
 from tlq.errors import TlqError
+from tlq.guards import write_error
 from tlq.quant import QuantizedWeight
 
 RUN_FILE = "run.json"
@@ -42,10 +44,24 @@ def work_dir_for(out_dir: str | Path) -> Path:
     return out_dir.parent / f"{out_dir.name}.tlq-work"
 
 
-def _atomic_json(path: Path, value: dict) -> None:
+@contextmanager
+def _writing(path: Path):
+    """A failed write of a work file (disk full, say) is one line; its temporary file goes away."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    try:
+        yield tmp
+    except Exception as exc:  # noqa: BLE001 - OSError, or safetensors' own I/O error
+        tmp.unlink(missing_ok=True)
+        reason = write_error(exc)
+        if reason is None:
+            raise
+        raise TlqError(f"cannot write the work file {path}: {reason}") from None
+
+
+def _atomic_json(path: Path, value: dict) -> None:
+    with _writing(path) as tmp:
+        tmp.write_text(json.dumps(value, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, path)
 
 
 def _sha256(path: Path) -> str:
@@ -60,10 +76,10 @@ def _atomic_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict
     """Write a safetensors file whole (temporary sibling + rename); returns its sha256."""
     from safetensors.torch import save_file
 
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    digest = _sha256(tmp)
-    os.replace(tmp, path)
+    with _writing(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        digest = _sha256(tmp)
+        os.replace(tmp, path)
     return digest
 
 
@@ -180,10 +196,10 @@ class WorkDir:
         """Rank 0 saves the importance pass and records it; every rank then knows its digest."""
         digest = None
         if self.ranks.main:
-            tmp = self.importance_path.with_name(self.importance_path.name + ".tmp")
-            importance.save(tmp)
-            digest = _sha256(tmp)
-            os.replace(tmp, self.importance_path)
+            with _writing(self.importance_path) as tmp:
+                importance.save(tmp)
+                digest = _sha256(tmp)
+                os.replace(tmp, self.importance_path)
         self.digests[self.importance_path.name] = self.ranks.gather_objects(digest)[0]
         if self.ranks.main:
             self._write_state()

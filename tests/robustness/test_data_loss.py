@@ -26,8 +26,6 @@ def test_quantize_output_never_overlaps_an_input(layout, overwrite, workspace, r
     where, words = QUANTIZE_LAYOUTS[layout]
     paths = where(workspace)
     extra = ["--overwrite"] if overwrite else []
-    if not overwrite and os.path.exists(paths["out"]):
-        words = "already exists"  # refused before any overlap is even considered
     refused_cleanly(workspace.quantize_argv(*extra, **paths), words)
 
 
