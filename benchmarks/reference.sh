@@ -23,8 +23,8 @@ WEIGHT_SCALE=${WEIGHT_SCALE:-32}
 ACT_SCALE=${ACT_SCALE:-256}
 WEIGHT_VARIANT=$VARIANTS-weight-s$WEIGHT_SCALE
 ACT_VARIANT=$VARIANTS-activation-s$ACT_SCALE
-[ -f "$WEIGHT_VARIANT/config.json" ] || $TLQ stress "$MODEL" --out "$WEIGHT_VARIANT" --kind weight --scale "$WEIGHT_SCALE" --channels 4
-[ -f "$ACT_VARIANT/config.json" ] || $TLQ stress "$MODEL" --out "$ACT_VARIANT" --kind activation --scale "$ACT_SCALE" --channels 4
+[ -f "$WEIGHT_VARIANT/config.json" ] || $TLQ stress "$MODEL" --out "$WEIGHT_VARIANT" --kind weight --scale "$WEIGHT_SCALE" --channels 4 --overwrite
+[ -f "$ACT_VARIANT/config.json" ] || $TLQ stress "$MODEL" --out "$ACT_VARIANT" --kind activation --scale "$ACT_SCALE" --channels 4 --overwrite
 [ -f "$DATA/val.json" ] || $TLQ synth --out "$DATA" --calib 0 --test 0 --val 500
 COMMON=(--calib "$DATA/calib.json" --images "$DATA" --eval "$DATA/test.json" --seeds 0,1,2 --num-samples 128)
 METHODS=rtn,gptq,awq,smoothquant,mbq,tlq

@@ -198,7 +198,7 @@ def _cmd_stress(args: argparse.Namespace) -> int:
     adapter_for(read_model_type(args.model_dir))
     check_output_location(args.out)
     check_disjoint({"--out": args.out}, {"the model folder": args.model_dir})
-    out = make_variant(args.model_dir, args.out, args.kind, args.scale, args.channels, args.seed)
+    out = make_variant(args.model_dir, args.out, args.kind, args.scale, args.channels, args.seed, args.overwrite)
     print(f"wrote {args.kind}-outlier variant to {out}")
     return 0
 
@@ -317,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--scale", type=float, default=32.0)
     o.add_argument("--channels", type=int, default=4)
     o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     o.set_defaults(func=_cmd_stress)
 
     p = sub.add_parser("plan", help="per-rank memory estimate of a calibration run, from config.json alone")

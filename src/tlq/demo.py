@@ -44,7 +44,7 @@ def run_demo(out: Path, device: str = "auto", quick: bool = False) -> None:
     model = _model(out)
     variant = out / "models" / f"{model.name}-weight-outliers"
     if not (variant / "config.json").is_file():
-        make_variant(model, variant, "weight", scale=32.0, channels=4, seed=0)
+        make_variant(model, variant, "weight", scale=32.0, channels=4, seed=0, overwrite=True)
     runs = (("as trained", model, list(METHODS), ["W3A16", "W4A8"]),
             ("weight-outlier variant", variant, [m for m in METHODS if m != "smoothquant"], ["W3A16"]))
     for name, model_dir, methods, schemes in runs:

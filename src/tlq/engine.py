@@ -37,6 +37,7 @@ from tlq.activations import (LayerInputs, activation_list, capture_layer_inputs,
 from tlq import faults
 from tlq.data import Sample
 from tlq.distributed import SINGLE, Ranks
+from tlq.errors import TlqError
 from tlq.models import ModelAdapter
 from tlq.quant import QuantizedWeight, solver_factory
 from tlq.recipe import Recipe
@@ -70,7 +71,7 @@ def _solve_group(solvers: dict, ranks: Ranks) -> dict[str, QuantizedWeight]:
         reduced = [ranks.sum_to(t, owners[name]) for t in solvers[name].statistics()]
         if owners[name] == ranks.rank:
             solvers[name].load_statistics(reduced)
-    results = {name: solvers[name].solve() for name in names if owners.get(name, ranks.rank) == ranks.rank}
+    results = {name: _solve(name, solvers[name]) for name in names if owners.get(name, ranks.rank) == ranks.rank}
     for name in shared:
         owner = owners[name]
         shapes = ranks.gather_objects(None if owner != ranks.rank else
@@ -79,6 +80,13 @@ def _solve_group(solvers: dict, ranks: Ranks) -> dict[str, QuantizedWeight]:
             torch.empty(shape, dtype=getattr(torch, dtype.split(".")[-1])) for shape, dtype in shapes]
         results[name] = QuantizedWeight(*[ranks.broadcast(t, owner) for t in mine])
     return {name: results[name] for name in names}
+
+
+def _solve(name: str, solver) -> QuantizedWeight:
+    try:
+        return solver.solve()
+    except TlqError as exc:
+        raise TlqError(f"{name}: {exc}") from None
 
 
 @dataclass

@@ -105,7 +105,7 @@ def _checkpoint_names(module_names: list[str], checkpoint_keys: set[str]) -> lis
 
 
 @contextmanager
-def _staged(out_dir: Path, overwrite: bool, source_dir: str | Path | None, recipe_record: dict[str, Any] | None,
+def staged_output(out_dir: Path, overwrite: bool, source_dir: str | Path | None, recipe_record: dict[str, Any] | None,
             retire: tuple[Path, ...] = ()):
     """Yield a temporary sibling of `out_dir` to write into; on success add the side files and the recipe
     and rename it into place, on any error remove it. A write that fails (disk full, read-only) is one
@@ -172,7 +172,7 @@ def export_streamed(skeleton: nn.Module, adapter: ModelAdapter, scheme: Scheme, 
     prefix = tensors.layer_prefix()
     config = quantization_config(skeleton, adapter, scheme)
     config.ignore = sorted(set(config.ignore) | set(_checkpoint_names(config.ignore, set(tensors.keys()))))
-    with _staged(Path(out_dir), overwrite, source_dir, recipe_record, retire) as staging:
+    with staged_output(Path(out_dir), overwrite, source_dir, recipe_record, retire) as staging:
         weight_map: dict[str, str] = {}
         total = 0
 
@@ -221,7 +221,7 @@ def export_compressed(model: nn.Module, adapter: ModelAdapter, scheme: Scheme, q
     if missing:
         raise ValueError(f"{len(missing)} decoder Linears were not calibrated, e.g. {missing[0]}")
     check_exportable(model, adapter, scheme)
-    with _staged(out_dir, overwrite, source_dir, recipe_record, retire) as staging:
+    with staged_output(out_dir, overwrite, source_dir, recipe_record, retire) as staging:
         config = quantization_config(model, adapter, scheme)
         apply_quantization_config(model, config, show_progress=False)
         for name, q in quantized.items():

@@ -255,3 +255,23 @@ def test_file_outputs_in_a_missing_folder_are_written(where, workspace, run_cli)
                        "--num-samples", "2", "--out", folder / "imp.safetensors"])
     assert outcome.code == 0, outcome.err[-3:]
     assert sorted(os.listdir(folder)) == ["imp.safetensors", "r.json"]  # no temporary file left
+
+
+def test_stress_never_replaces_an_existing_folder_silently(workspace, refused_cleanly):
+    existing = workspace.root / "variant"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("the user's")
+    refused_cleanly(["stress", workspace.model, "--out", existing, "--kind", "weight"], "already exists")
+
+
+def test_a_degenerate_hessian_is_one_line_naming_the_cause():
+    """GPTQ's last resort (no damping makes H positive definite) is a refusal, not a RuntimeError."""
+    import torch
+
+    from tlq.errors import TlqError
+    from tlq.quant.gptq import _inverse_cholesky
+
+    with pytest.raises(TlqError, match="NaN or inf"):
+        _inverse_cholesky(torch.full((4, 4), float("nan"), dtype=torch.float64), 0.01)
+    with pytest.raises(TlqError, match="degenerate"):
+        _inverse_cholesky(-torch.eye(4, dtype=torch.float64), 0.01)

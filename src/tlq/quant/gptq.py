@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from tlq.errors import TlqError
 from tlq.quant.base import LinearSolver, register
 from tlq.quant.primitives import QuantizedWeight, grid_params, quant_dequant
 from tlq.recipe import Recipe, Scheme
@@ -98,7 +99,10 @@ def _inverse_cholesky(hessian: torch.Tensor, dampening: float) -> torch.Tensor:
             if info == 0:
                 return upper
             del inverse, upper
-    raise RuntimeError("GPTQ: Hessian is not positive definite even with 10^5 x damping; check the inputs for NaN")
+    finite = bool(torch.isfinite(original).all())
+    raise TlqError("GPTQ: the input Hessian is not positive definite even with 10^5 x damping "
+                   + ("(it holds NaN or inf: the layer's inputs overflowed; try --dtype float32)" if not finite else
+                      "(its inputs are degenerate: use more or more varied calibration samples)"))
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, dampening: float = 0.01,

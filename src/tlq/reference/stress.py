@@ -52,19 +52,21 @@ def apply_outliers(model, adapter, kind: str, scale: float, channels: int, seed:
 
 
 def make_variant(model_dir: str | Path, out_dir: str | Path, kind: str, scale: float = 32.0, channels: int = 4,
-                 seed: int = 0) -> Path:
-    """Write the outlier variant of the checkpoint in `model_dir` to `out_dir`."""
+                 seed: int = 0, overwrite: bool = False) -> Path:
+    """Write the outlier variant of the checkpoint in `model_dir` to `out_dir` (atomically; an existing
+    `out_dir` is replaced only with `overwrite`)."""
+    from tlq.export import staged_output
+
     model, adapter = load_model(model_dir, dtype="float32")
     processor = load_processor(model_dir)
     record = apply_outliers(model, adapter, kind, scale, channels, seed)
     record["source"] = str(model_dir)
     out_dir = Path(out_dir)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    for extra in ("training.json",):
-        if (Path(model_dir) / extra).is_file():
-            shutil.copy2(Path(model_dir) / extra, out_dir / extra)
-    (out_dir / STRESS_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    with staged_output(out_dir, overwrite, None, None) as staging:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        for extra in ("training.json",):
+            if (Path(model_dir) / extra).is_file():
+                shutil.copy2(Path(model_dir) / extra, staging / extra)
+        (staging / STRESS_FILE).write_text(json.dumps(record, indent=1) + "\n")
     return out_dir
