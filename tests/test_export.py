@@ -63,7 +63,7 @@ def test_activation_quant_is_live_after_reload(tiny_checkpoints, calib_split, tm
     result = quantize_layers(model, adapter, samples, recipe, progress=False)
     with torch.no_grad():
         weights_only = model(**samples[0].inputs).logits
-    out = export_compressed(model, adapter, recipe.resolved_scheme(), result.quantized, tmp_path / "o")
+    out = export_compressed(model, adapter, recipe.resolved_scheme(), result.quantized, tmp_path / "o", checkpoint)
     with torch.no_grad():
         got = load_quantized(out)(**samples[0].inputs).logits
     assert not torch.allclose(got, weights_only, rtol=0, atol=1e-7)
@@ -75,4 +75,4 @@ def test_existing_output_is_refused(tiny_checkpoints, tmp_path):
     model, adapter = load_model(tiny_checkpoints["qwen2_vl"])
     (tmp_path / "out").mkdir()
     with pytest.raises(TlqError, match="already exists"):
-        export_compressed(model, adapter, Recipe().resolved_scheme(), {}, tmp_path / "out")
+        export_compressed(model, adapter, Recipe().resolved_scheme(), {}, tmp_path / "out", tiny_checkpoints["qwen2_vl"])

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -31,6 +32,7 @@ from tlq import faults
 from tlq.errors import TlqError
 from tlq.guards import follow_umask, write_error
 from tlq.models import ModelAdapter
+from tlq.models.processing import complete_processor_config
 from tlq.quant import QuantizedWeight
 from tlq.recipe import Scheme
 
@@ -81,27 +83,70 @@ def _largest_pow2_divisor(n: int) -> int:
 
 
 def _copy_side_files(source_dir: Path, target_dir: Path) -> None:
-    """Tokenizer, processor, chat template and generation files travel with the weights."""
+    """Tokenizer, processor (completed: tlq.models.processing), chat template and generation files travel
+    with the weights."""
     for path in sorted(source_dir.iterdir()):
         if not path.is_file() or path.name in _NOT_COPIED or path.name.endswith(_WEIGHT_SUFFIXES):
             continue
         if path.name.endswith(".index.json"):
             continue
-        if not (target_dir / path.name).exists():
+        if (target_dir / path.name).exists():
+            continue
+        if path.name == "processor_config.json":
+            config = complete_processor_config(json.loads(path.read_text()))
+            (target_dir / path.name).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        else:
             shutil.copy2(path, target_dir / path.name)
 
 
-def _checkpoint_names(module_names: list[str], checkpoint_keys: set[str]) -> list[str]:
-    """The checkpoint key (without '.weight') of each module: drop leading parts until the key exists
-    ('model.visual.blocks.0.attn.qkv' is stored as 'visual.blocks.0.attn.qkv')."""
-    names = []
-    for name in module_names:
+def ignore_entries(model: nn.Module, adapter: ModelAdapter, checkpoint_keys: set[str]) -> list[str]:
+    """Every Linear outside the decoder layers, three ways, so no loader can quantize it:
+    - its module name (what transformers matches, e.g. `model.visual.blocks.0.attn.qkv`);
+    - its checkpoint name (what vLLM maps into its own names, e.g. `visual.blocks.0.attn.qkv`);
+    - `re:` entries for each non-decoder subtree (`re:(.*\\.)?visual\\..*`), which also cover names a loader
+      makes up: vLLM fuses q/k/v into `qkv_proj`, and a fused layer is ignored only when every part is.
+    """
+    decoder = adapter.decoder_layers + "."
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.startswith(decoder)]
+    stored = _stored_names(names, checkpoint_keys)
+    subtrees = {_subtree_root(n, adapter.decoder_layers) for n in names} - set(names)  # lm_head is a leaf
+    patterns = [f"re:(.*\\.)?{re.escape(root.split('.')[-1])}\\..*" for root in sorted(subtrees)]
+    return sorted(set(names) | set(stored)) + patterns
+
+
+def _subtree_root(name: str, decoder_path: str) -> str:
+    """The outermost module on `name`'s path that is not on the way to the decoder layers
+    ('model.visual.blocks.0.attn.qkv' -> 'model.visual'; 'lm_head' -> 'lm_head')."""
+    parts = name.split(".")
+    for end in range(1, len(parts) + 1):
+        prefix = ".".join(parts[:end])
+        if not (decoder_path == prefix or decoder_path.startswith(prefix + ".")):
+            return prefix
+    return name
+
+
+def _stored_names(names: list[str], checkpoint_keys: set[str]) -> list[str]:
+    """The checkpoint name (without '.weight') each module's weight is stored under: the stored weight of
+    whose dotted name shares the longest tail with the module's ('model.vision_tower.encoder.layers.0.
+    self_attn.q_proj' is stored as 'vision_tower.vision_model.encoder.layers.0.self_attn.q_proj'); a
+    module whose best match is not unique (or has none, a tied head) keeps its module name only."""
+    stored = [k[: -len(".weight")] for k in checkpoint_keys if k.endswith(".weight")]
+    found = []
+    for name in names:
         parts = name.split(".")
-        for start in range(len(parts)):
-            if ".".join(parts[start:]) + ".weight" in checkpoint_keys:
-                names.append(".".join(parts[start:]))
-                break
-    return names
+        best, best_tail = [], 0
+        for key in stored:
+            key_parts = key.split(".")
+            tail = 0
+            while tail < min(len(parts), len(key_parts)) and parts[-1 - tail] == key_parts[-1 - tail]:
+                tail += 1
+            if tail > best_tail:
+                best, best_tail = [key], tail
+            elif tail == best_tail and tail:
+                best.append(key)
+        if len(best) == 1:
+            found.append(best[0])
+    return found
 
 
 @contextmanager
@@ -154,66 +199,128 @@ def _set_grid(module: nn.Module, q: QuantizedWeight) -> None:
         module.weight_zero_point.data.copy_(zero.to(module.weight_zero_point.dtype))
 
 
-def export_streamed(skeleton: nn.Module, adapter: ModelAdapter, scheme: Scheme, layers, layer_state,
-                    out_dir: str | Path, source_dir: str | Path, recipe_record: dict[str, Any] | None = None,
-                    overwrite: bool = False, retire: tuple[Path, ...] = ()) -> Path:
-    """Write the compressed checkpoint one decoder layer at a time.
+class ShardWriter:
+    """Tensors into safetensors shards of about `max_bytes` each (0: one shard per `add`); a single shard
+    is `model.safetensors`, several are `model-0000i-of-0000N.safetensors` with an index, as
+    transformers' own `save_pretrained` lays them out."""
 
-    skeleton: the model without decoder layers (lazy loading); layers: its tlq.models.lazy.LazyLayers;
-    layer_state(i) -> (the calibrated layer's state dict, {Linear name in the layer: QuantizedWeight}).
+    def __init__(self, folder: Path, max_bytes: int) -> None:
+        self.folder, self.max_bytes = folder, max_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.shards: list[tuple[Path, list[str]]] = []
+        self.total = 0
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.pending.update(tensors)
+        if sum(v.numel() * v.element_size() for v in self.pending.values()) >= self.max_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.pending:
+            return
+        path = self.folder / f".shard-{len(self.shards):05d}.safetensors"
+        save_file({k: v.contiguous() for k, v in self.pending.items()}, str(path), metadata={"format": "pt"})
+        self.shards.append((path, sorted(self.pending)))
+        self.total += sum(v.numel() * v.element_size() for v in self.pending.values())
+        self.pending = {}
+
+    def finish(self) -> None:
+        self.flush()
+        if len(self.shards) == 1:
+            os.replace(self.shards[0][0], self.folder / "model.safetensors")
+            return
+        weight_map = {}
+        for number, (path, keys) in enumerate(self.shards, 1):
+            name = f"model-{number:05d}-of-{len(self.shards):05d}.safetensors"
+            os.replace(path, self.folder / name)
+            weight_map.update({key: name for key in keys})
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}, indent=1) + "\n")
+
+
+# An in-memory model is written in shards of this size (transformers' default); a lazily calibrated one
+# a layer per shard, so host memory holds one layer.
+MAX_SHARD_BYTES = 5 * 10**9
+
+
+def _compress_layer(layer: nn.Module, grids: dict[str, QuantizedWeight], config) -> dict[str, torch.Tensor]:
+    """The decoder layer's tensors as compressed-tensors stores them (packed or int8 weights + grids)."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
+
+    layer_config = QuantizationConfig(config_groups=config.config_groups, ignore=[], format=config.format,
+                                      quantization_status="frozen")
+    apply_quantization_config(layer, layer_config, show_progress=False)
+    for name, q in grids.items():
+        module = layer.get_submodule(name)
+        module.weight.data.copy_(q.weight.to(module.weight.dtype))
+        _set_grid(module, q)
+    ModelCompressor.from_pretrained_model(layer, quantization_format=config.format).compress_model(layer)
+    return layer.state_dict()
+
+
+def export_checkpoint(model: nn.Module, adapter: ModelAdapter, scheme: Scheme, layer_source, num_layers: int,
+                      out_dir: str | Path, source_dir: str | Path, recipe_record: dict[str, Any] | None = None,
+                      overwrite: bool = False, retire: tuple[Path, ...] = (),
+                      max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """Write the compressed checkpoint in the source checkpoint's own layout.
+
+    Every tensor outside the decoder layers is copied verbatim from the source shards, under its source
+    name (what serving engines map: `visual.*`, `vision_tower.vision_model.*`, `language_model.*`), and
+    each calibrated decoder layer is compressed on its own and stored under the source's layer prefix.
+    `layer_source(i)` -> (decoder layer i holding its calibrated weights, {Linear name in the layer:
+    QuantizedWeight}). config.json is the source's, with the quantization config added; the side files
+    (tokenizer, chat template, generation config, a completed processor config) travel along.
     """
     from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus, apply_quantization_config
-    from safetensors.torch import save_file
+    from compressed_tensors.quantization import QuantizationStatus
 
     from tlq.models.lazy import CheckpointTensors
 
     tensors = CheckpointTensors(source_dir)
     prefix = tensors.layer_prefix()
-    config = quantization_config(skeleton, adapter, scheme)
-    config.ignore = sorted(set(config.ignore) | set(_checkpoint_names(config.ignore, set(tensors.keys()))))
+    config = quantization_config(model, adapter, scheme)
+    config.ignore = ignore_entries(model, adapter, set(tensors.keys()))
     with staged_output(Path(out_dir), overwrite, source_dir, recipe_record, retire) as staging:
-        weight_map: dict[str, str] = {}
-        total = 0
-
-        def write(shard: dict[str, torch.Tensor], name: str) -> None:
-            nonlocal total
-            save_file({k: v.contiguous() for k, v in shard.items()}, str(staging / name), metadata={"format": "pt"})
-            weight_map.update({k: name for k in shard})
-            total += sum(v.numel() * v.element_size() for v in shard.values())
-
-        write(tensors.get_many([k for k in tensors.keys() if not k.startswith(prefix)]), "model-outside-decoder.safetensors")
-        for index in range(len(layers)):
-            layer = layers.empty_layer(index)
-            state, grids = layer_state(index)
-            layer.load_state_dict(state)
-            layer_config = QuantizationConfig(config_groups=config.config_groups, ignore=[], format=config.format,
-                                              quantization_status="frozen")
-            apply_quantization_config(layer, layer_config, show_progress=False)
-            for name, q in grids.items():
-                _set_grid(layer.get_submodule(name), q)
-            ModelCompressor.from_pretrained_model(layer, quantization_format=config.format).compress_model(layer)
-            write({f"{prefix}{index}.{k}": v for k, v in layer.state_dict().items()},
-                  f"model-decoder-{index:05d}.safetensors")
-        (staging / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=1))
+        writer = ShardWriter(staging, max_shard_bytes)
+        outside = [k for k in tensors.keys() if not k.startswith(prefix)]
+        for begin in range(0, len(outside), 256):  # a few hundred tensors at a time, not the whole tower
+            writer.add(tensors.get_many(outside[begin:begin + 256]))
+        for index in range(num_layers):
+            layer, grids = layer_source(index)
+            writer.add({f"{prefix}{index}.{k}": v for k, v in _compress_layer(layer, grids, config).items()})
+        writer.finish()
         shutil.copy2(Path(source_dir) / "config.json", staging / "config.json")
         config.quantization_status = QuantizationStatus.COMPRESSED
         ModelCompressor(quantization_config=config).update_config(str(staging))
     return Path(out_dir)
 
 
+def export_streamed(skeleton: nn.Module, adapter: ModelAdapter, scheme: Scheme, layers, layer_state,
+                    out_dir: str | Path, source_dir: str | Path, recipe_record: dict[str, Any] | None = None,
+                    overwrite: bool = False, retire: tuple[Path, ...] = ()) -> Path:
+    """Write a lazily calibrated model: skeleton without decoder layers, its tlq.models.lazy.LazyLayers,
+    and layer_state(i) -> (the calibrated layer's state dict, {Linear name in the layer: QuantizedWeight})."""
+
+    def layer_source(index: int):
+        layer = layers.empty_layer(index)
+        state, grids = layer_state(index)
+        layer.load_state_dict(state)
+        return layer, grids
+
+    return export_checkpoint(skeleton, adapter, scheme, layer_source, len(layers), out_dir, source_dir,
+                             recipe_record, overwrite, retire, max_shard_bytes=0)
+
+
 def export_compressed(model: nn.Module, adapter: ModelAdapter, scheme: Scheme, quantized: dict[str, QuantizedWeight],
-                      out_dir: str | Path, source_dir: str | Path | None = None,
-                      recipe_record: dict[str, Any] | None = None, overwrite: bool = False,
-                      retire: tuple[Path, ...] = ()) -> Path:
-    """Save `model` (whose decoder Linears hold fake-quantized weights) as a compressed checkpoint.
+                      out_dir: str | Path, source_dir: str | Path, recipe_record: dict[str, Any] | None = None,
+                      overwrite: bool = False, retire: tuple[Path, ...] = ()) -> Path:
+    """Save `model` (whose decoder Linears hold fake-quantized weights; `quantized` has their grids).
 
-    The model is compressed in place and should not be used for inference afterwards.
+    The decoder layers are compressed in place: the model should not be used for inference afterwards.
     """
-    from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import apply_quantization_config
-
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise TlqError(f"output {out_dir} already exists: remove it or pass --overwrite")
@@ -221,18 +328,11 @@ def export_compressed(model: nn.Module, adapter: ModelAdapter, scheme: Scheme, q
     if missing:
         raise ValueError(f"{len(missing)} decoder Linears were not calibrated, e.g. {missing[0]}")
     check_exportable(model, adapter, scheme)
-    with staged_output(out_dir, overwrite, source_dir, recipe_record, retire) as staging:
-        config = quantization_config(model, adapter, scheme)
-        apply_quantization_config(model, config, show_progress=False)
-        for name, q in quantized.items():
-            module = model.get_submodule(name)
-            module.weight.data.copy_(q.weight.to(module.weight.dtype))
-            _set_grid(module, q)
-        compressor = ModelCompressor.from_pretrained_model(model, quantization_format=config.format)
-        # compressed-tensors writes `ignore` in checkpoint key names (what vLLM matches, e.g. Qwen2-VL's
-        # "visual.*"), while transformers 5 matches loaded module names ("model.visual.*"): list both.
-        compressor.quantization_config.ignore = sorted(set(compressor.quantization_config.ignore) | set(config.ignore))
-        compressor.compress_model(model)
-        model.save_pretrained(staging)
-        compressor.update_config(str(staging))
-    return out_dir
+    layers = adapter.layers(model)
+
+    def layer_source(index: int):
+        prefix = f"{adapter.decoder_layers}.{index}."
+        return layers[index], {n[len(prefix):]: q for n, q in quantized.items() if n.startswith(prefix)}
+
+    return export_checkpoint(model, adapter, scheme, layer_source, len(layers), out_dir, source_dir, recipe_record,
+                             overwrite, retire)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -20,7 +22,14 @@ def test_lazy_output_equals_eager_output(family, method, scheme, tiny_checkpoint
     eager = quantize(tiny_checkpoints[family], tmp_path / "eager", path, images, recipe, progress=False).out_dir
     lazy = quantize(tiny_checkpoints[family], tmp_path / "lazy", path, images, recipe, progress=False, lazy=True).out_dir
     assert not (tmp_path / "lazy.tlq-work").exists()
-    assert len(list(lazy.glob("model-decoder-*.safetensors"))) == 2  # one shard per decoder layer
+    weight_map = json.loads((lazy / "model.safetensors.index.json").read_text())["weight_map"]
+    prefix = CheckpointTensors(tiny_checkpoints[family]).layer_prefix()
+    shards = {i: {f for k, f in weight_map.items() if k.startswith(f"{prefix}{i}.")} for i in range(2)}
+    assert all(len(s) == 1 for s in shards.values()) and shards[0] != shards[1]  # one shard per decoder layer
+    stored_eager, stored_lazy = CheckpointTensors(eager), CheckpointTensors(lazy)
+    assert sorted(stored_eager.keys()) == sorted(stored_lazy.keys())  # the same names, the source's
+    for key in stored_eager.keys():
+        assert torch.equal(stored_eager.get(key), stored_lazy.get(key)), key
     a, b = load_quantized(eager).state_dict(), load_quantized(lazy).state_dict()
     assert sorted(a) == sorted(b)
     for key in a:

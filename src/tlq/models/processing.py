@@ -37,6 +37,38 @@ def _videoless(processor_class: type) -> type:
     return VideolessProcessor
 
 
+# The video processor each processor class is built with, and the image-processor settings a video
+# processor shares (a hub checkpoint's single preprocessor config served both in the past).
+VIDEO_PROCESSORS = {"Qwen2VLProcessor": "Qwen2VLVideoProcessor", "Qwen2_5_VLProcessor": "Qwen2VLVideoProcessor",
+                    "LlavaOnevisionProcessor": "LlavaOnevisionVideoProcessor"}
+_SHARED_WITH_VIDEO = ("do_convert_rgb", "do_normalize", "do_rescale", "do_resize", "image_mean", "image_std",
+                      "resample", "rescale_factor", "size", "patch_size", "temporal_patch_size", "merge_size",
+                      "min_pixels", "max_pixels")
+
+
+def complete_processor_config(config: dict) -> dict:
+    """processor_config.json with every sub-processor its class loads: transformers (with torchvision)
+    and vLLM build the stock processor, video processor included, and fail when its section is missing.
+    The videoless processor tlq uses without torchvision saves no such section; this adds it from the
+    image processor's settings."""
+    video_type = VIDEO_PROCESSORS.get(config.get("processor_class", ""))
+    image = config.get("image_processor")
+    if video_type is None or "video_processor" in config or not isinstance(image, dict):
+        return config
+    video = {k: v for k, v in image.items() if k in _SHARED_WITH_VIDEO}
+    video["video_processor_type"] = video_type
+    return {**config, "video_processor": video}
+
+
+def save_processor(processor, folder: str | Path) -> None:
+    """`processor.save_pretrained`, with a complete processor_config.json."""
+    processor.save_pretrained(folder)
+    path = Path(folder) / "processor_config.json"
+    if path.is_file():
+        path.write_text(json.dumps(complete_processor_config(json.loads(path.read_text())), indent=2,
+                                   sort_keys=True) + "\n")
+
+
 def videoless_processor(processor_class: type, image_processor, tokenizer, chat_template=None, **kwargs):
     """Construct `processor_class` (e.g. Qwen2VLProcessor) without a video processor."""
     return _videoless(processor_class)(image_processor, tokenizer, chat_template=chat_template, **kwargs)

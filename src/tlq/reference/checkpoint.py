@@ -13,7 +13,7 @@ from typing import Iterable
 
 import torch
 
-from tlq.models.processing import videoless_processor
+from tlq.models.processing import save_processor, videoless_processor
 from tlq.reference.tokenizer import build_tokenizer
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava_onevision")
@@ -112,12 +112,48 @@ def build_model_and_processor(family: str, words: Iterable[str], size: ModelSize
     return model, processor
 
 
+# transformers 5 saves some towers under its own module names, which real hub checkpoints (and vLLM's
+# loaders) do not use: LLaVA-OneVision's SigLIP tower is stored as `vision_tower.vision_model.*` on the
+# hub. The reference checkpoints are written the way the hub writes them, so what tlq reads and writes
+# here is what it meets in the wild.
+HUB_NAMES = {"llava_onevision": ((r"^vision_tower\.(?!vision_model\.)", "vision_tower.vision_model."),)}
+
+
 def save_checkpoint(model, processor, out_dir: str | Path) -> Path:
+    """save_pretrained with hub tensor names and a complete processor config."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
+    save_processor(processor, out_dir)
+    _rename_tensors(out_dir, HUB_NAMES.get(model.config.model_type, ()))
     return out_dir
+
+
+def _rename_tensors(folder: Path, renames) -> None:
+    import json
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    if not renames:
+        return
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    mapping = {}
+    for name in files:
+        tensors = load_file(str(folder / name))
+        renamed = {}
+        for key, value in tensors.items():
+            new = key
+            for pattern, replacement in renames:
+                new = re.sub(pattern, replacement, new)
+            renamed[new] = value
+            mapping[key] = new
+        save_file(renamed, str(folder / name), metadata={"format": "pt"})
+    if index.exists():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {mapping.get(k, k): v for k, v in data["weight_map"].items()}
+        index.write_text(json.dumps(data, indent=2))
 
 
 def build_tiny_checkpoint(family: str, out_dir: str | Path, words: Iterable[str] = (), size: ModelSize = ModelSize(),

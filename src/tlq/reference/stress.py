@@ -21,6 +21,7 @@ import torch
 
 from tlq.models import load_model
 from tlq.models.processing import load_processor
+from tlq.reference.checkpoint import save_checkpoint
 
 STRESS_FILE = "tlq_stress.json"
 KINDS = ("weight", "activation", "both")
@@ -63,8 +64,7 @@ def make_variant(model_dir: str | Path, out_dir: str | Path, kind: str, scale: f
     record["source"] = str(model_dir)
     out_dir = Path(out_dir)
     with staged_output(out_dir, overwrite, None, None) as staging:
-        model.save_pretrained(staging)
-        processor.save_pretrained(staging)
+        save_checkpoint(model, processor, staging)
         for extra in ("training.json",):
             if (Path(model_dir) / extra).is_file():
                 shutil.copy2(Path(model_dir) / extra, staging / extra)
