@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces benchmarks/results/: the retention benchmark on a bundled reference VLM.
-#   benchmarks/reference.sh [rtn_gptq|methods|ablation|validation|all]      (MODEL=models/reference/NAME to choose;
+#   benchmarks/reference.sh [rtn_gptq|methods|ablation|validation|symmetry|all]      (MODEL=models/reference/NAME to choose;
 #   WEIGHT_SCHEMES / ACT_SCHEMES narrow the methods stage, e.g. WEIGHT_SCHEMES=W3A16 ACT_SCHEMES=W4A8)
 # Calibration pool (seed 1) and test split (seed 2) come from `tlq synth`; every cell is mean/std over
 # calibration seeds 0,1,2 (each draws 128 samples from the pool). Reruns skip finished cells.
@@ -26,7 +26,10 @@ ACT_VARIANT=$VARIANTS-activation-s$ACT_SCALE
 [ -f "$WEIGHT_VARIANT/config.json" ] || $TLQ stress "$MODEL" --out "$WEIGHT_VARIANT" --kind weight --scale "$WEIGHT_SCALE" --channels 4 --overwrite
 [ -f "$ACT_VARIANT/config.json" ] || $TLQ stress "$MODEL" --out "$ACT_VARIANT" --kind activation --scale "$ACT_SCALE" --channels 4 --overwrite
 [ -f "$DATA/val.json" ] || $TLQ synth --out "$DATA" --calib 0 --test 0 --val 500
-COMMON=(--calib "$DATA/calib.json" --images "$DATA" --eval "$DATA/test.json" --seeds 0,1,2 --num-samples 128)
+# --asymmetric-weight-only: the committed tables were measured with asymmetric weight-only grids (the
+# preset until symmetric became the default for serving, issue 12; see the symmetry stage).
+COMMON=(--calib "$DATA/calib.json" --images "$DATA" --eval "$DATA/test.json" --seeds 0,1,2 --num-samples 128
+        --asymmetric-weight-only)
 METHODS=rtn,gptq,awq,smoothquant,mbq,tlq
 ABLATION=tlq,tlq+weighting=uniform,tlq+weighting=modality,tlq+keep-ratio=0.5,tlq+keep-ratio=0.25,\
 tlq+keep-ratio=0.1,tlq+no-exposure,tlq+target=asymmetric,tlq+floor=0,tlq+floor=0.3,tlq+backend=gptq,tlq+backend=scale,\
@@ -36,6 +39,7 @@ tlq+clip=10,tlq+importance=layer_output,tlq+importance=l2,tlq+importance=gx
 CANDIDATES=tlq+backend=gptq,tlq+backend=both,tlq+backend=gptq+target=asymmetric,tlq+backend=both+target=asymmetric,\
 tlq+floor=0,tlq+floor=0.3,tlq+importance=l2,tlq+importance=gx
 VALIDATION=(--calib "$DATA/calib.json" --images "$DATA" --eval "$DATA/val.json" --seeds 0,1,2 --num-samples 128)
+VALIDATION_ASYM=("${VALIDATION[@]}" --asymmetric-weight-only)
 
 # Weight-only schemes on the weight-outlier variant, weight+activation schemes on the activation-outlier
 # variant (DESIGN.md 5: s = 32, k = 4): each stresses what its schemes are sensitive to.
@@ -52,7 +56,14 @@ if [ "$STAGE" = rtn_gptq ] || [ "$STAGE" = all ]; then   # issue 3: RTN and GPTQ
   $TLQ bench "$WEIGHT_VARIANT" "${COMMON[@]}" --methods rtn,gptq --schemes W3A16,W4A8 --out "$OUT/rtn_gptq/weight_outliers"
   $TLQ bench "$ACT_VARIANT" "${COMMON[@]}" --methods rtn,gptq --schemes W3A16,W4A8 --out "$OUT/rtn_gptq/activation_outliers"
 fi
+# Issue 12: symmetric vs asymmetric weight-only grids (the default must load in plain transformers and
+# vLLM; asymmetric pack-quantized does not load with compressed-tensors 0.20), on the validation split.
+SYMMETRY=gptq+no-symmetric,gptq+symmetric,tlq+no-symmetric,tlq+symmetric
+if [ "$STAGE" = symmetry ]; then
+  $TLQ bench "$MODEL" "${VALIDATION[@]}" --methods $SYMMETRY --schemes W4A16,W3A16 --out "$OUT/symmetry/as_trained"
+  $TLQ bench "$WEIGHT_VARIANT" "${VALIDATION[@]}" --methods $SYMMETRY --schemes W4A16,W3A16 --out "$OUT/symmetry/weight_outliers"
+fi
 if [ "$STAGE" = validation ]; then
-  $TLQ bench "$WEIGHT_VARIANT" "${VALIDATION[@]}" --methods $CANDIDATES --schemes W3A16 --out "$OUT/validation/weight_outliers"
+  $TLQ bench "$WEIGHT_VARIANT" "${VALIDATION_ASYM[@]}" --methods $CANDIDATES --schemes W3A16 --out "$OUT/validation/weight_outliers"
   $TLQ bench "$ACT_VARIANT" "${VALIDATION[@]}" --methods $CANDIDATES --schemes W4A8 --out "$OUT/validation/activation_outliers"
 fi

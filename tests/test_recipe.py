@@ -6,7 +6,9 @@ from tlq.recipe import Recipe, parse_scheme
 
 def test_presets_follow_the_design():
     w3 = parse_scheme("W3A16")
-    assert (w3.weight_bits, w3.group_size, w3.symmetric, w3.act_bits) == (3, 128, False, None)
+    # symmetric since the serving check (docs/serving.md): asymmetric outputs do not load everywhere
+    assert (w3.weight_bits, w3.group_size, w3.symmetric, w3.act_bits) == (3, 128, True, None)
+    assert parse_scheme("W3A16", symmetric=False).symmetric is False
     w4a8 = parse_scheme("w4a8")
     assert (w4a8.weight_bits, w4a8.group_size, w4a8.symmetric, w4a8.act_bits) == (4, None, True, 8)
     assert parse_scheme("W8A8").quantizes_activations

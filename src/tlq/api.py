@@ -158,7 +158,8 @@ def quantize(model_dir: str | Path, out_dir: str | Path, calib: str | Path, imag
              recipe: Recipe | None = None, overwrite: bool = False, progress: bool = True,
              dtype: str = "auto", trust_remote_code: bool = False, ranks: Ranks | None = None,
              resume: bool = True, dist_timeout_s: float = DEFAULT_TIMEOUT_S, lazy: bool = False,
-             offload_dir: str | Path | None = None, confine_images: bool = True) -> QuantizeReport:
+             offload_dir: str | Path | None = None, confine_images: bool = True, tp: tuple[int, ...] = (),
+             notify=None) -> QuantizeReport:
     """Calibrate the decoder of the VLM in `model_dir` and write a compressed-tensors checkpoint to `out_dir`.
 
     Under torchrun (WORLD_SIZE > 1) the samples are sharded over the ranks and rank 0 writes the output.
@@ -173,6 +174,7 @@ def quantize(model_dir: str | Path, out_dir: str | Path, calib: str | Path, imag
     if lazy and not resume:
         raise TlqError("--lazy keeps the calibrated layers in OUT.tlq-work/: drop --no-resume")
     job = check_job(model_dir, out_dir, calib, images, recipe, overwrite, offload_dir, confine_images)
+    announce_serving(job, tp, notify)
     ranks = ranks or ranks_from_environment(recipe.device, dist_timeout_s)
     if len(job.records) < ranks.size:
         raise TlqError(f"{len(job.records)} calibration samples for {ranks.size} ranks: use more samples or fewer ranks")
@@ -225,6 +227,28 @@ def _run(job: QuantizeJob, ranks: Ranks, progress: bool, dtype: str, trust_remot
             _write_output(job, model, adapter, calibration, layers, work, record)
     return QuantizeReport(out_dir=out_dir, calibration=calibration, num_samples=len(records),
                           num_tokens=record["calibration"]["num_tokens"], seconds=time.perf_counter() - start)
+
+
+def announce_serving(job: QuantizeJob, tp: tuple[int, ...], notify=None) -> None:
+    """Say where the scheme runs and warn about engines that cannot run it; refuse a planned tensor-parallel
+    size the group size does not divide (tlq.serving). Before any calibration."""
+    from tlq.serving import check_tp, linear_in_features, serving_lines
+
+    adapter = adapter_for(read_model_type(job.model_dir))
+    in_features = linear_in_features(job.model_dir)
+    check_tp(job.scheme, in_features, adapter.row_parallel, tuple(tp))
+    line, warnings = serving_lines(job.scheme, in_features, adapter.row_parallel)
+    if notify is None:
+        import logging
+
+        logger = logging.getLogger("tlq")
+        logger.info(line)
+        for warning in warnings:
+            logger.warning(warning)
+        return
+    notify(f"tlq: {line}", False)
+    for warning in warnings:
+        notify(f"tlq: warning: {warning}", True)
 
 
 def _check_not_there(out_dir: Path, overwrite: bool) -> None:

@@ -39,6 +39,9 @@ class BenchConfig:
     device: str = "auto"
     keep_checkpoints: bool = False
     quantize_args: list[str] = field(default_factory=list)  # extra `tlq quantize` flags for every cell
+    # Weight-only cells with asymmetric grids (the preset until the serving check made symmetric the
+    # default; the committed tables under benchmarks/results were measured that way).
+    asymmetric_weight_only: bool = False
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -156,6 +159,8 @@ def _run_quantize_measured(cfg: BenchConfig, method: str, scheme: str, seed: int
     argv = [sys.executable, "-m", "tlq", "quantize", cfg.model_dir, "--out", str(out), "--calib", cfg.calib,
             "--method", name, "--scheme", scheme, "--seed", str(seed), "--num-samples", str(cfg.num_samples),
             "--device", cfg.device, "--overwrite", "--quiet", *flags, *cfg.quantize_args]
+    if cfg.asymmetric_weight_only and not parse_scheme(scheme).quantizes_activations:
+        argv.append("--no-symmetric")
     if cfg.calib_images:
         argv += ["--images", cfg.calib_images]
     return run_measured(argv, f"quantize {method} {scheme} seed {seed}")

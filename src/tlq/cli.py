@@ -67,11 +67,17 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     recipe = _recipe_from(args)
     if not args.dist_timeout > 0:
         raise TlqError(f"--dist-timeout must be > 0 seconds, got {args.dist_timeout}")
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+
+    def notify(line: str, warning: bool) -> None:  # where the scheme runs: always the warnings, else unless --quiet
+        if main_rank and (warning or not args.quiet):
+            print(line, file=sys.stderr, flush=True)
+
     report = quantize(args.model_dir, args.out, calib=args.calib, images=args.images, recipe=recipe,
                       overwrite=args.overwrite, progress=not args.quiet, dtype=args.dtype,
                       trust_remote_code=args.trust_remote_code, resume=args.resume,
                       dist_timeout_s=args.dist_timeout, lazy=args.lazy, offload_dir=args.offload_dir,
-                      confine_images=not args.allow_outside_images)
+                      confine_images=not args.allow_outside_images, tp=_tp_sizes(args.tp), notify=notify)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # rank 0 reports
     errors = ", ".join(f"{r.relative_error:.4f}" for r in report.calibration.layers)
@@ -90,6 +96,18 @@ def _check_file_out(out: str, option: str, inputs: dict[str, str | None]) -> Non
 
     check_file_output(out, option)
     check_disjoint({option: out}, inputs)
+
+
+def _tp_sizes(text: str | None) -> tuple[int, ...]:
+    if not text:
+        return ()
+    try:
+        sizes = tuple(int(part) for part in _split(text))
+    except ValueError:
+        raise TlqError(f"--tp takes comma-separated tensor-parallel sizes, e.g. 2,4; got {text!r}") from None
+    if any(size < 1 for size in sizes):
+        raise TlqError(f"--tp sizes must be >= 1, got {text!r}")
+    return sizes
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -172,7 +190,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                       calib_images=args.images, eval_images=args.eval_images or args.images,
                       methods=_split(args.methods), schemes=_split(args.schemes), seeds=seeds,
                       num_samples=args.num_samples, eval_samples=args.eval_samples, device=args.device,
-                      keep_checkpoints=args.keep_checkpoints)
+                      keep_checkpoints=args.keep_checkpoints, asymmetric_weight_only=args.asymmetric_weight_only)
     results = run_bench(cfg)
     from tlq.bench import markdown_table
 
@@ -204,12 +222,22 @@ def _cmd_stress(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
+    from tlq.models import adapter_for, read_model_type
     from tlq.plan import format_plan, model_shape, parse_size, plan_memory
+    from tlq.recipe import parse_scheme
+    from tlq.serving import check_tp, linear_in_features, serving_lines
 
+    adapter = adapter_for(read_model_type(args.model_dir))
+    scheme = parse_scheme(args.scheme, args.group_size, args.symmetric)
+    in_features = linear_in_features(args.model_dir)
+    line, warnings = serving_lines(scheme, in_features, adapter.row_parallel)
+    check_tp(scheme, in_features, adapter.row_parallel, _tp_sizes(args.tp))
     plan = plan_memory(model_shape(args.model_dir), args.devices, parse_size(args.device_memory), args.samples,
                        args.tokens_per_sample, dtype_bytes=2 if args.dtype in ("bfloat16", "float16") else 4,
                        asymmetric=args.target == "asymmetric", lazy=args.lazy)
-    print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
+    plan["serving"] = {"runs": line, "warnings": warnings}
+    print(json.dumps(plan, indent=2) if args.json else "\n".join([format_plan(plan), line] + [
+        f"warning: {w}" for w in warnings]))
     return 0
 
 
@@ -250,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep per-sample activations in files under this folder instead of host RAM")
     q.add_argument("--allow-outside-images", action="store_true",
                    help="let records name images outside the --images folder (absolute paths, .., symlinks)")
+    q.add_argument("--tp", default=None,
+                   help="tensor-parallel sizes you will serve with, e.g. 2,4: refused now if the group size "
+                        "cannot be split that way")
     q.add_argument("--dist-timeout", type=float, default=1800.0,
                    help="under torchrun: seconds a rank waits for the others before giving up (default 1800)")
     _add_recipe_arguments(q)
@@ -300,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--eval-samples", type=int, default=None)
     b.add_argument("--device", default="auto")
     b.add_argument("--keep-checkpoints", action="store_true")
+    b.add_argument("--asymmetric-weight-only", action="store_true",
+                   help="weight-only cells with asymmetric grids (how the committed tables were measured)")
     b.add_argument("--out", required=True, help="folder for results.json, table.md, chart.png")
     b.set_defaults(func=_cmd_bench)
 
@@ -330,6 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="symmetric", choices=["symmetric", "asymmetric"],
                    help="symmetric or asymmetric (keeps an FP stream)")
     p.add_argument("--lazy", action="store_true", help="plan a `tlq quantize --lazy` run")
+    p.add_argument("--scheme", default="W4A16", help="scheme to check serving support for (default W4A16)")
+    p.add_argument("--group-size", type=int, default=None, help="override the scheme's group")
+    p.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--tp", default=None, help="tensor-parallel sizes to check the group size against, e.g. 2,4")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.set_defaults(func=_cmd_plan)
 

@@ -66,12 +66,14 @@ class ModelShape:
 def model_shape(model_dir: str | Path) -> ModelShape:
     """Shapes of the checkpoint's model, built on the meta device from its config."""
     import torch
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers import AutoModelForImageTextToText
 
     from tlq.models import adapter_for, read_model_type
 
     adapter = adapter_for(read_model_type(model_dir))
-    config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    from tlq.models import load_config
+
+    config = load_config(model_dir)
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(config)
     layers = adapter.layers(model)

@@ -162,7 +162,7 @@ def test_a_damaged_work_folder_is_refused_with_its_path(case, work, run_cli):
     before.pop(".out.tlq-lock", None)  # the killed run's lock file: the rerun takes it and removes it
     outcome = run_cli(_command(ws))
     assert outcome.code == 2, outcome.err[-5:]
-    assert len(outcome.err) == 1 and outcome.err[0].startswith("tlq: error: "), outcome.err
+    assert len(outcome.err) == 1 and outcome.err[0].startswith("tlq: error: "), outcome.err  # warnings filtered
     assert culprit in outcome.err[0] and words in outcome.err[0], outcome.err[0]
     assert "remove" in outcome.err[0]  # the fix
     after = snapshot(ws)

@@ -38,6 +38,8 @@ class ModelAdapter:
     # The language-model head after the last decoder layer (the streamed importance backward starts there).
     final_norm: str = "model.language_model.norm"
     lm_head: str = "lm_head"
+    # Linears whose inputs a tensor-parallel engine splits over the ranks (vLLM's RowParallelLinear).
+    row_parallel: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
 
     @property
     def linear_names(self) -> tuple[str, ...]:

