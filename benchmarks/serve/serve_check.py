@@ -23,6 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 TLQ = [str(ROOT / ".venv" / "bin" / "tlq")]
+TLQ_PY = ROOT / ".venv" / "bin" / "python"
 VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
 GENERATE = ROOT / "benchmarks" / "serve" / "generate.py"
 DATA = ROOT / "runs" / "data" / "vqa"
@@ -51,26 +52,46 @@ def _run_engine(engine: str, model: Path, num: int, answers: Path) -> dict:
                           capture_output=True, text=True, timeout=1800)
     record = json.loads(answers.read_text()) if answers.exists() else {
         "engine": engine, "loaded": False, "error": f"generate.py exited {proc.returncode}: {proc.stderr[-300:]}"}
-    record["kernels"] = sorted({f"{m.group(1)} ({m.group(2)})" for m in _KERNEL.finditer(proc.stderr)
-                                if "Kernel" in m.group(1)})
+    log = proc.stdout + proc.stderr
+    record["kernels"] = sorted({m.group(1) for m in _KERNEL.finditer(log) if "Kernel" in m.group(1)})
+    if record.get("error") and "Engine core initialization failed" in record["error"]:
+        causes = [line.split("] ", 1)[-1] for line in log.splitlines() if re.search(r"(Value|Runtime|NotImplemented)Error: ", line)]
+        if causes:  # the worker's own reason, not the engine's summary
+            record["error"] = causes[0][:300]
     answers.write_text(json.dumps(record, indent=1) + "\n")
     return record
 
 
 def _quantize(model: str, label: str, options: list[str], out: Path) -> dict:
-    if (out / "config.json").is_file():
-        return {"quantized": True, "warnings": json.loads((out.parent / f"{out.name}.quantize.json").read_text())["warnings"]}
+    marker = out.parent / f"{out.name}.quantize.json"  # written last: a killed cell is redone
+    if marker.is_file() and (out / "config.json").is_file():
+        return json.loads(marker.read_text())
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     proc = subprocess.run([*TLQ, "quantize", str(ROOT / "models" / "reference" / model), "--out", str(out), "--calib",
                            str(DATA / "calib.json"), "--images", str(DATA), "--num-samples", "128", "--quiet",
-                           *options], capture_output=True, text=True, timeout=3600)
+                           "--overwrite", *options], capture_output=True, text=True, timeout=3600)
     warnings = [line for line in proc.stderr.splitlines() if line.startswith("tlq: warning")]
     info = {"quantized": proc.returncode == 0, "warnings": warnings, "seconds": round(time.perf_counter() - start, 1)}
     if proc.returncode != 0:
         info["error"] = proc.stderr.strip().splitlines()[-1:] if proc.stderr.strip() else [f"exit {proc.returncode}"]
-    (out.parent / f"{out.name}.quantize.json").write_text(json.dumps(info, indent=1) + "\n")
+    marker.write_text(json.dumps(info, indent=1) + "\n")
     return info
+
+
+_PLAIN_LOAD = ("import sys; from transformers import AutoModelForImageTextToText as M; "
+               "M.from_pretrained(sys.argv[1]); print('tlq' in sys.modules)")
+
+
+def _plain_load(out: Path) -> dict:
+    """Plain from_pretrained in tlq's own venv (transformers 5.24, compressed-tensors 0.20.1), tlq not
+    imported. That venv has no torchvision, so its AutoProcessor cannot build these processors: the
+    answers come from the vLLM venv's transformers; this says whether the newer stack loads the weights."""
+    proc = subprocess.run([str(TLQ_PY), "-c", _PLAIN_LOAD, str(out)], capture_output=True, text=True, timeout=600,
+                          env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"})
+    lines = [line for line in proc.stderr.splitlines() if "Error" in line]
+    return {"loaded": proc.returncode == 0 and proc.stdout.strip().endswith("False"),
+            "error": None if proc.returncode == 0 else (lines[-1] if lines else f"exit {proc.returncode}")[:300]}
 
 
 def _agreement(record: dict, fp: dict) -> dict:
@@ -95,6 +116,7 @@ def check_model(model: str, num: int) -> list[dict]:
         out = work / slug
         info = _quantize(model, label, options, out)
         row = {"model": model, "scheme": label, "options": options, "tlq_warnings": info.get("warnings", [])}
+        row["transformers_tlq_venv"] = _plain_load(out) if info["quantized"] else {"loaded": False}
         for engine in ("vllm", "transformers"):
             if not info["quantized"]:
                 row[engine] = {"loaded": False, "error": f"tlq quantize failed: {info.get('error')}"}
@@ -109,8 +131,8 @@ def check_model(model: str, num: int) -> list[dict]:
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| model | scheme | vLLM CPU loads | vLLM kernel | vLLM exact | vLLM = FP | transformers loads | "
-             "transformers exact | transformers = FP | tlq warned |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "transformers exact | transformers = FP | transformers 5.24 / ct 0.20.1 loads | tlq warned |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         v, t = row["vllm"], row["transformers"]
 
@@ -120,11 +142,12 @@ def markdown(rows: list[dict]) -> str:
         def loads(r):
             return "yes" if r.get("loaded") else f"no: {(r.get('error') or '')[:90]}"
 
-        kernel = ", ".join(k.split(" ")[0] for k in v.get("kernels", [])) or "-"
+        kernel = ", ".join(v.get("kernels", [])) or "-"
         warned = "yes" if row.get("tlq_warnings") else "-"
+        newer = loads(row["transformers_tlq_venv"]) if "transformers_tlq_venv" in row else "-"
         lines.append(f"| {row['model']} | {row['scheme']} | {loads(v)} | {kernel} | {cell(v, 'exact_match')} | "
                      f"{cell(v, 'agrees_with_fp')} | {loads(t)} | {cell(t, 'exact_match')} | "
-                     f"{cell(t, 'agrees_with_fp')} | {warned} |")
+                     f"{cell(t, 'agrees_with_fp')} | {newer} | {warned} |")
     return "\n".join(lines) + "\n"
 
 
