@@ -159,7 +159,7 @@ def test_where_each_scheme_runs():
     runs = {name: {s.engine: s.runs for s in where_it_runs(parse_scheme(name))}
             for name in ("W4A16", "W3A16", "W8A8", "W4A8")}
     assert runs["W4A16"] == {"vLLM GPU": True, "vLLM CPU": True, "transformers": True}
-    assert runs["W3A16"]["vLLM CPU"] is False and runs["W3A16"]["transformers"] is True
+    assert runs["W3A16"]["vLLM CPU"] is False and runs["W3A16"]["transformers"] is None  # ct 0.17 misreads 3-bit
     assert runs["W8A8"] == {"vLLM GPU": True, "vLLM CPU": True, "transformers": True}
     assert runs["W4A8"]["vLLM GPU"] is None and runs["W4A8"]["vLLM CPU"] is True
     assert {s.engine: s.runs for s in where_it_runs(parse_scheme("W4A16", symmetric=False))}["transformers"] is None

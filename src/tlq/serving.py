@@ -39,9 +39,12 @@ def where_it_runs(scheme: Scheme) -> list[Support]:
                Support("vLLM GPU", None, f"{bits}-bit weights need a build with an optional low-bit kernel"))
         cpu = (Support("vLLM CPU", True, "CPUWNA16, bfloat16/float16 activations") if bits in (4, 8) else
                Support("vLLM CPU", False, f"no CPU kernel implements {bits}-bit WNA16"))
-        plain = (Support("transformers", True, "") if scheme.symmetric else
-                 Support("transformers", None, "asymmetric pack-quantized fails to load with compressed-tensors "
-                                               "0.20 unless tlq.compat is imported; 0.17 loads it"))
+        plain = (Support("transformers", None, "asymmetric pack-quantized fails to load with compressed-tensors "
+                                               "0.20 unless tlq.compat is imported; 0.17 loads it")
+                 if not scheme.symmetric else
+                 Support("transformers", None, f"needs compressed-tensors >= 0.20: 0.17 (vLLM 0.32's pin) unpacks "
+                                               f"{bits}-bit weights written by 0.20 to the wrong width")
+                 if 32 % bits else Support("transformers", True, ""))
         return [gpu, cpu, plain]
     if bits == 8:
         return [Support("vLLM GPU", True, "int8 W8A8"), Support("vLLM CPU", True, "int8 W8A8"),
