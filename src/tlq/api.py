@@ -307,6 +307,7 @@ def _run_record(job: QuantizeJob, model, adapter, samples, calibration: Calibrat
         "rescaled_groups": [r.rescaled for r in calibration.layers if r.rescaled],
         "token_weighting": weighting_record,
         "calibration_seconds": round(calibration.seconds, 3),
+        "layer_seconds": [round(r.seconds, 3) for r in calibration.layers],
         "peak_device_memory_bytes": per_rank[0]["peak_device_memory_bytes"],
         "ranks": per_rank,
         "versions": package_versions(),
