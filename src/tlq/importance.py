@@ -27,10 +27,11 @@ from tlq.activations import (LayerInputs, activation_list, capture_layer_inputs,
 from tlq.data import Sample
 from tlq.distributed import SINGLE, Ranks
 from tlq.engine import TokenWeights
+from tlq.recipe import IMPORTANCE_SCORES
 from tlq.errors import TlqError
 from tlq.models import ANSWER, IMAGE, PROMPT, TOKEN_KIND_NAMES, ModelAdapter
 
-SCORES = ("fisher", "l2", "gx", "layer_output")
+SCORES = IMPORTANCE_SCORES
 GRADIENT_PASSES = {"auto": None, "streamed": True, "full": False}  # name -> compute_importance(streamed=)
 
 

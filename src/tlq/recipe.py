@@ -17,6 +17,7 @@ from typing import Any
 from tlq.errors import TlqError
 
 METHODS = ("rtn", "gptq", "awq", "smoothquant", "mbq", "tlq")
+IMPORTANCE_SCORES = ("fisher", "l2", "gx", "layer_output")  # tlq.importance computes them
 BACKENDS = ("auto", "gptq", "scale", "both")
 TARGETS = ("symmetric", "asymmetric")
 
@@ -185,10 +186,9 @@ class Recipe:
             raise TlqError(f"unknown weighting {self.weighting!r}: use auto, uniform, modality or importance")
         if self.scale_loss not in ("auto", "mse", "mae"):
             raise TlqError(f"unknown scale loss {self.scale_loss!r}: use auto, mse or mae")
-        from tlq.importance import SCORES
-
-        if self.importance_score not in SCORES:
-            raise TlqError(f"unknown importance score {self.importance_score!r}: use one of {', '.join(SCORES)}")
+        if self.importance_score not in IMPORTANCE_SCORES:
+            raise TlqError(f"unknown importance score {self.importance_score!r}: use one of "
+                           f"{', '.join(IMPORTANCE_SCORES)}")
         if self.importance_clip is not None and not self.importance_clip > 0:
             raise TlqError(f"--clip must be > 0, got {self.importance_clip}")
         if not 0 <= self.min_kind_share < 1:
