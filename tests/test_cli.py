@@ -65,6 +65,11 @@ def test_quantize_command_writes_a_checkpoint(good, capsys):
     recipe = json.load(open(os.path.join(good["out"], "tlq_recipe.json")))
     assert recipe["calibration"]["num_samples"] == 2 and len(recipe["calibration"]["data_sha256"]) == 64
     assert recipe["versions"]["tlq"]
+    # where the time went (tlq.phases): every phase of a GPTQ run, export included, and one entry per layer
+    phases = recipe["phase_seconds"]
+    assert {"load", "samples", "capture", "importance", "reference", "observe", "solve", "propagate", "save",
+            "export"} <= set(phases) and all(v >= 0 for v in phases.values())
+    assert len(recipe["layer_seconds"]) == len(recipe["layer_relative_error"]) == 2
     # A second run into the same folder is refused rather than overwriting it.
     code, lines = _run(_argv(good), capsys)
     assert code == 2 and "already exists" in lines[0]

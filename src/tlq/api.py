@@ -28,6 +28,7 @@ from tlq.export import check_exportable, export_compressed, export_streamed
 from tlq.guards import check_disjoint, check_output_location, output_lock, remove_stale_siblings
 from tlq.models import adapter_for, load_model, read_model_type
 from tlq.models.weights import check_weight_files
+from tlq.phases import PhaseClock
 from tlq.measure import peak_rss_bytes, release_freed_memory_promptly
 from tlq.models.lazy import load_lazy
 from tlq.models.processing import load_processor
@@ -191,18 +192,21 @@ def _run(job: QuantizeJob, ranks: Ranks, progress: bool, dtype: str, trust_remot
          lazy: bool) -> QuantizeReport:
     start = time.perf_counter()
     recipe, scheme, records, out_dir, model_dir = job.recipe, job.scheme, job.records, job.out_dir, job.model_dir
+    clock = PhaseClock()
     layers = None
-    if lazy:
-        release_freed_memory_promptly()  # host memory is what --lazy is for
-        model, adapter, layers = load_lazy(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
-        check_exportable(model, adapter, scheme, layers.empty_layer(0))
-    else:
-        model, adapter = load_model(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
-        check_exportable(model, adapter, scheme)
-    processor = load_processor(model_dir, trust_remote_code=trust_remote_code)
+    with clock("load"):
+        if lazy:
+            release_freed_memory_promptly()  # host memory is what --lazy is for
+            model, adapter, layers = load_lazy(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
+            check_exportable(model, adapter, scheme, layers.empty_layer(0))
+        else:
+            model, adapter = load_model(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
+            check_exportable(model, adapter, scheme)
+        processor = load_processor(model_dir, trust_remote_code=trust_remote_code)
     shard = ranks.shard(len(records))
-    samples = prepare_samples(model, adapter, processor, job.calib, job.images, recipe,
-                              records=records[shard.start:shard.stop])
+    with clock("samples"):
+        samples = prepare_samples(model, adapter, processor, job.calib, job.images, recipe,
+                                  records=records[shard.start:shard.stop])
     work = None
     if resume:
         fingerprint = {"recipe": {k: v for k, v in recipe.to_dict().items() if k != "device"},
@@ -212,13 +216,15 @@ def _run(job: QuantizeJob, ranks: Ranks, progress: bool, dtype: str, trust_remot
     with _removed_on_refusal(work, ranks), offload_folder(job.offload_dir, ranks) as spill, offload_activations(spill):
         if work is not None:
             work.open(len(layers) if layers is not None else len(adapter.layers(model)))
-        importance_start = time.perf_counter()
-        weights, weighting_record = build_token_weights(model, adapter, samples, recipe, ranks, work, layers)
-        importance_seconds = time.perf_counter() - importance_start
+        with clock("importance"):
+            weights, weighting_record = build_token_weights(model, adapter, samples, recipe, ranks, work, layers)
         calibration = quantize_layers(model, adapter, samples, recipe, token_weights=weights, progress=progress,
                                       ranks=ranks, work=work, layers=layers)
-        calibration.seconds += importance_seconds
+        calibration.seconds += clock.seconds["importance"]
+        clock.merge(calibration.phases)
         record = _run_record(job, model, adapter, samples, calibration, weighting_record, ranks)
+        # Seconds per phase (tlq.phases); `export` is filled in by the exporter just before it writes this.
+        record["phase_seconds"] = {**clock.rounded(), "export": None}
         # Only rank 0 writes. The process group ends first: compressed-tensors switches to a collective
         # compression path whenever torch.distributed is initialised.
         ranks.barrier()

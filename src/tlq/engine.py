@@ -39,6 +39,7 @@ from tlq.data import Sample
 from tlq.distributed import SINGLE, Ranks
 from tlq.errors import TlqError
 from tlq.models import ModelAdapter
+from tlq.phases import PhaseClock
 from tlq.quant import QuantizedWeight, solver_factory
 from tlq.recipe import Recipe
 from tlq.rescale import rescale_layer
@@ -56,6 +57,7 @@ class LayerReport:
     seconds: float
     rescaled: list[dict] = field(default_factory=list)
     resumed: bool = False  # loaded from the work directory, not recomputed
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase (tlq.phases)
 
 
 def _solve_group(solvers: dict, ranks: Ranks) -> dict[str, QuantizedWeight]:
@@ -94,6 +96,7 @@ class CalibrationResult:
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict)  # full Linear name -> weight + grid
     layers: list[LayerReport] = field(default_factory=list)
     seconds: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase, this run's layers only
 
 
 class _Observer:
@@ -127,13 +130,14 @@ def fp_view(layer: nn.Module) -> nn.Module:
 @torch.no_grad()
 def calibrate_layer(layer: nn.Module, index: int, inputs: LayerInputs, adapter: ModelAdapter, recipe: Recipe,
                     device: torch.device, token_weights: TokenWeights | None = None, prefix: str = "",
-                    fp_inputs: LayerInputs | None = None, ranks: Ranks = SINGLE):
+                    fp_inputs: LayerInputs | None = None, ranks: Ranks = SINGLE, clock: PhaseClock | None = None):
     """Quantize one decoder layer (already on `device`) in place on its calibration inputs.
 
     Returns (quantized weights keyed `prefix + linear name`, the quantized layer's outputs = the next
     layer's inputs, the FP layer's outputs on `fp_inputs` or None, a LayerReport).
     """
     start = time.perf_counter()
+    clock = PhaseClock(clock.show if clock is not None else None)
     scheme = recipe.resolved_scheme()
     plan = recipe.plan()
     make_solver = solver_factory(plan.solver)
@@ -141,16 +145,18 @@ def calibrate_layer(layer: nn.Module, index: int, inputs: LayerInputs, adapter: 
     # What the FP layer computes is taken before anything changes, so no FP copy of the layer is kept
     # through the solves (it would double a layer's host memory): its outputs on the quantized-path
     # inputs (the error report's reference) and on the FP-path inputs (the FP stream), both spillable.
-    reference_outputs = activation_list(out.cpu() for _, out in run_layer(layer, inputs, device))
-    fp_outputs = None
-    if fp_inputs is inputs:  # exposure off: one stream, already computed
-        fp_outputs = LayerInputs(reference_outputs, fp_inputs.kwargs)
-    elif fp_inputs is not None:
-        fp_outputs = LayerInputs(activation_list(out.cpu() for _, out in run_layer(layer, fp_inputs, device)),
-                                 fp_inputs.kwargs)
+    with clock("reference"):
+        reference_outputs = activation_list(out.cpu() for _, out in run_layer(layer, inputs, device))
+        fp_outputs = None
+        if fp_inputs is inputs:  # exposure off: one stream, already computed
+            fp_outputs = LayerInputs(reference_outputs, fp_inputs.kwargs)
+        elif fp_inputs is not None:
+            fp_outputs = LayerInputs(activation_list(out.cpu() for _, out in run_layer(layer, fp_inputs, device)),
+                                     fp_inputs.kwargs)
     rescaled = []
     if plan.transform is not None:
-        rescaled = rescale_layer(layer, index, inputs, adapter, recipe, device, token_weights, fp_inputs, ranks)
+        with clock("rescale"):
+            rescaled = rescale_layer(layer, index, inputs, adapter, recipe, device, token_weights, fp_inputs, ranks)
     asymmetric = recipe.target == "asymmetric" and fp_inputs is not None and fp_inputs is not inputs
     # The asymmetric target needs the FP-path inputs of each Linear, through FP weights scaled like `layer`.
     fp_scaled = fp_view(layer) if asymmetric else None
@@ -161,24 +167,26 @@ def calibrate_layer(layer: nn.Module, index: int, inputs: LayerInputs, adapter: 
         for group in groups:
             solvers = {name: make_solver(linears[name].weight.data, scheme, recipe) for name in group}
             observed = [name for name, s in solvers.items() if s.needs_inputs]
-            if observed:
-                fp_linear_inputs = capture_linear_inputs(fp_scaled, observed, fp_inputs, device) if asymmetric else {}
-                observers = {name: _Observer(solvers[name], index, name, token_weights, fp_linear_inputs.get(name))
-                             for name in observed}
+            with clock("observe"):
+                if observed:
+                    fp_linear_inputs = capture_linear_inputs(fp_scaled, observed, fp_inputs, device) if asymmetric else {}
+                    observers = {name: _Observer(solvers[name], index, name, token_weights, fp_linear_inputs.get(name))
+                                 for name in observed}
 
-                def set_sample(i: int) -> None:
-                    for obs in observers.values():
-                        obs.sample = i
+                    def set_sample(i: int) -> None:
+                        for obs in observers.values():
+                            obs.sample = i
 
-                handles = [linears[name].register_forward_pre_hook(obs) for name, obs in observers.items()]
-                try:
-                    for _ in run_layer(layer, inputs, device, set_sample):
-                        pass
-                finally:
-                    for handle in handles:
-                        handle.remove()
-                observers.clear()
-            solved = _solve_group(solvers, ranks)
+                    handles = [linears[name].register_forward_pre_hook(obs) for name, obs in observers.items()]
+                    try:
+                        for _ in run_layer(layer, inputs, device, set_sample):
+                            pass
+                    finally:
+                        for handle in handles:
+                            handle.remove()
+                    observers.clear()
+            with clock("solve"):
+                solved = _solve_group(solvers, ranks)
             del solvers  # their statistics (Hessians) are no longer needed
             for name, result in solved.items():
                 # The solved tensor becomes the weight (no second copy of the layer's weights on the host).
@@ -188,18 +196,20 @@ def calibrate_layer(layer: nn.Module, index: int, inputs: LayerInputs, adapter: 
             del solved
         # Propagate: the quantized layer's outputs are the next layer's calibration inputs.
         outputs, error_sq, norm_sq = activation_list(), 0.0, 0.0
-        for i, out in run_layer(layer, inputs, device):
-            check_finite(out, f"after decoder layer {index}")
-            ref = reference_outputs[i].to(device)
-            error_sq += float((out.float() - ref.float()).pow(2).sum())
-            norm_sq += float(ref.float().pow(2).sum())
-            outputs.append(out.cpu())
+        with clock("propagate"):
+            for i, out in run_layer(layer, inputs, device):
+                check_finite(out, f"after decoder layer {index}")
+                ref = reference_outputs[i].to(device)
+                error_sq += float((out.float() - ref.float()).pow(2).sum())
+                norm_sq += float(ref.float().pow(2).sum())
+                outputs.append(out.cpu())
     finally:
         for handle in act_hooks:
             handle.remove()
     del reference_outputs
     error_sq, norm_sq = ranks.sum(torch.tensor([error_sq, norm_sq], dtype=torch.float64)).tolist()
-    report = LayerReport(index, (error_sq / max(norm_sq, 1e-30)) ** 0.5, time.perf_counter() - start, rescaled)
+    report = LayerReport(index, (error_sq / max(norm_sq, 1e-30)) ** 0.5, time.perf_counter() - start, rescaled,
+                         phases=clock.rounded())
     return quantized, LayerInputs(hidden=outputs, kwargs=inputs.kwargs), fp_outputs, report
 
 
@@ -222,7 +232,9 @@ def quantize_layers(model: nn.Module, adapter: ModelAdapter, samples: list[Sampl
     start = time.perf_counter()
     device = resolve_device(recipe.device)
     result = CalibrationResult()
-    inputs = capture_layer_inputs(model, adapter, samples, device)
+    clock = PhaseClock()
+    with clock("capture"):
+        inputs = capture_layer_inputs(model, adapter, samples, device)
     for hidden in inputs.hidden:
         check_finite(hidden, "entering decoder layer 0")
     fp_inputs = inputs if (recipe.target == "asymmetric" or not recipe.exposure) else None
@@ -243,12 +255,15 @@ def quantize_layers(model: nn.Module, adapter: ModelAdapter, samples: list[Sampl
         log.info("resumed from %s: layers 0..%d were finished", work.path, first - 1)
     bar = tqdm(range(first, len(layers)), desc=f"{recipe.method} {recipe.resolved_scheme().name}",
                disable=not progress or not ranks.main, initial=first, total=len(layers))
+    clock.show = bar.set_postfix_str  # the bar says which phase of the layer is running
     for index in bar:
         if on_layer_inputs is not None:
             on_layer_inputs(index, inputs)
         layer = layers.load(index, device)
         quantized, outputs, fp_outputs, report = calibrate_layer(
-            layer, index, inputs, adapter, recipe, device, token_weights, f"{prefix}{index}.", fp_inputs, ranks)
+            layer, index, inputs, adapter, recipe, device, token_weights, f"{prefix}{index}.", fp_inputs, ranks,
+            clock)
+        clock.merge(report.phases)
         layer.to("cpu")
         if recipe.exposure:
             inputs, fp_inputs = outputs, fp_outputs
@@ -258,12 +273,14 @@ def quantize_layers(model: nn.Module, adapter: ModelAdapter, samples: list[Sampl
             result.quantized.update(quantized)
         result.layers.append(report)
         if work is not None:
-            work.save_layer(index, layer, quantized, dataclasses.asdict(report), inputs.hidden,
-                            fp_inputs.hidden if fp_inputs is not None and fp_inputs is not inputs else None)
+            with clock("save"):
+                work.save_layer(index, layer, quantized, dataclasses.asdict(report), inputs.hidden,
+                                fp_inputs.hidden if fp_inputs is not None and fp_inputs is not inputs else None)
         layers.release(index)
         del layer
-        bar.set_postfix(rel_err=f"{report.relative_error:.4f}")
+        bar.set_postfix_str(f"rel_err={report.relative_error:.4f}")
         log.info("layer %d: relative output error %.5f (%.1f s)", index, report.relative_error, report.seconds)
         faults.reached(f"layer-{index}-saved")
     result.seconds = time.perf_counter() - start
+    result.phases = clock.rounded()
     return result
