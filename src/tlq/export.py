@@ -42,12 +42,10 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", 
 _NOT_COPIED = {"config.json", RECIPE_FILE}
 
 
-def quantization_config(model: nn.Module, adapter: ModelAdapter, scheme: Scheme):
-    """The compressed-tensors QuantizationConfig for `scheme`, ignoring every non-decoder Linear."""
+def quantization_config(scheme: Scheme, ignore: list[str]):
+    """The compressed-tensors QuantizationConfig for `scheme`, leaving the `ignore` entries unquantized."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
-    quantized = set(adapter.quantized_linear_names(model))
-    ignore = [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and name not in quantized]
     weights = QuantizationArgs(
         num_bits=scheme.weight_bits, type="int", symmetric=scheme.symmetric,
         strategy="channel" if scheme.group_size is None else "group",
@@ -282,8 +280,7 @@ def export_checkpoint(model: nn.Module, adapter: ModelAdapter, scheme: Scheme, l
 
     tensors = CheckpointTensors(source_dir)
     prefix = tensors.layer_prefix()
-    config = quantization_config(model, adapter, scheme)
-    config.ignore = ignore_entries(model, adapter, set(tensors.keys()))
+    config = quantization_config(scheme, ignore_entries(model, adapter, set(tensors.keys())))
     start = time.perf_counter()
     with staged_output(Path(out_dir), overwrite, source_dir, recipe_record, retire) as staging:
         writer = ShardWriter(staging, max_shard_bytes)

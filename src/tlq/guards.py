@@ -97,19 +97,30 @@ def check_file_output(out: str | os.PathLike[str], option: str) -> Path:
     return out
 
 
-def write_file_atomic(path: str | os.PathLike[str], data: bytes | str) -> Path:
-    """Write `data` to `path` through a temporary sibling and a rename: the file is whole or absent."""
+@contextmanager
+def atomic_file(path: str | os.PathLike[str], what: str = "") -> Iterator[Path]:
+    """Yield a temporary sibling of `path` to write; on success it is renamed to `path`, so the file is
+    whole or absent. A failed write (disk full, read-only) is one line naming `path`; the temporary
+    file goes away."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as handle:
-            handle.write(data.encode() if isinstance(data, str) else data)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield tmp
         os.replace(tmp, path)
-    except OSError as exc:
+    except Exception as exc:  # noqa: BLE001 - OSError, or safetensors' own I/O error
         tmp.unlink(missing_ok=True)
-        raise TlqError(f"cannot write {path}: {describe_os_error(exc)}") from None
-    return path
+        reason = write_error(exc)
+        if reason is None:
+            raise
+        raise TlqError(f"cannot write {what}{path}: {reason}") from None
+
+
+def write_file_atomic(path: str | os.PathLike[str], data: bytes | str) -> Path:
+    """Write `data` to `path` whole or not at all (atomic_file)."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    return Path(path)
 
 
 def describe_os_error(exc: OSError) -> str:

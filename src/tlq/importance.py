@@ -61,20 +61,11 @@ class TokenImportance:
                                                 "kinds": ",".join(TOKEN_KIND_NAMES), "gradient_pass": self.gradient_pass})
 
     def save_atomic(self, path: str | Path) -> None:
-        """`save` through a temporary sibling and a rename: the file is whole or absent."""
-        import os
+        """`save`, whole or not at all (tlq.guards.atomic_file)."""
+        from tlq.guards import atomic_file
 
-        from tlq.guards import describe_os_error
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
+        with atomic_file(path) as tmp:
             self.save(tmp)
-            os.replace(tmp, path)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise TlqError(f"cannot write {path}: {describe_os_error(exc)}") from None
 
     @classmethod
     def load(cls, path: str | Path) -> "TokenImportance":

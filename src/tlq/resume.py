@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +31,7 @@ from torch import nn
 
 from tlq.distributed import SINGLE, Ranks
 from tlq.errors import TlqError
-from tlq.guards import write_error
+from tlq.guards import atomic_file
 from tlq.quant import QuantizedWeight
 
 RUN_FILE = "run.json"
@@ -44,24 +42,14 @@ def work_dir_for(out_dir: str | Path) -> Path:
     return out_dir.parent / f"{out_dir.name}.tlq-work"
 
 
-@contextmanager
 def _writing(path: Path):
-    """A failed write of a work file (disk full, say) is one line; its temporary file goes away."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        yield tmp
-    except Exception as exc:  # noqa: BLE001 - OSError, or safetensors' own I/O error
-        tmp.unlink(missing_ok=True)
-        reason = write_error(exc)
-        if reason is None:
-            raise
-        raise TlqError(f"cannot write the work file {path}: {reason}") from None
+    """A work file written whole or not at all; a failed write is one line naming it."""
+    return atomic_file(path, "the work file ")
 
 
 def _atomic_json(path: Path, value: dict) -> None:
     with _writing(path) as tmp:
         tmp.write_text(json.dumps(value, indent=1, sort_keys=True) + "\n")
-        os.replace(tmp, path)
 
 
 def _sha256(path: Path) -> str:
@@ -79,7 +67,6 @@ def _atomic_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict
     with _writing(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         digest = _sha256(tmp)
-        os.replace(tmp, path)
     return digest
 
 
@@ -199,7 +186,6 @@ class WorkDir:
             with _writing(self.importance_path) as tmp:
                 importance.save(tmp)
                 digest = _sha256(tmp)
-                os.replace(tmp, self.importance_path)
         self.digests[self.importance_path.name] = self.ranks.gather_objects(digest)[0]
         if self.ranks.main:
             self._write_state()
