@@ -156,10 +156,13 @@ def rank_device(ranks: Ranks, device: str) -> str:
 
 
 def shutdown(ranks: Ranks) -> None:
+    """End the process group once every rank has got here: a rank that tears down its gloo connections
+    while another is still finishing a collective can make that rank abort (SIGABRT)."""
     if ranks.distributed:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            ranks.barrier()
             dist.destroy_process_group()
 
 
