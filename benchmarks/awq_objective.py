@@ -3,8 +3,8 @@
 For decoder layer 0 of a reference model, for every alpha of the scale grid, this scores the scaled and
 fake-quantized group (q,k,v after input_layernorm; gate,up after post_attention_layernorm; everything
 else in full precision) three ways on the calibration tokens:
-  linear  - the squared error of the group's own Linear outputs (what tlq.quant.scaling.search_scales
-            minimizes today);
+  linear  - the squared error of the group's own Linear outputs (what tlq's scale search minimized
+            until the block objective replaced it, docs/design-notes.md);
   block   - the squared error of the module the group feeds (the attention output for q,k,v, the MLP
             output for gate,up: what the AWQ paper and llm-compressor's AWQ minimize);
   layer   - the relative error of the whole decoder layer's output.

@@ -1,30 +1,164 @@
 """The rescaling step of a layer (AWQ, MBQ, TLQ's scale backend, SmoothQuant), before its Linears are solved.
 
-For each scaling group that applies (norm -> Linears, and Linear -> Linear where the shapes match), the
-targets' shared input is captured from the layer on the quantized-path inputs (only the tokens the
-token weights keep, subsampled to a cap), the scales are searched or computed, then folded in. All
-groups are captured before any is rescaled; the folding keeps the FP function, so no capture goes stale.
+For each scaling group that applies (norm -> Linears, and Linear -> Linear where the shapes match), one
+run of the layer on the quantized-path inputs captures the targets' shared input (only the tokens the
+token weights keep) and, for a block that mixes tokens (attention), the block's own call and FP output
+per sample. The scale search then scores every candidate by the error of the block's output with the
+targets scaled and fake-quantized as deployed (weights, and for W*A8 the per-token activations),
+weighted per token by the importance of the block's output Linear. All groups are captured before
+any is rescaled; the folding keeps the FP function, so no capture goes stale.
+
+Why the block and not the targets' own outputs: for q,k,v the error that matters is what the attention
+makes of it. Scoring the concatenated q,k,v outputs let large-norm rows dominate and picked scales that
+made the attention output worse than no scaling (benchmarks/results/qwen2_vl-small/awq_objective).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 
-from tlq.activations import LayerInputs, capture_linear_inputs
+from tlq.activations import LayerInputs, layer_output, run_layer, to_device
 from tlq.distributed import SINGLE, Ranks
-from tlq.models import ModelAdapter
-from tlq.quant.scaling import apply_scales, group_applies, search_scales, smoothquant_scales
-from tlq.recipe import Recipe
+from tlq.models import ModelAdapter, ScalingGroup
+from tlq.quant.primitives import fake_quant_activation, fake_quant_weight
+from tlq.quant.scaling import (apply_scales, channel_magnitude, group_applies, search_scales, smoothquant_scales,
+                               weighted_error)
+from tlq.recipe import Recipe, Scheme
+
+CHUNK = 4096  # tokens per forward of a token-wise block during the search
 
 
-def _group_weights(token_weights, index: int, targets: tuple[str, ...], sample: int) -> torch.Tensor | None:
-    if token_weights is None:
-        return None
-    values = [token_weights(index, name, sample) for name in targets]
-    if any(v is None for v in values):
-        return None
-    return torch.stack(values).mean(0)
+@dataclass
+class _Captured:
+    """One scaling group's calibration data on this rank, per sample."""
+
+    x: list[torch.Tensor] = field(default_factory=list)  # the targets' input, kept rows [kept, in]
+    rows: list[torch.Tensor | None] = field(default_factory=list)  # kept token positions (None: all)
+    calls: list[tuple] = field(default_factory=list)  # token-mixing blocks: the block's (args, kwargs)
+    outputs: list[torch.Tensor] = field(default_factory=list)  # token-mixing blocks: FP output, kept rows
+
+
+def _token_weights(token_weights, index: int, group: ScalingGroup, sample: int) -> torch.Tensor | None:
+    return None if token_weights is None else token_weights(index, group.output_linear, sample)
+
+
+def _capture(layer: nn.Module, groups: list[ScalingGroup], inputs: LayerInputs, device: torch.device,
+             keep, with_blocks: bool) -> list[_Captured]:
+    """One run of the layer: each group's targets' input rows and, for token-mixing blocks, the block's calls."""
+    store = [_Captured() for _ in groups]
+    current = [0]
+    hooks = []
+
+    def rows_of(position: int) -> torch.Tensor | None:
+        rows = store[position].rows
+        if len(rows) <= current[0]:
+            rows.append(keep(current[0], groups[position]))
+        return rows[current[0]]
+
+    def pick(tensor: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        flat = tensor.reshape(-1, tensor.shape[-1])
+        return (flat if rows is None else flat[rows.to(flat.device)]).cpu()
+
+    for position, group in enumerate(groups):
+        def target_input(module, args, position=position):
+            store[position].x.append(pick(args[0], rows_of(position)))
+
+        hooks.append(layer.get_submodule(group.targets[0]).register_forward_pre_hook(target_input))
+        if with_blocks and group.mixes_tokens:
+            def block_call(module, args, kwargs, position=position):
+                store[position].calls.append(to_device((args, kwargs), torch.device("cpu")))
+
+            def block_output(module, args, output, position=position):
+                store[position].outputs.append(pick(layer_output(output), rows_of(position)))
+
+            block = layer.get_submodule(group.block)
+            hooks.append(block.register_forward_pre_hook(block_call, with_kwargs=True))
+            hooks.append(block.register_forward_hook(block_output))
+    try:
+        for _ in run_layer(layer, inputs, device, lambda i: current.__setitem__(0, i)):
+            pass
+    finally:
+        for handle in hooks:
+            handle.remove()
+    return store
+
+
+@contextmanager
+def _scaled_and_quantized(targets: list[nn.Linear], scales: torch.Tensor, scheme: Scheme):
+    """The targets as the deployed model computes them after folding `scales`: Q(W s) applied to x / s
+    (fake-quantized per token under W*A8). The weights are restored on exit."""
+    originals = [t.weight.data for t in targets]
+
+    def scaled_input(module, args):
+        x = args[0] / scales.to(args[0])
+        return (fake_quant_activation(x, scheme.act_bits) if scheme.quantizes_activations else x, *args[1:])
+
+    handles = []
+    try:
+        for target in targets:
+            w = target.weight.data
+            scaled = (w.float() * scales.to(w.device)[None, :]).to(w.dtype)
+            target.weight.data = fake_quant_weight(scaled, scheme).weight.to(w.dtype)
+            handles.append(target.register_forward_pre_hook(scaled_input))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for target, original in zip(targets, originals):
+            target.weight.data = original
+
+
+class _BlockObjective:
+    """error(scales): the token-weighted error of the block's output with the targets scaled and quantized.
+
+    items are (args, kwargs, kept rows or None, FP reference rows, token weights or None); the sum is
+    taken over every rank's tokens.
+    """
+
+    def __init__(self, block: nn.Module, targets: list[nn.Linear], items: list[tuple], scheme: Scheme,
+                 loss: str, device: torch.device, ranks: Ranks) -> None:
+        self.block, self.targets, self.items = block, targets, items
+        self.scheme, self.loss, self.device, self.ranks = scheme, loss, device, ranks
+
+    def __call__(self, scales: torch.Tensor) -> float:
+        total = 0.0
+        with _scaled_and_quantized(self.targets, scales, self.scheme):
+            for args, kwargs, rows, reference, weights in self.items:
+                out = layer_output(self.block(*to_device(args, self.device), **to_device(kwargs, self.device)))
+                out = out.reshape(-1, out.shape[-1])
+                out = out if rows is None else out[rows.to(out.device)]
+                diff = out.float() - reference.to(out.device).float()
+                total += float(weighted_error(diff, None if weights is None else weights.to(out.device), self.loss))
+        return float(self.ranks.sum(torch.tensor(total, dtype=torch.float64)))
+
+
+def _token_wise_items(block: nn.Module, x: torch.Tensor, target_x: torch.Tensor | None,
+                      weights: torch.Tensor | None) -> list[tuple]:
+    """Chunks of the (subsampled) kept tokens with the FP block's output on them as the reference."""
+    items = []
+    for a in range(0, len(x), CHUNK):
+        chunk = x[a:a + CHUNK]
+        reference = layer_output(block(chunk if target_x is None else target_x[a:a + CHUNK])).detach()
+        items.append(((chunk,), {}, None, reference, None if weights is None else weights[a:a + CHUNK]))
+    return items
+
+
+def _subsample(x, target_x, weights, recipe: Recipe, index: int, ranks: Ranks):
+    """At most recipe.scale_max_tokens tokens, drawn over all ranks' tokens (rank order = sample order),
+    so that it is the same token set whatever the number of ranks."""
+    counts = ranks.gather_objects(len(x))
+    offset, total = sum(counts[:ranks.rank]), sum(counts)
+    if total <= recipe.scale_max_tokens:
+        return x, target_x, weights, total
+    generator = torch.Generator().manual_seed(recipe.seed * 100_003 + index)
+    pick = torch.randperm(total, generator=generator)[:recipe.scale_max_tokens]
+    pick = (pick[(pick >= offset) & (pick < offset + len(x))] - offset).to(x.device)
+    return (x[pick], None if target_x is None else target_x[pick], None if weights is None else weights[pick],
+            recipe.scale_max_tokens)
 
 
 @torch.no_grad()
@@ -34,54 +168,55 @@ def rescale_layer(layer: nn.Module, index: int, inputs: LayerInputs, adapter: Mo
     """Search (or compute) and fold the scales of every applicable group; returns one record per group."""
     plan = recipe.plan()
     scheme = recipe.resolved_scheme()
+    smoothquant = plan.transform == "smoothquant"
     groups = []
     for group in adapter.scaling_groups:
         source = layer.get_submodule(group.source)
         targets = [layer.get_submodule(t) for t in group.targets]
         if not group_applies(source, targets):
             continue
-        if plan.transform == "smoothquant" and isinstance(source, nn.Linear):
+        if smoothquant and isinstance(source, nn.Linear):
             continue  # SmoothQuant migrates into the norms only
-        groups.append((group, source, targets))
+        groups.append(group)
     if not groups:
         return []
-    first = {group.targets[0]: group for group, _, _ in groups}
 
-    def rows(sample: int, name: str) -> torch.Tensor | None:
-        w = _group_weights(token_weights, index, first[name].targets, sample)
+    def keep(sample: int, group: ScalingGroup) -> torch.Tensor | None:
+        w = _token_weights(token_weights, index, group, sample)
         return None if w is None else (w > 0).nonzero().squeeze(1)
 
-    captured = capture_linear_inputs(layer, list(first), inputs, device, rows)
+    captured = _capture(layer, groups, inputs, device, keep, with_blocks=not smoothquant)
     fp_captured = None
     if recipe.target == "asymmetric" and fp_inputs is not None and fp_inputs is not inputs:
-        fp_captured = capture_linear_inputs(layer, list(first), fp_inputs, device, rows)
+        fp_captured = _capture(layer, groups, fp_inputs, device, keep, with_blocks=not smoothquant)
     records = []
-    generator = torch.Generator().manual_seed(recipe.seed * 100_003 + index)
-    for group, source, targets in groups:
-        name = group.targets[0]
-        x = torch.cat(captured[name]).to(device)
-        target_x = torch.cat(fp_captured[name]).to(device) if fp_captured is not None else None
-        weights = None
-        if token_weights is not None:
-            per_sample = [_group_weights(token_weights, index, group.targets, i) for i in range(len(inputs.hidden))]
-            weights = torch.cat([w[w > 0] for w in per_sample]).to(device) if per_sample[0] is not None else None
-        # The subsample is drawn over all ranks' tokens (rank order = sample order), so it is the same
-        # token set whatever the number of ranks.
-        counts = ranks.gather_objects(len(x))
-        offset, total = sum(counts[:ranks.rank]), sum(counts)
-        if total > recipe.scale_max_tokens:
-            pick = torch.randperm(total, generator=generator)[:recipe.scale_max_tokens]
-            pick = (pick[(pick >= offset) & (pick < offset + len(x))] - offset).to(device)
-            x = x[pick]
-            target_x = target_x[pick] if target_x is not None else None
-            weights = weights[pick] if weights is not None else None
-        if plan.transform == "smoothquant":
-            scales = smoothquant_scales(x, targets, recipe.smooth_alpha, ranks)
-            alpha, ratio = recipe.smooth_alpha, None
+    for position, group in enumerate(groups):
+        source = layer.get_submodule(group.source)
+        targets = [layer.get_submodule(t) for t in group.targets]
+        data, fp_data = captured[position], fp_captured[position] if fp_captured is not None else None
+        per_sample = [_token_weights(token_weights, index, group, i) for i in range(len(inputs.hidden))]
+        kept = [None if w is None else w[w > 0] for w in per_sample]
+        weights = None if not kept or kept[0] is None else torch.cat(kept).to(device)
+        x = torch.cat(data.x).to(device)
+        if smoothquant:
+            x, _, _, tokens = _subsample(x, None, None, recipe, index, ranks)
+            apply_scales(source, targets, smoothquant_scales(x, targets, recipe.smooth_alpha, ranks))
+            records.append({"source": group.source, "alpha": recipe.smooth_alpha, "loss_ratio": None, "tokens": tokens})
+            continue
+        magnitude = channel_magnitude(x, weights, ranks)
+        block = layer.get_submodule(group.block)
+        if group.mixes_tokens:
+            references = fp_data.outputs if fp_data is not None else data.outputs
+            items = [(args, kwargs, rows, ref, w) for (args, kwargs), rows, ref, w
+                     in zip(data.calls, data.rows, references, kept)]
+            tokens = sum(ranks.gather_objects(len(x)))
         else:
-            scales, alpha, ratio = search_scales(x, targets, scheme, weights, recipe.scale_loss_resolved,
-                                                 recipe.scale_grid, target_x, ranks=ranks)
+            target_x = torch.cat(fp_data.x).to(device) if fp_data is not None else None
+            x, target_x, weights, tokens = _subsample(x, target_x, weights, recipe, index, ranks)
+            items = _token_wise_items(block, x, target_x, weights)
+        objective = _BlockObjective(block, targets, items, scheme, recipe.scale_loss_resolved, device, ranks)
+        scales, alpha, ratio = search_scales(magnitude, objective, recipe.scale_grid)
         apply_scales(source, targets, scales)
-        records.append({"source": group.source, "alpha": alpha, "loss_ratio": ratio,
-                        "tokens": min(total, recipe.scale_max_tokens)})
+        records.append({"source": group.source, "block": group.block, "alpha": alpha, "loss_ratio": ratio,
+                        "tokens": tokens})
     return records

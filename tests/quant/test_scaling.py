@@ -1,8 +1,7 @@
 import torch
 from torch import nn
 
-from tlq.quant.scaling import apply_scales, search_scales
-from tlq.recipe import parse_scheme
+from tlq.quant.scaling import apply_scales, candidate_scales, channel_magnitude, search_scales
 
 
 def _group(seed=0):
@@ -12,22 +11,37 @@ def _group(seed=0):
     return x, targets
 
 
-def test_uniform_weights_equal_unweighted_search():
-    x, targets = _group()
-    for scheme in (parse_scheme("W3A16-g32"), parse_scheme("W4A8")):
-        plain = search_scales(x, targets, scheme)
-        weighted = search_scales(x, targets, scheme, weights=torch.ones(len(x)))
-        assert torch.equal(plain[0], weighted[0]) and plain[1] == weighted[1]
-        assert plain[2] <= 1.0  # never worse than no scaling (alpha = 0 is in the grid)
+def test_search_returns_the_grid_minimum_and_never_loses_to_no_scaling():
+    x, _ = _group()
+    magnitude = channel_magnitude(x)
+    target = candidate_scales(magnitude, 0.35)
+    seen = []
+
+    def error(scales):
+        seen.append(scales)
+        return float((scales - target).pow(2).sum())
+
+    scales, alpha, ratio = search_scales(magnitude, error, grid=20)
+    assert len(seen) == 20 and torch.equal(seen[0], torch.ones_like(magnitude))
+    assert alpha == 0.35 and torch.equal(scales, target) and ratio <= 1.0
+    # An error that no scaling improves keeps alpha = 0 (ties keep the smaller alpha).
+    assert search_scales(magnitude, lambda s: 1.0, grid=20)[1] == 0.0
 
 
-def test_zero_weight_tokens_do_not_count():
-    x, targets = _group(1)
+def test_candidate_scales_are_normalised_powers_of_the_magnitude():
+    magnitude = torch.tensor([0.5, 1.0, 8.0])
+    for alpha in (0.25, 0.5, 0.9):
+        s = candidate_scales(magnitude, alpha)
+        assert torch.allclose(s.max() * s.min(), torch.tensor(1.0))
+        assert torch.allclose(s / s[0], (magnitude / magnitude[0]).pow(alpha))
+
+
+def test_magnitude_counts_only_weighted_tokens():
+    x, _ = _group(1)
     w = torch.ones(len(x))
     w[150:] = 0.0
-    scheme = parse_scheme("W3A16-g32")
-    assert torch.equal(search_scales(x, targets, scheme, weights=w)[0],
-                       search_scales(x[:150], targets, scheme, weights=torch.ones(150))[0])
+    assert torch.allclose(channel_magnitude(x, w), channel_magnitude(x[:150]))
+    assert torch.allclose(channel_magnitude(x, torch.ones(len(x))), channel_magnitude(x))
 
 
 def test_folding_preserves_the_function():

@@ -21,10 +21,22 @@ TOKEN_KIND_NAMES = ("prompt", "image", "answer")
 
 @dataclass(frozen=True)
 class ScalingGroup:
-    """`source` (a norm or a Linear inside the layer) feeds exactly the Linears in `targets`."""
+    """`source` (a norm or a Linear inside the layer) feeds exactly the Linears in `targets`.
+
+    A scale search scores each candidate by the output of `block`, the module the targets belong to
+    (the attention for q,k,v; the MLP for gate,up; the Linear itself for o and down), as the AWQ paper
+    does: an error in q or k matters only through what the attention makes of it. `output_linear` is
+    the Linear whose output is the block's output; its token weights weight the block's error.
+    `mixes_tokens` says that the block combines tokens (attention), so it runs on whole samples with
+    their own keyword arguments; a token-wise block (Linear, MLP) takes the targets' input as its only
+    argument and runs on any subset of tokens.
+    """
 
     source: str
     targets: tuple[str, ...]
+    block: str
+    output_linear: str
+    mixes_tokens: bool = False
 
 
 @dataclass(frozen=True)
@@ -74,8 +86,11 @@ QWEN2_LINEAR_GROUPS = (
     ("mlp.down_proj",),
 )
 QWEN2_SCALING_GROUPS = (
-    ScalingGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    ScalingGroup("self_attn.v_proj", ("self_attn.o_proj",)),  # used only when the shapes match (no GQA)
-    ScalingGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-    ScalingGroup("mlp.up_proj", ("mlp.down_proj",)),
+    ScalingGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                 block="self_attn", output_linear="self_attn.o_proj", mixes_tokens=True),
+    # used only when the shapes match (no GQA)
+    ScalingGroup("self_attn.v_proj", ("self_attn.o_proj",), block="self_attn.o_proj", output_linear="self_attn.o_proj"),
+    ScalingGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), block="mlp",
+                 output_linear="mlp.down_proj"),
+    ScalingGroup("mlp.up_proj", ("mlp.down_proj",), block="mlp.down_proj", output_linear="mlp.down_proj"),
 )

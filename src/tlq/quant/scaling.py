@@ -4,75 +4,70 @@ A scaling group is a source (a norm, or a Linear whose output rows feed the targ
 feeds. Scaling input channel c of the targets by s_c and the source's output channel c by 1/s_c keeps
 the FP function; it moves quantization difficulty between weights and activations.
 
-- `search_scales` (AWQ-style): s = mean|x|^alpha over a grid of alpha, each scored by the token-weighted
-  error of the targets' outputs, with the weight (and, for W*A8, the per-token activation)
-  fake-quantization the deployed model applies. Uniform weights give AWQ; modality weights MBQ;
-  gradient importance TLQ.
+- `search_scales` (AWQ-style): s = mean|x|^alpha over a grid of alpha, each candidate scored by an
+  error function the caller builds (tlq.rescale scores the output of the block the group feeds, with
+  the targets fake-quantized as deployed, token-weighted: uniform for AWQ, per modality for MBQ,
+  gradient importance for TLQ). alpha = 0 (no scaling) is always a candidate.
 - `smoothquant_scales`: s = max|x|^a / max|W|^(1-a) (Xiao et al., 2023), no search.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
 from tlq.distributed import SINGLE, Ranks
-from tlq.quant.primitives import fake_quant_activation, fake_quant_weight
-from tlq.recipe import Scheme
 
 
 def concat_targets(targets: list[nn.Linear]) -> torch.Tensor:
     return torch.cat([t.weight.detach().float() for t in targets], dim=0)
 
 
-def _weighted_error(diff: torch.Tensor, weights: torch.Tensor | None, loss: str) -> torch.Tensor:
+def weighted_error(diff: torch.Tensor, weights: torch.Tensor | None, loss: str) -> torch.Tensor:
+    """Sum over tokens of (token weight x per-token mean squared or absolute error); diff is [tokens, out]."""
     per_token = diff.abs().mean(-1) if loss == "mae" else diff.pow(2).mean(-1)
     if weights is None:
         return per_token.sum()
     return (per_token * weights).sum()
 
 
-@torch.no_grad()
-def search_scales(x: torch.Tensor, targets: list[nn.Linear], scheme: Scheme, weights: torch.Tensor | None = None,
-                  loss: str = "mse", grid: int = 20, target_x: torch.Tensor | None = None,
-                  chunk: int = 4096, ranks: Ranks = SINGLE) -> tuple[torch.Tensor, float, float]:
-    """Best per-channel scales for the targets' shared input.
+def channel_magnitude(x: torch.Tensor, weights: torch.Tensor | None = None, ranks: Ranks = SINGLE) -> torch.Tensor:
+    """Token-weighted mean |x| per input channel over every rank's tokens; x is [tokens, in].
 
-    x: [tokens, in] quantized-path inputs; weights: [tokens] or None; target_x: FP-path inputs (the
-    asymmetric target), else the FP targets applied to x. Returns (scales, best alpha, best / unscaled loss).
-    Under data-parallel calibration x holds this rank's tokens; magnitudes and losses are summed over ranks.
+    Summed in float64 so that the magnitudes, hence the scales, do not depend on how tokens are split
+    over ranks (with W*A8 a last-bit change in a scale can flip an activation rounding).
     """
-    weight = concat_targets(targets)
-    x = x.float()
-    target_x = x if target_x is None else target_x.float()
-    # Summed in float64 so that the magnitudes, hence the scales, do not depend on how tokens are split
-    # over ranks (with W*A8 a last-bit change in a scale can flip an activation rounding).
-    absolute = x.abs().double()
+    absolute = x.float().abs().double()
     if weights is None:
         totals = ranks.sum(torch.cat([absolute.sum(0), absolute.new_tensor([len(x)])]))
     else:
         w = weights.double()
         totals = ranks.sum(torch.cat([(absolute * w[:, None]).sum(0), w.sum()[None]]))
-    magnitude = (totals[:-1] / totals[-1].clamp_min(1e-30)).float().clamp_min(1e-8)
+    return (totals[:-1] / totals[-1].clamp_min(1e-30)).float().clamp_min(1e-8)
 
-    def error(scales: torch.Tensor) -> float:
-        q = fake_quant_weight((weight * scales).to(targets[0].weight.dtype), scheme).weight.float()
-        total = 0.0
-        for a in range(0, len(x), chunk):
-            xs = x[a:a + chunk] / scales
-            if scheme.quantizes_activations:
-                xs = fake_quant_activation(xs, scheme.act_bits)
-            diff = xs @ q.T - target_x[a:a + chunk] @ weight.T
-            total += float(_weighted_error(diff, None if weights is None else weights[a:a + chunk], loss))
-        return float(ranks.sum(torch.tensor(total, dtype=torch.float64)))
 
-    best_scales = torch.ones_like(magnitude)
+def candidate_scales(magnitude: torch.Tensor, alpha: float) -> torch.Tensor:
+    """magnitude^alpha, normalised so that max * min = 1 (alpha = 0: all ones)."""
+    if alpha == 0:
+        return torch.ones_like(magnitude)
+    scales = magnitude.pow(alpha)
+    return scales / (scales.max() * scales.min()).sqrt()
+
+
+def search_scales(magnitude: torch.Tensor, error: Callable[[torch.Tensor], float],
+                  grid: int = 20) -> tuple[torch.Tensor, float, float]:
+    """The grid point alpha in {0, 1/grid, ..., (grid-1)/grid} whose scales minimise `error`.
+
+    Returns (scales, best alpha, best error / error without scaling); ties keep the smaller alpha.
+    """
+    best_scales = candidate_scales(magnitude, 0.0)
     baseline = best = error(best_scales)
     best_alpha = 0.0
     for step in range(1, grid):
         alpha = step / grid
-        scales = magnitude.pow(alpha)
-        scales = scales / (scales.max() * scales.min()).sqrt()
+        scales = candidate_scales(magnitude, alpha)
         value = error(scales)
         if value < best:
             best, best_alpha, best_scales = value, alpha, scales

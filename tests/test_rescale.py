@@ -1,0 +1,82 @@
+"""The scale search scores what the deployed model computes: the block the group feeds, after folding."""
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from tlq.activations import capture_layer_inputs, install_activation_quant, layer_output, run_layer
+from tlq.api import prepare_samples
+from tlq.models import load_model
+from tlq.models.processing import load_processor
+from tlq.quant.primitives import fake_quant_weight
+from tlq.recipe import Recipe
+from tlq.reference.stress import apply_outliers
+from tlq.rescale import rescale_layer
+
+CPU = torch.device("cpu")
+
+
+def _block_error(layer, inputs, group, scheme, fp_outputs, weights=None):
+    """Run the whole layer with only the group's targets quantized (and, under W*A8, their inputs);
+    the token-weighted squared error of the block's output against `fp_outputs`."""
+    layer = copy.deepcopy(layer)
+    targets = [layer.get_submodule(t) for t in group.targets]
+    for t in targets:
+        t.weight.data = fake_quant_weight(t.weight.data, scheme).weight.to(t.weight.dtype)
+    hooks = install_activation_quant(targets, scheme)
+    outputs = _block_outputs(layer, inputs, group)
+    for h in hooks:
+        h.remove()
+    total = 0.0
+    for i, (out, ref) in enumerate(zip(outputs, fp_outputs)):
+        per_token = (out - ref).pow(2).mean(-1)
+        total += float((per_token * (weights[i] if weights else 1.0)).sum())
+    return total
+
+
+def _block_outputs(layer, inputs, group):
+    outputs = []
+    handle = layer.get_submodule(group.block).register_forward_hook(
+        lambda m, a, out: outputs.append(layer_output(out).reshape(-1, layer_output(out).shape[-1]).float()))
+    with torch.no_grad():
+        for _ in run_layer(layer, inputs, CPU):
+            pass
+    handle.remove()
+    return outputs
+
+
+@pytest.mark.parametrize("scheme,weighted", [("W3A16-g32", False), ("W4A8", False), ("W3A16-g32", True)])
+def test_chosen_scales_lower_the_deployed_block_error_by_the_reported_ratio(tiny_checkpoints, calib_split,
+                                                                            scheme, weighted):
+    recipe = Recipe(method="awq", scheme=scheme, num_samples=4)
+    model, adapter = load_model(tiny_checkpoints["qwen2_vl"])
+    apply_outliers(model, adapter, "weight" if scheme.endswith("g32") else "activation", 16.0, 2, seed=0)
+    samples = prepare_samples(model, adapter, load_processor(tiny_checkpoints["qwen2_vl"]), *calib_split, recipe)
+    inputs = capture_layer_inputs(model, adapter, samples, CPU)
+    layer = adapter.layers(model)[0]
+    generator = torch.Generator().manual_seed(1)
+    table = {}
+    for i, s in enumerate(samples):  # random positive weights with some tokens dropped (a token-level set)
+        w = torch.rand(s.num_tokens, generator=generator) * (torch.rand(s.num_tokens, generator=generator) > 0.3)
+        table[i] = w
+    token_weights = (lambda index, name, sample: table[sample]) if weighted else None
+    weights = [table[i] for i in range(len(samples))] if weighted else None
+    resolved = recipe.resolved_scheme()
+    chosen = []
+    for group in adapter.scaling_groups:  # one group at a time, so that no later fold touches its targets
+        single = dataclasses.replace(adapter, scaling_groups=(group,))
+        scaled_layer = copy.deepcopy(layer)
+        records = rescale_layer(scaled_layer, 0, inputs, single, recipe, CPU, token_weights)
+        if not records:
+            continue  # the group does not apply (v -> o under GQA)
+        chosen.append(records[0]["alpha"])
+        fp = _block_outputs(layer, inputs, group)
+        unscaled = _block_error(layer, inputs, group, resolved, fp, weights)
+        scaled = _block_error(scaled_layer, inputs, group, resolved, fp, weights)
+        # alpha = 0 is a candidate, so the chosen scales never make the deployed block worse...
+        assert scaled <= unscaled * (1 + 1e-5), (group.source, scaled, unscaled)
+        # ...and the search measured exactly this (folded norm, quantized targets, whole layer).
+        assert records[0]["loss_ratio"] == pytest.approx(scaled / unscaled, rel=1e-4), group.source
+    assert len(chosen) >= 3 and any(alpha > 0 for alpha in chosen)
