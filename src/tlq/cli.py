@@ -49,6 +49,8 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     tlq.add_argument("--no-exposure", dest="exposure", action="store_false",
                      help="ablation: calibrate every layer on FP activations")
     tlq.add_argument("--scale-loss", default="auto", help="scale search loss: auto, mse, mae")
+    tlq.add_argument("--scale-form", default=Recipe.scale_form,
+                     help="scale candidates: activation (x^a), duo (x^a / w^(1-a)) or both")
 
 
 def _recipe_from(args: argparse.Namespace) -> Recipe:
@@ -58,7 +60,8 @@ def _recipe_from(args: argparse.Namespace) -> Recipe:
                   true_sequential=args.true_sequential, device=args.device, backend=args.backend,
                   importance_score=args.importance, importance_pass=args.importance_pass, weighting=args.weighting, importance_floor=args.floor, importance_clip=args.clip,
                   keep_ratio=args.keep_ratio, token_budget=args.token_budget, min_kind_share=args.min_kind_share,
-                  target=args.target, exposure=args.exposure, scale_loss=args.scale_loss)
+                  target=args.target, exposure=args.exposure, scale_loss=args.scale_loss,
+                  scale_form=args.scale_form)
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:

@@ -161,6 +161,9 @@ class Recipe:
     scale_grid: int = 20
     scale_loss: str = "auto"  # mse | mae; auto = mae for MBQ (as published), mse otherwise
     scale_max_tokens: int = 16384
+    # Candidate scales: activation (s = x^alpha, the AWQ paper), duo (x^alpha / w^(1-alpha), AutoAWQ's and
+    # llm-compressor's default) or both.
+    scale_form: str = "activation"
     smooth_alpha: float = 0.5
     device: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
@@ -184,6 +187,8 @@ class Recipe:
             raise TlqError(f"unknown importance pass {self.importance_pass!r}: use auto, streamed or full")
         if self.weighting not in ("auto", "uniform", "modality", "importance"):
             raise TlqError(f"unknown weighting {self.weighting!r}: use auto, uniform, modality or importance")
+        if self.scale_form not in ("activation", "duo", "both"):
+            raise TlqError(f"unknown scale form {self.scale_form!r}: use activation, duo or both")
         if self.scale_loss not in ("auto", "mse", "mae"):
             raise TlqError(f"unknown scale loss {self.scale_loss!r}: use auto, mse or mae")
         if self.importance_score not in IMPORTANCE_SCORES:

@@ -26,7 +26,7 @@ from tlq.distributed import SINGLE, Ranks
 from tlq.models import ModelAdapter, ScalingGroup
 from tlq.quant.primitives import fake_quant_activation, fake_quant_weight
 from tlq.quant.scaling import (apply_scales, channel_magnitude, group_applies, search_scales, smoothquant_scales,
-                               weighted_error)
+                               weight_magnitude, weighted_error)
 from tlq.recipe import Recipe, Scheme
 
 CHUNK = 4096  # tokens per forward of a token-wise block during the search
@@ -215,8 +215,9 @@ def rescale_layer(layer: nn.Module, index: int, inputs: LayerInputs, adapter: Mo
             x, target_x, weights, tokens = _subsample(x, target_x, weights, recipe, index, ranks)
             items = _token_wise_items(block, x, target_x, weights)
         objective = _BlockObjective(block, targets, items, scheme, recipe.scale_loss_resolved, device, ranks)
-        scales, alpha, ratio = search_scales(magnitude, objective, recipe.scale_grid)
+        weight = weight_magnitude(targets, scheme.group_size) if recipe.scale_form != "activation" else None
+        scales, choice, ratio = search_scales(magnitude, objective, recipe.scale_grid, weight, recipe.scale_form)
         apply_scales(source, targets, scales)
-        records.append({"source": group.source, "block": group.block, "alpha": alpha, "loss_ratio": ratio,
+        records.append({"source": group.source, "block": group.block, **choice, "loss_ratio": ratio,
                         "tokens": tokens})
     return records

@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from tlq.quant.scaling import apply_scales, candidate_scales, channel_magnitude, search_scales
+from tlq.quant.scaling import apply_scales, candidate_scales, channel_magnitude, search_scales, weight_magnitude
 
 
 def _group(seed=0):
@@ -21,11 +21,24 @@ def test_search_returns_the_grid_minimum_and_never_loses_to_no_scaling():
         seen.append(scales)
         return float((scales - target).pow(2).sum())
 
-    scales, alpha, ratio = search_scales(magnitude, error, grid=20)
+    scales, choice, ratio = search_scales(magnitude, error, grid=20)
     assert len(seen) == 20 and torch.equal(seen[0], torch.ones_like(magnitude))
-    assert alpha == 0.35 and torch.equal(scales, target) and ratio <= 1.0
-    # An error that no scaling improves keeps alpha = 0 (ties keep the smaller alpha).
-    assert search_scales(magnitude, lambda s: 1.0, grid=20)[1] == 0.0
+    assert choice == {"alpha": 0.35, "form": "activation"} and torch.equal(scales, target) and ratio <= 1.0
+    # An error that no scaling improves keeps no scaling (ties keep the earlier candidate).
+    assert search_scales(magnitude, lambda s: 1.0, grid=20)[1] == {"alpha": 0.0, "form": "none"}
+
+
+def test_duo_candidates_divide_by_the_group_normalised_weight_magnitude():
+    x, targets = _group(3)
+    magnitude, weight = channel_magnitude(x), weight_magnitude(targets, 16)
+    # per group of 16 input channels, every row's largest |w| is normalised to 1
+    assert weight.shape == (32,) and float(weight.max()) <= 1.0
+    rows = torch.cat([t.weight.detach().abs() for t in targets])
+    expected = (rows.reshape(40, 2, 16) / rows.reshape(40, 2, 16).amax(-1, keepdim=True)).reshape(40, 32).mean(0)
+    assert torch.allclose(weight, expected, atol=1e-5)
+    target = candidate_scales(magnitude, 0.5, weight)
+    scales, choice, _ = search_scales(magnitude, lambda s: float((s - target).abs().sum()), 20, weight, "both")
+    assert choice == {"alpha": 0.5, "form": "duo"} and torch.equal(scales, target)
 
 
 def test_candidate_scales_are_normalised_powers_of_the_magnitude():

@@ -48,30 +48,57 @@ def channel_magnitude(x: torch.Tensor, weights: torch.Tensor | None = None, rank
     return (totals[:-1] / totals[-1].clamp_min(1e-30)).float().clamp_min(1e-8)
 
 
-def candidate_scales(magnitude: torch.Tensor, alpha: float) -> torch.Tensor:
-    """magnitude^alpha, normalised so that max * min = 1 (alpha = 0: all ones)."""
-    if alpha == 0:
-        return torch.ones_like(magnitude)
-    scales = magnitude.pow(alpha)
+SCALE_FORMS = ("activation", "duo", "both")
+
+
+def weight_magnitude(targets: list[nn.Linear], group_size: int | None) -> torch.Tensor:
+    """Per input channel: the mean over the targets' rows of |W| divided by the largest |W| of its
+    quantization group (the weight statistic of AutoAWQ's and llm-compressor's "duo" scaling)."""
+    weight = concat_targets(targets).abs()
+    width = weight.shape[1]
+    group = group_size if group_size and width % group_size == 0 else width
+    grouped = weight.reshape(weight.shape[0], width // group, group)
+    normalised = grouped / (grouped.amax(-1, keepdim=True) + 1e-6)
+    return normalised.reshape(weight.shape).mean(0)
+
+
+def candidate_scales(magnitude: torch.Tensor, alpha: float, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """magnitude^alpha (or, given the weight magnitude, magnitude^alpha / weight^(1-alpha)), normalised so
+    that max * min = 1. alpha = 0 without a weight magnitude is all ones (no scaling)."""
+    if weight is None:
+        if alpha == 0:
+            return torch.ones_like(magnitude)
+        scales = magnitude.pow(alpha)
+    else:
+        scales = (magnitude.pow(alpha) / (weight.pow(1 - alpha) + 1e-4)).clamp_min(1e-4)
     return scales / (scales.max() * scales.min()).sqrt()
 
 
-def search_scales(magnitude: torch.Tensor, error: Callable[[torch.Tensor], float],
-                  grid: int = 20) -> tuple[torch.Tensor, float, float]:
-    """The grid point alpha in {0, 1/grid, ..., (grid-1)/grid} whose scales minimise `error`.
+def search_scales(magnitude: torch.Tensor, error: Callable[[torch.Tensor], float], grid: int = 20,
+                  weight: torch.Tensor | None = None, form: str = "activation") -> tuple[torch.Tensor, dict, float]:
+    """The candidate whose scales minimise `error`: no scaling first, then alpha in {k / grid} with
+    s = x^alpha ("activation", the AWQ paper's form; k >= 1), s = x^alpha / w^(1-alpha) ("duo", AutoAWQ's
+    and llm-compressor's default; k >= 0, needs `weight`), or both.
 
-    Returns (scales, best alpha, best error / error without scaling); ties keep the smaller alpha.
+    Returns (scales, {"alpha", "form"} of the winner, best error / error without scaling); ties keep the
+    earlier candidate.
     """
+    if form not in SCALE_FORMS:
+        raise ValueError(f"unknown scale form {form!r}: use one of {SCALE_FORMS}")
     best_scales = candidate_scales(magnitude, 0.0)
     baseline = best = error(best_scales)
-    best_alpha = 0.0
-    for step in range(1, grid):
-        alpha = step / grid
-        scales = candidate_scales(magnitude, alpha)
+    best_choice = {"alpha": 0.0, "form": "none"}
+    trials = []
+    if form in ("activation", "both"):
+        trials += [(step / grid, "activation") for step in range(1, grid)]
+    if form in ("duo", "both"):
+        trials += [(step / grid, "duo") for step in range(grid)]
+    for alpha, kind in trials:
+        scales = candidate_scales(magnitude, alpha, weight if kind == "duo" else None)
         value = error(scales)
         if value < best:
-            best, best_alpha, best_scales = value, alpha, scales
-    return best_scales, best_alpha, best / max(baseline, 1e-30)
+            best, best_choice, best_scales = value, {"alpha": alpha, "form": kind}, scales
+    return best_scales, best_choice, best / max(baseline, 1e-30)
 
 
 @torch.no_grad()

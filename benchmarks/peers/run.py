@@ -1,0 +1,292 @@
+"""tlq's methods and the external peers, side by side on the same cells, scored by one evaluator.
+
+    .venv/bin/python benchmarks/peers/run.py --model runs/variants/qwen2_vl-large-weight-s32 \
+        --schemes W3A16 --seeds 0,1,2 --out benchmarks/results/qwen2_vl-large/peers/weight_outliers
+
+For every (scheme, seed): tlq's calibration records for that seed are rendered once
+(benchmarks/peers/samples.py) and every method quantizes from them: tlq's methods through `tlq quantize`,
+llm-compressor's recipes through benchmarks/peers/llmc_quantize.py in .venv-llmc (build it with
+benchmarks/peers/build_venvs.sh). Each quantization is a subprocess, run one at a time; its wall time and
+peak RSS (the child's ru_maxrss) are recorded the same way for tlq and for the peers. Every checkpoint is
+then scored with tlq.evaluate on the same held-out questions against the FP model's answers (exact match
+and answer KL per question), and each method is compared with every other by a paired bootstrap over
+questions (per-question values averaged over the seeds). Results: results.json (per-question values
+included) and table.md. Finished checkpoints are reused on a rerun; --fresh requantizes.
+
+Weight-only cells use symmetric grids for every method (tlq's preset and llm-compressor's W4A16 preset).
+A peer's `ignore` list names modules as transformers 5.17 saves them (`visual.*`); transformers 5.24 loads
+them as `model.visual.*`, so the driver adds those names before scoring (a user reloading the peer's
+output in a newer transformers has to do the same; without it the vision tower would be "quantized" on
+load and the checkpoint refused).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+LLMC_PYTHON = ROOT / ".venv-llmc" / "bin" / "python"
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json",
+                   "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "chat_template.json")
+# Where each llm-compressor recipe applies (its documented use) and why not elsewhere.
+LLMC_RECIPES = {"gptq": None, "awq": "weight-only", "awq_gptq": "weight-only", "smoothquant_gptq": "activations"}
+# The non-decoder subtrees per family, as llm-compressor's own VLM examples write them.
+LLMC_IGNORE = {"qwen2_vl": ["lm_head", "re:visual.*", "re:model.visual.*"],
+               "qwen2_5_vl": ["lm_head", "re:visual.*", "re:model.visual.*"],
+               "llava_onevision": ["lm_head", "re:vision_tower.*", "re:model.vision_tower.*",
+                                   "re:multi_modal_projector.*", "re:model.multi_modal_projector.*"]}
+BOOTSTRAP = 2000
+
+
+def run_measured(cmd: list[str], log: Path) -> dict:
+    """Run one quantization as a child process; wall seconds and its peak RSS (MiB)."""
+    start = time.perf_counter()
+    with open(log, "w") as handle:
+        child = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT)
+        _, status, usage = os.wait4(child.pid, 0)
+    wall = time.perf_counter() - start
+    code = os.waitstatus_to_exitcode(status)
+    return {"exit": code, "wall_seconds": round(wall, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
+
+
+def applies(method: str, scheme) -> str | None:
+    """None when the method can run this scheme, else the reason it cannot."""
+    if method.startswith("llmc:"):
+        need = LLMC_RECIPES[method.split(":", 1)[1]]
+        if need == "weight-only" and scheme.quantizes_activations:
+            return "AWQ recipes are weight-only in llm-compressor's documentation"
+        if need == "activations" and not scheme.quantizes_activations:
+            return "SmoothQuant migrates activation outliers: W*A8 only"
+    elif method == "smoothquant" and not scheme.quantizes_activations:
+        return "SmoothQuant migrates activation outliers: W*A8 only"
+    return None
+
+
+def quantize_command(method: str, args, scheme, seed: int, samples: Path, family: str, layer_class: str,
+                     out: Path) -> list[str]:
+    if method.startswith("llmc:"):
+        return [str(LLMC_PYTHON), "benchmarks/peers/llmc_quantize.py", "--model", args.model, "--samples", str(samples),
+                "--recipe", method.split(":", 1)[1], "--scheme", json.dumps(scheme.to_dict()),
+                "--ignore", json.dumps(LLMC_IGNORE[family]), "--layer-class", layer_class, "--out", str(out)]
+    name, *options = method.split("+")
+    cmd = [str(ROOT / ".venv" / "bin" / "tlq"), "quantize", args.model, "--calib", args.calib, "--images", args.images,
+           "--method", name, "--scheme", args.scheme_names[scheme.name], "--num-samples", str(args.num_samples),
+           "--seed", str(seed), "--out", str(out), "--quiet", "--no-resume", "--overwrite"]
+    for option in options:
+        flag, _, value = option.partition("=")
+        cmd += [f"--{flag}"] + ([value] if value else [])
+    return cmd
+
+
+def finish_peer_output(out: Path, model: str) -> None:
+    """The processor files a peer does not write, and the transformers-5 module names in `ignore`."""
+    for name in PROCESSOR_FILES:
+        if (Path(model) / name).is_file() and not (out / name).exists():
+            shutil.copy2(Path(model) / name, out / name)
+    config_path = out / "config.json"
+    config = json.loads(config_path.read_text())
+    ignore = config["quantization_config"].get("ignore", [])
+    extra = [f"model.{e}" for e in ignore if not e.startswith(("re:", "model.", "lm_head")) and f"model.{e}" not in ignore]
+    config["quantization_config"]["ignore"] = ignore + extra
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def score(checkpoint: Path, eval_set, reference_logp, pad_id: int) -> dict:
+    from tlq.evaluate import _load_checked, score_samples
+
+    model = _load_checked(checkpoint).eval()
+    with torch.no_grad():
+        answers = score_samples(model, eval_set.samples, pad_id, reference_logp=reference_logp)
+    return {"exact": [a["exact"] for a in answers], "kl": [a["kl"] for a in answers],
+            "tokens": [a["tokens"] for a in answers]}
+
+
+def summary(per_question: dict) -> dict:
+    tokens = sum(per_question["tokens"])
+    return {"accuracy": sum(per_question["exact"]) / len(per_question["exact"]),
+            "answer_kl": sum(per_question["kl"]) / tokens}
+
+
+def paired_bootstrap(a: dict, b: dict, seed: int = 0) -> dict:
+    """95% intervals of accuracy(a) - accuracy(b) and KL(a) / KL(b), questions resampled together."""
+    exact_a, exact_b = torch.tensor(a["exact"]), torch.tensor(b["exact"])
+    kl_a, kl_b = torch.tensor(a["kl"], dtype=torch.float64), torch.tensor(b["kl"], dtype=torch.float64)
+    n = len(exact_a)
+    picks = torch.randint(0, n, (BOOTSTRAP, n), generator=torch.Generator().manual_seed(seed))
+    accuracy = (exact_a[picks] - exact_b[picks]).mean(1)
+    ratio = kl_a[picks].sum(1) / kl_b[picks].sum(1).clamp_min(1e-30)
+    low, high = (torch.quantile(accuracy.double(), q).item() for q in (0.025, 0.975))
+    kl_low, kl_high = (torch.quantile(ratio.double(), q).item() for q in (0.025, 0.975))
+    return {"accuracy_diff": [low, high], "kl_ratio": [kl_low, kl_high]}
+
+
+def verdict(interval: dict) -> str:
+    """better / worse when either metric's interval excludes no change (and the other does not disagree)."""
+    acc_low, acc_high = interval["accuracy_diff"]
+    kl_low, kl_high = interval["kl_ratio"]
+    better = acc_low > 0 or kl_high < 1
+    worse = acc_high < 0 or kl_low > 1
+    return "better" if better and not worse else "worse" if worse and not better else "tie" if not better else "mixed"
+
+
+def averaged(runs: list[dict]) -> dict:
+    """Per question, the mean over seeds (so the bootstrap resamples questions, not seeds)."""
+    count = len(runs)
+    return {key: [sum(values) / count for values in zip(*(r[key] for r in runs))] for key in ("exact", "kl", "tokens")}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--calib", default="runs/data/vqa/calib.json")
+    parser.add_argument("--images", default="runs/data/vqa")
+    parser.add_argument("--eval", default="runs/data/vqa/test.json")
+    parser.add_argument("--eval-samples", type=int, default=1000)
+    parser.add_argument("--schemes", default="W3A16")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--num-samples", type=int, default=128)
+    parser.add_argument("--methods", default="rtn,gptq,gptq+act-order,awq,smoothquant,tlq,"
+                                              "llmc:gptq,llmc:awq,llmc:awq_gptq,llmc:smoothquant_gptq")
+    parser.add_argument("--work", default="runs/peers")
+    parser.add_argument("--fresh", action="store_true", help="requantize even where a checkpoint exists")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    from tlq.evaluate import EvalSet, _load_checked, score_samples
+    from tlq.models import adapter_for, read_model_type
+    from tlq.models.processing import load_processor
+    from tlq.recipe import parse_scheme
+    sys.path.insert(0, str(Path(__file__).parent))
+    from samples import write_samples
+
+    family = adapter_for(read_model_type(args.model)).family
+    schemes = [parse_scheme(name) for name in args.schemes.split(",")]
+    args.scheme_names = {s.name: name for s, name in zip(schemes, args.schemes.split(","))}
+    seeds = [int(s) for s in args.seeds.split(",")]
+    methods = args.methods.split(",")
+    if any(m.startswith("llmc:") for m in methods) and not LLMC_PYTHON.exists():
+        raise SystemExit(f"{LLMC_PYTHON} missing: run benchmarks/peers/build_venvs.sh llmc")
+    fp_model = _load_checked(args.model).eval()
+    layer_class = type(adapter_for(read_model_type(args.model)).layers(fp_model)[0]).__name__
+    processor = load_processor(args.model)
+    eval_set = EvalSet.load(args.eval, args.images, processor, args.eval_samples)
+    pad_id = processor.tokenizer.pad_token_id
+    reference_logp: list[torch.Tensor] = []
+    with torch.no_grad():
+        fp = score_samples(fp_model, eval_set.samples, pad_id, keep_logp=reference_logp)
+    del fp_model
+    work = Path(args.work) / Path(args.model).name
+    results = {"model": args.model, "family": family, "eval": args.eval, "questions": len(fp),
+               "fp_accuracy": sum(a["exact"] for a in fp) / len(fp), "num_samples": args.num_samples,
+               "seeds": seeds, "machine": machine(), "cells": {}}
+    for scheme in schemes:
+        runs: dict[str, list[dict]] = {}
+        for seed in seeds:
+            samples = work / "samples" / f"seed{seed}-n{args.num_samples}.safetensors"
+            if not samples.exists():
+                write_samples(args.model, args.calib, args.images, args.num_samples, seed, samples)
+            for method in methods:
+                reason = applies(method, scheme)
+                if reason is not None:
+                    results["cells"].setdefault(scheme.name, {}).setdefault(method, {"skipped": reason})
+                    continue
+                out = work / scheme.name / f"seed{seed}" / method.replace(":", "-")
+                record = quantize_once(method, args, scheme, seed, samples, family, layer_class, out)
+                if record["exit"] != 0:
+                    results["cells"].setdefault(scheme.name, {})[method] = {"failed": record}
+                    print(f"{scheme.name} seed {seed} {method}: FAILED (exit {record['exit']}, log {out}.log)", flush=True)
+                    continue
+                record.update(score(out, eval_set, reference_logp, pad_id))
+                runs.setdefault(method, []).append(record)
+                print(f"{scheme.name} seed {seed} {method}: {summary(record)} {record['wall_seconds']} s "
+                      f"{record['peak_rss_mib']} MiB", flush=True)
+        results["cells"].setdefault(scheme.name, {}).update(compare(runs))
+    write(results, Path(args.out))
+    return 0
+
+
+def quantize_once(method, args, scheme, seed, samples, family, layer_class, out: Path) -> dict:
+    done = out.with_name(out.name + ".measured.json")
+    if done.exists() and (out / "config.json").exists() and not args.fresh:
+        return json.loads(done.read_text())
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = run_measured(quantize_command(method, args, scheme, seed, samples, family, layer_class, out),
+                          out.with_name(out.name + ".log"))
+    if record["exit"] == 0:
+        if method.startswith("llmc:"):
+            finish_peer_output(out, args.model)
+        done.write_text(json.dumps(record) + "\n")
+    return record
+
+
+def compare(runs: dict[str, list[dict]]) -> dict:
+    """Per method: mean/std over seeds, and a paired-bootstrap verdict against the best other method."""
+    cells = {}
+    pooled = {m: averaged(r) for m, r in runs.items()}
+    for method, method_runs in runs.items():
+        scores = [summary(r) for r in method_runs]
+        cells[method] = {
+            "seeds": len(method_runs),
+            "accuracy": [s["accuracy"] for s in scores], "answer_kl": [s["answer_kl"] for s in scores],
+            "wall_seconds": [r["wall_seconds"] for r in method_runs],
+            "peak_rss_mib": [r["peak_rss_mib"] for r in method_runs],
+            "pooled": summary(pooled[method]),
+            "per_question": pooled[method],
+        }
+    for method in cells:
+        others = [m for m in cells if m != method]
+        if not others:
+            continue
+        best = min(others, key=lambda m: (-cells[m]["pooled"]["accuracy"], cells[m]["pooled"]["answer_kl"]))
+        interval = paired_bootstrap(pooled[method], pooled[best])
+        cells[method]["versus_best_other"] = {"method": best, **interval, "verdict": verdict(interval)}
+    return cells
+
+
+def machine() -> dict:
+    load = os.getloadavg()
+    return {"cpus": os.cpu_count(), "load_average_at_start": [round(x, 2) for x in load], "torch": torch.__version__}
+
+
+def _mean_std(values: list[float]) -> str:
+    t = torch.tensor(values, dtype=torch.float64)
+    return f"{t.mean():.3f} ± {t.std(unbiased=False):.3f}"
+
+
+def write(results: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    lines = [f"{results['model']}: FP accuracy {results['fp_accuracy']:.3f} on {results['questions']} held-out questions; "
+             f"{results['num_samples']} calibration samples, seeds {results['seeds']}; symmetric weight grids.", "",
+             "| scheme | method | accuracy | answer KL | vs best other (acc. diff 95% CI; KL ratio 95% CI) | verdict | "
+             "quantize wall s | peak RSS MiB |", "|---|---|---|---|---|---|---|---|"]
+    for scheme, cells in results["cells"].items():
+        for method, cell in cells.items():
+            if "skipped" in cell or "failed" in cell:
+                why = cell.get("skipped") or f"failed (exit {cell['failed']['exit']})"
+                lines.append(f"| {scheme} | {method} | n/a | n/a | {why} | | | |")
+                continue
+            versus = cell.get("versus_best_other")
+            vs = (f"{versus['method']}: [{versus['accuracy_diff'][0]:+.3f}, {versus['accuracy_diff'][1]:+.3f}]; "
+                  f"[{versus['kl_ratio'][0]:.2f}, {versus['kl_ratio'][1]:.2f}]x") if versus else ""
+            kl = torch.tensor(cell["answer_kl"], dtype=torch.float64)
+            lines.append(f"| {scheme} | {method} | {_mean_std(cell['accuracy'])} | {kl.mean():.5f} ± {kl.std(unbiased=False):.5f} "
+                         f"| {vs} | {versus['verdict'] if versus else ''} | {sum(cell['wall_seconds']) / len(cell['wall_seconds']):.1f} | "
+                         f"{max(cell['peak_rss_mib']):.0f} |")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
