@@ -30,6 +30,8 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dampening", type=float, default=0.01, help="GPTQ damping, fraction of mean diag(H)")
     parser.add_argument("--block-size", type=int, default=128, help="GPTQ lazy-update block width")
     parser.add_argument("--act-order", action="store_true", help="GPTQ act-order (static groups)")
+    parser.add_argument("--weight-grid", default=Recipe.weight_grid,
+                        help="each weight group's range: minmax, or mse (searched shrink, least error)")
     parser.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
                         help="observe all Linears of a layer in one pass instead of group by group")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
@@ -61,7 +63,7 @@ def _recipe_from(args: argparse.Namespace) -> Recipe:
                   importance_score=args.importance, importance_pass=args.importance_pass, weighting=args.weighting, importance_floor=args.floor, importance_clip=args.clip,
                   keep_ratio=args.keep_ratio, token_budget=args.token_budget, min_kind_share=args.min_kind_share,
                   target=args.target, exposure=args.exposure, scale_loss=args.scale_loss,
-                  scale_form=args.scale_form)
+                  scale_form=args.scale_form, weight_grid=args.weight_grid)
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:

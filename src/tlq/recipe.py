@@ -44,6 +44,9 @@ class Scheme:
     group_size: int | None
     symmetric: bool
     act_bits: int | None = None
+    # How each weight group's range is chosen: min-max, or a search over shrunken ranges for the least
+    # error (tlq.quant.primitives.grid_params). A calibration choice: the stored format is the same.
+    grid: str = "minmax"
 
     @property
     def quantizes_activations(self) -> bool:
@@ -134,6 +137,8 @@ class Recipe:
     dampening: float = 0.01
     block_size: int = 128
     act_order: bool = False
+    # Weight grid per group: minmax or mse (a search over shrunken ranges; every solver uses it).
+    weight_grid: str = "minmax"
     # Observe each Linear group after the earlier groups of the same layer are quantized.
     true_sequential: bool = True
     # Quantization-exposed calibration: layer l sees the outputs of the quantized layers < l. Off = every
@@ -187,6 +192,8 @@ class Recipe:
             raise TlqError(f"unknown importance pass {self.importance_pass!r}: use auto, streamed or full")
         if self.weighting not in ("auto", "uniform", "modality", "importance"):
             raise TlqError(f"unknown weighting {self.weighting!r}: use auto, uniform, modality or importance")
+        if self.weight_grid not in ("minmax", "mse"):
+            raise TlqError(f"unknown weight grid {self.weight_grid!r}: use minmax or mse")
         if self.scale_form not in ("activation", "duo", "both"):
             raise TlqError(f"unknown scale form {self.scale_form!r}: use activation, duo or both")
         if self.scale_loss not in ("auto", "mse", "mae"):
@@ -246,7 +253,8 @@ class Recipe:
         return "mae" if self.method == "mbq" else "mse"
 
     def resolved_scheme(self) -> Scheme:
-        return parse_scheme(self.scheme, self.group_size, self.symmetric)
+        scheme = parse_scheme(self.scheme, self.group_size, self.symmetric)
+        return scheme if self.weight_grid == "minmax" else dataclasses.replace(scheme, grid=self.weight_grid)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

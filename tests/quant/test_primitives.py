@@ -37,3 +37,28 @@ def test_activation_quant_is_per_token():
     assert torch.allclose(q[0], x[0], rtol=0.01, atol=0.01)
     assert torch.allclose(q[1], x[1], rtol=0.01, atol=0.5)
     assert torch.equal(fake_quant_activation(torch.zeros(2, 3)), torch.zeros(2, 3))
+
+
+def test_mse_grid_never_has_more_error_than_minmax_and_stays_on_a_valid_grid():
+    import dataclasses
+
+    from tlq.quant.primitives import MSE_NORM
+
+    torch.manual_seed(0)
+    weight = torch.randn(64, 256) * torch.rand(64, 1) * 3
+    weight[0, 5] = 40.0  # an outlier: shrinking the range pays off for the rest of its group
+    for name in ("W3A16", "W4A16-g64"):
+        for symmetric in (True, False):
+            scheme = parse_scheme(name, symmetric=symmetric)
+            minmax = fake_quant_weight(weight, scheme)
+            mse = fake_quant_weight(weight, dataclasses.replace(scheme, grid="mse"))
+            group = scheme.group_for(256)
+
+            def group_error(q):
+                return (q.weight - weight).abs().pow(MSE_NORM).reshape(64, -1, group).sum(-1)
+
+            assert (group_error(mse) <= group_error(minmax) * (1 + 1e-6)).all()
+            assert (group_error(mse) < group_error(minmax)).any()
+            # every value is a code of its own group's grid
+            codes = mse.weight.reshape(64, -1, group) / mse.scale.float()[..., None] + mse.zero_point[..., None]
+            assert torch.allclose(codes, codes.round(), atol=1e-3)

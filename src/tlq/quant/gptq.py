@@ -134,7 +134,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, d
     if static:
         for g in range(num_groups):
             scales[:, g:g + 1], zeros[:, g:g + 1] = grid_params(W[:, g * group:(g + 1) * group], bits,
-                                                                scheme.symmetric, weight.dtype)
+                                                                scheme.symmetric, weight.dtype, scheme.grid)
 
     perm = torch.arange(columns, device=W.device)
     if act_order:
@@ -159,7 +159,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, d
             if not static and column % group == 0:
                 g = column // group
                 scales[:, g:g + 1], zeros[:, g:g + 1] = grid_params(W1[:, i:i + group], bits, scheme.symmetric,
-                                                                    weight.dtype)
+                                                                    weight.dtype, scheme.grid)
             g = int(perm[column]) // group
             w = W1[:, i]
             q = quant_dequant(w.unsqueeze(1), scales[:, g:g + 1], zeros[:, g:g + 1], bits).squeeze(1)
