@@ -13,6 +13,8 @@ PYTHON=${PYTHON:-python3}
 TORCH=torch==2.13.0
 LLMC=llmcompressor==0.14.0.1
 AUTOROUND=auto-round==0.16.1
+PILLOW=pillow==13.0.0  # the image processors need it; auto-round does not ask for it
+CT=compressed-tensors==0.20.1  # for its llm-compressor export format (the format tlq and vLLM load)
 
 build() {  # build VENV PACKAGES...
   local venv=$1; shift
@@ -29,6 +31,6 @@ if [ "$WHICH" = llmc ] || [ "$WHICH" = all ]; then
   .venv-llmc/bin/python -c "import llmcompressor, transformers, compressed_tensors as ct; print('llmcompressor', llmcompressor.__version__, 'transformers', transformers.__version__, 'compressed-tensors', ct.__version__)"
 fi
 if [ "$WHICH" = autoround ] || [ "$WHICH" = all ]; then
-  build .venv-autoround "$TORCH" "$AUTOROUND"
+  build .venv-autoround "$TORCH" "$AUTOROUND" "$PILLOW" "$CT"
   .venv-autoround/bin/python -c "import auto_round, transformers; print('auto-round', auto_round.__version__, 'transformers', transformers.__version__)"
 fi

@@ -5,8 +5,8 @@
 
 For every (scheme, seed): tlq's calibration records for that seed are rendered once
 (benchmarks/peers/samples.py) and every method quantizes from them: tlq's methods through `tlq quantize`,
-llm-compressor's recipes through benchmarks/peers/llmc_quantize.py in .venv-llmc (build it with
-benchmarks/peers/build_venvs.sh). Each quantization is a subprocess, run one at a time; its wall time and
+llm-compressor's recipes through benchmarks/peers/llmc_quantize.py in .venv-llmc and AutoRound through
+benchmarks/peers/autoround_quantize.py in .venv-autoround (build both with benchmarks/peers/build_venvs.sh). Each quantization is a subprocess, run one at a time; its wall time and
 peak RSS (the child's ru_maxrss) are recorded the same way for tlq and for the peers. Every checkpoint is
 then scored with tlq.evaluate on the same held-out questions against the FP model's answers (exact match
 and answer KL per question), and each method is compared with every other by a paired bootstrap over
@@ -35,6 +35,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 LLMC_PYTHON = ROOT / ".venv-llmc" / "bin" / "python"
+AUTOROUND_PYTHON = ROOT / ".venv-autoround" / "bin" / "python"
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json",
                    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "chat_template.json")
@@ -59,8 +60,14 @@ def run_measured(cmd: list[str], log: Path) -> dict:
     return {"exit": code, "wall_seconds": round(wall, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
 
 
+def is_peer(method: str) -> bool:
+    return method.startswith("llmc:") or method == "autoround"
+
+
 def applies(method: str, scheme) -> str | None:
     """None when the method can run this scheme, else the reason it cannot."""
+    if method == "autoround" and scheme.quantizes_activations:
+        return "AutoRound's W*A8 export needs an accelerator; weight-only here"
     if method.startswith("llmc:"):
         need = LLMC_RECIPES[method.split(":", 1)[1]]
         if need == "weight-only" and scheme.quantizes_activations:
@@ -74,6 +81,9 @@ def applies(method: str, scheme) -> str | None:
 
 def quantize_command(method: str, args, scheme, seed: int, samples: Path, family: str, layer_class: str,
                      out: Path) -> list[str]:
+    if method == "autoround":
+        return [str(AUTOROUND_PYTHON), "benchmarks/peers/autoround_quantize.py", "--model", args.model,
+                "--samples", str(samples), "--scheme", json.dumps(scheme.to_dict()), "--out", str(out)]
     if method.startswith("llmc:"):
         return [str(LLMC_PYTHON), "benchmarks/peers/llmc_quantize.py", "--model", args.model, "--samples", str(samples),
                 "--recipe", method.split(":", 1)[1], "--scheme", json.dumps(scheme.to_dict()),
@@ -156,7 +166,7 @@ def main() -> int:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--num-samples", type=int, default=128)
     parser.add_argument("--methods", default="rtn,gptq,gptq+act-order,awq,smoothquant,tlq,"
-                                              "llmc:gptq,llmc:awq,llmc:awq_gptq,llmc:smoothquant_gptq")
+                                              "llmc:gptq,llmc:awq,llmc:awq_gptq,llmc:smoothquant_gptq,autoround")
     parser.add_argument("--work", default="runs/peers")
     parser.add_argument("--fresh", action="store_true", help="requantize even where a checkpoint exists")
     parser.add_argument("--out", required=True)
@@ -175,6 +185,8 @@ def main() -> int:
     methods = args.methods.split(",")
     if any(m.startswith("llmc:") for m in methods) and not LLMC_PYTHON.exists():
         raise SystemExit(f"{LLMC_PYTHON} missing: run benchmarks/peers/build_venvs.sh llmc")
+    if "autoround" in methods and not AUTOROUND_PYTHON.exists():
+        raise SystemExit(f"{AUTOROUND_PYTHON} missing: run benchmarks/peers/build_venvs.sh autoround")
     fp_model = _load_checked(args.model).eval()
     layer_class = type(adapter_for(read_model_type(args.model)).layers(fp_model)[0]).__name__
     processor = load_processor(args.model)
@@ -224,7 +236,7 @@ def quantize_once(method, args, scheme, seed, samples, family, layer_class, out:
     record = run_measured(quantize_command(method, args, scheme, seed, samples, family, layer_class, out),
                           out.with_name(out.name + ".log"))
     if record["exit"] == 0:
-        if method.startswith("llmc:"):
+        if is_peer(method):
             finish_peer_output(out, args.model)
         done.write_text(json.dumps(record) + "\n")
     return record
