@@ -82,7 +82,8 @@ def test_token_weights_reach_the_solver(tiny_checkpoints, calib_split):
 
 @pytest.mark.parametrize(("method", "scheme", "target"), [
     ("rtn", "W4A8", "symmetric"), ("gptq", "W3A16-g32", "symmetric"), ("awq", "W3A16-g32", "symmetric"),
-    ("smoothquant", "W8A8", "symmetric"), ("mbq", "W4A8", "symmetric"), ("tlq", "W4A8", "asymmetric")])
+    ("smoothquant", "W8A8", "symmetric"), ("mbq", "W4A8", "symmetric"), ("tlq", "W4A8", "asymmetric"),
+    ("awq_gptq", "W3A16-g32", "asymmetric"), ("smoothquant_gptq", "W4A8", "symmetric")])
 def test_calibration_never_writes_into_the_fp_layer_tensors(tiny_checkpoints, calib_split, method, scheme, target):
     """The FP reference is a storage-sharing view (engine.fp_view): every method must rebind, not write."""
     from tlq.api import build_token_weights

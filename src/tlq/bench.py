@@ -20,7 +20,7 @@ from typing import Any
 
 from tlq.errors import TlqError
 from tlq.evaluate import EvalSet, evaluate
-from tlq.recipe import METHODS, parse_scheme
+from tlq.recipe import BASELINE_PLANS, METHODS, parse_scheme
 
 
 @dataclass
@@ -185,8 +185,8 @@ def run_measured(argv: list[str], what: str, env: dict[str, str] | None = None) 
 
 
 def _applies(method: str, scheme: str) -> bool:
-    # SmoothQuant only exists for weight+activation schemes.
-    return not (parse_method_spec(method)[0] == "smoothquant" and not parse_scheme(scheme).quantizes_activations)
+    plan = BASELINE_PLANS.get(parse_method_spec(method)[0])
+    return not (plan is not None and plan.needs_activation_scheme and not parse_scheme(scheme).quantizes_activations)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:

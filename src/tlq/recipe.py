@@ -16,7 +16,7 @@ from typing import Any
 
 from tlq.errors import TlqError
 
-METHODS = ("rtn", "gptq", "awq", "smoothquant", "mbq", "tlq")
+METHODS = ("rtn", "gptq", "awq", "smoothquant", "mbq", "tlq", "awq_gptq", "smoothquant_gptq")
 IMPORTANCE_SCORES = ("fisher", "l2", "gx", "layer_output")  # tlq.importance computes them
 BACKENDS = ("auto", "gptq", "scale", "both")
 TARGETS = ("symmetric", "asymmetric")
@@ -29,6 +29,23 @@ class MethodPlan:
     transform: str | None  # None | "scale_search" | "smoothquant"
     solver: str  # "rtn" | "gptq"
     weighting: str  # "uniform" | "modality" (MBQ) | "importance" (TLQ)
+
+    @property
+    def needs_activation_scheme(self) -> bool:
+        return self.transform == "smoothquant"  # it migrates activation outliers into the weights
+
+
+# The baselines as compositions; TLQ's depends on its backend (Recipe.plan). awq_gptq and smoothquant_gptq
+# are the strongest recipes llm-compressor documents (AWQ / SmoothQuant scales, then GPTQ).
+BASELINE_PLANS = {
+    "rtn": MethodPlan(None, "rtn", "uniform"),
+    "gptq": MethodPlan(None, "gptq", "uniform"),
+    "awq": MethodPlan("scale_search", "rtn", "uniform"),
+    "awq_gptq": MethodPlan("scale_search", "gptq", "uniform"),
+    "smoothquant": MethodPlan("smoothquant", "rtn", "uniform"),
+    "smoothquant_gptq": MethodPlan("smoothquant", "gptq", "uniform"),
+    "mbq": MethodPlan("scale_search", "rtn", "modality"),
+}
 
 
 @dataclass(frozen=True)
@@ -216,8 +233,8 @@ class Recipe:
         if self.keep_ratio is not None and self.token_budget is not None:
             raise TlqError("give either --keep-ratio or --token-budget, not both")
         scheme = self.resolved_scheme()  # validate early
-        if self.method == "smoothquant" and not scheme.quantizes_activations:
-            raise TlqError("smoothquant migrates activation outliers: use it with W4A8 or W8A8")
+        if self.plan().needs_activation_scheme and not scheme.quantizes_activations:
+            raise TlqError(f"{self.method} migrates activation outliers: use it with W4A8 or W8A8")
         if (self.keep_ratio is not None or self.token_budget is not None) and self.plan().weighting != "importance":
             raise TlqError("a token budget selects tokens by importance: use it with --method tlq")
 
@@ -228,14 +245,8 @@ class Recipe:
         return plan
 
     def _method_plan(self) -> MethodPlan:
-        if self.method in ("rtn", "gptq"):
-            return MethodPlan(None, self.method, "uniform")
-        if self.method == "awq":
-            return MethodPlan("scale_search", "rtn", "uniform")
-        if self.method == "smoothquant":
-            return MethodPlan("smoothquant", "rtn", "uniform")
-        if self.method == "mbq":
-            return MethodPlan("scale_search", "rtn", "modality")
+        if self.method in BASELINE_PLANS:
+            return BASELINE_PLANS[self.method]
         backend = self.backend
         if backend == "auto":
             # Chosen on the validation split (benchmarks/results/qwen2_vl-small/validation): scale search then
