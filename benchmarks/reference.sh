@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces benchmarks/results/: the retention benchmark on a bundled reference VLM.
-#   benchmarks/reference.sh [rtn_gptq|methods|ablation|validation|symmetry|all]      (MODEL=models/reference/NAME to choose;
+#   benchmarks/reference.sh [rtn_gptq|methods|ablation|validation|symmetry|scale_form|peers|all]      (MODEL=models/reference/NAME to choose;
 #   WEIGHT_SCHEMES / ACT_SCHEMES narrow the methods stage, e.g. WEIGHT_SCHEMES=W3A16 ACT_SCHEMES=W4A8)
 # Calibration pool (seed 1) and test split (seed 2) come from `tlq synth`; every cell is mean/std over
 # calibration seeds 0,1,2 (each draws 128 samples from the pool). Reruns skip finished cells.
@@ -66,4 +66,32 @@ fi
 if [ "$STAGE" = validation ]; then
   $TLQ bench "$WEIGHT_VARIANT" "${VALIDATION_ASYM[@]}" --methods $CANDIDATES --schemes W3A16 --out "$OUT/validation/weight_outliers"
   $TLQ bench "$ACT_VARIANT" "${VALIDATION[@]}" --methods $CANDIDATES --schemes W4A8 --out "$OUT/validation/activation_outliers"
+fi
+# Issue 13: which scale candidates (x^a; x^a / w^(1-a); both) the scale search tries, on the validation
+# split, seeds 0,1 (symmetric grids): as-trained W3A16, and on the large model both outlier variants.
+SCALE_FORMS=awq,awq+scale-form=activation,awq+scale-form=duo,mbq,mbq+scale-form=activation,mbq+scale-form=duo,\
+tlq,tlq+scale-form=activation,tlq+scale-form=duo
+if [ "$STAGE" = scale_form ]; then
+  SF=(--calib "$DATA/calib.json" --images "$DATA" --eval "$DATA/val.json" --seeds 0,1 --num-samples 128 --methods $SCALE_FORMS)
+  $TLQ bench "$MODEL" "${SF[@]}" --schemes W3A16 --out "$OUT/scale_form/as_trained"
+  $TLQ bench "$WEIGHT_VARIANT" "${SF[@]}" --schemes W3A16 --out "$OUT/scale_form/weight_outliers"
+  $TLQ bench "$ACT_VARIANT" "${SF[@]}" --schemes W4A8 --out "$OUT/scale_form/activation_outliers"
+fi
+# Issue 13: tlq's methods and baselines at their strongest next to the external peers (llm-compressor 0.14,
+# AutoRound 0.16, each in its own venv), the same calibration samples, one evaluator, paired bootstrap.
+# Symmetric weight grids for everyone. PEER_SEEDS / PEER_EVAL narrow it.
+PEER_WEIGHT_METHODS=rtn,gptq,gptq+act-order,gptq+act-order+weight-grid=mse,awq,awq_gptq,mbq,tlq,\
+llmc:gptq,llmc:awq,llmc:awq_gptq,autoround
+PEER_ACT_METHODS=rtn,gptq,gptq+act-order,smoothquant,smoothquant_gptq,tlq,llmc:gptq,llmc:smoothquant_gptq
+if [ "$STAGE" = peers ]; then
+  [ -x .venv-llmc/bin/python ] || benchmarks/peers/build_venvs.sh llmc
+  [ -x .venv-autoround/bin/python ] || benchmarks/peers/build_venvs.sh autoround
+  PEERS=(--calib "$DATA/calib.json" --images "$DATA" --eval "$DATA/test.json" --eval-samples "${PEER_EVAL:-1000}"
+         --seeds "${PEER_SEEDS:-0,1,2}" --num-samples 128)
+  .venv/bin/python benchmarks/peers/run.py --model "$MODEL" "${PEERS[@]}" --schemes W3A16 \
+    --methods $PEER_WEIGHT_METHODS --out "$OUT/peers/as_trained"
+  .venv/bin/python benchmarks/peers/run.py --model "$WEIGHT_VARIANT" "${PEERS[@]}" --schemes W3A16 \
+    --methods $PEER_WEIGHT_METHODS --out "$OUT/peers/weight_outliers"
+  .venv/bin/python benchmarks/peers/run.py --model "$ACT_VARIANT" "${PEERS[@]}" --schemes W4A8 \
+    --methods $PEER_ACT_METHODS --out "$OUT/peers/activation_outliers"
 fi

@@ -184,8 +184,9 @@ class Recipe:
     scale_loss: str = "auto"  # mse | mae; auto = mae for MBQ (as published), mse otherwise
     scale_max_tokens: int = 16384
     # Candidate scales: activation (s = x^alpha, the AWQ paper), duo (x^alpha / w^(1-alpha), AutoAWQ's and
-    # llm-compressor's default) or both.
-    scale_form: str = "activation"
+    # llm-compressor's default) or both (the search keeps the better; chosen on the validation split,
+    # benchmarks/results/*/scale_form).
+    scale_form: str = "both"
     smooth_alpha: float = 0.5
     device: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
