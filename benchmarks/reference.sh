@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces benchmarks/results/: the retention benchmark on a bundled reference VLM.
-#   benchmarks/reference.sh [rtn_gptq|methods|ablation|validation|symmetry|scale_form|peers|all]      (MODEL=models/reference/NAME to choose;
+#   benchmarks/reference.sh [rtn_gptq|methods|ablation|validation|symmetry|scale_form|peers|conditions|all]      (MODEL=models/reference/NAME to choose;
 #   WEIGHT_SCHEMES / ACT_SCHEMES narrow the methods stage, e.g. WEIGHT_SCHEMES=W3A16 ACT_SCHEMES=W4A8)
 # Calibration pool (seed 1) and test split (seed 2) come from `tlq synth`; every cell is mean/std over
 # calibration seeds 0,1,2 (each draws 128 samples from the pool). Reruns skip finished cells.
@@ -94,4 +94,24 @@ if [ "$STAGE" = peers ]; then
     --methods $PEER_WEIGHT_METHODS --out "$OUT/peers/weight_outliers"
   .venv/bin/python benchmarks/peers/run.py --model "$ACT_VARIANT" "${PEERS[@]}" --schemes W4A8 \
     --methods $PEER_ACT_METHODS --out "$OUT/peers/activation_outliers"
+fi
+# Issue 13: calibration conditions where token importance should matter (tlq synth --condition): heatmaps of
+# the per-token importance, and the ablation (importance vs uniform vs modality weights, a token-level set,
+# exposure off, AWQ+GPTQ as the uniform baseline) calibrated on each condition's pool, scored on the
+# standard test split. The weight-outlier variant at W3A16, seeds 0,1, 500 questions.
+CONDITIONS=${CONDITIONS:-standard,background,padded,multi_image,long_prompt}
+CONDITION_METHODS=tlq,tlq+weighting=uniform,tlq+weighting=modality,tlq+keep-ratio=0.25,tlq+no-exposure,awq_gptq
+if [ "$STAGE" = conditions ]; then
+  for condition in ${CONDITIONS//,/ }; do
+    pool=runs/data/cond-$condition
+    [ "$condition" = standard ] && pool=$DATA
+    [ -f "$pool/calib.json" ] || $TLQ synth --out "$pool" --calib 512 --test 0 --condition "$condition"
+    if [ "$NAME" != "${NAME#qwen2}" ]; then
+      .venv/bin/python benchmarks/importance_heatmaps.py --model "$MODEL" --calib "$pool/calib.json" --images "$pool" \
+        --out "$OUT/importance_conditions/heatmap_$condition.png"
+    fi
+    $TLQ bench "$WEIGHT_VARIANT" --calib "$pool/calib.json" --images "$pool" --eval "$DATA/test.json" --eval-images "$DATA" \
+      --eval-samples 500 --seeds 0,1 --num-samples 128 --methods $CONDITION_METHODS --schemes W3A16 \
+      --out "$OUT/importance_conditions/$condition"
+  done
 fi

@@ -7,7 +7,7 @@ For every (scheme, seed): tlq's calibration records for that seed are rendered o
 (benchmarks/peers/samples.py) and every method quantizes from them: tlq's methods through `tlq quantize`,
 llm-compressor's recipes through benchmarks/peers/llmc_quantize.py in .venv-llmc and AutoRound through
 benchmarks/peers/autoround_quantize.py in .venv-autoround (build both with benchmarks/peers/build_venvs.sh). Each quantization is a subprocess, run one at a time; its wall time and
-peak RSS (the child's ru_maxrss) are recorded the same way for tlq and for the peers. Every checkpoint is
+peak RSS (through tlq.measure, as `tlq bench` measures) are recorded the same way for tlq and for the peers. Every checkpoint is
 then scored with tlq.evaluate on the same held-out questions against the FP model's answers (exact match
 and answer KL per question), and each method is compared with every other by a paired bootstrap over
 questions (per-question values averaged over the seeds). Results: results.json (per-question values
@@ -28,7 +28,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -50,14 +49,21 @@ BOOTSTRAP = 2000
 
 
 def run_measured(cmd: list[str], log: Path) -> dict:
-    """Run one quantization as a child process; wall seconds and its peak RSS (MiB)."""
-    start = time.perf_counter()
+    """Run one quantization as a child process; wall seconds and its own peak RSS (MiB).
+
+    Through tlq.measure, a small launcher: a child forked straight from this process would report this
+    process's resident memory at the fork (Linux keeps the high-water mark across exec) as its own peak.
+    """
+    report = log.with_suffix(".measure.json")
+    report.unlink(missing_ok=True)
     with open(log, "w") as handle:
-        child = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT)
-        _, status, usage = os.wait4(child.pid, 0)
-    wall = time.perf_counter() - start
-    code = os.waitstatus_to_exitcode(status)
-    return {"exit": code, "wall_seconds": round(wall, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
+        code = subprocess.call([sys.executable, "-m", "tlq.measure", str(report), "--", *cmd],
+                               stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT)
+    if not report.exists():
+        return {"exit": code, "wall_seconds": None, "peak_rss_mib": None}
+    measured = json.loads(report.read_text())
+    return {"exit": measured["returncode"], "wall_seconds": measured["wall_seconds"],
+            "peak_rss_mib": round(measured["peak_rss_bytes"] / 2**20, 1)}
 
 
 def is_peer(method: str) -> bool:

@@ -207,7 +207,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_synth(args: argparse.Namespace) -> int:
     from tlq.data.synthetic import write_splits
 
-    for name, path in write_splits(args.out, calib=args.calib, test=args.test, val=args.val).items():
+    for name, path in write_splits(args.out, calib=args.calib, test=args.test, val=args.val,
+                                   condition=args.condition).items():
         print(f"{name}: {path}")
     return 0
 
@@ -346,6 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--calib", type=int, default=512, help="calibration pool size")
     g.add_argument("--test", type=int, default=1000, help="held-out test split size")
     g.add_argument("--val", type=int, default=0, help="validation split size (seed 3; for choosing options)")
+    g.add_argument("--condition", default="standard",
+                   help="how the calibration pool is drawn: standard, background (mostly-background large images), "
+                        "padded (letterboxed), multi_image (a distractor image first), long_prompt (unrelated "
+                        "questions first); tlq.data.synthetic.CONDITIONS says exactly")
     g.set_defaults(func=_cmd_synth)
 
     o = sub.add_parser("stress", help="write a function-preserving outlier variant of a checkpoint (benchmarks)")

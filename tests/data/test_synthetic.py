@@ -1,6 +1,7 @@
 import hashlib
 import json
 
+import pytest
 import numpy as np
 
 from tlq.data import build_samples, load_records
@@ -63,3 +64,32 @@ def test_image_tokens_outnumber_text_tokens_four_to_one(tmp_path, tiny_checkpoin
         assert image >= 4 * text, (family, image, text)
     assert IMAGE == 1
 
+
+
+@pytest.mark.parametrize("condition", ["background", "padded", "multi_image", "long_prompt"])
+def test_calibration_conditions_are_loadable_and_shaped_as_documented(tmp_path, condition):
+    from PIL import Image
+
+    from tlq.data import load_records
+    from tlq.data.synthetic import CELL, CONDITIONS, write_splits
+
+    paths = write_splits(tmp_path, calib=4, test=2, condition=condition)
+    records = load_records(paths["calib"], tmp_path)
+    standard = load_records(paths["test"], tmp_path)
+    assert len(records) == 4 and condition in CONDITIONS
+    assert all("condition" not in r.meta for r in standard)  # held-out splits stay standard
+    for record in records:
+        sizes = [Image.open(p).size for p in record.images]
+        question = record.messages[0]["content"][-1]["text"]
+        if condition in ("background", "padded"):
+            assert sizes == [(16 * CELL, 16 * CELL)]
+        if condition == "padded":
+            pixels = np.asarray(Image.open(record.images[0]))
+            assert not pixels[:4 * CELL].any() and not pixels[:, -4 * CELL:].any()  # the black border
+        if condition == "multi_image":
+            assert len(record.images) == 2 and len(set(record.images)) == 2
+            assert sum(c["type"] == "image" for c in record.messages[0]["content"]) == 2
+        if condition == "long_prompt":
+            assert question.count("?") == 6
+        else:
+            assert question.count("?") == 1

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from tlq.errors import TlqError
+
 CELL = 16
 COLORS = {
     "red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 230), "yellow": (235, 215, 40),
@@ -146,32 +148,75 @@ def make_example(rng: np.random.Generator, config: SceneConfig = SceneConfig()) 
     return canvas, chosen
 
 
-def to_record(image_name: str, qas: list[dict], record_id: str) -> dict[str, Any]:
+def to_record(image_name: str | list[str], qas: list[dict], record_id: str) -> dict[str, Any]:
     conversations = []
+    placeholders = "<image>\n" * (len(image_name) if isinstance(image_name, list) else 1)
     for i, qa in enumerate(qas):
-        conversations.append({"from": "human", "value": ("<image>\n" if i == 0 else "") + qa["question"]})
+        conversations.append({"from": "human", "value": (placeholders if i == 0 else "") + qa["question"]})
         conversations.append({"from": "gpt", "value": qa["answer"]})
     return {"id": record_id, "image": image_name, "conversations": conversations,
             "types": [qa["type"] for qa in qas]}
 
 
+# Calibration conditions (`tlq synth --condition`): where token importance should matter, because most
+# tokens carry nothing the answer needs. The test and validation splits are always "standard".
+CONDITIONS = {
+    "standard": "the 4x4-cell scene on an 8x8-cell canvas (the reference models' training distribution)",
+    "background": "the 4x4-cell scene on a 16x16-cell canvas: 4x the image tokens, 15/16 of them background",
+    "padded": "the standard 8x8-cell image centred on a black 16x16-cell canvas (letterboxing): 3/4 padding",
+    "multi_image": "two images per record, an unrelated one first; the question is about the second",
+    "long_prompt": "five unrelated questions (about 30 words) before the one that is answered",
+}
+_PADDING = 4  # cells of black on each side of a padded canvas
+
+
+def _condition_example(rng: np.random.Generator, condition: str) -> tuple[list[np.ndarray], list[dict]]:
+    if condition == "background":
+        canvas, qas = make_example(rng, SceneConfig(grid=16))
+        return [canvas], qas
+    canvas, qas = make_example(rng)
+    if condition == "padded":
+        border = _PADDING * CELL
+        padded = np.zeros((canvas.shape[0] + 2 * border, canvas.shape[1] + 2 * border, 3), dtype=np.uint8)
+        padded[border:-border, border:-border] = canvas
+        return [padded], qas
+    if condition == "multi_image":
+        distractor, _ = make_example(rng)
+        return [distractor, canvas], qas
+    if condition == "long_prompt":
+        filler = [make_example(rng)[1][0]["question"] for _ in range(5)]
+        return [canvas], [{**qas[0], "question": " ".join(filler + [qas[0]["question"]])}] + qas[1:]
+    return [canvas], qas
+
+
 def write_split(out_dir: str | Path, num_images: int, seed: int, config: SceneConfig = SceneConfig(),
-                name: str = "data") -> Path:
-    """Write `num_images` images under out_dir/images/ and out_dir/{name}.json; returns the JSON path.
+                name: str = "data", condition: str = "standard") -> Path:
+    """Write `num_images` records' images under out_dir/images/ and out_dir/{name}.json; returns the JSON path.
 
     Image file names carry the seed, so splits made from different seeds never share an image file.
+    A `condition` other than standard draws its records as CONDITIONS describes (the default config).
     """
     from PIL import Image
 
+    if condition not in CONDITIONS:
+        raise TlqError(f"unknown condition {condition!r}: use one of {', '.join(CONDITIONS)}")
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     records = []
     for i in range(num_images):
-        canvas, qas = make_example(rng, config)
-        image_name = f"images/s{seed}_{i:05d}.png"
-        Image.fromarray(canvas).save(out_dir / image_name)
-        records.append(to_record(image_name, qas, f"s{seed}_{i:05d}"))
+        if condition == "standard":
+            canvas, qas = make_example(rng, config)
+            canvases = [canvas]
+        else:
+            canvases, qas = _condition_example(rng, condition)
+        names = [f"images/s{seed}_{i:05d}" + (f"_{k}" if len(canvases) > 1 else "") + ".png"
+                 for k in range(len(canvases))]
+        for image_name, canvas in zip(names, canvases):
+            Image.fromarray(canvas).save(out_dir / image_name)
+        records.append(to_record(names[0] if len(names) == 1 else names, qas, f"s{seed}_{i:05d}"))
+        if condition != "standard":
+            records[-1]["condition"] = condition
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps(records, indent=1) + "\n")
     return path
@@ -183,7 +228,10 @@ def write_split(out_dir: str | Path, num_images: int, seed: int, config: SceneCo
 SPLIT_SEEDS = {"calib": 1, "test": 2, "val": 3}
 
 
-def write_splits(out_dir: str | Path, calib: int = 512, test: int = 1000, val: int = 0) -> dict[str, Path]:
-    """The calibration pool, the held-out test split and (val > 0) a validation split, one question per image."""
-    return {name: write_split(out_dir, count, SPLIT_SEEDS[name], name=name)
+def write_splits(out_dir: str | Path, calib: int = 512, test: int = 1000, val: int = 0,
+                 condition: str = "standard") -> dict[str, Path]:
+    """The calibration pool (drawn under `condition`), the held-out test split and (val > 0) a validation
+    split (both standard), one question per record."""
+    return {name: write_split(out_dir, count, SPLIT_SEEDS[name], name=name,
+                              condition=condition if name == "calib" else "standard")
             for name, count in (("calib", calib), ("test", test), ("val", val)) if count > 0}
