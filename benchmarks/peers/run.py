@@ -127,6 +127,19 @@ def score(checkpoint: Path, eval_set, reference_logp, pad_id: int) -> dict:
             "tokens": [a["tokens"] for a in answers]}
 
 
+def score_once(checkpoint: Path, eval_set, reference_logp, pad_id: int, args) -> dict:
+    """score(), kept beside the checkpoint for the same evaluation questions (reruns add methods cheaply)."""
+    cache = checkpoint.with_name(checkpoint.name + ".scores.json")
+    key = {"eval": args.eval, "questions": len(eval_set.samples)}
+    if cache.exists() and not args.fresh:
+        saved = json.loads(cache.read_text())
+        if saved.get("key") == key and cache.stat().st_mtime >= (checkpoint / "config.json").stat().st_mtime:
+            return saved["scores"]
+    scores = score(checkpoint, eval_set, reference_logp, pad_id)
+    cache.write_text(json.dumps({"key": key, "scores": scores}) + "\n")
+    return scores
+
+
 def summary(per_question: dict) -> dict:
     tokens = sum(per_question["tokens"])
     return {"accuracy": sum(per_question["exact"]) / len(per_question["exact"]),
@@ -175,8 +188,16 @@ def main() -> int:
                                               "llmc:gptq,llmc:awq,llmc:awq_gptq,llmc:smoothquant_gptq,autoround")
     parser.add_argument("--work", default="runs/peers")
     parser.add_argument("--fresh", action="store_true", help="requantize even where a checkpoint exists")
+    parser.add_argument("--retable", action="store_true",
+                        help="recompute the verdicts and table.md from OUT/results.json (no quantization)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    if args.retable:
+        results = json.loads((Path(args.out) / "results.json").read_text())
+        for cells in results["cells"].values():
+            add_verdicts(cells)
+        write(results, Path(args.out))
+        return 0
     from tlq.evaluate import EvalSet, _load_checked, score_samples
     from tlq.models import adapter_for, read_model_type
     from tlq.models.processing import load_processor
@@ -223,7 +244,7 @@ def main() -> int:
                     results["cells"].setdefault(scheme.name, {})[method] = {"failed": record}
                     print(f"{scheme.name} seed {seed} {method}: FAILED (exit {record['exit']}, log {out}.log)", flush=True)
                     continue
-                record.update(score(out, eval_set, reference_logp, pad_id))
+                record.update(score_once(out, eval_set, reference_logp, pad_id, args))
                 runs.setdefault(method, []).append(record)
                 print(f"{scheme.name} seed {seed} {method}: {summary(record)} {record['wall_seconds']} s "
                       f"{record['peak_rss_mib']} MiB", flush=True)
@@ -249,26 +270,33 @@ def quantize_once(method, args, scheme, seed, samples, family, layer_class, out:
 
 
 def compare(runs: dict[str, list[dict]]) -> dict:
-    """Per method: mean/std over seeds, and a paired-bootstrap verdict against the best other method."""
+    """Per method: mean/std over seeds and the pooled per-question values; then the verdicts."""
     cells = {}
-    pooled = {m: averaged(r) for m, r in runs.items()}
     for method, method_runs in runs.items():
+        pooled = averaged(method_runs)
         scores = [summary(r) for r in method_runs]
         cells[method] = {
             "seeds": len(method_runs),
             "accuracy": [s["accuracy"] for s in scores], "answer_kl": [s["answer_kl"] for s in scores],
             "wall_seconds": [r["wall_seconds"] for r in method_runs],
             "peak_rss_mib": [r["peak_rss_mib"] for r in method_runs],
-            "pooled": summary(pooled[method]),
-            "per_question": pooled[method],
+            "pooled": summary(pooled),
+            "per_question": pooled,
         }
-    for method in cells:
-        others = [m for m in cells if m != method]
+    return add_verdicts(cells)
+
+
+def add_verdicts(cells: dict) -> dict:
+    """Each method against the best other method of the cell: the one with the lowest answer KL (accuracy
+    cannot rank methods that all sit within noise of FP; KL can), by a paired bootstrap."""
+    scored = {m: c for m, c in cells.items() if "per_question" in c}
+    for method, cell in scored.items():
+        others = [m for m in scored if m != method]
         if not others:
             continue
-        best = min(others, key=lambda m: (-cells[m]["pooled"]["accuracy"], cells[m]["pooled"]["answer_kl"]))
-        interval = paired_bootstrap(pooled[method], pooled[best])
-        cells[method]["versus_best_other"] = {"method": best, **interval, "verdict": verdict(interval)}
+        best = min(others, key=lambda m: scored[m]["pooled"]["answer_kl"])
+        interval = paired_bootstrap(cell["per_question"], scored[best]["per_question"])
+        cell["versus_best_other"] = {"method": best, **interval, "verdict": verdict(interval)}
     return cells
 
 
@@ -299,7 +327,7 @@ def write(results: dict, out: Path) -> None:
             vs = (f"{versus['method']}: [{versus['accuracy_diff'][0]:+.3f}, {versus['accuracy_diff'][1]:+.3f}]; "
                   f"[{versus['kl_ratio'][0]:.2f}, {versus['kl_ratio'][1]:.2f}]x") if versus else ""
             kl = torch.tensor(cell["answer_kl"], dtype=torch.float64)
-            lines.append(f"| {scheme} | {method} | {_mean_std(cell['accuracy'])} | {kl.mean():.5f} ± {kl.std(unbiased=False):.5f} "
+            lines.append(f"| {scheme} | {method} | {_mean_std(cell['accuracy'])} | {kl.mean():.2e} ± {kl.std(unbiased=False):.1e} "
                          f"| {vs} | {versus['verdict'] if versus else ''} | {sum(cell['wall_seconds']) / len(cell['wall_seconds']):.1f} | "
                          f"{max(cell['peak_rss_mib']):.0f} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
