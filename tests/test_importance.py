@@ -109,8 +109,10 @@ def test_weights_are_normalised_per_sample_and_floored():
 
 
 def test_mbq_ratio_uses_image_and_answer_tokens_with_median_floor():
+    from tlq.models import ADAPTERS
+
     importance = _toy_importance()
-    ratios = modality_ratios(importance, adapter=None)
+    ratios = modality_ratios(importance, ADAPTERS["qwen2_vl"])
     # layer 0 attention: image |g| = (1 + 3 + 2) / 3 = 2, answer = (4 + 4 + 4) / 3 = 4 -> 0.5; prompt ignored.
     raw_attention = {0: 0.5, 1: 8.0 / 2.0, 2: 1.0}
     median = sorted(raw_attention.values())[1]
@@ -118,7 +120,6 @@ def test_mbq_ratio_uses_image_and_answer_tokens_with_median_floor():
         assert abs(ratios[layer]["attention"] - max(rho, median)) < 1e-6
     raw_mlp = {0: 0.5, 1: 0.05, 2: 1.5}
     assert abs(ratios[1]["mlp"] - 0.5) < 1e-6  # floored at the median
-    from tlq.models import ADAPTERS
 
     lookup = modality_weights(importance, ADAPTERS["qwen2_vl"])
     w = lookup(1, "self_attn.q_proj", 0)

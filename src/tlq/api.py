@@ -106,7 +106,7 @@ def build_token_weights(model, adapter, samples: list[Sample], recipe: Recipe, r
             last = len(adapter.layers(model)) - 1
             record["kept_tokens_by_kind"] = {
                 f"{layer}.{name}": kept_tokens(importance, lookup, layer, name)
-                for layer in (0, last) for name in ("self_attn.q_proj", "mlp.down_proj")}
+                for layer in (0, last) for name in (adapter.linear_names[0], adapter.blocks[-1].output)}
     offset = ranks.shard(len(importance.token_kinds)).start
     if offset == 0:
         return lookup, record

@@ -29,7 +29,9 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, default=2048, help="truncate samples to this many tokens")
     parser.add_argument("--dampening", type=float, default=0.01, help="GPTQ damping, fraction of mean diag(H)")
     parser.add_argument("--block-size", type=int, default=128, help="GPTQ lazy-update block width")
-    parser.add_argument("--act-order", action="store_true", help="GPTQ act-order (static groups)")
+    parser.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                        help="GPTQ act-order with static groups (default: on after a scale search or SmoothQuant, "
+                             "off for plain GPTQ)")
     parser.add_argument("--weight-grid", default=Recipe.weight_grid,
                         help="each weight group's range: minmax, or mse (searched shrink, least error)")
     parser.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",

@@ -10,7 +10,7 @@ output y and reduce it per token:
 Scores are normalised per sample to mean 1, optionally clipped, and floored:
     w_t = lam + (1 - lam) * a_t
 (DESIGN.md 2.1 explains why the per-Linear score and the floor matter.) The same pass records mean |g|
-per token kind at o_proj and down_proj for MBQ's per-modality weights.
+per token kind at each block's output Linear (the adapter's roles) for MBQ's per-modality weights.
 """
 
 from __future__ import annotations
@@ -366,38 +366,37 @@ def kept_tokens(importance: TokenImportance, lookup: TokenWeights, layer: int, n
 
 
 def modality_ratios(importance: TokenImportance, adapter: ModelAdapter) -> dict[int, dict[str, float]]:
-    """MBQ: per layer, rho = mean|g| over image tokens / mean|g| over answer tokens, read at o_proj
-    (attention groups) and down_proj (MLP groups), floored at its median over layers."""
+    """MBQ: per layer and block, rho = mean|g| over image tokens / mean|g| over answer tokens, read at
+    the block's output Linear (the attention and MLP outputs), floored at its median over layers."""
     kinds = torch.cat(importance.token_kinds)
-    raw: dict[str, dict[int, float]] = {"attention": {}, "mlp": {}}
+    outputs = {block.output: block.role for block in adapter.blocks}
+    raw: dict[str, dict[int, float]] = {block.role: {} for block in adapter.blocks}
     for key, per_sample in importance.abs_grad.items():
         layer, name = key.split(".", 1)
-        part = "attention" if name.endswith("o_proj") else "mlp" if name.endswith("down_proj") else None
-        if part is None:
+        if name not in outputs:
             continue
         g = torch.cat(per_sample)
         image, answer = g[kinds == IMAGE], g[kinds == ANSWER]
         if len(answer) == 0 or answer.mean() == 0:
             raise TlqError("MBQ needs answer tokens with a gradient in the calibration samples")
-        raw[part][int(layer)] = float(image.mean() / answer.mean()) if len(image) else 0.0
+        raw[outputs[name]][int(layer)] = float(image.mean() / answer.mean()) if len(image) else 0.0
     ratios: dict[int, dict[str, float]] = {}
-    for part, per_layer in raw.items():
+    for role, per_layer in raw.items():
         if not per_layer:
             continue
         median = float(torch.tensor(list(per_layer.values())).median())
         for layer, rho in per_layer.items():
-            ratios.setdefault(layer, {})[part] = max(rho, median)
+            ratios.setdefault(layer, {})[role] = max(rho, median)
     return ratios
 
 
 def modality_weights(importance: TokenImportance, adapter: ModelAdapter) -> TokenWeights:
-    """MBQ token weights: image tokens rho (per layer and part), answer tokens 1, prompt tokens 0."""
+    """MBQ token weights: image tokens rho (per layer and block), answer tokens 1, prompt tokens 0."""
     ratios = modality_ratios(importance, adapter)
-    attention_linears = {n for n in adapter.linear_names if n.startswith("self_attn")}
 
     def lookup(layer: int, name: str, sample: int) -> torch.Tensor:
         kinds = importance.token_kinds[sample]
-        rho = ratios[layer]["attention" if name in attention_linears else "mlp"]
+        rho = ratios[layer][adapter.block_of(name).role]
         w = torch.zeros(len(kinds))
         w[kinds == IMAGE] = rho
         w[kinds == ANSWER] = 1.0

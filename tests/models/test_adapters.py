@@ -36,6 +36,16 @@ def test_adapter_finds_only_decoder_linears(tiny_checkpoints, family):
         assert layer.get_submodule(group.source) is not None
         for target in group.targets:
             assert isinstance(layer.get_submodule(target), nn.Linear)
+    layer = adapter.layers(model)[0]
+    # Roles: the blocks partition the Linears, each block's output Linear is one of its own, and each
+    # scaling group's block is a module of the layer that contains the group's targets.
+    assert sorted(n for b in adapter.blocks for n in b.linears) == sorted(adapter.linear_names)
+    for block in adapter.blocks:
+        assert block.output in block.linears and layer.get_submodule(block.module) is not None
+    for group in adapter.scaling_groups:
+        block = layer.get_submodule(group.block)
+        assert all(any(m is layer.get_submodule(t) for m in block.modules()) for t in group.targets)
+        assert any(m is layer.get_submodule(group.output_linear) for m in block.modules())
     vision_linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and
                       ("visual" in n or "vision" in n or "projector" in n)]
     assert vision_linears and not set(vision_linears) & set(names)
@@ -47,3 +57,27 @@ def test_token_kinds(tiny_checkpoints):
     ids = torch.tensor([5, image, image, 7, 8, 9])
     labels = torch.tensor([-100, -100, -100, -100, 8, 9])
     assert adapter.token_kinds(model, ids, labels).tolist() == [PROMPT, IMAGE, IMAGE, PROMPT, ANSWER, ANSWER]
+
+
+def test_no_algorithm_names_a_linear():
+    """Module names live in the adapters (tlq/models/); everything else asks an adapter for roles."""
+    import ast
+    import re
+    from pathlib import Path
+
+    import tlq
+
+    root = Path(tlq.__file__).parent
+    offenders = []
+    for path in root.rglob("*.py"):
+        if path.is_relative_to(root / "models"):
+            continue
+        tree = ast.parse(path.read_text())
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
+                      and node.body and isinstance(node.body[0], ast.Expr)}
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+                    and re.search(r"\b(q|k|v|o|gate|up|down)_proj\b|\bself_attn\.|\bmlp\.", node.value)):
+                offenders.append(f"{path.relative_to(root)}:{node.lineno}: {node.value!r}")
+    assert not offenders, offenders

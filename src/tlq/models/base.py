@@ -20,6 +20,17 @@ TOKEN_KIND_NAMES = ("prompt", "image", "answer")
 
 
 @dataclass(frozen=True)
+class Block:
+    """A part of the decoder layer by role: its module, its Linears, and the Linear whose output is the
+    block's output (MBQ reads the gradient there; reports and scale searches name blocks through it)."""
+
+    role: str  # "attention" | "mlp"
+    module: str
+    linears: tuple[str, ...]
+    output: str
+
+
+@dataclass(frozen=True)
 class ScalingGroup:
     """`source` (a norm or a Linear inside the layer) feeds exactly the Linears in `targets`.
 
@@ -46,6 +57,7 @@ class ModelAdapter:
     decoder_layers: str
     linear_groups: tuple[tuple[str, ...], ...]
     scaling_groups: tuple[ScalingGroup, ...]
+    blocks: tuple[Block, ...]
     image_token_config_key: str = "image_token_id"
     # The language-model head after the last decoder layer (the streamed importance backward starts there).
     final_norm: str = "model.language_model.norm"
@@ -56,6 +68,13 @@ class ModelAdapter:
     @property
     def linear_names(self) -> tuple[str, ...]:
         return tuple(name for group in self.linear_groups for name in group)
+
+    def block_of(self, linear: str) -> Block:
+        """The block a decoder Linear belongs to."""
+        for block in self.blocks:
+            if linear in block.linears:
+                return block
+        raise KeyError(f"{linear} is in no block of the {self.family} adapter")
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.decoder_layers)
@@ -84,6 +103,10 @@ QWEN2_LINEAR_GROUPS = (
     ("self_attn.o_proj",),
     ("mlp.gate_proj", "mlp.up_proj"),
     ("mlp.down_proj",),
+)
+QWEN2_BLOCKS = (
+    Block("attention", "self_attn", QWEN2_LINEAR_GROUPS[0] + QWEN2_LINEAR_GROUPS[1], output="self_attn.o_proj"),
+    Block("mlp", "mlp", QWEN2_LINEAR_GROUPS[2] + QWEN2_LINEAR_GROUPS[3], output="mlp.down_proj"),
 )
 QWEN2_SCALING_GROUPS = (
     ScalingGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),

@@ -1,6 +1,6 @@
 """LLaVA-OneVision (`LlavaOnevisionForConditionalGeneration`): SigLIP tower, MLP projector, Qwen2 decoder."""
 
-from tlq.models.base import QWEN2_LINEAR_GROUPS, QWEN2_SCALING_GROUPS, ModelAdapter
+from tlq.models.base import QWEN2_BLOCKS, QWEN2_LINEAR_GROUPS, QWEN2_SCALING_GROUPS, ModelAdapter
 
 ADAPTER = ModelAdapter(
     family="llava_onevision",
@@ -8,4 +8,5 @@ ADAPTER = ModelAdapter(
     decoder_layers="model.language_model.layers",
     linear_groups=QWEN2_LINEAR_GROUPS,
     scaling_groups=QWEN2_SCALING_GROUPS,
+    blocks=QWEN2_BLOCKS,
 )

@@ -77,7 +77,7 @@ class GPTQ(LinearSolver):
         hessian = self.hessian_sum.mul_(2.0).div_(self.num_tokens.clamp_min(1)).float()
         self.hessian_sum = self.cross_sum = None
         return gptq_quantize(target, hessian, self.scheme, self.recipe.dampening, self.recipe.block_size,
-                             self.recipe.act_order, overwrite_hessian=True)
+                             self.recipe.act_order_resolved, overwrite_hessian=True)
 
 
 def _inverse_cholesky(hessian: torch.Tensor, dampening: float) -> torch.Tensor:
