@@ -127,6 +127,56 @@ def fp_view(layer: nn.Module) -> nn.Module:
     return copy.deepcopy(layer, memo)
 
 
+def _fp_outputs(layer: nn.Module, inputs: LayerInputs, fp_inputs: LayerInputs | None, device: torch.device):
+    """What the FP layer computes, taken before anything changes (so no FP copy of the layer is kept
+    through the solves; it would double a layer's host memory): its outputs on the quantized-path inputs
+    (the error report's reference) and on the FP-path inputs (the FP stream), both spillable."""
+    reference_outputs = activation_list(out.cpu() for _, out in run_layer(layer, inputs, device))
+    fp_outputs = None
+    if fp_inputs is inputs:  # exposure off: one stream, already computed
+        fp_outputs = LayerInputs(reference_outputs, fp_inputs.kwargs)
+    elif fp_inputs is not None:
+        fp_outputs = LayerInputs(activation_list(out.cpu() for _, out in run_layer(layer, fp_inputs, device)),
+                                 fp_inputs.kwargs)
+    return reference_outputs, fp_outputs
+
+
+def _observe(layer: nn.Module, index: int, inputs: LayerInputs, solvers: dict, linears: dict, device,
+             token_weights: TokenWeights | None, fp_scaled: nn.Module | None, fp_inputs: LayerInputs | None) -> None:
+    """Run the layer once, handing each observed Linear's input (and FP-path input) to its solver."""
+    observed = [name for name, s in solvers.items() if s.needs_inputs]
+    if not observed:
+        return
+    fp_linear_inputs = capture_linear_inputs(fp_scaled, observed, fp_inputs, device) if fp_scaled is not None else {}
+    observers = {name: _Observer(solvers[name], index, name, token_weights, fp_linear_inputs.get(name))
+                 for name in observed}
+
+    def set_sample(i: int) -> None:
+        for obs in observers.values():
+            obs.sample = i
+
+    handles = [linears[name].register_forward_pre_hook(obs) for name, obs in observers.items()]
+    try:
+        for _ in run_layer(layer, inputs, device, set_sample):
+            pass
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _propagate(layer: nn.Module, index: int, inputs: LayerInputs, reference_outputs, device):
+    """The quantized layer's outputs (the next layer's calibration inputs) and the squared error and norm
+    against the FP layer's outputs on the same inputs."""
+    outputs, error_sq, norm_sq = activation_list(), 0.0, 0.0
+    for i, out in run_layer(layer, inputs, device):
+        check_finite(out, f"after decoder layer {index}")
+        ref = reference_outputs[i].to(device)
+        error_sq += float((out.float() - ref.float()).pow(2).sum())
+        norm_sq += float(ref.float().pow(2).sum())
+        outputs.append(out.cpu())
+    return outputs, error_sq, norm_sq
+
+
 @torch.no_grad()
 def calibrate_layer(layer: nn.Module, index: int, inputs: LayerInputs, adapter: ModelAdapter, recipe: Recipe,
                     device: torch.device, token_weights: TokenWeights | None = None, prefix: str = "",
@@ -139,22 +189,12 @@ def calibrate_layer(layer: nn.Module, index: int, inputs: LayerInputs, adapter: 
     start = time.perf_counter()
     clock = PhaseClock(clock.show if clock is not None else None)
     scheme = recipe.resolved_scheme()
-    plan = recipe.plan()
-    make_solver = solver_factory(plan.solver)
+    make_solver = solver_factory(recipe.plan().solver)
     groups = adapter.linear_groups if recipe.true_sequential else (adapter.linear_names,)
-    # What the FP layer computes is taken before anything changes, so no FP copy of the layer is kept
-    # through the solves (it would double a layer's host memory): its outputs on the quantized-path
-    # inputs (the error report's reference) and on the FP-path inputs (the FP stream), both spillable.
     with clock("reference"):
-        reference_outputs = activation_list(out.cpu() for _, out in run_layer(layer, inputs, device))
-        fp_outputs = None
-        if fp_inputs is inputs:  # exposure off: one stream, already computed
-            fp_outputs = LayerInputs(reference_outputs, fp_inputs.kwargs)
-        elif fp_inputs is not None:
-            fp_outputs = LayerInputs(activation_list(out.cpu() for _, out in run_layer(layer, fp_inputs, device)),
-                                     fp_inputs.kwargs)
+        reference_outputs, fp_outputs = _fp_outputs(layer, inputs, fp_inputs, device)
     rescaled = []
-    if plan.transform is not None:
+    if recipe.plan().transform is not None:
         with clock("rescale"):
             rescaled = rescale_layer(layer, index, inputs, adapter, recipe, device, token_weights, fp_inputs, ranks)
     asymmetric = recipe.target == "asymmetric" and fp_inputs is not None and fp_inputs is not inputs
@@ -166,25 +206,8 @@ def calibrate_layer(layer: nn.Module, index: int, inputs: LayerInputs, adapter: 
     try:
         for group in groups:
             solvers = {name: make_solver(linears[name].weight.data, scheme, recipe) for name in group}
-            observed = [name for name, s in solvers.items() if s.needs_inputs]
             with clock("observe"):
-                if observed:
-                    fp_linear_inputs = capture_linear_inputs(fp_scaled, observed, fp_inputs, device) if asymmetric else {}
-                    observers = {name: _Observer(solvers[name], index, name, token_weights, fp_linear_inputs.get(name))
-                                 for name in observed}
-
-                    def set_sample(i: int) -> None:
-                        for obs in observers.values():
-                            obs.sample = i
-
-                    handles = [linears[name].register_forward_pre_hook(obs) for name, obs in observers.items()]
-                    try:
-                        for _ in run_layer(layer, inputs, device, set_sample):
-                            pass
-                    finally:
-                        for handle in handles:
-                            handle.remove()
-                    observers.clear()
+                _observe(layer, index, inputs, solvers, linears, device, token_weights, fp_scaled, fp_inputs)
             with clock("solve"):
                 solved = _solve_group(solvers, ranks)
             del solvers  # their statistics (Hessians) are no longer needed
@@ -194,15 +217,8 @@ def calibrate_layer(layer: nn.Module, index: int, inputs: LayerInputs, adapter: 
                 quantized[prefix + name] = QuantizedWeight(weight=linears[name].weight.data.cpu(),
                                                            scale=result.scale.cpu(), zero_point=result.zero_point.cpu())
             del solved
-        # Propagate: the quantized layer's outputs are the next layer's calibration inputs.
-        outputs, error_sq, norm_sq = activation_list(), 0.0, 0.0
         with clock("propagate"):
-            for i, out in run_layer(layer, inputs, device):
-                check_finite(out, f"after decoder layer {index}")
-                ref = reference_outputs[i].to(device)
-                error_sq += float((out.float() - ref.float()).pow(2).sum())
-                norm_sq += float(ref.float().pow(2).sum())
-                outputs.append(out.cpu())
+            outputs, error_sq, norm_sq = _propagate(layer, index, inputs, reference_outputs, device)
     finally:
         for handle in act_hooks:
             handle.remove()
@@ -211,6 +227,51 @@ def calibrate_layer(layer: nn.Module, index: int, inputs: LayerInputs, adapter: 
     report = LayerReport(index, (error_sq / max(norm_sq, 1e-30)) ** 0.5, time.perf_counter() - start, rescaled,
                          phases=clock.rounded())
     return quantized, LayerInputs(hidden=outputs, kwargs=inputs.kwargs), fp_outputs, report
+
+
+def _first_inputs(model, adapter: ModelAdapter, samples: list[Sample], recipe: Recipe, device, clock: PhaseClock):
+    """Layer 0's inputs captured from the model's own forward, and the FP-path stream when the recipe
+    keeps one (the asymmetric target; with exposure off it is the same stream)."""
+    with clock("capture"):
+        inputs = capture_layer_inputs(model, adapter, samples, device)
+    for hidden in inputs.hidden:
+        check_finite(hidden, "entering decoder layer 0")
+    return inputs, inputs if (recipe.target == "asymmetric" or not recipe.exposure) else None
+
+
+def _keep_layer(result: CalibrationResult, layers, work, clock: PhaseClock, layer: nn.Module, quantized: dict,
+                report: LayerReport, inputs: LayerInputs, fp_inputs: LayerInputs | None) -> None:
+    """Record a finished layer: in the result (resident layers), and in the work directory if any."""
+    if not layers.lazy:
+        result.quantized.update(quantized)
+    result.layers.append(report)
+    if work is not None:
+        with clock("save"):
+            work.save_layer(report.index, layer, quantized, dataclasses.asdict(report), inputs.hidden,
+                            fp_inputs.hidden if fp_inputs is not None and fp_inputs is not inputs else None)
+
+
+def _layer_done(report: LayerReport) -> None:
+    log.info("layer %d: relative output error %.5f (%.1f s)", report.index, report.relative_error, report.seconds)
+    faults.reached(f"layer-{report.index}-saved")
+
+
+def _restore_finished(work, layers, result: CalibrationResult, inputs: LayerInputs,
+                      fp_inputs: LayerInputs | None, recipe: Recipe):
+    """Layers finished before a crash are restored from the work directory, not recomputed; returns the
+    first layer to calibrate and its input streams."""
+    first = work.finished if work is not None else 0
+    for index in range(first):
+        quantized, report = work.load_layer(index, None if layers.lazy else layers.layers[index])
+        result.quantized.update(quantized)
+        result.layers.append(LayerReport(**{**report, "resumed": True}))
+    if first:
+        hidden, fp_hidden = work.load_inputs(first)
+        inputs = LayerInputs(activation_list(hidden), inputs.kwargs)
+        if fp_inputs is not None:
+            fp_inputs = LayerInputs(activation_list(fp_hidden), inputs.kwargs) if recipe.exposure else inputs
+        log.info("resumed from %s: layers 0..%d were finished", work.path, first - 1)
+    return first, inputs, fp_inputs
 
 
 @torch.no_grad()
@@ -233,26 +294,12 @@ def quantize_layers(model: nn.Module, adapter: ModelAdapter, samples: list[Sampl
     device = resolve_device(recipe.device)
     result = CalibrationResult()
     clock = PhaseClock()
-    with clock("capture"):
-        inputs = capture_layer_inputs(model, adapter, samples, device)
-    for hidden in inputs.hidden:
-        check_finite(hidden, "entering decoder layer 0")
-    fp_inputs = inputs if (recipe.target == "asymmetric" or not recipe.exposure) else None
+    inputs, fp_inputs = _first_inputs(model, adapter, samples, recipe, device, clock)
     layers = layers if layers is not None else ResidentLayers(model, adapter)
     if layers.lazy and work is None:
         raise ValueError("lazy layers need a work directory to keep the calibrated layers in")
     prefix = f"{adapter.decoder_layers}."
-    first = work.finished if work is not None else 0
-    for index in range(first):  # finished before a crash: restore, do not recompute
-        quantized, report = work.load_layer(index, None if layers.lazy else layers.layers[index])
-        result.quantized.update(quantized)
-        result.layers.append(LayerReport(**{**report, "resumed": True}))
-    if first:
-        hidden, fp_hidden = work.load_inputs(first)
-        inputs = LayerInputs(activation_list(hidden), inputs.kwargs)
-        if fp_inputs is not None:
-            fp_inputs = LayerInputs(activation_list(fp_hidden), inputs.kwargs) if recipe.exposure else inputs
-        log.info("resumed from %s: layers 0..%d were finished", work.path, first - 1)
+    first, inputs, fp_inputs = _restore_finished(work, layers, result, inputs, fp_inputs, recipe)
     bar = tqdm(range(first, len(layers)), desc=f"{recipe.method} {recipe.resolved_scheme().name}",
                disable=not progress or not ranks.main, initial=first, total=len(layers))
     clock.show = bar.set_postfix_str  # the bar says which phase of the layer is running
@@ -269,18 +316,11 @@ def quantize_layers(model: nn.Module, adapter: ModelAdapter, samples: list[Sampl
             inputs, fp_inputs = outputs, fp_outputs
         else:  # ablation: every layer calibrated on the FP model's activations
             inputs = fp_inputs = fp_outputs
-        if not layers.lazy:
-            result.quantized.update(quantized)
-        result.layers.append(report)
-        if work is not None:
-            with clock("save"):
-                work.save_layer(index, layer, quantized, dataclasses.asdict(report), inputs.hidden,
-                                fp_inputs.hidden if fp_inputs is not None and fp_inputs is not inputs else None)
+        _keep_layer(result, layers, work, clock, layer, quantized, report, inputs, fp_inputs)
         layers.release(index)
         del layer
         bar.set_postfix_str(f"rel_err={report.relative_error:.4f}")
-        log.info("layer %d: relative output error %.5f (%.1f s)", index, report.relative_error, report.seconds)
-        faults.reached(f"layer-{index}-saved")
+        _layer_done(report)
     result.seconds = time.perf_counter() - start
     result.phases = clock.rounded()
     return result

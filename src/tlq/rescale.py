@@ -161,23 +161,70 @@ def _subsample(x, target_x, weights, recipe: Recipe, index: int, ranks: Ranks):
             recipe.scale_max_tokens)
 
 
+@dataclass
+class _GroupContext:
+    """What every group's step of one layer shares."""
+
+    layer: nn.Module
+    index: int
+    recipe: Recipe
+    scheme: Scheme
+    device: torch.device
+    ranks: Ranks
+
+
+def _applicable_groups(layer: nn.Module, adapter: ModelAdapter, smoothquant: bool) -> list[ScalingGroup]:
+    groups = []
+    for group in adapter.scaling_groups:
+        source = layer.get_submodule(group.source)
+        if not group_applies(source, [layer.get_submodule(t) for t in group.targets]):
+            continue
+        if smoothquant and isinstance(source, nn.Linear):
+            continue  # SmoothQuant migrates into the norms only
+        groups.append(group)
+    return groups
+
+
+def _smooth_group(ctx: _GroupContext, group: ScalingGroup, x: torch.Tensor) -> dict:
+    """SmoothQuant: s = max|x|^a / max|W|^(1-a), folded in; no search."""
+    source, targets = ctx.layer.get_submodule(group.source), [ctx.layer.get_submodule(t) for t in group.targets]
+    x, _, _, tokens = _subsample(x, None, None, ctx.recipe, ctx.index, ctx.ranks)
+    apply_scales(source, targets, smoothquant_scales(x, targets, ctx.recipe.smooth_alpha, ctx.ranks))
+    return {"source": group.source, "alpha": ctx.recipe.smooth_alpha, "loss_ratio": None, "tokens": tokens}
+
+
+def _search_group(ctx: _GroupContext, group: ScalingGroup, data: _Captured, fp_data: _Captured | None,
+                  kept: list[torch.Tensor | None]) -> dict:
+    """The scale search on the block the group feeds, then the fold; returns the group's record."""
+    layer, recipe, device, ranks = ctx.layer, ctx.recipe, ctx.device, ctx.ranks
+    source, targets = layer.get_submodule(group.source), [layer.get_submodule(t) for t in group.targets]
+    weights = None if not kept or kept[0] is None else torch.cat(kept).to(device)
+    x = torch.cat(data.x).to(device)
+    magnitude = channel_magnitude(x, weights, ranks)
+    block = layer.get_submodule(group.block)
+    if group.mixes_tokens:
+        references = fp_data.outputs if fp_data is not None else data.outputs
+        items = [(args, kwargs, rows, ref, w) for (args, kwargs), rows, ref, w
+                 in zip(data.calls, data.rows, references, kept)]
+        tokens = sum(ranks.gather_objects(len(x)))
+    else:
+        target_x = torch.cat(fp_data.x).to(device) if fp_data is not None else None
+        x, target_x, weights, tokens = _subsample(x, target_x, weights, recipe, ctx.index, ranks)
+        items = _token_wise_items(block, x, target_x, weights)
+    objective = _BlockObjective(block, targets, items, ctx.scheme, recipe.scale_loss_resolved, device, ranks)
+    weight = weight_magnitude(targets, ctx.scheme.group_size) if recipe.scale_form != "activation" else None
+    scales, choice, ratio = search_scales(magnitude, objective, recipe.scale_grid, weight, recipe.scale_form)
+    apply_scales(source, targets, scales)
+    return {"source": group.source, "block": group.block, **choice, "loss_ratio": ratio, "tokens": tokens}
+
+
 @torch.no_grad()
 def rescale_layer(layer: nn.Module, index: int, inputs: LayerInputs, adapter: ModelAdapter, recipe: Recipe,
                   device: torch.device, token_weights=None, fp_inputs: LayerInputs | None = None,
                   ranks: Ranks = SINGLE) -> list[dict]:
     """Search (or compute) and fold the scales of every applicable group; returns one record per group."""
-    plan = recipe.plan()
-    scheme = recipe.resolved_scheme()
-    smoothquant = plan.transform == "smoothquant"
-    groups = []
-    for group in adapter.scaling_groups:
-        source = layer.get_submodule(group.source)
-        targets = [layer.get_submodule(t) for t in group.targets]
-        if not group_applies(source, targets):
-            continue
-        if smoothquant and isinstance(source, nn.Linear):
-            continue  # SmoothQuant migrates into the norms only
-        groups.append(group)
+    smoothquant = recipe.plan().transform == "smoothquant"
+    groups = _applicable_groups(layer, adapter, smoothquant)
     if not groups:
         return []
 
@@ -189,35 +236,14 @@ def rescale_layer(layer: nn.Module, index: int, inputs: LayerInputs, adapter: Mo
     fp_captured = None
     if recipe.target == "asymmetric" and fp_inputs is not None and fp_inputs is not inputs:
         fp_captured = _capture(layer, groups, fp_inputs, device, keep, with_blocks=not smoothquant)
+    ctx = _GroupContext(layer, index, recipe, recipe.resolved_scheme(), device, ranks)
     records = []
     for position, group in enumerate(groups):
-        source = layer.get_submodule(group.source)
-        targets = [layer.get_submodule(t) for t in group.targets]
-        data, fp_data = captured[position], fp_captured[position] if fp_captured is not None else None
+        if smoothquant:
+            records.append(_smooth_group(ctx, group, torch.cat(captured[position].x).to(device)))
+            continue
         per_sample = [_token_weights(token_weights, index, group, i) for i in range(len(inputs.hidden))]
         kept = [None if w is None else w[w > 0] for w in per_sample]
-        weights = None if not kept or kept[0] is None else torch.cat(kept).to(device)
-        x = torch.cat(data.x).to(device)
-        if smoothquant:
-            x, _, _, tokens = _subsample(x, None, None, recipe, index, ranks)
-            apply_scales(source, targets, smoothquant_scales(x, targets, recipe.smooth_alpha, ranks))
-            records.append({"source": group.source, "alpha": recipe.smooth_alpha, "loss_ratio": None, "tokens": tokens})
-            continue
-        magnitude = channel_magnitude(x, weights, ranks)
-        block = layer.get_submodule(group.block)
-        if group.mixes_tokens:
-            references = fp_data.outputs if fp_data is not None else data.outputs
-            items = [(args, kwargs, rows, ref, w) for (args, kwargs), rows, ref, w
-                     in zip(data.calls, data.rows, references, kept)]
-            tokens = sum(ranks.gather_objects(len(x)))
-        else:
-            target_x = torch.cat(fp_data.x).to(device) if fp_data is not None else None
-            x, target_x, weights, tokens = _subsample(x, target_x, weights, recipe, index, ranks)
-            items = _token_wise_items(block, x, target_x, weights)
-        objective = _BlockObjective(block, targets, items, scheme, recipe.scale_loss_resolved, device, ranks)
-        weight = weight_magnitude(targets, scheme.group_size) if recipe.scale_form != "activation" else None
-        scales, choice, ratio = search_scales(magnitude, objective, recipe.scale_grid, weight, recipe.scale_form)
-        apply_scales(source, targets, scales)
-        records.append({"source": group.source, "block": group.block, **choice, "loss_ratio": ratio,
-                        "tokens": tokens})
+        fp_data = fp_captured[position] if fp_captured is not None else None
+        records.append(_search_group(ctx, group, captured[position], fp_data, kept))
     return records
