@@ -46,6 +46,9 @@ LLMC_IGNORE = {"qwen2_vl": ["lm_head", "re:visual.*", "re:model.visual.*"],
                "llava_onevision": ["lm_head", "re:vision_tower.*", "re:model.vision_tower.*",
                                    "re:multi_modal_projector.*", "re:model.multi_modal_projector.*"]}
 BOOTSTRAP = 2000
+# tlq's implementation of each algorithm a peer also implements (the "same algorithm" column).
+SAME_ALGORITHM = {"gptq+act-order": "llmc:gptq", "awq": "llmc:awq", "awq_gptq": "llmc:awq_gptq",
+                  "smoothquant_gptq": "llmc:smoothquant_gptq"}
 
 
 def run_measured(cmd: list[str], log: Path) -> dict:
@@ -297,6 +300,10 @@ def add_verdicts(cells: dict) -> dict:
         best = min(others, key=lambda m: scored[m]["pooled"]["answer_kl"])
         interval = paired_bootstrap(cell["per_question"], scored[best]["per_question"])
         cell["versus_best_other"] = {"method": best, **interval, "verdict": verdict(interval)}
+        peer = SAME_ALGORITHM.get(method)
+        if peer in scored:
+            interval = paired_bootstrap(cell["per_question"], scored[peer]["per_question"])
+            cell["versus_peer_same_algorithm"] = {"method": peer, **interval, "verdict": verdict(interval)}
     return cells
 
 
@@ -316,19 +323,22 @@ def write(results: dict, out: Path) -> None:
     lines = [f"{results['model']}: FP accuracy {results['fp_accuracy']:.3f} on {results['questions']} held-out questions; "
              f"{results['num_samples']} calibration samples, seeds {results['seeds']}; symmetric weight grids.", "",
              "| scheme | method | accuracy | answer KL | vs best other (acc. diff 95% CI; KL ratio 95% CI) | verdict | "
-             "quantize wall s | peak RSS MiB |", "|---|---|---|---|---|---|---|---|"]
+             "vs the peer's same algorithm | quantize wall s | peak RSS MiB |", "|---|---|---|---|---|---|---|---|---|"]
     for scheme, cells in results["cells"].items():
         for method, cell in cells.items():
             if "skipped" in cell or "failed" in cell:
                 why = cell.get("skipped") or f"failed (exit {cell['failed']['exit']})"
-                lines.append(f"| {scheme} | {method} | n/a | n/a | {why} | | | |")
+                lines.append(f"| {scheme} | {method} | n/a | n/a | {why} | | | | |")
                 continue
             versus = cell.get("versus_best_other")
             vs = (f"{versus['method']}: [{versus['accuracy_diff'][0]:+.3f}, {versus['accuracy_diff'][1]:+.3f}]; "
                   f"[{versus['kl_ratio'][0]:.2f}, {versus['kl_ratio'][1]:.2f}]x") if versus else ""
+            same = cell.get("versus_peer_same_algorithm")
+            same_text = (f"{same['method']}: KL [{same['kl_ratio'][0]:.2f}, {same['kl_ratio'][1]:.2f}]x, {same['verdict']}"
+                         if same else "")
             kl = torch.tensor(cell["answer_kl"], dtype=torch.float64)
             lines.append(f"| {scheme} | {method} | {_mean_std(cell['accuracy'])} | {kl.mean():.2e} ± {kl.std(unbiased=False):.1e} "
-                         f"| {vs} | {versus['verdict'] if versus else ''} | {sum(cell['wall_seconds']) / len(cell['wall_seconds']):.1f} | "
+                         f"| {vs} | {versus['verdict'] if versus else ''} | {same_text} | {sum(cell['wall_seconds']) / len(cell['wall_seconds']):.1f} | "
                          f"{max(cell['peak_rss_mib']):.0f} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

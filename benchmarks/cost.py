@@ -1,0 +1,135 @@
+"""Calibration cost at real Qwen2-VL widths, tlq and llm-compressor side by side, one job at a time.
+
+    .venv/bin/python benchmarks/cost.py --shape 2b [--layers 28] [--samples 128] [--repeats 3] \
+        [--methods gptq,tlq,awq,llmc:gptq,llmc:awq_gptq] [--out benchmarks/results/cost]
+
+Builds a random-weight Qwen2VLForConditionalGeneration with the text widths of the published config
+(tests/fixtures/configs/qwen2-vl-{2b,7b}-instruct: hidden, MLP, heads, KV heads; `--layers` of them), a
+small vision tower (its cost is not what is compared) and the word-level reference tokenizer (so the
+LM head is small: the real 152k vocabulary would add to TLQ's gradient pass). Calibration records are
+`tlq synth --condition background` scenes: 256 image tokens plus a prompt and answer, ~280 tokens each.
+Every method quantizes the same samples (benchmarks/peers/samples.py) as a child process, measured by
+tlq.measure (wall, own peak RSS); tlq's runs also report their phase breakdown (tlq_recipe.json).
+Writes results.json and table.md (ratios to llm-compressor) under --out; say in the README whether the
+machine was idle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks" / "peers"))
+CONFIGS = {"2b": "qwen2-vl-2b-instruct", "7b": "qwen2-vl-7b-instruct"}
+
+
+def build_checkpoint(folder: Path, shape: str, layers: int) -> dict:
+    import torch
+
+    from tlq.data.synthetic import vocabulary
+    from tlq.reference.checkpoint import ModelSize, build_model_and_processor, save_checkpoint
+
+    config = json.loads((ROOT / "tests" / "fixtures" / "configs" / CONFIGS[shape] / "config.json").read_text())
+    text = config.get("text_config", config)
+    def value(key):
+        return text.get(key, config.get(key))
+    size = ModelSize(hidden=value("hidden_size"), intermediate=value("intermediate_size"), layers=layers,
+                     heads=value("num_attention_heads"), kv_heads=value("num_key_value_heads"),
+                     vision_hidden=64, vision_layers=1, vision_heads=2, patch=8, image_size=256)
+    torch.manual_seed(0)
+    model, processor = build_model_and_processor("qwen2_vl", vocabulary(), size, seed=0)
+    save_checkpoint(model, processor, folder)
+    return {"hidden": size.hidden, "intermediate": size.intermediate, "layers": layers, "heads": size.heads,
+            "kv_heads": size.kv_heads, "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def command(method: str, checkpoint: Path, data: Path, samples: Path, count: int, out: Path) -> list[str]:
+    from run import LLMC_IGNORE, LLMC_PYTHON
+
+    from tlq.recipe import parse_scheme
+
+    scheme = parse_scheme("W4A16")
+    if method.startswith("llmc:"):
+        return [str(LLMC_PYTHON), str(ROOT / "benchmarks/peers/llmc_quantize.py"), "--model", str(checkpoint),
+                "--samples", str(samples), "--recipe", method.split(":", 1)[1], "--scheme",
+                json.dumps(scheme.to_dict()), "--ignore", json.dumps(LLMC_IGNORE["qwen2_vl"]),
+                "--layer-class", "Qwen2VLDecoderLayer", "--out", str(out)]
+    return [sys.executable, "-m", "tlq", "quantize", str(checkpoint), "--out", str(out), "--calib",
+            str(data / "calib.json"), "--images", str(data), "--method", method, "--scheme", "W4A16",
+            "--num-samples", str(count), "--seed", "0", "--device", "cpu", "--quiet", "--no-resume", "--overwrite"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(CONFIGS), default="2b")
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the config's)")
+    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--methods", default="gptq,tlq,awq,llmc:gptq,llmc:awq_gptq")
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "cost")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cost")
+    args = parser.parse_args()
+    from samples import write_samples
+
+    from tlq.bench import run_measured
+    from tlq.data.synthetic import write_split
+
+    layers = args.layers or 28
+    work = args.work / f"{args.shape}-{layers}l"
+    checkpoint, data = work / "model", work / "data"
+    if not (checkpoint / "config.json").exists():
+        shape = build_checkpoint(checkpoint, args.shape, layers)
+        (work / "shape.json").write_text(json.dumps(shape))
+    shape = json.loads((work / "shape.json").read_text())
+    if not (data / "calib.json").exists():
+        write_split(data, max(args.samples, 128), seed=1, name="calib", condition="background")
+    samples = write_samples(str(checkpoint), str(data / "calib.json"), str(data), args.samples, 0,
+                            work / f"samples-{args.samples}.safetensors")
+    rows = []
+    for repeat in range(args.repeats):
+        for method in args.methods.split(","):
+            out = work / f"out-{method.replace(':', '-')}"
+            shutil.rmtree(out, ignore_errors=True)
+            measured = run_measured(command(method, checkpoint, data, samples, args.samples, out), method)
+            row = {"method": method, "repeat": repeat, **measured, "load_average": os.getloadavg()[0]}
+            recipe = out / "tlq_recipe.json"
+            if recipe.exists():
+                saved = json.loads(recipe.read_text())
+                row["phase_seconds"] = saved.get("phase_seconds")
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            shutil.rmtree(out, ignore_errors=True)
+    write(args, shape, rows)
+    return 0
+
+
+def write(args, shape: dict, rows: list[dict]) -> None:
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {"shape": args.shape, "model": shape, "samples": args.samples, "repeats": args.repeats,
+              "cpus": os.cpu_count(), "rows": rows}
+    (args.out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    wall = {m: statistics.median(r["wall_seconds"] for r in rows if r["method"] == m) for m in methods}
+    rss = {m: max(r["peak_rss_mib"] for r in rows if r["method"] == m) for m in methods}
+    peers = {"gptq": "llmc:gptq", "tlq": "llmc:awq_gptq", "awq": "llmc:awq_gptq"}
+    lines = [f"Qwen2-VL {args.shape} text widths (hidden {shape['hidden']}, MLP {shape['intermediate']}, "
+             f"{shape['layers']} layers), {args.samples} samples of ~280 tokens, W4A16, median of {args.repeats}; "
+             f"{os.cpu_count()} CPUs.", "",
+             "| method | wall s | peak RSS MiB | wall vs llm-compressor | RSS vs llm-compressor |", "|---|---|---|---|---|"]
+    for m in methods:
+        peer = peers.get(m)
+        ratio = f"{wall[m] / wall[peer]:.2f}x {peer}" if peer in wall else ""
+        rss_ratio = f"{rss[m] / rss[peer]:.2f}x" if peer in rss else ""
+        lines.append(f"| {m} | {wall[m]:.1f} | {rss[m]:.0f} | {ratio} | {rss_ratio} |")
+    (args.out / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
