@@ -218,10 +218,16 @@ def capture_linear_inputs(layer: nn.Module, names: list[str], inputs: LayerInput
         return record
 
     handles = [layer.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    run_with_hooks(layer, inputs, device, handles, lambda i: current.__setitem__(0, i))
+    return store
+
+
+def run_with_hooks(layer: nn.Module, inputs: LayerInputs, device: torch.device, handles: list,
+                   before_sample: Callable[[int], None] | None = None) -> None:
+    """Run `layer` over every sample for its hooks' side effects, then remove the hooks (also on error)."""
     try:
-        for _ in run_layer(layer, inputs, device, lambda i: current.__setitem__(0, i)):
+        for _ in run_layer(layer, inputs, device, before_sample):
             pass
     finally:
         for handle in handles:
             handle.remove()
-    return store

@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from tlq.activations import (LayerInputs, activation_list, capture_layer_inputs, capture_linear_inputs, check_finite,
-                             install_activation_quant, resolve_device, run_layer)
+                             install_activation_quant, resolve_device, run_layer,
+                             run_with_hooks)
 from tlq import faults
 from tlq.data import Sample
 from tlq.distributed import SINGLE, Ranks
@@ -156,12 +157,7 @@ def _observe(layer: nn.Module, index: int, inputs: LayerInputs, solvers: dict, l
             obs.sample = i
 
     handles = [linears[name].register_forward_pre_hook(obs) for name, obs in observers.items()]
-    try:
-        for _ in run_layer(layer, inputs, device, set_sample):
-            pass
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_with_hooks(layer, inputs, device, handles, set_sample)
 
 
 def _propagate(layer: nn.Module, index: int, inputs: LayerInputs, reference_outputs, device):

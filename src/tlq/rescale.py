@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from tlq.activations import LayerInputs, layer_output, run_layer, to_device
+from tlq.activations import LayerInputs, layer_output, run_with_hooks, to_device
 from tlq.distributed import SINGLE, Ranks
 from tlq.models import ModelAdapter, ScalingGroup
 from tlq.quant.primitives import fake_quant_activation, fake_quant_weight
@@ -78,12 +78,7 @@ def _capture(layer: nn.Module, groups: list[ScalingGroup], inputs: LayerInputs, 
             block = layer.get_submodule(group.block)
             hooks.append(block.register_forward_pre_hook(block_call, with_kwargs=True))
             hooks.append(block.register_forward_hook(block_output))
-    try:
-        for _ in run_layer(layer, inputs, device, lambda i: current.__setitem__(0, i)):
-            pass
-    finally:
-        for handle in hooks:
-            handle.remove()
+    run_with_hooks(layer, inputs, device, hooks, lambda i: current.__setitem__(0, i))
     return store
 
 
