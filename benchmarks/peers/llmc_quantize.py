@@ -45,10 +45,31 @@ def _config_groups(scheme: dict) -> dict:
     return {"group_0": group}
 
 
-def _recipe(name: str, scheme: dict, ignore: list[str]) -> list:
+def _scoped_mappings(scope: str | None):
+    """llm-compressor's default AWQ and SmoothQuant mappings, limited to modules under `scope` (a regex).
+
+    Its defaults match `.*q_proj$` anywhere; in LLaVA-OneVision the SigLIP tower has q/k/v_proj too, and
+    AWQ then stops ("AWQ needs to match a single smoothlayer for each mapping"). The same mappings limited
+    to the language model are what a user of that model has to pass. None keeps the defaults."""
+    if scope is None:
+        return None, None
+    from llmcompressor.modifiers.transform.awq.mappings import AWQMapping, default_mappings
+    from llmcompressor.modifiers.transform.smoothquant.utils import DEFAULT_SMOOTHQUANT_MAPPINGS
+
+    def scoped(pattern: str) -> str:
+        return f"re:{scope}{pattern[3:]}" if pattern.startswith("re:.*") else pattern
+
+    awq = [AWQMapping(scoped(m.smooth_layer), [scoped(b) for b in m.balance_layers]) for m in default_mappings]
+    smooth = [[[scoped(b) for b in m.balance_layers], scoped(m.smooth_layers)] for m in DEFAULT_SMOOTHQUANT_MAPPINGS]
+    return awq, smooth
+
+
+def _recipe(name: str, scheme: dict, ignore: list[str], scope: str | None = None) -> list:
     from llmcompressor.modifiers.transform.awq import AWQModifier  # the transform; the old path is a shim
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
     from llmcompressor.modifiers.transform import SmoothQuantModifier
+
+    awq_mappings, smooth_mappings = _scoped_mappings(scope)
 
     # Each modifier gets its own config dict: a modifier's validation may consume the one it is given.
     def gptq():
@@ -56,9 +77,10 @@ def _recipe(name: str, scheme: dict, ignore: list[str]) -> list:
 
     recipes = {
         "gptq": lambda: [gptq()],
-        "awq": lambda: [AWQModifier(), QuantizationModifier(config_groups=_config_groups(scheme), ignore=list(ignore))],
-        "awq_gptq": lambda: [AWQModifier(), gptq()],
-        "smoothquant_gptq": lambda: [SmoothQuantModifier(smoothing_strength=0.8), gptq()],
+        "awq": lambda: [AWQModifier(mappings=awq_mappings),
+                        QuantizationModifier(config_groups=_config_groups(scheme), ignore=list(ignore))],
+        "awq_gptq": lambda: [AWQModifier(mappings=awq_mappings), gptq()],
+        "smoothquant_gptq": lambda: [SmoothQuantModifier(smoothing_strength=0.8, mappings=smooth_mappings), gptq()],
     }
     if name not in recipes:
         raise SystemExit(f"unknown recipe {name!r}: use one of {sorted(recipes)}")
@@ -87,6 +109,8 @@ def main() -> int:
     parser.add_argument("--scheme", required=True, help="tlq's Scheme.to_dict() as JSON")
     parser.add_argument("--ignore", required=True, help="JSON list of llm-compressor ignore entries")
     parser.add_argument("--layer-class", required=True, help="the decoder layer class (sequential target)")
+    parser.add_argument("--scope", default=None,
+                        help="regex prefix limiting AWQ/SmoothQuant mappings to the language model (LLaVA-OneVision)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -102,12 +126,12 @@ def main() -> int:
     # llm-compressor wants a processor whenever data is given; the samples are already rendered, so the
     # tokenizer stands in (the full processor needs torchvision for its video part).
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
-    oneshot(model=model, processor=tokenizer, dataset=loader, recipe=_recipe(args.recipe, scheme, ignore),
+    oneshot(model=model, processor=tokenizer, dataset=loader, recipe=_recipe(args.recipe, scheme, ignore, args.scope),
             num_calibration_samples=len(loader.dataset), sequential_targets=[args.layer_class])
     out = Path(args.out)
     model.save_pretrained(out, save_compressed=True)
     (out / "peer.json").write_text(json.dumps({
-        "peer": "llm-compressor", "recipe": args.recipe, "scheme": scheme, "ignore": ignore,
+        "peer": "llm-compressor", "recipe": args.recipe, "scheme": scheme, "ignore": ignore, "scope": args.scope,
         "versions": {"llmcompressor": llmcompressor.__version__, "transformers": transformers.__version__,
                      "compressed-tensors": compressed_tensors.__version__, "torch": torch.__version__}},
         indent=1) + "\n")

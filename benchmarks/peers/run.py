@@ -45,6 +45,9 @@ LLMC_IGNORE = {"qwen2_vl": ["lm_head", "re:visual.*", "re:model.visual.*"],
                "qwen2_5_vl": ["lm_head", "re:visual.*", "re:model.visual.*"],
                "llava_onevision": ["lm_head", "re:vision_tower.*", "re:model.vision_tower.*",
                                    "re:multi_modal_projector.*", "re:model.multi_modal_projector.*"]}
+# Families whose vision tower reuses the decoder's module names: llm-compressor's AWQ / SmoothQuant
+# mappings must be limited to the language model (benchmarks/peers/llmc_quantize.py --scope).
+LLMC_SCOPE = {"llava_onevision": r".*language_model\."}
 BOOTSTRAP = 2000
 # tlq's implementation of each algorithm a peer also implements (the "same algorithm" column).
 SAME_ALGORITHM = {"gptq+act-order": "llmc:gptq", "awq": "llmc:awq", "awq_gptq": "llmc:awq_gptq",
@@ -96,7 +99,8 @@ def quantize_command(method: str, args, scheme, seed: int, samples: Path, family
     if method.startswith("llmc:"):
         return [str(LLMC_PYTHON), "benchmarks/peers/llmc_quantize.py", "--model", args.model, "--samples", str(samples),
                 "--recipe", method.split(":", 1)[1], "--scheme", json.dumps(scheme.to_dict()),
-                "--ignore", json.dumps(LLMC_IGNORE[family]), "--layer-class", layer_class, "--out", str(out)]
+                "--ignore", json.dumps(LLMC_IGNORE[family]), "--layer-class", layer_class, "--out", str(out)] + (
+                    ["--scope", LLMC_SCOPE[family]] if family in LLMC_SCOPE else [])
     name, *options = method.split("+")
     cmd = [str(ROOT / ".venv" / "bin" / "tlq"), "quantize", args.model, "--calib", args.calib, "--images", args.images,
            "--method", name, "--scheme", args.scheme_names[scheme.name], "--num-samples", str(args.num_samples),
@@ -116,6 +120,12 @@ def finish_peer_output(out: Path, model: str) -> None:
     config = json.loads(config_path.read_text())
     ignore = config["quantization_config"].get("ignore", [])
     extra = [f"model.{e}" for e in ignore if not e.startswith(("re:", "model.", "lm_head")) and f"model.{e}" not in ignore]
+    # LLaVA-OneVision's tower is stored as vision_tower.vision_model.* but loaded as model.vision_tower.*:
+    # no prefix maps one onto the other, so each ignored subtree also gets a pattern (as tlq writes).
+    heads = [e for e in ignore if e.split(".")[-1] == "lm_head"]  # stored as language_model.lm_head in LLaVA
+    extra += ["lm_head"] if heads and "lm_head" not in ignore else []
+    roots = sorted({e.split(".")[0] for e in ignore if not e.startswith(("re:", "model.")) and e not in heads})
+    extra += [f"re:(.*\\.)?{root}\\..*" for root in roots if f"re:(.*\\.)?{root}\\..*" not in ignore]
     config["quantization_config"]["ignore"] = ignore + extra
     config_path.write_text(json.dumps(config, indent=2) + "\n")
 
