@@ -351,7 +351,46 @@ def write(results: dict, out: Path) -> None:
                          f"| {vs} | {versus['verdict'] if versus else ''} | {same_text} | {sum(cell['wall_seconds']) / len(cell['wall_seconds']):.1f} | "
                          f"{max(cell['peak_rss_mib']):.0f} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
+    chart(results, out / "chart.png")
     print("\n".join(lines))
+
+
+def chart(results: dict, path: Path) -> None:
+    """Accuracy and answer KL (log scale) of every method per scheme, coloured by tool; whiskers: min-max over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"tlq": "#1f77b4", "llmc": "#ff7f0e", "autoround": "#2ca02c"}
+    schemes = list(results["cells"])
+    fig, axes = plt.subplots(len(schemes), 2, figsize=(11, 0.45 * max(len(c) for c in results["cells"].values()) * len(schemes) + 1.5),
+                             squeeze=False)
+    for row, scheme in enumerate(schemes):
+        cells = {m: c for m, c in results["cells"][scheme].items() if "accuracy" in c}
+        names = list(cells)
+        tool = ["autoround" if m == "autoround" else "llmc" if m.startswith("llmc:") else "tlq" for m in names]
+        for column, metric in enumerate(("accuracy", "answer_kl")):
+            ax = axes[row, column]
+            values = [cells[m][metric] for m in names]
+            means = [sum(v) / len(v) for v in values]
+            low = [max(0.0, m - min(v)) for m, v in zip(means, values)]
+            high = [max(0.0, max(v) - m) for m, v in zip(means, values)]
+            ax.barh(range(len(names)), means, xerr=[low, high], color=[colors[t] for t in tool])
+            ax.set_yticks(range(len(names)), names, fontsize=8)
+            ax.invert_yaxis()
+            if metric == "answer_kl":
+                ax.set_xscale("log")
+                ax.set_xlabel("answer KL to FP (lower is better)")
+            else:
+                ax.axvline(results["fp_accuracy"], color="gray", linestyle="--", linewidth=1)
+                ax.set_xlabel("exact-match accuracy (dashed: FP)")
+            ax.set_title(f"{scheme}", fontsize=9)
+    fig.suptitle(f"{Path(results['model']).name}: tlq (blue), llm-compressor (orange), AutoRound (green); "
+                 f"{len(results['seeds'])} seeds, {results['questions']} questions", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
