@@ -105,7 +105,7 @@ def main() -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
             shutil.rmtree(out, ignore_errors=True)
-    write(args, shape, rows)
+            write(args, shape, rows)  # after every job, so an interrupted run keeps what it measured
     return 0
 
 
@@ -116,17 +116,19 @@ def write(args, shape: dict, rows: list[dict]) -> None:
     (args.out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
     methods = list(dict.fromkeys(r["method"] for r in rows))
     wall = {m: statistics.median(r["wall_seconds"] for r in rows if r["method"] == m) for m in methods}
+    repeats = {m: sum(r["method"] == m for r in rows) for m in methods}
     rss = {m: max(r["peak_rss_mib"] for r in rows if r["method"] == m) for m in methods}
     peers = {"gptq": "llmc:gptq", "tlq": "llmc:awq_gptq", "awq": "llmc:awq_gptq"}
     lines = [f"Qwen2-VL {args.shape} text widths (hidden {shape['hidden']}, MLP {shape['intermediate']}, "
-             f"{shape['layers']} layers), {args.samples} samples of ~280 tokens, W4A16, median of {args.repeats}; "
+             f"{shape['layers']} layers), {args.samples} samples of ~280 tokens, W4A16, median of the repeats run; "
              f"{os.cpu_count()} CPUs.", "",
-             "| method | wall s | peak RSS MiB | wall vs llm-compressor | RSS vs llm-compressor |", "|---|---|---|---|---|"]
+             "| method | repeats | wall s | peak RSS MiB | wall vs llm-compressor | RSS vs llm-compressor |",
+             "|---|---|---|---|---|---|"]
     for m in methods:
         peer = peers.get(m)
         ratio = f"{wall[m] / wall[peer]:.2f}x {peer}" if peer in wall else ""
         rss_ratio = f"{rss[m] / rss[peer]:.2f}x" if peer in rss else ""
-        lines.append(f"| {m} | {wall[m]:.1f} | {rss[m]:.0f} | {ratio} | {rss_ratio} |")
+        lines.append(f"| {m} | {repeats[m]} | {wall[m]:.1f} | {rss[m]:.0f} | {ratio} | {rss_ratio} |")
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
