@@ -129,6 +129,15 @@ def write(args, shape: dict, rows: list[dict]) -> None:
         ratio = f"{wall[m] / wall[peer]:.2f}x {peer}" if peer in wall else ""
         rss_ratio = f"{rss[m] / rss[peer]:.2f}x" if peer in rss else ""
         lines.append(f"| {m} | {repeats[m]} | {wall[m]:.1f} | {rss[m]:.0f} | {ratio} | {rss_ratio} |")
+    phases = ["load", "samples", "capture", "importance", "reference", "rescale", "observe", "solve", "propagate",
+              "save", "export"]
+    lines += ["", "Where tlq's time goes (seconds, median over repeats; tlq_recipe.json phase_seconds):", "",
+              "| method | " + " | ".join(phases) + " |", "|---|" + "---|" * len(phases)]
+    for m in methods:
+        timed = [r["phase_seconds"] for r in rows if r["method"] == m and r.get("phase_seconds")]
+        if timed:
+            cells = [f"{statistics.median(t.get(p, 0.0) for t in timed):.1f}" for p in phases]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
