@@ -50,16 +50,12 @@ def build_checkpoint(folder: Path, shape: str, layers: int) -> dict:
 
 
 def command(method: str, checkpoint: Path, data: Path, samples: Path, count: int, out: Path) -> list[str]:
-    from run import LLMC_IGNORE, LLMC_PYTHON
+    from run import llmc_command
 
     from tlq.recipe import parse_scheme
 
-    scheme = parse_scheme("W4A16")
     if method.startswith("llmc:"):
-        return [str(LLMC_PYTHON), str(ROOT / "benchmarks/peers/llmc_quantize.py"), "--model", str(checkpoint),
-                "--samples", str(samples), "--recipe", method.split(":", 1)[1], "--scheme",
-                json.dumps(scheme.to_dict()), "--ignore", json.dumps(LLMC_IGNORE["qwen2_vl"]),
-                "--layer-class", "Qwen2VLDecoderLayer", "--out", str(out)]
+        return llmc_command(method, str(checkpoint), samples, parse_scheme("W4A16"), "qwen2_vl", "Qwen2VLDecoderLayer", out)
     return [sys.executable, "-m", "tlq", "quantize", str(checkpoint), "--out", str(out), "--calib",
             str(data / "calib.json"), "--images", str(data), "--method", method, "--scheme", "W4A16",
             "--num-samples", str(count), "--seed", "0", "--device", "cpu", "--quiet", "--no-resume", "--overwrite"]

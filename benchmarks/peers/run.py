@@ -86,9 +86,21 @@ def applies(method: str, scheme) -> str | None:
             return "AWQ recipes are weight-only in llm-compressor's documentation"
         if need == "activations" and not scheme.quantizes_activations:
             return "SmoothQuant migrates activation outliers: W*A8 only"
-    elif method == "smoothquant" and not scheme.quantizes_activations:
+        return None
+    from tlq.recipe import BASELINE_PLANS  # tlq's own rule, decided by the method's plan
+
+    plan = BASELINE_PLANS.get(method.split("+", 1)[0])
+    if plan is not None and plan.needs_activation_scheme and not scheme.quantizes_activations:
         return "SmoothQuant migrates activation outliers: W*A8 only"
     return None
+
+
+def llmc_command(method: str, model: str, samples: Path, scheme, family: str, layer_class: str, out: Path) -> list[str]:
+    """The llm-compressor run of `method` ("llmc:<recipe>") in its venv, on tlq's samples."""
+    return [str(LLMC_PYTHON), str(ROOT / "benchmarks/peers/llmc_quantize.py"), "--model", str(model),
+            "--samples", str(samples), "--recipe", method.split(":", 1)[1], "--scheme", json.dumps(scheme.to_dict()),
+            "--ignore", json.dumps(LLMC_IGNORE[family]), "--layer-class", layer_class, "--out", str(out)] + (
+                ["--scope", LLMC_SCOPE[family]] if family in LLMC_SCOPE else [])
 
 
 def quantize_command(method: str, args, scheme, seed: int, samples: Path, family: str, layer_class: str,
@@ -97,10 +109,7 @@ def quantize_command(method: str, args, scheme, seed: int, samples: Path, family
         return [str(AUTOROUND_PYTHON), "benchmarks/peers/autoround_quantize.py", "--model", args.model,
                 "--samples", str(samples), "--scheme", json.dumps(scheme.to_dict()), "--out", str(out)]
     if method.startswith("llmc:"):
-        return [str(LLMC_PYTHON), "benchmarks/peers/llmc_quantize.py", "--model", args.model, "--samples", str(samples),
-                "--recipe", method.split(":", 1)[1], "--scheme", json.dumps(scheme.to_dict()),
-                "--ignore", json.dumps(LLMC_IGNORE[family]), "--layer-class", layer_class, "--out", str(out)] + (
-                    ["--scope", LLMC_SCOPE[family]] if family in LLMC_SCOPE else [])
+        return llmc_command(method, args.model, samples, scheme, family, layer_class, out)
     name, *options = method.split("+")
     cmd = [str(ROOT / ".venv" / "bin" / "tlq"), "quantize", args.model, "--calib", args.calib, "--images", args.images,
            "--method", name, "--scheme", args.scheme_names[scheme.name], "--num-samples", str(args.num_samples),
