@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tlq.distributed import Ranks
+from tlq.distributed import Ranks, samples_per_chunk
 from tlq.importance import TokenImportance
 
 WORLD_SIZES = (1, 2, 3)
@@ -45,6 +45,14 @@ def _max_relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tens
 def test_shards_are_contiguous_and_balanced():
     shards = [list(Ranks(rank=r, size=3).shard(8)) for r in range(3)]
     assert shards == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    # In whole chunks of consecutive samples (so every rank count forms the same solver products)...
+    chunk = samples_per_chunk(100)
+    assert chunk == 6
+    shards = [Ranks(rank=r, size=3).shard(100) for r in range(3)]
+    assert [s.start for s in shards] == [0, 36, 72] and shards[-1].stop == 100
+    # ...unless there are fewer chunks than ranks: then one sample at a time.
+    shards = [Ranks(rank=r, size=20).shard(100) for r in range(20)]
+    assert [len(s) for s in shards] == [5] * 20 and shards[-1].stop == 100
     owners = Ranks(rank=0, size=2).owners([9.0, 1.0, 1.0, 4.0, 4.0])
     loads = [sum(c for c, o in zip([9.0, 1.0, 1.0, 4.0, 4.0], owners) if o == r) for r in range(2)]
     assert sorted(loads) == [9.0, 10.0]
@@ -65,6 +73,24 @@ def test_quantized_weights_do_not_depend_on_world_size(method, scheme, tiny_chec
         assert not (tmp_path / f"out{world}.tlq-work").exists()
     for world in WORLD_SIZES[1:]:
         assert _max_relative_difference(outputs[1], outputs[world]) <= 1e-5, world
+
+
+def test_chunked_statistics_do_not_depend_on_world_size(tiny_checkpoints, tmp_path):
+    """32 samples: the solvers take them two at a time, and 1 and 3 ranks form the same chunks."""
+    from tlq.data.synthetic import SceneConfig, write_split
+
+    assert samples_per_chunk(32) == 2
+    folder = tmp_path / "calib"
+    path = write_split(folder, 32, seed=5, config=SceneConfig(grid=4, scene=3, questions_per_image=1), name="calib")
+    outputs = {}
+    for world in (1, 3):
+        out = tmp_path / f"out{world}"
+        run = _torchrun(world, ["quantize", str(tiny_checkpoints["qwen2_vl"]), "--out", str(out), "--calib",
+                                str(path), "--images", str(folder), "--method", "gptq", "--scheme", "W4A16-g32",
+                                "--num-samples", "32", "--quiet"])
+        assert run.returncode == 0, run.stderr[-2000:]
+        outputs[world] = load_file(str(out / "model.safetensors"))
+    assert _max_relative_difference(outputs[1], outputs[3]) <= 1e-5
 
 
 def test_importance_does_not_depend_on_world_size(tiny_checkpoints, calib_split, tmp_path):

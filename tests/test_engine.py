@@ -107,3 +107,46 @@ def test_calibration_never_writes_into_the_fp_layer_tensors(tiny_checkpoints, ca
         expected = [out for _, out in run_layer(reference, fp_inputs, device)]
     for got, want in zip(fp_outputs.hidden, expected):
         assert torch.equal(got, want)
+
+
+def test_chunked_observation_gives_the_per_sample_hessian():
+    """The observer hands `chunk` samples to the solver at once (the last chunk may be short); the
+    Hessian and token count match handing them over one by one, token weights included."""
+    from types import SimpleNamespace
+
+    from tlq.engine import _Observer
+    from tlq.quant.gptq import GPTQ
+
+    recipe = Recipe(scheme="W4A16-g32")
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(1, 5 + i, 64, generator=g) for i in range(7)]
+    weights = [torch.rand(5 + i, generator=g) for i in range(7)]
+    hessians = []
+    for chunk in (1, 3):
+        solver = GPTQ(torch.randn(16, 64, generator=g), recipe.resolved_scheme(), recipe)
+        run = SimpleNamespace(index=0, token_weights=lambda layer, name, sample: weights[sample], chunk=chunk)
+        observer = _Observer(solver, run, "q_proj", None, None)
+        for i, x in enumerate(xs):
+            observer.sample = i
+            observer(None, (x,))
+        observer.flush()
+        hessians.append((solver.hessian(), float(solver.num_tokens)))
+    assert hessians[0][1] == hessians[1][1] == sum(x.shape[1] for x in xs)
+    assert torch.allclose(hessians[0][0], hessians[1][0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("scheme", ["W4A16-g32", "W4A8"])
+def test_gptq_runs_the_whole_layer_twice_per_sample(tiny_checkpoints, calib_split, scheme):
+    """Plain GPTQ: the FP reference pass also observes the first Linear group, and each later group's
+    pass stops at its last Linear, so the layer's last Linear runs once for the reference and once to
+    propagate; the weights are the same as with every pass run to the end (the golden digests)."""
+    recipe = Recipe(method="gptq", scheme=scheme, num_samples=4)
+    model, adapter, samples = _setup(tiny_checkpoints["qwen2_vl"], calib_split, recipe)
+    inputs = capture_layer_inputs(model, adapter, samples, torch.device("cpu"))
+    layer = adapter.layers(model)[0]
+    calls = []
+    last = layer.get_submodule(adapter.linear_groups[-1][-1])
+    handle = last.register_forward_hook(lambda module, args, output: calls.append(1))
+    calibrate_layer(layer, 0, inputs, adapter, recipe, torch.device("cpu"))
+    handle.remove()
+    assert len(calls) == 2 * len(samples)

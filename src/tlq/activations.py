@@ -217,17 +217,54 @@ def capture_linear_inputs(layer: nn.Module, names: list[str], inputs: LayerInput
 
         return record
 
-    handles = [layer.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
-    run_with_hooks(layer, inputs, device, handles, lambda i: current.__setitem__(0, i))
+    modules = [layer.get_submodule(n) for n in names]
+    handles = [module.register_forward_pre_hook(hook(n)) for n, module in zip(names, modules)]
+    run_with_hooks(layer, inputs, device, handles, lambda i: current.__setitem__(0, i), stop_after=modules)
     return store
 
 
+class _StopForward(Exception):
+    pass
+
+
+class _Stopper:
+    """Ends a sample's forward once every module in `modules` has been called (its inputs seen): the rest
+    of the layer would compute outputs nobody reads. A module never called (an unrouted MoE expert)
+    just lets the forward run to the end."""
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        self.all = {id(m) for m in modules}
+        self.pending: set[int] = set()
+        self.handles = [m.register_forward_pre_hook(self._seen) for m in modules]
+
+    def _seen(self, module: nn.Module, args: tuple) -> None:
+        self.pending.discard(id(module))
+        if not self.pending:
+            raise _StopForward
+
+    def reset(self) -> None:
+        self.pending = set(self.all)
+
+
 def run_with_hooks(layer: nn.Module, inputs: LayerInputs, device: torch.device, handles: list,
-                   before_sample: Callable[[int], None] | None = None) -> None:
-    """Run `layer` over every sample for its hooks' side effects, then remove the hooks (also on error)."""
+                   before_sample: Callable[[int], None] | None = None, stop_after: list[nn.Module] = ()) -> None:
+    """Run `layer` over every sample for its hooks' side effects, then remove the hooks (also on error).
+
+    With `stop_after`, each sample's forward stops once those modules have been called; their hooks in
+    `handles` (registered earlier, so run first) have seen their inputs by then.
+    """
+    stopper = _Stopper(list(stop_after)) if stop_after else None
+    handles = list(handles) + (stopper.handles if stopper is not None else [])
     try:
-        for _ in run_layer(layer, inputs, device, before_sample):
-            pass
+        for i, (hidden, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs)):
+            if before_sample is not None:
+                before_sample(i)
+            if stopper is not None:
+                stopper.reset()
+            try:
+                layer(hidden.to(device), **to_device(kwargs, device))
+            except _StopForward:
+                pass
     finally:
         for handle in handles:
             handle.remove()

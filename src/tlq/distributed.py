@@ -29,6 +29,13 @@ T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 1800.0
 
 
+def samples_per_chunk(count: int) -> int:
+    """How many consecutive calibration samples a solver takes as one product (tlq.engine._Observer):
+    up to 8, keeping at least 16 chunks so that up to 16 ranks each get whole chunks. The statistics
+    then do not depend on the number of ranks, as with one product per sample."""
+    return max(1, min(8, count // 16))
+
+
 @dataclass
 class Ranks:
     """This process's place among the calibration ranks, and the collectives the algorithms use."""
@@ -48,10 +55,16 @@ class Ranks:
         return self.size > 1
 
     def shard(self, count: int) -> range:
-        """This rank's contiguous share of `count` items (sizes differ by at most one)."""
-        base, extra = divmod(count, self.size)
+        """This rank's contiguous share of `count` items, in whole chunks (samples_per_chunk) while every
+        rank can get one; share sizes in chunks differ by at most one."""
+        unit = samples_per_chunk(count)
+        if -(-count // unit) < self.size:
+            unit = 1
+        units = -(-count // unit)
+        base, extra = divmod(units, self.size)
         start = self.rank * base + min(self.rank, extra)
-        return range(start, start + base + (1 if self.rank < extra else 0))
+        stop = start + base + (1 if self.rank < extra else 0)
+        return range(min(count, start * unit), min(count, stop * unit))
 
     def owners(self, costs: list[float]) -> list[int]:
         """Owner rank of each job: largest first onto the least loaded rank (same answer on every rank)."""

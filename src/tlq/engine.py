@@ -37,11 +37,12 @@ from tlq.activations import (LayerInputs, activation_list, capture_layer_inputs,
                              run_with_hooks)
 from tlq import faults
 from tlq.data import Sample
-from tlq.distributed import SINGLE, Ranks
+from tlq.distributed import SINGLE, Ranks, samples_per_chunk
 from tlq.errors import TlqError
+from tlq.measure import return_freed_memory
 from tlq.models import ModelAdapter
 from tlq.phases import PhaseClock
-from tlq.quant import QuantizedWeight, solver_factory
+from tlq.quant import QuantizedWeight, fake_quant_activation, solver_factory
 from tlq.recipe import Recipe
 from tlq.rescale import rescale_layer
 
@@ -74,6 +75,7 @@ def _solve_group(solvers: dict, ranks: Ranks) -> dict[str, QuantizedWeight]:
         reduced = [ranks.sum_to(t, owners[name]) for t in solvers[name].statistics()]
         if owners[name] == ranks.rank:
             solvers[name].load_statistics(reduced)
+        del reduced  # the solver owns the sums now (its solve frees them)
     results = {name: _solve(name, solvers[name]) for name in names if owners.get(name, ranks.rank) == ranks.rank}
     for name in shared:
         owner = owners[name]
@@ -101,19 +103,46 @@ class CalibrationResult:
 
 
 class _Observer:
-    """Forward pre-hook that hands a Linear's (possibly activation-quantized) input to its solver."""
+    """Forward pre-hook that hands a Linear's (possibly activation-quantized) input to its solver.
 
-    def __init__(self, solver, layer_index: int, name: str, token_weights: TokenWeights | None,
-                 fp_inputs: list[torch.Tensor] | None) -> None:
-        self.solver, self.layer_index, self.name = solver, layer_index, name
-        self.token_weights, self.fp_inputs = token_weights, fp_inputs
+    Consecutive samples are handed over `chunk` at a time (one product per chunk is far cheaper for
+    GPTQ's wide Hessians than one per sample); rank shards start at chunk boundaries
+    (tlq.distributed.samples_per_chunk), so every rank count forms the same chunks.
+    """
+
+    def __init__(self, solver, run: "_LayerRun", name: str, fp_inputs: list[torch.Tensor] | None,
+                 act_bits: int | None) -> None:
+        self.solver, self.layer_index, self.name = solver, run.index, name
+        self.token_weights, self.fp_inputs, self.chunk = run.token_weights, fp_inputs, run.chunk
+        self.act_bits = act_bits  # fake-quantize the input for the solver only (the forward stays FP)
         self.sample = 0
+        self.pending: list[tuple] = []
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
-        x = args[0]
+        x = args[0].reshape(-1, args[0].shape[-1])
+        if self.act_bits is not None:
+            x = fake_quant_activation(x, self.act_bits)
         weights = self.token_weights(self.layer_index, self.name, self.sample) if self.token_weights else None
         target = self.fp_inputs[self.sample].to(x.device) if self.fp_inputs is not None else None
-        self.solver.observe(x, None if weights is None else weights.to(x.device), target)
+        self.pending.append((x, None if weights is None else weights.reshape(-1).to(x.device),
+                             None if target is None else target.reshape(-1, target.shape[-1])))
+        if len(self.pending) == self.chunk:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        xs, weights, targets = zip(*self.pending)
+        self.pending = []
+        if len(xs) == 1:
+            self.solver.observe(xs[0], weights[0], targets[0])
+            return
+        if all(w is None for w in weights):
+            weight = None
+        else:  # a sample without weights counts every token once
+            weight = torch.cat([torch.ones(x.shape[0], device=x.device) if w is None else w
+                                for x, w in zip(xs, weights)])
+        self.solver.observe(torch.cat(xs), weight, None if targets[0] is None else torch.cat(targets))
 
 
 def fp_view(layer: nn.Module) -> nn.Module:
@@ -128,49 +157,125 @@ def fp_view(layer: nn.Module) -> nn.Module:
     return copy.deepcopy(layer, memo)
 
 
-def _fp_outputs(layer: nn.Module, inputs: LayerInputs, fp_inputs: LayerInputs | None, device: torch.device):
-    """What the FP layer computes, taken before anything changes (so no FP copy of the layer is kept
-    through the solves; it would double a layer's host memory): its outputs on the quantized-path inputs
-    (the error report's reference) and on the FP-path inputs (the FP stream), both spillable."""
-    reference_outputs = activation_list(out.cpu() for _, out in run_layer(layer, inputs, device))
-    fp_outputs = None
-    if fp_inputs is inputs:  # exposure off: one stream, already computed
-        fp_outputs = LayerInputs(reference_outputs, fp_inputs.kwargs)
-    elif fp_inputs is not None:
-        fp_outputs = LayerInputs(activation_list(out.cpu() for _, out in run_layer(layer, fp_inputs, device)),
-                                 fp_inputs.kwargs)
-    return reference_outputs, fp_outputs
+@dataclass
+class _LayerRun:
+    """One decoder layer's calibration: the layer, its input streams and what every step reads."""
+
+    layer: nn.Module
+    index: int
+    inputs: LayerInputs  # x~: the quantized path
+    fp_inputs: LayerInputs | None  # the FP path when the recipe keeps it (`inputs` itself: exposure off)
+    device: torch.device
+    token_weights: TokenWeights | None
+    chunk: int  # samples per solver product (tlq.distributed.samples_per_chunk)
+    linears: dict[str, nn.Module] = field(default_factory=dict)
+    fp_scaled: nn.Module | None = None  # FP weights scaled like `layer` (the asymmetric target)
 
 
-def _observe(layer: nn.Module, index: int, inputs: LayerInputs, solvers: dict, linears: dict, device,
-             token_weights: TokenWeights | None, fp_scaled: nn.Module | None, fp_inputs: LayerInputs | None) -> None:
-    """Run the layer once, handing each observed Linear's input (and FP-path input) to its solver."""
+def _fp_stream(run: _LayerRun) -> LayerInputs | None:
+    """The FP layer's outputs on a separate FP-path stream (the next layer's FP inputs), taken before
+    anything changes, so no FP copy of the layer is kept through the solves (it would double a layer's
+    host memory). None without such a stream; with exposure off the stream is `inputs` itself and its
+    outputs are the reference outputs."""
+    if run.fp_inputs is None or run.fp_inputs is run.inputs:
+        return None
+    outputs = activation_list(out.cpu() for _, out in run_layer(run.layer, run.fp_inputs, run.device))
+    return LayerInputs(outputs, run.fp_inputs.kwargs)
+
+
+def _observe(run: _LayerRun, solvers: dict, act_bits: int | None = None, keep_outputs: bool = False):
+    """Run the layer up to the observed Linears, handing each one's input (and FP-path input) to its solver.
+
+    With `keep_outputs` the forward runs to the end and its outputs are returned: the FP layer's outputs
+    when nothing has changed yet (then `act_bits` fake-quantizes the observed inputs for the solvers only).
+    """
     observed = [name for name, s in solvers.items() if s.needs_inputs]
-    if not observed:
-        return
-    fp_linear_inputs = capture_linear_inputs(fp_scaled, observed, fp_inputs, device) if fp_scaled is not None else {}
-    observers = {name: _Observer(solvers[name], index, name, token_weights, fp_linear_inputs.get(name))
+    fp_linear_inputs = (capture_linear_inputs(run.fp_scaled, observed, run.fp_inputs, run.device)
+                        if run.fp_scaled is not None and observed else {})
+    observers = {name: _Observer(solvers[name], run, name, fp_linear_inputs.get(name), act_bits)
                  for name in observed}
 
     def set_sample(i: int) -> None:
         for obs in observers.values():
             obs.sample = i
 
-    handles = [linears[name].register_forward_pre_hook(obs) for name, obs in observers.items()]
-    run_with_hooks(layer, inputs, device, handles, set_sample)
+    handles = [run.linears[name].register_forward_pre_hook(obs) for name, obs in observers.items()]
+    outputs = None
+    if keep_outputs:
+        try:
+            outputs = activation_list(out.cpu() for _, out in run_layer(run.layer, run.inputs, run.device, set_sample))
+        finally:
+            for handle in handles:
+                handle.remove()
+    elif observed:
+        run_with_hooks(run.layer, run.inputs, run.device, handles, set_sample,
+                       stop_after=[run.linears[name] for name in observed])
+    for obs in observers.values():
+        obs.flush()
+    return outputs
 
 
-def _propagate(layer: nn.Module, index: int, inputs: LayerInputs, reference_outputs, device):
+def _propagate(run: _LayerRun, reference_outputs):
     """The quantized layer's outputs (the next layer's calibration inputs) and the squared error and norm
     against the FP layer's outputs on the same inputs."""
     outputs, error_sq, norm_sq = activation_list(), 0.0, 0.0
-    for i, out in run_layer(layer, inputs, device):
-        check_finite(out, f"after decoder layer {index}")
-        ref = reference_outputs[i].to(device)
+    for i, out in run_layer(run.layer, run.inputs, run.device):
+        check_finite(out, f"after decoder layer {run.index}")
+        ref = reference_outputs[i].to(run.device)
         error_sq += float((out.float() - ref.float()).pow(2).sum())
         norm_sq += float(ref.float().pow(2).sum())
         outputs.append(out.cpu())
     return outputs, error_sq, norm_sq
+
+
+def _write_back(run: _LayerRun, solved: dict[str, QuantizedWeight]) -> dict[str, QuantizedWeight]:
+    """The solved tensors become the weights (no second copy of the layer's weights on the host)."""
+    quantized = {}
+    for name, result in solved.items():
+        linear = run.linears[name]
+        linear.weight.data = result.weight.to(linear.weight.device, linear.weight.dtype)
+        quantized[name] = QuantizedWeight(weight=linear.weight.data.cpu(), scale=result.scale.cpu(),
+                                                   zero_point=result.zero_point.cpu())
+    return quantized
+
+
+def _merges_reference(recipe: Recipe, scheme) -> bool:
+    """Whether the first Linear group can be observed in the FP reference pass (one forward fewer): the
+    layer is unchanged until then unless a transform rescales it, and the group's inputs come before any
+    quantized Linear unless a single group takes every Linear under an activation scheme."""
+    return recipe.plan().transform is None and (recipe.true_sequential or not scheme.quantizes_activations)
+
+
+def _solve_groups(run: _LayerRun, groups, recipe: Recipe, scheme, ranks: Ranks, clock: PhaseClock,
+                  reference_outputs) -> tuple[dict[str, QuantizedWeight], Any, list]:
+    """Observe and solve each Linear group in order, writing Q(W) back. Without `reference_outputs` the
+    first group is observed in the FP reference pass, which returns them. Returns the solved weights
+    (keyed by Linear name), the reference outputs and the activation-quant hooks left installed."""
+    make_solver = solver_factory(recipe.plan().solver)
+    act_bits = scheme.act_bits if scheme.quantizes_activations else None
+    quantized: dict[str, QuantizedWeight] = {}
+    act_hooks = [] if reference_outputs is None else install_activation_quant(list(run.linears.values()), scheme)
+    try:
+        for group in groups:
+            solvers = {name: make_solver(run.linears[name].weight.data, scheme, recipe) for name in group}
+            if reference_outputs is None:
+                with clock("reference"):
+                    reference_outputs = _observe(run, solvers, act_bits, keep_outputs=True)
+                act_hooks = install_activation_quant(list(run.linears.values()), scheme)
+            else:
+                with clock("observe"):
+                    _observe(run, solvers)
+            with clock("solve"):
+                return_freed_memory()
+                solved = _solve_group(solvers, ranks)
+            del solvers  # their statistics (Hessians) are no longer needed
+            quantized.update(_write_back(run, solved))
+            del solved
+    except BaseException:
+        for handle in act_hooks:
+            handle.remove()
+        raise
+    return quantized, reference_outputs, act_hooks
 
 
 @torch.no_grad()
@@ -185,36 +290,29 @@ def calibrate_layer(layer: nn.Module, index: int, inputs: LayerInputs, adapter: 
     start = time.perf_counter()
     clock = PhaseClock(clock.show if clock is not None else None)
     scheme = recipe.resolved_scheme()
-    make_solver = solver_factory(recipe.plan().solver)
-    groups = adapter.linear_groups if recipe.true_sequential else (adapter.linear_names,)
-    with clock("reference"):
-        reference_outputs, fp_outputs = _fp_outputs(layer, inputs, fp_inputs, device)
+    chunk = samples_per_chunk(int(ranks.sum(torch.tensor(len(inputs.hidden))).item()))
+    run = _LayerRun(layer, index, inputs, fp_inputs, device, token_weights, chunk)
+    reference_outputs = None
+    with clock("reference"):  # before any change to the layer
+        fp_outputs = _fp_stream(run)
+        if not _merges_reference(recipe, scheme):
+            reference_outputs = _observe(run, {}, keep_outputs=True)
     rescaled = []
     if recipe.plan().transform is not None:
         with clock("rescale"):
             rescaled = rescale_layer(layer, index, inputs, adapter, recipe, device, token_weights, fp_inputs, ranks)
-    asymmetric = recipe.target == "asymmetric" and fp_inputs is not None and fp_inputs is not inputs
-    # The asymmetric target needs the FP-path inputs of each Linear, through FP weights scaled like `layer`.
-    fp_scaled = fp_view(layer) if asymmetric else None
-    linears = {name: layer.get_submodule(name) for name in adapter.linear_names}
-    act_hooks = install_activation_quant(list(linears.values()), scheme)
-    quantized: dict[str, QuantizedWeight] = {}
+    if recipe.target == "asymmetric" and fp_inputs is not None and fp_inputs is not inputs:
+        # The asymmetric target needs the FP-path inputs of each Linear, through FP weights scaled like `layer`.
+        run.fp_scaled = fp_view(layer)
+    run.linears = {name: layer.get_submodule(name) for name in adapter.linear_names}
+    groups = adapter.linear_groups if recipe.true_sequential else (adapter.linear_names,)
+    quantized, reference_outputs, act_hooks = _solve_groups(run, groups, recipe, scheme, ranks, clock,
+                                                            reference_outputs)
+    if fp_inputs is not None and fp_inputs is inputs:
+        fp_outputs = LayerInputs(reference_outputs, fp_inputs.kwargs)
     try:
-        for group in groups:
-            solvers = {name: make_solver(linears[name].weight.data, scheme, recipe) for name in group}
-            with clock("observe"):
-                _observe(layer, index, inputs, solvers, linears, device, token_weights, fp_scaled, fp_inputs)
-            with clock("solve"):
-                solved = _solve_group(solvers, ranks)
-            del solvers  # their statistics (Hessians) are no longer needed
-            for name, result in solved.items():
-                # The solved tensor becomes the weight (no second copy of the layer's weights on the host).
-                linears[name].weight.data = result.weight.to(linears[name].weight.device, linears[name].weight.dtype)
-                quantized[prefix + name] = QuantizedWeight(weight=linears[name].weight.data.cpu(),
-                                                           scale=result.scale.cpu(), zero_point=result.zero_point.cpu())
-            del solved
         with clock("propagate"):
-            outputs, error_sq, norm_sq = _propagate(layer, index, inputs, reference_outputs, device)
+            outputs, error_sq, norm_sq = _propagate(run, reference_outputs)
     finally:
         for handle in act_hooks:
             handle.remove()
@@ -222,7 +320,7 @@ def calibrate_layer(layer: nn.Module, index: int, inputs: LayerInputs, adapter: 
     error_sq, norm_sq = ranks.sum(torch.tensor([error_sq, norm_sq], dtype=torch.float64)).tolist()
     report = LayerReport(index, (error_sq / max(norm_sq, 1e-30)) ** 0.5, time.perf_counter() - start, rescaled,
                          phases=clock.rounded())
-    return quantized, LayerInputs(hidden=outputs, kwargs=inputs.kwargs), fp_outputs, report
+    return {prefix + k: v for k, v in quantized.items()}, LayerInputs(outputs, inputs.kwargs), fp_outputs, report
 
 
 def _first_inputs(model, adapter: ModelAdapter, samples: list[Sample], recipe: Recipe, device, clock: PhaseClock):

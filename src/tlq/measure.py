@@ -51,6 +51,32 @@ def release_freed_memory_promptly(threshold_bytes: int = 1 << 20) -> bool:
     return bool(mallopt(m_mmap_threshold, threshold_bytes))
 
 
+_libc = None
+
+
+def return_freed_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc malloc_trim; nothing elsewhere).
+
+    Called before each solve, the step that allocates the largest matrices: the forward passes before
+    it leave freed activation blocks scattered in the heap, which would otherwise stay resident under
+    the solve's peak. Measured at Qwen2-VL 2B widths, GPTQ, 2 layers, 32 samples: peak RSS 2509 ->
+    2308 MiB at no measurable time (a lower mmap threshold for all allocations saved more, 2230 MiB,
+    but cost 23% more time in page faults).
+    """
+    global _libc
+    if _libc is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _libc.malloc_trim  # noqa: B018 - not glibc: AttributeError
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)
+
+
 def main() -> int:
     out, separator, *command = sys.argv[1:]
     if separator != "--" or not command:

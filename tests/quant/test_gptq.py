@@ -47,8 +47,8 @@ def test_zero_weight_removes_a_token():
     weighted = _solve(w, x, recipe, weights)
     subset = _solve(w, kept, recipe)
     # Same sum of outer products; only the token count (a global scale, invisible to GPTQ) differs.
-    h_weighted = weighted.hessian_sum
-    assert torch.allclose(h_weighted, subset.hessian_sum, rtol=1e-5, atol=1e-4)
+    for h_weighted, h_subset in zip(weighted.statistics()[:-1], subset.statistics()[:-1]):  # the sums
+        assert torch.allclose(h_weighted, h_subset, rtol=1e-5, atol=1e-4)
     assert torch.allclose(weighted.solve().weight, subset.solve().weight, atol=1e-6)
 
 
@@ -85,3 +85,31 @@ def test_act_order_static_groups_and_dead_inputs():
     plain = gptq_quantize(w, h, scheme)
     err = lambda qw: (x @ (w - qw).T).pow(2).mean()  # noqa: E731
     assert err(q.weight) < 1.5 * err(plain.weight)
+
+
+def test_upper_block_gram_sums_give_the_full_symmetric_product():
+    # Wider than one Gram block (and not a multiple of it): the row blocks on and above the diagonal,
+    # assembled, give x^T x, exactly symmetric.
+    from tlq.quant.gptq import GRAM_BLOCK, add_gram_upper, assemble_gram, gram_blocks
+
+    columns = GRAM_BLOCK * 2 + 77
+    x = _correlated_inputs(n=96, d=columns)
+    gram = [torch.zeros(stop - start, columns - start, dtype=torch.float64) for start, stop in gram_blocks(columns)]
+    add_gram_upper(gram, x)
+    add_gram_upper(gram, 2 * x)
+    total = assemble_gram(gram, 2.0, 5.0)
+    expected = (x.double().t() @ x.double()) * 2.0
+    assert len(gram) == 3 and sum(g.numel() for g in gram) < 0.75 * columns ** 2
+    assert torch.equal(total, total.t())
+    assert torch.allclose(total.double(), expected, rtol=1e-5, atol=1e-3)
+
+
+def test_solving_from_wide_gram_sums_matches_solving_the_matrix():
+    # The solver builds H from its block sums inside the solve; the result equals handing the matrix.
+    x = _correlated_inputs(n=256, d=1152)
+    w, recipe = torch.randn(8, 1152), Recipe(scheme="W4A16")
+    solver = _solve(w, x, recipe)
+    hessian = solver.hessian()
+    assert torch.equal(hessian, hessian.t())
+    expected = gptq_quantize(w, hessian, recipe.resolved_scheme(), recipe.dampening, recipe.block_size)
+    assert torch.equal(solver.solve().weight, expected.weight)
