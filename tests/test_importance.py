@@ -183,3 +183,21 @@ def test_auto_takes_the_full_pass_when_it_fits(tiny_checkpoints, calib_split):
     recipe = Recipe(method="tlq", scheme="W4A8", num_samples=2)
     _, record = build_token_weights(model, adapter, samples, recipe)
     assert recipe.importance_pass == "auto" and record["gradient_pass"] == "full"
+
+
+@pytest.mark.parametrize("score", ["fisher", "gx"])
+@pytest.mark.parametrize("streamed", [False, True])
+def test_the_gradient_pass_leaves_no_activations_behind(tiny_checkpoints, calib_split, score, streamed):
+    """Nothing that took part in autograd outlives the pass, not even as cyclic garbage waiting for
+    the collector (a hook closure that reached its own tensor once kept every sample's activations)."""
+    import gc
+
+    model, adapter, samples = _setup(tiny_checkpoints["qwen2_vl"], calib_split)
+    gc.collect()
+    gc.disable()
+    try:
+        compute_importance(model, adapter, samples, score, streamed=streamed)
+        leftovers = [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.requires_grad]
+    finally:
+        gc.enable()
+    assert leftovers == []

@@ -43,8 +43,10 @@ def test_per_rank_activation_memory_falls_as_one_over_n(shapes):
 def test_verdicts(shapes):
     assert plan_memory(shapes["qwen2-vl-2b-instruct"], 1, parse_size("24GiB"), 128, 1024)["fits"]
     big = plan_memory(shapes["qwen2-vl-72b-instruct"], 4, parse_size("24GiB"), 128, 1024)
-    assert big["fits"] and big["device_gib"]["peak"] > 16  # the 29568-wide down_proj statistics dominate
-    assert not plan_memory(shapes["qwen2-vl-72b-instruct"], 4, parse_size("16GiB"), 128, 1024)["fits"]
+    # the 29568-wide down_proj's solve dominates: float32 H and its work copy are 3.3 GiB each
+    assert big["fits"] and big["device_gib"]["peak"] > 10
+    assert big["device_gib"]["solve_buffers"] > 2 * 29568 ** 2 * 4 / 2**30
+    assert not plan_memory(shapes["qwen2-vl-72b-instruct"], 4, parse_size("8GiB"), 128, 1024)["fits"]
 
 
 def test_sizes_parse_and_bad_ones_say_how():

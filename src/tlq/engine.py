@@ -400,6 +400,7 @@ def quantize_layers(model: nn.Module, adapter: ModelAdapter, samples: list[Sampl
     for index in bar:
         if on_layer_inputs is not None:
             on_layer_inputs(index, inputs)
+        return_freed_memory()  # what the gradient pass and the last layer freed, before this layer's peak
         layer = layers.load(index, device)
         quantized, outputs, fp_outputs, report = calibrate_layer(
             layer, index, inputs, adapter, recipe, device, token_weights, f"{prefix}{index}.", fp_inputs, ranks,

@@ -9,8 +9,9 @@ device (the peak of the three phases)
     gradient    one decoder layer + one sample's autograd activations, or the LM head and its logits
     calibrate   one decoder layer + the old weights of the Linear group being replaced (the FP
                 layer's outputs are taken before the solves, so no FP copy is kept; the asymmetric
-                target keeps one), the float64 statistics of the largest group with one float32
-                product in flight, the float32 solve buffers, one sample's activations
+                target keeps one), the larger of GPTQ's observe peak (float64 upper-block Gram sums of
+                the group, one block product, a chunk of inputs) and its solve peak (float32 H, one
+                work copy, half-size retry rows), one sample's activations
 host
     model weights           the whole checkpoint; with --lazy only what is outside the decoder + one layer
     layer-input cache       3 x s x T x d x b (the layer's inputs, its outputs and the FP layer's outputs
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tlq.distributed import samples_per_chunk
 from tlq.errors import TlqError
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "k": 2**10, "m": 2**20, "g": 2**30,
@@ -97,6 +99,30 @@ def model_shape(model_dir: str | Path) -> ModelShape:
     )
 
 
+def _upper_gram_elements(n: int) -> int:
+    """Elements of the Gram sums GPTQ keeps for an n-wide Linear: its row blocks on and above the diagonal."""
+    from tlq.quant.gptq import gram_blocks
+
+    return sum((stop - start) * (n - start) for start, stop in gram_blocks(n))
+
+
+def _solver_bytes(groups_in: list[list[int]], chunk_tokens: int, b: int) -> tuple[int, int]:
+    """GPTQ's peak while observing (every Linear's float64 sums, one float32 block product, the chunk of
+    inputs waiting to be added) and while solving the widest Linear (the others' sums stay alive; its own
+    sums become float32 rows, then H and one work copy in place: tlq.quant.gptq)."""
+    from tlq.quant.gptq import GRAM_BLOCK
+
+    observe = max(sum(_upper_gram_elements(n) for n in group) * 8 + GRAM_BLOCK * max(group) * 4
+                  + chunk_tokens * sum(group) * b for group in groups_in)
+    solve = 0
+    for group in groups_in:
+        for position, n in enumerate(group):
+            others = sum(_upper_gram_elements(m) for i, m in enumerate(group) if i > position) * 8
+            own = _upper_gram_elements(n)
+            solve = max(solve, others + max(own * 12 + n * n * 4, own * 4 + 2 * n * n * 4))
+    return observe, solve
+
+
 def plan_memory(shape: ModelShape, devices: int, device_memory: int, samples: int, tokens: int,
                 dtype_bytes: int = 2, asymmetric: bool = False, lazy: bool = False) -> dict[str, Any]:
     """Per-rank peak memory estimate (bytes) of a `tlq quantize` run and whether it fits."""
@@ -108,11 +134,9 @@ def plan_memory(shape: ModelShape, devices: int, device_memory: int, samples: in
     # One sample through a layer: residual, normed input, q/k/v/o, MLP gate/up/act (float32 where upcast).
     sample_acts = T * (6 * d + 3 * f) * 4 + shape.heads * T * T * 4
     widest = max(n for group in shape.linear_groups_in for n in group)
-    # float64 Hessians of the largest group, plus the float32 product being added
-    group_stats = max(sum(n * n for n in group) for group in shape.linear_groups_in) * 8 + widest * widest * 4
-    solve = 3 * widest * widest * 4  # float32 H (damped in place), its Cholesky factor, the inverse
+    group_stats, solve = _solver_bytes(shape.linear_groups_in, samples_per_chunk(samples) * T, b)
     replaced = max(shape.linear_groups_params) * b  # a group's old weights while its solved ones are bound
-    calibrate = (2 if asymmetric else 1) * layer + replaced + group_stats + solve + sample_acts
+    calibrate = (2 if asymmetric else 1) * layer + replaced + max(group_stats, solve) + sample_acts
     head = shape.head_params * b + 3 * T * shape.vocab * 4  # logits, log-softmax, gradient (float32)
     gradient = max(layer + 2 * sample_acts, head)
     capture = (shape.vision_params + shape.embed_params) * b + 4 * T * d * 4
