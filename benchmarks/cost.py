@@ -94,10 +94,13 @@ def main() -> int:
             shutil.rmtree(out, ignore_errors=True)
             measured = run_measured(command(method, checkpoint, data, samples, args.samples, out), method)
             row = {"method": method, "repeat": repeat, **measured, "load_average": os.getloadavg()[0]}
-            recipe = out / "tlq_recipe.json"
+            recipe, peer = out / "tlq_recipe.json", out / "peer.json"
             if recipe.exists():
                 saved = json.loads(recipe.read_text())
                 row["phase_seconds"] = saved.get("phase_seconds")
+                row["calibration_seconds"] = saved.get("calibration_seconds")
+            elif peer.exists():
+                row["calibration_seconds"] = json.loads(peer.read_text()).get("calibration_seconds")
             rows.append(row)
             print(json.dumps(row), flush=True)
             shutil.rmtree(out, ignore_errors=True)
@@ -114,17 +117,22 @@ def write(args, shape: dict, rows: list[dict]) -> None:
     wall = {m: statistics.median(r["wall_seconds"] for r in rows if r["method"] == m) for m in methods}
     repeats = {m: sum(r["method"] == m for r in rows) for m in methods}
     rss = {m: max(r["peak_rss_mib"] for r in rows if r["method"] == m) for m in methods}
+    calib = {m: statistics.median(r["calibration_seconds"] for r in rows if r["method"] == m)
+             for m in methods if all(r.get("calibration_seconds") for r in rows if r["method"] == m)}
     peers = {"gptq": "llmc:gptq", "tlq": "llmc:awq_gptq", "awq": "llmc:awq_gptq"}
     lines = [f"Qwen2-VL {args.shape} text widths (hidden {shape['hidden']}, MLP {shape['intermediate']}, "
              f"{shape['layers']} layers), {args.samples} samples of ~280 tokens, W4A16, median of the repeats run; "
              f"{os.cpu_count()} CPUs.", "",
-             "| method | repeats | wall s | peak RSS MiB | wall vs llm-compressor | RSS vs llm-compressor |",
-             "|---|---|---|---|---|---|"]
+             "| method | repeats | wall s | calibration s | peak RSS MiB | wall vs llm-compressor | "
+             "calibration vs llm-compressor | RSS vs llm-compressor |", "|---|---|---|---|---|---|---|---|"]
     for m in methods:
         peer = peers.get(m)
         ratio = f"{wall[m] / wall[peer]:.2f}x {peer}" if peer in wall else ""
         rss_ratio = f"{rss[m] / rss[peer]:.2f}x" if peer in rss else ""
-        lines.append(f"| {m} | {repeats[m]} | {wall[m]:.1f} | {rss[m]:.0f} | {ratio} | {rss_ratio} |")
+        calib_ratio = f"{calib[m] / calib[peer]:.2f}x" if m in calib and peer in calib else ""
+        calib_cell = f"{calib[m]:.1f}" if m in calib else "n/a"
+        lines.append(f"| {m} | {repeats[m]} | {wall[m]:.1f} | {calib_cell} | {rss[m]:.0f} | {ratio} | {calib_ratio} | "
+                     f"{rss_ratio} |")
     phases = ["load", "samples", "capture", "importance", "reference", "rescale", "observe", "solve", "propagate",
               "save", "export"]
     lines += ["", "Where tlq's time goes (seconds, median over repeats; tlq_recipe.json phase_seconds):", "",

@@ -126,12 +126,16 @@ def main() -> int:
     # llm-compressor wants a processor whenever data is given; the samples are already rendered, so the
     # tokenizer stands in (the full processor needs torchvision for its video part).
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
+    import time
+
+    start = time.perf_counter()
     oneshot(model=model, processor=tokenizer, dataset=loader, recipe=_recipe(args.recipe, scheme, ignore, args.scope),
             num_calibration_samples=len(loader.dataset), sequential_targets=[args.layer_class])
+    calibration_seconds = time.perf_counter() - start  # oneshot: its pipeline, calibration and compression
     out = Path(args.out)
     model.save_pretrained(out, save_compressed=True)
     (out / "peer.json").write_text(json.dumps({
-        "peer": "llm-compressor", "recipe": args.recipe, "scheme": scheme, "ignore": ignore, "scope": args.scope,
+        "peer": "llm-compressor", "calibration_seconds": round(calibration_seconds, 3), "recipe": args.recipe, "scheme": scheme, "ignore": ignore, "scope": args.scope,
         "versions": {"llmcompressor": llmcompressor.__version__, "transformers": transformers.__version__,
                      "compressed-tensors": compressed_tensors.__version__, "torch": torch.__version__}},
         indent=1) + "\n")

@@ -173,9 +173,9 @@ def _inverse_cholesky(hessian: torch.Tensor, dampening: float, rebuild=None) -> 
 def _prepared(hessian: torch.Tensor, dead: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
     """H with dead inputs pinned (diagonal 1) and, for act-order, rows and columns permuted."""
     hessian[dead, dead] = 1.0
-    if perm is not None:
-        hessian = hessian.index_select(0, perm)
-        hessian = hessian.index_select(1, perm)
+    if perm is not None:  # in place, so that no caller still holds the unpermuted matrix
+        hessian.copy_(hessian.index_select(0, perm))
+        hessian.copy_(hessian.index_select(1, perm))
     return hessian
 
 
