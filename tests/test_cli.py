@@ -81,3 +81,48 @@ def test_subprocess_has_no_traceback(good, tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "unknown scheme" in proc.stderr
+
+
+def _quantize_args(*flags: str):
+    from tlq.cli import build_parser
+
+    return build_parser().parse_args(["quantize", "model", "--out", "o", "--calib", "c.json", *flags])
+
+
+def test_every_recipe_knob_is_a_flag_named_after_it_with_the_recipes_default():
+    """One name and one default per knob: no flag means the Recipe default, and each field's flag sets it."""
+    import dataclasses
+
+    from tlq.cli import _recipe_from
+    from tlq.recipe import Recipe
+
+    assert _recipe_from(_quantize_args()) == Recipe()
+    values = {"method": "tlq", "scheme": "W3A16", "group_size": 64, "symmetric": False, "num_samples": 7, "seed": 3,
+              "max_length": 512, "dampening": 0.05, "block_size": 64, "act_order": True, "weight_grid": "mse",
+              "true_sequential": False, "exposure": False, "target": "asymmetric", "backend": "scale",
+              "importance_score": "gx", "importance_pass": "streamed", "weighting": "importance",
+              "importance_floor": 0.3, "importance_clip": 4.0, "keep_ratio": 0.5, "token_budget": None,
+              "min_kind_share": 0.2, "scale_grid": 10, "scale_loss": "mae", "scale_max_tokens": 999,
+              "scale_form": "duo", "smooth_alpha": 0.8, "device": "cpu"}
+    assert set(values) == {f.name for f in dataclasses.fields(Recipe)} - {"extra"}
+    flags = []
+    for name, value in values.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        elif value is not None:
+            flags += [flag, str(value)]
+    recipe = _recipe_from(_quantize_args(*flags))
+    assert {name: getattr(recipe, name) for name in values} == values
+
+
+def test_a_saved_recipe_runs_again_and_given_flags_override_it(tmp_path):
+    from tlq.cli import _recipe_from
+    from tlq.recipe import Recipe
+
+    saved = Recipe(method="tlq", scheme="W3A16-g64", num_samples=9, importance_floor=0.25, scale_form="duo")
+    path = tmp_path / "tlq_recipe.json"
+    path.write_text(json.dumps({"recipe": saved.to_dict(), "scheme": {}}))
+    assert _recipe_from(_quantize_args("--recipe", str(path))) == saved
+    assert _recipe_from(_quantize_args("--recipe", str(path), "--floor", "0.5", "--seed", "2")) == \
+        Recipe(**{**saved.to_dict(), "importance_floor": 0.5, "seed": 2})

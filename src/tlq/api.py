@@ -97,9 +97,7 @@ def build_token_weights(model, adapter, samples: list[Sample], recipe: Recipe, r
         record["image_weight_per_layer"] = {str(k): {p: round(v, 5) for p, v in r.items()} for k, r in ratios.items()}
         lookup = modality_weights(importance, adapter)
     else:
-        config = WeightingConfig(floor=recipe.importance_floor, clip=recipe.importance_clip,
-                                 keep_ratio=recipe.keep_ratio, token_budget=recipe.token_budget,
-                                 min_share=recipe.min_kind_share)
+        config = WeightingConfig.from_recipe(recipe)
         record["score"] = recipe.importance_score
         lookup = token_weights(importance, config)
         if recipe.keep_ratio is not None or recipe.token_budget is not None:

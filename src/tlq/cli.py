@@ -7,6 +7,7 @@ leaves no output directory behind (export writes to a temporary sibling and rena
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -18,54 +19,37 @@ from tlq.errors import RankFailure, TlqError
 from tlq.recipe import METHODS, SCHEMES, Recipe
 
 
+_FLAG_TYPES = {"int": int, "int | None": int, "float": float, "float | None": float, "str": str}
+
+
 def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", default="gptq", help=f"calibration algorithm: {', '.join(METHODS)} (default gptq)")
-    parser.add_argument("--scheme", default="W4A16", help=f"{', '.join(SCHEMES)}; add -gN for a group size")
-    parser.add_argument("--group-size", type=int, default=None, help="override the scheme's group (0 = per channel)")
-    parser.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=None,
-                        help="override the scheme's weight symmetry")
-    parser.add_argument("--num-samples", type=int, default=128, help="calibration records to use (default 128)")
-    parser.add_argument("--seed", type=int, default=0, help="chooses the calibration subset (default 0)")
-    parser.add_argument("--max-length", type=int, default=2048, help="truncate samples to this many tokens")
-    parser.add_argument("--dampening", type=float, default=0.01, help="GPTQ damping, fraction of mean diag(H)")
-    parser.add_argument("--block-size", type=int, default=128, help="GPTQ lazy-update block width")
-    parser.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
-                        help="GPTQ act-order with static groups (default: on after a scale search or SmoothQuant, "
-                             "off for plain GPTQ)")
-    parser.add_argument("--weight-grid", default=Recipe.weight_grid,
-                        help="each weight group's range: minmax, or mse (searched shrink, least error)")
-    parser.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
-                        help="observe all Linears of a layer in one pass instead of group by group")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
-    tlq = parser.add_argument_group("TLQ / MBQ / AWQ options")
-    tlq.add_argument("--backend", default="auto", help="tlq solver: auto, gptq, scale, both (default auto)")
-    tlq.add_argument("--importance", default="fisher", help="token score: fisher, l2, gx, layer_output")
-    tlq.add_argument("--importance-pass", default="auto", choices=["auto", "streamed", "full"],
-                     help="gradient pass: full (autograd through the whole model on one device), streamed "
-                          "(one layer on the device, layers recomputed), auto (full when it fits)")
-    tlq.add_argument("--weighting", default="auto", help="ablation: auto, uniform, modality, importance")
-    tlq.add_argument("--floor", type=float, default=0.1, help="minimum token weight lam (default 0.1)")
-    tlq.add_argument("--clip", type=float, default=None, help="cap on the normalised importance")
-    tlq.add_argument("--keep-ratio", type=float, default=None, help="token-level set: share of tokens kept")
-    tlq.add_argument("--token-budget", type=int, default=None, help="token-level set: tokens kept in all")
-    tlq.add_argument("--min-kind-share", type=float, default=0.1, help="minimum share per token kind in the set")
-    tlq.add_argument("--target", default="symmetric", help="objective target: symmetric or asymmetric")
-    tlq.add_argument("--no-exposure", dest="exposure", action="store_false",
-                     help="ablation: calibrate every layer on FP activations")
-    tlq.add_argument("--scale-loss", default="auto", help="scale search loss: auto, mse, mae")
-    tlq.add_argument("--scale-form", default=Recipe.scale_form,
-                     help="scale candidates: activation (x^a), duo (x^a / w^(1-a)) or both")
+    """One flag per Recipe field (tlq.recipe.knob), named after it; defaults stay in the Recipe, so a flag
+    that is not given leaves the field as the recipe file (--recipe) or the Recipe default has it."""
+    parser.add_argument("--recipe", default=None, metavar="FILE",
+                        help="start from a saved recipe (a tlq_recipe.json); flags given as well override it")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    defaults = Recipe()
+    for spec in dataclasses.fields(Recipe):
+        if "help" not in spec.metadata:
+            continue
+        meta, default = spec.metadata, getattr(defaults, spec.name)
+        target = parser if not meta["group"] else groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
+        flags = [f"--{spec.name.replace('_', '-')}", *meta["aliases"]]
+        shown = "" if default is None or "default" in meta["help"] else f" (default {default})"
+        if spec.type in ("bool", "bool | None"):
+            target.add_argument(*flags, dest=spec.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=meta["help"] + shown)
+            continue
+        choices = f": {', '.join(map(str, meta['choices']))}" if meta["choices"] else ""
+        target.add_argument(*flags, dest=spec.name, type=_FLAG_TYPES[spec.type], default=argparse.SUPPRESS,
+                            metavar=spec.name.split("_")[-1].upper(), help=f"{meta['help']}{choices}{shown}")
 
 
 def _recipe_from(args: argparse.Namespace) -> Recipe:
-    return Recipe(method=args.method, scheme=args.scheme, group_size=args.group_size, symmetric=args.symmetric,
-                  num_samples=args.num_samples, seed=args.seed, max_length=args.max_length,
-                  dampening=args.dampening, block_size=args.block_size, act_order=args.act_order,
-                  true_sequential=args.true_sequential, device=args.device, backend=args.backend,
-                  importance_score=args.importance, importance_pass=args.importance_pass, weighting=args.weighting, importance_floor=args.floor, importance_clip=args.clip,
-                  keep_ratio=args.keep_ratio, token_budget=args.token_budget, min_kind_share=args.min_kind_share,
-                  target=args.target, exposure=args.exposure, scale_loss=args.scale_loss,
-                  scale_form=args.scale_form, weight_grid=args.weight_grid)
+    given = {spec.name: getattr(args, spec.name) for spec in dataclasses.fields(Recipe) if hasattr(args, spec.name)}
+    if getattr(args, "recipe", None) is None:
+        return Recipe(**given)
+    return Recipe.from_dict({**Recipe.load(args.recipe).to_dict(), **given})
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:

@@ -27,7 +27,7 @@ from tlq.activations import (LayerInputs, activation_list, capture_layer_inputs,
 from tlq.data import Sample
 from tlq.distributed import SINGLE, Ranks
 from tlq.engine import TokenWeights
-from tlq.recipe import IMPORTANCE_SCORES
+from tlq.recipe import IMPORTANCE_SCORES, Recipe
 from tlq.errors import TlqError
 from tlq.models import ANSWER, IMAGE, PROMPT, TOKEN_KIND_NAMES, ModelAdapter
 
@@ -297,11 +297,18 @@ def compute_importance(model: nn.Module, adapter: ModelAdapter, samples: list[Sa
 
 @dataclass
 class WeightingConfig:
-    floor: float = 0.1  # lam: every token keeps at least this weight
-    clip: float | None = None  # cap on the normalised score (outlier clip), None = no cap
-    keep_ratio: float | None = None  # token-level set: keep this share of tokens per Linear
-    token_budget: int | None = None  # ... or this many tokens in all
-    min_share: float = 0.1  # each present token kind gets at least this share of the kept tokens
+    """The importance weighting's knobs; defaults are the Recipe's (one default per knob)."""
+
+    floor: float = Recipe.importance_floor  # lam: every token keeps at least this weight
+    clip: float | None = Recipe.importance_clip  # cap on the normalised score (outlier clip), None = no cap
+    keep_ratio: float | None = Recipe.keep_ratio  # token-level set: keep this share of tokens per Linear
+    token_budget: int | None = Recipe.token_budget  # ... or this many tokens in all
+    min_share: float = Recipe.min_kind_share  # each present token kind gets at least this share of the kept tokens
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe) -> "WeightingConfig":
+        return cls(floor=recipe.importance_floor, clip=recipe.importance_clip, keep_ratio=recipe.keep_ratio,
+                   token_budget=recipe.token_budget, min_share=recipe.min_kind_share)
 
 
 def _normalise(score: torch.Tensor, floor: float, clip: float | None) -> torch.Tensor:

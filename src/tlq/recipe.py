@@ -139,61 +139,82 @@ def validate_scheme(scheme: Scheme) -> None:
             raise TlqError(f"scheme {scheme.name}: int8 activation kernels need symmetric weights")
 
 
+def knob(default: Any, help: str, group: str = "", choices: tuple | None = None, aliases: tuple[str, ...] = ()):
+    """A Recipe field with what `tlq quantize` needs to offer it as a flag (tlq.cli.add_recipe_arguments):
+    the flag is the field's name (--num-samples for num_samples), with its one default here. `aliases` are
+    older spellings the CLI still accepts."""
+    return field(default=default, metadata={"help": help, "group": group, "choices": choices, "aliases": aliases})
+
+
+TLQ_GROUP = "TLQ / MBQ / AWQ options"
+
+
 @dataclass
 class Recipe:
-    """Everything that decides a calibration run; saved as tlq_recipe.json beside the output."""
+    """Everything that decides a calibration run; saved as tlq_recipe.json beside the output, and
+    `tlq quantize --recipe tlq_recipe.json` runs it again. Every field is a `tlq quantize` flag."""
 
-    method: str = "gptq"
-    scheme: str = "W4A16"
-    group_size: int | None = None
-    symmetric: bool | None = None
-    num_samples: int = 128
-    seed: int = 0
-    max_length: int = 2048
+    method: str = knob("gptq", "calibration algorithm", choices=METHODS)
+    scheme: str = knob("W4A16", f"{', '.join(('W2A16', 'W3A16', 'W4A16', 'W8A16', 'W4A8', 'W8A8'))}; "
+                                "add -gN for a group size")
+    group_size: int | None = knob(None, "override the scheme's group (0 = per channel)")
+    symmetric: bool | None = knob(None, "override the scheme's weight symmetry")
+    num_samples: int = knob(128, "calibration records to use")
+    seed: int = knob(0, "chooses the calibration subset")
+    max_length: int = knob(2048, "truncate samples to this many tokens")
     # GPTQ: damping as a fraction of the mean Hessian diagonal, lazy-update block width, act-order.
-    dampening: float = 0.01
-    block_size: int = 128
+    dampening: float = knob(0.01, "GPTQ damping, a fraction of the mean Hessian diagonal")
+    block_size: int = knob(128, "GPTQ lazy-update block width")
     # act-order: None = the method's default: on where a rescaling transform runs before GPTQ (TLQ,
     # awq_gptq, smoothquant_gptq), off for plain GPTQ. Chosen on the validation split
     # (benchmarks/results/qwen2_vl-large/act_order): after scale search, act-order halved TLQ's answer KL at
     # W3A16; on the unscaled weight-outlier model it made plain GPTQ worse.
-    act_order: bool | None = None
+    act_order: bool | None = knob(None, "GPTQ act-order with static groups (default: on after a scale search "
+                                        "or SmoothQuant, off for plain GPTQ)")
     # Weight grid per group: minmax or mse (a search over shrunken ranges; every solver uses it).
-    weight_grid: str = "minmax"
+    weight_grid: str = knob("minmax", "each weight group's range: minmax, or mse (searched shrink, least error)",
+                            choices=("minmax", "mse"))
     # Observe each Linear group after the earlier groups of the same layer are quantized.
-    true_sequential: bool = True
+    true_sequential: bool = knob(True, "observe each Linear group after the earlier groups of the layer are "
+                                       "quantized (--no-true-sequential: all in one pass)")
     # Quantization-exposed calibration: layer l sees the outputs of the quantized layers < l. Off = every
     # layer calibrated on the FP model's activations (ablation only).
-    exposure: bool = True
+    exposure: bool = knob(True, "ablation (--no-exposure): calibrate every layer on FP activations", TLQ_GROUP)
     # What the layer objective compares against: the FP layer on the quantized-path input (symmetric) or
     # on the FP-path input (asymmetric; keeps a second activation stream).
-    target: str = "symmetric"
+    target: str = knob("symmetric", "objective target", TLQ_GROUP, TARGETS)
     # TLQ: solver backend; auto = both (importance-weighted scale search, then importance-weighted GPTQ).
-    backend: str = "auto"
-    importance_score: str = "fisher"
+    backend: str = knob("auto", "tlq solver backend", TLQ_GROUP, BACKENDS)
+    importance_score: str = knob("fisher", "token score", TLQ_GROUP, IMPORTANCE_SCORES, aliases=("--importance",))
     # The gradient pass: full (autograd through the whole resident model on one device: 1 forward + 1
     # backward), streamed (one decoder layer on the device, each layer's forward recomputed in the
     # backward: 2 forwards + 1 backward), or auto (full when it fits, tlq.importance.full_pass_fits).
     # Scores agree within 1e-4 relative.
-    importance_pass: str = "auto"
+    importance_pass: str = knob("auto", "gradient pass: full (autograd through the whole model on one device), "
+                                        "streamed (one layer on the device, layers recomputed), auto (full when "
+                                        "it fits)", TLQ_GROUP, ("auto", "streamed", "full"))
     # Token weighting override for ablations: auto (the method's own), uniform, modality, importance.
-    weighting: str = "auto"
-    importance_floor: float = 0.1
-    importance_clip: float | None = None
-    keep_ratio: float | None = None  # token-level calibration set: share of tokens kept per Linear
-    token_budget: int | None = None  # ... or a total number of tokens
-    min_kind_share: float = 0.1  # minimum share of the kept tokens for each token kind present
+    weighting: str = knob("auto", "ablation: the token weighting", TLQ_GROUP,
+                          ("auto", "uniform", "modality", "importance"))
+    importance_floor: float = knob(0.1, "minimum token weight lambda", TLQ_GROUP, aliases=("--floor",))
+    importance_clip: float | None = knob(None, "cap on the normalised importance", TLQ_GROUP, aliases=("--clip",))
+    keep_ratio: float | None = knob(None, "token-level set: share of tokens kept per Linear", TLQ_GROUP)
+    token_budget: int | None = knob(None, "token-level set: tokens kept in all", TLQ_GROUP)
+    min_kind_share: float = knob(0.1, "minimum share of the kept tokens for each token kind present", TLQ_GROUP)
     # Scale search (AWQ / MBQ / TLQ scale backend) and SmoothQuant.
-    scale_grid: int = 20
-    scale_loss: str = "auto"  # mse | mae; auto = mae for MBQ (as published), mse otherwise
-    scale_max_tokens: int = 16384
+    scale_grid: int = knob(20, "scale search: alpha steps per candidate form", TLQ_GROUP)
+    scale_loss: str = knob("auto", "scale search loss (auto: mae for MBQ as published, mse otherwise)", TLQ_GROUP,
+                           ("auto", "mse", "mae"))
+    scale_max_tokens: int = knob(16384, "scale search: tokens scored per token-wise block (a random subsample)",
+                                 TLQ_GROUP)
     # Candidate scales: activation (s = x^alpha, the AWQ paper), duo (x^alpha / w^(1-alpha), AutoAWQ's and
     # llm-compressor's default) or both (the search keeps the better; chosen on the validation split,
     # benchmarks/results/*/scale_form).
-    scale_form: str = "both"
-    smooth_alpha: float = 0.5
-    device: str = "auto"
-    extra: dict[str, Any] = field(default_factory=dict)
+    scale_form: str = knob("both", "scale candidates: activation (x^a), duo (x^a / w^(1-a)) or both", TLQ_GROUP,
+                           ("activation", "duo", "both"))
+    smooth_alpha: float = knob(0.5, "SmoothQuant migration strength", TLQ_GROUP)
+    device: str = knob("auto", "auto, cpu, cuda, cuda:N")
+    extra: dict[str, Any] = field(default_factory=dict)  # not a flag: free-form notes kept with the recipe
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
