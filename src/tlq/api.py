@@ -75,12 +75,12 @@ def build_token_weights(model, adapter, samples: list[Sample], recipe: Recipe, r
     pass is kept there (rank 0 writes, every rank records its digest), or read back when a resumed run
     finds it whole.
     """
-    from tlq.importance import (GRADIENT_PASSES, WeightingConfig, compute_importance, kept_tokens,
-                                modality_ratios, modality_weights, token_weights)
+    from tlq.importance import GRADIENT_PASSES, compute_importance, weighting_named
 
     plan = recipe.plan()
     if plan.weighting == "uniform":
         return None, {"weighting": "uniform"}
+    weighting = weighting_named(plan.weighting)
     importance = work.saved_importance() if work is not None else None
     if importance is None:
         importance = compute_importance(model, adapter, samples, recipe.importance_score,
@@ -89,22 +89,11 @@ def build_token_weights(model, adapter, samples: list[Sample], recipe: Recipe, r
         if work is not None:
             work.keep_importance(importance)
             faults.reached("importance-saved")
+    lookup, details = weighting.build(importance, adapter, recipe,
+                                      len(layers) if layers is not None else len(adapter.layers(model)))
     record: dict[str, Any] = {"weighting": plan.weighting, "fp_answer_loss": round(importance.loss, 5),
                               "gradient_pass": importance.gradient_pass,
-                              "tokens_by_kind": importance.kept_summary()}
-    if plan.weighting == "modality":
-        ratios = modality_ratios(importance, adapter)
-        record["image_weight_per_layer"] = {str(k): {p: round(v, 5) for p, v in r.items()} for k, r in ratios.items()}
-        lookup = modality_weights(importance, adapter)
-    else:
-        config = WeightingConfig.from_recipe(recipe)
-        record["score"] = recipe.importance_score
-        lookup = token_weights(importance, config)
-        if recipe.keep_ratio is not None or recipe.token_budget is not None:
-            last = len(adapter.layers(model)) - 1
-            record["kept_tokens_by_kind"] = {
-                f"{layer}.{name}": kept_tokens(importance, lookup, layer, name)
-                for layer in (0, last) for name in (adapter.linear_names[0], adapter.blocks[-1].output)}
+                              "tokens_by_kind": importance.kept_summary(), **details}
     offset = ranks.shard(len(importance.token_kinds)).start
     if offset == 0:
         return lookup, record

@@ -392,7 +392,6 @@ def quantize_layers(model: nn.Module, adapter: ModelAdapter, samples: list[Sampl
     layers = layers if layers is not None else ResidentLayers(model, adapter)
     if layers.lazy and work is None:
         raise ValueError("lazy layers need a work directory to keep the calibrated layers in")
-    prefix = f"{adapter.decoder_layers}."
     first, inputs, fp_inputs = _restore_finished(work, layers, result, inputs, fp_inputs, recipe)
     bar = tqdm(range(first, len(layers)), desc=f"{recipe.method} {recipe.resolved_scheme().name}",
                disable=not progress or not ranks.main, initial=first, total=len(layers))
@@ -403,8 +402,8 @@ def quantize_layers(model: nn.Module, adapter: ModelAdapter, samples: list[Sampl
         return_freed_memory()  # what the gradient pass and the last layer freed, before this layer's peak
         layer = layers.load(index, device)
         quantized, outputs, fp_outputs, report = calibrate_layer(
-            layer, index, inputs, adapter, recipe, device, token_weights, f"{prefix}{index}.", fp_inputs, ranks,
-            clock)
+            layer, index, inputs, adapter, recipe, device, token_weights, f"{adapter.decoder_layers}.{index}.",
+            fp_inputs, ranks, clock)
         clock.merge(report.phases)
         layer.to("cpu")
         if recipe.exposure:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -419,3 +419,47 @@ def modality_weights(importance: TokenImportance, adapter: ModelAdapter) -> Toke
 
 __all__ = ["SCORES", "TokenImportance", "WeightingConfig", "compute_importance", "kept_tokens",
            "modality_ratios", "modality_weights", "select_tokens", "token_weights"]
+
+
+@dataclass(frozen=True)
+class Weighting:
+    """A token weighting built from the gradient pass: `build(importance, adapter, recipe, layers)` returns
+    the engine's lookup and what the run record says about it (`layers`: the decoder's layer count)."""
+
+    name: str
+    build: Callable[[TokenImportance, ModelAdapter, Recipe, int], tuple[TokenWeights, dict[str, Any]]]
+
+
+WEIGHTINGS: dict[str, Weighting] = {}
+
+
+def register_weighting(weighting: Weighting) -> Weighting:
+    WEIGHTINGS[weighting.name] = weighting
+    return weighting
+
+
+def weighting_named(name: str) -> Weighting:
+    if name not in WEIGHTINGS:
+        raise KeyError(f"no token weighting {name!r}; registered: {sorted(WEIGHTINGS)}")
+    return WEIGHTINGS[name]
+
+
+def _modality(importance: TokenImportance, adapter: ModelAdapter, recipe: Recipe, layers: int):
+    ratios = modality_ratios(importance, adapter)
+    record = {"image_weight_per_layer": {str(k): {p: round(v, 5) for p, v in r.items()} for k, r in ratios.items()}}
+    return modality_weights(importance, adapter), record
+
+
+def _importance(importance: TokenImportance, adapter: ModelAdapter, recipe: Recipe, layers: int):
+    config = WeightingConfig.from_recipe(recipe)
+    lookup = token_weights(importance, config)
+    record: dict[str, Any] = {"score": recipe.importance_score}
+    if config.keep_ratio is not None or config.token_budget is not None:
+        record["kept_tokens_by_kind"] = {
+            f"{layer}.{name}": kept_tokens(importance, lookup, layer, name)
+            for layer in (0, layers - 1) for name in (adapter.linear_names[0], adapter.blocks[-1].output)}
+    return lookup, record
+
+
+register_weighting(Weighting("modality", _modality))  # MBQ: per-modality ratios of gradient magnitudes
+register_weighting(Weighting("importance", _importance))  # TLQ: per-token, per-Linear gradient scores

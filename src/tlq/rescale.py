@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -168,22 +169,23 @@ class _GroupContext:
     ranks: Ranks
 
 
-def _applicable_groups(layer: nn.Module, adapter: ModelAdapter, smoothquant: bool) -> list[ScalingGroup]:
+def _applicable_groups(layer: nn.Module, adapter: ModelAdapter, transform: "Transform") -> list[ScalingGroup]:
     groups = []
     for group in adapter.scaling_groups:
         source = layer.get_submodule(group.source)
         if not group_applies(source, [layer.get_submodule(t) for t in group.targets]):
             continue
-        if smoothquant and isinstance(source, nn.Linear):
-            continue  # SmoothQuant migrates into the norms only
+        if transform.norm_sources_only and isinstance(source, nn.Linear):
+            continue
         groups.append(group)
     return groups
 
 
-def _smooth_group(ctx: _GroupContext, group: ScalingGroup, x: torch.Tensor) -> dict:
+def _smooth_group(ctx: _GroupContext, group: ScalingGroup, data: _Captured, fp_data: _Captured | None,
+                  kept: list[torch.Tensor | None]) -> dict:
     """SmoothQuant: s = max|x|^a / max|W|^(1-a), folded in; no search."""
     source, targets = ctx.layer.get_submodule(group.source), [ctx.layer.get_submodule(t) for t in group.targets]
-    x, _, _, tokens = _subsample(x, None, None, ctx.recipe, ctx.index, ctx.ranks)
+    x, _, _, tokens = _subsample(torch.cat(data.x).to(ctx.device), None, None, ctx.recipe, ctx.index, ctx.ranks)
     apply_scales(source, targets, smoothquant_scales(x, targets, ctx.recipe.smooth_alpha, ctx.ranks))
     return {"source": group.source, "alpha": ctx.recipe.smooth_alpha, "loss_ratio": None, "tokens": tokens}
 
@@ -213,13 +215,46 @@ def _search_group(ctx: _GroupContext, group: ScalingGroup, data: _Captured, fp_d
     return {"source": group.source, "block": group.block, **choice, "loss_ratio": ratio, "tokens": tokens}
 
 
+@dataclass(frozen=True)
+class Transform:
+    """A rescaling step: how each applicable scaling group gets its scales (`step`), and what it needs."""
+
+    name: str
+    step: Callable[..., dict]  # (ctx, group, captured, fp_captured or None, kept token weights) -> record
+    captures_blocks: bool = True  # it scores the blocks the groups feed, so their calls are captured
+    norm_sources_only: bool = False  # it folds scales into norms only, never into a preceding Linear
+    token_weighted: bool = True  # the step reads the token weights (their kept rows are passed)
+
+
+TRANSFORMS: dict[str, Transform] = {}
+
+
+def register_transform(transform: Transform) -> Transform:
+    TRANSFORMS[transform.name] = transform
+    return transform
+
+
+def transform_named(name: str) -> Transform:
+    if name not in TRANSFORMS:
+        raise KeyError(f"no transform {name!r}; registered: {sorted(TRANSFORMS)}")
+    return TRANSFORMS[name]
+
+
+# AWQ, MBQ and TLQ's scale backend: the search on the block each group feeds.
+register_transform(Transform("scale_search", _search_group))
+# SmoothQuant migrates activation outliers into the norms; no search, no token weights.
+register_transform(Transform("smoothquant", _smooth_group, captures_blocks=False, norm_sources_only=True,
+                             token_weighted=False))
+
+
 @torch.no_grad()
 def rescale_layer(layer: nn.Module, index: int, inputs: LayerInputs, adapter: ModelAdapter, recipe: Recipe,
                   device: torch.device, token_weights=None, fp_inputs: LayerInputs | None = None,
                   ranks: Ranks = SINGLE) -> list[dict]:
-    """Search (or compute) and fold the scales of every applicable group; returns one record per group."""
-    smoothquant = recipe.plan().transform == "smoothquant"
-    groups = _applicable_groups(layer, adapter, smoothquant)
+    """Find (or compute) and fold the scales of every applicable group with the recipe's transform;
+    returns one record per group."""
+    transform = transform_named(recipe.plan().transform)
+    groups = _applicable_groups(layer, adapter, transform)
     if not groups:
         return []
 
@@ -227,18 +262,17 @@ def rescale_layer(layer: nn.Module, index: int, inputs: LayerInputs, adapter: Mo
         w = _token_weights(token_weights, index, group, sample)
         return None if w is None else (w > 0).nonzero().squeeze(1)
 
-    captured = _capture(layer, groups, inputs, device, keep, with_blocks=not smoothquant)
+    captured = _capture(layer, groups, inputs, device, keep, with_blocks=transform.captures_blocks)
     fp_captured = None
     if recipe.target == "asymmetric" and fp_inputs is not None and fp_inputs is not inputs:
-        fp_captured = _capture(layer, groups, fp_inputs, device, keep, with_blocks=not smoothquant)
+        fp_captured = _capture(layer, groups, fp_inputs, device, keep, with_blocks=transform.captures_blocks)
     ctx = _GroupContext(layer, index, recipe, recipe.resolved_scheme(), device, ranks)
     records = []
     for position, group in enumerate(groups):
-        if smoothquant:
-            records.append(_smooth_group(ctx, group, torch.cat(captured[position].x).to(device)))
-            continue
-        per_sample = [_token_weights(token_weights, index, group, i) for i in range(len(inputs.hidden))]
-        kept = [None if w is None else w[w > 0] for w in per_sample]
+        kept: list[torch.Tensor | None] = [None] * len(inputs.hidden)
+        if transform.token_weighted:
+            per_sample = [_token_weights(token_weights, index, group, i) for i in range(len(inputs.hidden))]
+            kept = [None if w is None else w[w > 0] for w in per_sample]
         fp_data = fp_captured[position] if fp_captured is not None else None
-        records.append(_search_group(ctx, group, captured[position], fp_data, kept))
+        records.append(transform.step(ctx, group, captured[position], fp_data, kept))
     return records
