@@ -21,9 +21,9 @@ from tlq.models.lazy import CheckpointTensors
 from tlq.recipe import Recipe, parse_scheme
 from tlq.serving import check_tp, largest_tp, linear_in_features, where_it_runs
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava_onevision")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision")
 
-# vLLM 0.32's names for what it loads, replayed (vllm/model_executor/models/{qwen2_vl,qwen2_5_vl,
+# vLLM 0.32's names for what it loads, replayed (vllm/model_executor/models/{qwen2_vl,qwen2_5_vl,qwen3_vl,
 # llava_onevision,siglip}.py: hf_to_vllm_mapper prefixes and packed_modules_mapping), and its ignore
 # matching (compressed_tensors/utils.py should_ignore_layer, quantization/utils/config_utils.py).
 VLLM_PREFIXES = {
@@ -33,6 +33,8 @@ VLLM_PREFIXES = {
                         "model.multi_modal_projector.": "multi_modal_projector.", "lm_head.": "language_model.lm_head."},
 }
 VLLM_PREFIXES["qwen2_5_vl"] = VLLM_PREFIXES["qwen2_vl"]
+VLLM_PREFIXES["qwen3_vl"] = {"model.visual.": "visual.", "lm_head.": "language_model.lm_head.",  # qwen3_vl.py
+                             "model.language_model.": "language_model.model."}
 FUSED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
 FUSED_BY_PART = {part: fused for fused, parts in FUSED.items() for part in parts}
 

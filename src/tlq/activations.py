@@ -89,6 +89,27 @@ class LayerInputs:
 
     hidden: list[torch.Tensor]
     kwargs: list[dict[str, Any]]
+    # Per sample: decoder layer index -> (positions mask, features) that the model adds to that layer's
+    # output (ModelAdapter.layer_injections); None for families without.
+    injections: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] | None = None
+
+
+def next_layer_inputs(outputs, inputs: LayerInputs, index: int) -> LayerInputs:
+    """What enters layer index + 1: layer `index`'s per-sample `outputs`, plus the features the model adds
+    after that layer (exactly `hidden[mask] += features`, as Qwen3-VL's DeepStack does)."""
+    if inputs.injections is not None and any(index in per_sample for per_sample in inputs.injections):
+        outputs = activation_list(_inject(out, per_sample.get(index))
+                                  for out, per_sample in zip(outputs, inputs.injections))
+    return LayerInputs(outputs, inputs.kwargs, inputs.injections)
+
+
+def _inject(hidden: torch.Tensor, injection) -> torch.Tensor:
+    if injection is None:
+        return hidden
+    mask, features = injection
+    hidden = hidden.clone()
+    hidden[mask.to(hidden.device), :] = hidden[mask.to(hidden.device), :] + features.to(hidden.device, hidden.dtype)
+    return hidden
 
 
 def resolve_device(name: str) -> torch.device:
@@ -151,6 +172,7 @@ def capture_layer_inputs(model: nn.Module, adapter: ModelAdapter, samples: list[
     _check_uniform_layers(model, len(layers))
     store = LayerInputs(hidden=activation_list(), kwargs=[])
     setattr(parent, attr, nn.ModuleList([_Catcher(store)]))
+    handles = _capture_injections(model, adapter, store)
     try:
         model.to(device)
         for sample in samples:
@@ -162,7 +184,27 @@ def capture_layer_inputs(model: nn.Module, adapter: ModelAdapter, samples: list[
     finally:
         model.to("cpu")
         setattr(parent, attr, layers)
+        for handle in handles:
+            handle.remove()
     return store
+
+
+def _capture_injections(model: nn.Module, adapter: ModelAdapter, store: LayerInputs) -> list:
+    """A hook recording, per sample, the features the model will add after decoder layers."""
+    if adapter.layer_injections is None:
+        return []
+    module_name, mask_key, features_key = adapter.layer_injections
+    store.injections = []
+
+    def record(module, args, kwargs):
+        mask, features = kwargs.get(mask_key), kwargs.get(features_key)
+        if mask is None or features is None:  # a sample without an image
+            store.injections.append({})
+            return
+        mask = mask.detach().cpu()
+        store.injections.append({i: (mask, f.detach().cpu()) for i, f in enumerate(features)})
+
+    return [model.get_submodule(module_name).register_forward_pre_hook(record, with_kwargs=True)]
 
 
 def layer_output(value: Any) -> torch.Tensor:

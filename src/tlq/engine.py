@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from tlq.activations import (LayerInputs, activation_list, capture_layer_inputs, capture_linear_inputs, check_finite,
+                             next_layer_inputs,
                              install_activation_quant, resolve_device, run_layer,
                              run_with_hooks)
 from tlq import faults
@@ -180,7 +181,7 @@ def _fp_stream(run: _LayerRun) -> LayerInputs | None:
     if run.fp_inputs is None or run.fp_inputs is run.inputs:
         return None
     outputs = activation_list(out.cpu() for _, out in run_layer(run.layer, run.fp_inputs, run.device))
-    return LayerInputs(outputs, run.fp_inputs.kwargs)
+    return next_layer_inputs(outputs, run.fp_inputs, run.index)
 
 
 def _observe(run: _LayerRun, solvers: dict, act_bits: int | None = None, keep_outputs: bool = False):
@@ -309,7 +310,7 @@ def calibrate_layer(layer: nn.Module, index: int, inputs: LayerInputs, adapter: 
     quantized, reference_outputs, act_hooks = _solve_groups(run, groups, recipe, scheme, ranks, clock,
                                                             reference_outputs)
     if fp_inputs is not None and fp_inputs is inputs:
-        fp_outputs = LayerInputs(reference_outputs, fp_inputs.kwargs)
+        fp_outputs = next_layer_inputs(reference_outputs, fp_inputs, index)
     try:
         with clock("propagate"):
             outputs, error_sq, norm_sq = _propagate(run, reference_outputs)
@@ -320,7 +321,7 @@ def calibrate_layer(layer: nn.Module, index: int, inputs: LayerInputs, adapter: 
     error_sq, norm_sq = ranks.sum(torch.tensor([error_sq, norm_sq], dtype=torch.float64)).tolist()
     report = LayerReport(index, (error_sq / max(norm_sq, 1e-30)) ** 0.5, time.perf_counter() - start, rescaled,
                          phases=clock.rounded())
-    return {prefix + k: v for k, v in quantized.items()}, LayerInputs(outputs, inputs.kwargs), fp_outputs, report
+    return {prefix + k: v for k, v in quantized.items()}, next_layer_inputs(outputs, inputs, index), fp_outputs, report
 
 
 def _first_inputs(model, adapter: ModelAdapter, samples: list[Sample], recipe: Recipe, device, clock: PhaseClock):
@@ -361,9 +362,10 @@ def _restore_finished(work, layers, result: CalibrationResult, inputs: LayerInpu
         result.layers.append(LayerReport(**{**report, "resumed": True}))
     if first:
         hidden, fp_hidden = work.load_inputs(first)
-        inputs = LayerInputs(activation_list(hidden), inputs.kwargs)
+        inputs = LayerInputs(activation_list(hidden), inputs.kwargs, inputs.injections)
         if fp_inputs is not None:
-            fp_inputs = LayerInputs(activation_list(fp_hidden), inputs.kwargs) if recipe.exposure else inputs
+            fp_inputs = (LayerInputs(activation_list(fp_hidden), inputs.kwargs, inputs.injections) if recipe.exposure
+                         else inputs)
         log.info("resumed from %s: layers 0..%d were finished", work.path, first - 1)
     return first, inputs, fp_inputs
 

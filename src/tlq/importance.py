@@ -22,7 +22,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from tlq.activations import (LayerInputs, activation_list, capture_layer_inputs, layer_output, run_layer,
+from tlq.activations import (LayerInputs, activation_list, capture_layer_inputs, layer_output, next_layer_inputs,
+                             run_layer,
                              to_device)
 from tlq.data import Sample
 from tlq.distributed import SINGLE, Ranks
@@ -200,8 +201,9 @@ def _streamed_backward(model: nn.Module, adapter: ModelAdapter, samples: list[Sa
     with torch.no_grad():
         for index in range(len(layers)):
             layer = layers.load(index, device)
-            stored.append(activation_list(out.cpu() for _, out in run_layer(layer, LayerInputs(stored[-1],
-                                                                                          captured.kwargs), device)))
+            entering = LayerInputs(stored[-1], captured.kwargs, captured.injections)
+            outputs = activation_list(out.cpu() for _, out in run_layer(layer, entering, device))
+            stored.append(next_layer_inputs(outputs, entering, index).hidden)  # the gradient passes through
             layers.release(index)
     head = nn.Sequential(model.get_submodule(adapter.final_norm), model.get_submodule(adapter.lm_head)).to(device)
     grads, losses = [], []

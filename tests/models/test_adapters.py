@@ -23,7 +23,7 @@ def test_missing_model_dir(tmp_path):
         read_model_type(tmp_path)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava_onevision"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision"])
 def test_adapter_finds_only_decoder_linears(tiny_checkpoints, family):
     model, adapter = load_model(tiny_checkpoints[family])
     names = adapter.quantized_linear_names(model)

@@ -64,6 +64,11 @@ class ModelAdapter:
     lm_head: str = "lm_head"
     # Linears whose inputs a tensor-parallel engine splits over the ranks (vLLM's RowParallelLinear).
     row_parallel: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
+    # Features the model adds to some decoder layers' outputs between layers (Qwen3-VL's DeepStack adds
+    # visual features at the image positions after the first layers): the module whose call receives
+    # them, and the names of its (positions mask, per-layer features) keyword arguments. They are
+    # captured from the model's own forward with layer 0's inputs and replayed (tlq.activations).
+    layer_injections: tuple[str, str, str] | None = None
 
     @property
     def linear_names(self) -> tuple[str, ...]:

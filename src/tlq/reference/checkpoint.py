@@ -16,7 +16,7 @@ import torch
 from tlq.models.processing import save_processor, videoless_processor
 from tlq.reference.tokenizer import build_tokenizer
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava_onevision")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision")
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,19 @@ def build_model_and_processor(family: str, words: Iterable[str], size: ModelSize
             config = tf.Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **markers)
             model = tf.Qwen2VLForConditionalGeneration(config)
             processor_class = tf.Qwen2VLProcessor
+        elif family == "qwen3_vl":
+            # Qwen3 decoder (q/k norms, interleaved M-RoPE) and a ViT whose DeepStack mergers feed the first
+            # decoder layers: one per ViT layer here, so every tiny model exercises the replay.
+            text.update(head_dim=size.hidden // size.heads,
+                        rope_scaling={"rope_type": "default", "mrope_section": mrope, "mrope_interleaved": True})
+            vision.update(hidden_size=size.vision_hidden, out_hidden_size=size.hidden,
+                          intermediate_size=2 * size.vision_hidden, num_position_embeddings=64,
+                          deepstack_visual_indexes=list(range(min(size.vision_layers + 1, size.layers))))
+            if size.vision_layers < 2:
+                vision.update(depth=2)
+            config = tf.Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **markers)
+            model = tf.Qwen3VLForConditionalGeneration(config)
+            processor_class = tf.Qwen3VLProcessor
         else:
             vision.update(hidden_size=size.vision_hidden, out_hidden_size=size.hidden,
                           intermediate_size=2 * size.vision_hidden, window_size=4 * size.patch,
