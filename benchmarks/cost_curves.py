@@ -7,7 +7,7 @@ layers, the fitted growth of each, and `tlq plan`'s estimate against the measure
 Every point is a random-weight Qwen2VLForConditionalGeneration (benchmarks/cost.py builds it) quantized to
 W4A16 by one `tlq quantize` child process at a time (tlq.measure: wall, own peak RSS; tlq_recipe.json:
 calibration seconds and the phase breakdown). The base point is hidden 1024 (MLP 5888, the 2B model's
-ratio), 2 decoder layers, 128 samples of ~280 tokens (a 256-token image); each sweep moves one of them:
+ratio), 2 decoder layers, 64 samples of ~280 tokens (a 256-token image); each sweep moves one of them:
 
     samples   64, 128, 256, 512
     tokens    images of 64, 256, 576 tokens (the processor's image side: 128, 256, 384 px)
@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE = {"samples": 128, "image": 256, "hidden": 1024, "layers": 2}
+BASE = {"samples": 64, "image": 256, "hidden": 1024, "layers": 2}
 SWEEPS = {"samples": [64, 128, 256, 512], "tokens": [128, 256, 384], "hidden": [512, 1024, 1536, 2048],
           "layers": [1, 2, 4]}
 SWEEP_KEY = {"samples": "samples", "tokens": "image", "hidden": "hidden", "layers": "layers"}
