@@ -75,12 +75,12 @@ def build_token_weights(model, adapter, samples: list[Sample], recipe: Recipe, r
     pass is kept there (rank 0 writes, every rank records its digest), or read back when a resumed run
     finds it whole.
     """
-    from tlq.importance import GRADIENT_PASSES, compute_importance, weighting_named
+    from tlq.importance import GRADIENT_PASSES, WEIGHTINGS, compute_importance
 
     plan = recipe.plan()
     if plan.weighting == "uniform":
         return None, {"weighting": "uniform"}
-    weighting = weighting_named(plan.weighting)
+    weighting = WEIGHTINGS.get(plan.weighting)
     importance = work.saved_importance() if work is not None else None
     if importance is None:
         importance = compute_importance(model, adapter, samples, recipe.importance_score,

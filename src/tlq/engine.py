@@ -33,9 +33,7 @@ import torch
 from torch import nn
 
 from tlq.activations import (LayerInputs, activation_list, capture_layer_inputs, capture_linear_inputs, check_finite,
-                             next_layer_inputs,
-                             install_activation_quant, resolve_device, run_layer,
-                             run_with_hooks)
+                             install_activation_quant, next_layer_inputs, resolve_device, run_layer, run_with_hooks)
 from tlq import faults
 from tlq.data import Sample
 from tlq.distributed import SINGLE, Ranks, samples_per_chunk

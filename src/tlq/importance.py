@@ -23,12 +23,12 @@ import torch
 from torch import nn
 
 from tlq.activations import (LayerInputs, activation_list, capture_layer_inputs, layer_output, next_layer_inputs,
-                             run_layer,
-                             to_device)
+                             run_layer, to_device)
 from tlq.data import Sample
 from tlq.distributed import SINGLE, Ranks
 from tlq.engine import TokenWeights
 from tlq.recipe import IMPORTANCE_SCORES, Recipe
+from tlq.registry import Registry
 from tlq.errors import TlqError
 from tlq.models import ANSWER, IMAGE, PROMPT, TOKEN_KIND_NAMES, ModelAdapter
 
@@ -432,18 +432,11 @@ class Weighting:
     build: Callable[[TokenImportance, ModelAdapter, Recipe, int], tuple[TokenWeights, dict[str, Any]]]
 
 
-WEIGHTINGS: dict[str, Weighting] = {}
+WEIGHTINGS: Registry[Weighting] = Registry("token weighting")
 
 
 def register_weighting(weighting: Weighting) -> Weighting:
-    WEIGHTINGS[weighting.name] = weighting
-    return weighting
-
-
-def weighting_named(name: str) -> Weighting:
-    if name not in WEIGHTINGS:
-        raise KeyError(f"no token weighting {name!r}; registered: {sorted(WEIGHTINGS)}")
-    return WEIGHTINGS[name]
+    return WEIGHTINGS.add(weighting.name, weighting)
 
 
 def _modality(importance: TokenImportance, adapter: ModelAdapter, recipe: Recipe, layers: int):

@@ -29,6 +29,7 @@ from tlq.quant.primitives import fake_quant_activation, fake_quant_weight
 from tlq.quant.scaling import (apply_scales, channel_magnitude, group_applies, search_scales, smoothquant_scales,
                                weight_magnitude, weighted_error)
 from tlq.recipe import Recipe, Scheme
+from tlq.registry import Registry
 
 CHUNK = 4096  # tokens per forward of a token-wise block during the search
 
@@ -226,18 +227,11 @@ class Transform:
     token_weighted: bool = True  # the step reads the token weights (their kept rows are passed)
 
 
-TRANSFORMS: dict[str, Transform] = {}
+TRANSFORMS: Registry[Transform] = Registry("transform")
 
 
 def register_transform(transform: Transform) -> Transform:
-    TRANSFORMS[transform.name] = transform
-    return transform
-
-
-def transform_named(name: str) -> Transform:
-    if name not in TRANSFORMS:
-        raise KeyError(f"no transform {name!r}; registered: {sorted(TRANSFORMS)}")
-    return TRANSFORMS[name]
+    return TRANSFORMS.add(transform.name, transform)
 
 
 # AWQ, MBQ and TLQ's scale backend: the search on the block each group feeds.
@@ -253,7 +247,7 @@ def rescale_layer(layer: nn.Module, index: int, inputs: LayerInputs, adapter: Mo
                   ranks: Ranks = SINGLE) -> list[dict]:
     """Find (or compute) and fold the scales of every applicable group with the recipe's transform;
     returns one record per group."""
-    transform = transform_named(recipe.plan().transform)
+    transform = TRANSFORMS.get(recipe.plan().transform)
     groups = _applicable_groups(layer, adapter, transform)
     if not groups:
         return []
