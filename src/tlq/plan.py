@@ -14,9 +14,9 @@ device (the peak of the three phases)
                 work copy, half-size retry rows), one sample's activations
 host
     model weights           the whole checkpoint; with --lazy only what is outside the decoder + one layer
-    layer-input cache       3 x s x T x d x b (the layer's inputs, its outputs and the FP layer's outputs
-                            for the error report), + 2 x for an FP stream (asymmetric target or
-                            --no-exposure); --offload-dir moves it to disk
+    layer-input cache       2 x s x T x d x b (the layer's inputs and its outputs) + the FP layer's outputs
+                            on at most 16 samples (the error report, engine.REPORT_SAMPLES), + 2 x for an
+                            FP stream (asymmetric target); --offload-dir moves it to disk
     gradient pass           (L + 1) x s x T x d x b (each layer's stored inputs; freed before calibration)
 """
 
@@ -142,7 +142,9 @@ def plan_memory(shape: ModelShape, devices: int, device_memory: int, samples: in
     capture = (shape.vision_params + shape.embed_params) * b + 4 * T * d * 4
     device_peak = max(calibrate, gradient, capture)
     hidden_cache = per_rank * T * d * b
-    cache = hidden_cache * (5 if asymmetric else 3)
+    from tlq.engine import REPORT_SAMPLES
+
+    cache = hidden_cache * (4 if asymmetric else 2) + min(per_rank, REPORT_SAMPLES) * T * d * b
     gradient_store = (shape.num_layers + 1) * hidden_cache
     if lazy:
         weights = (shape.total_params - shape.num_layers * shape.layer_params + 2 * shape.layer_params) * b

@@ -144,6 +144,19 @@ def _token_wise_items(block: nn.Module, x: torch.Tensor, target_x: torch.Tensor 
     return items
 
 
+def _concatenated(parts: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat of the per-sample rows, emptying the list as it goes (never two copies of them alive)."""
+    if not parts:
+        return torch.empty(0)
+    out = torch.empty(sum(len(p) for p in parts), parts[0].shape[-1], dtype=parts[0].dtype, device=parts[0].device)
+    start = 0
+    while parts:
+        part = parts.pop(0)
+        out[start:start + len(part)] = part
+        start += len(part)
+    return out
+
+
 def _subsample(x, target_x, weights, recipe: Recipe, index: int, ranks: Ranks):
     """At most recipe.scale_max_tokens tokens, drawn over all ranks' tokens (rank order = sample order),
     so that it is the same token set whatever the number of ranks."""
@@ -186,7 +199,7 @@ def _smooth_group(ctx: _GroupContext, group: ScalingGroup, data: _Captured, fp_d
                   kept: list[torch.Tensor | None]) -> dict:
     """SmoothQuant: s = max|x|^a / max|W|^(1-a), folded in; no search."""
     source, targets = ctx.layer.get_submodule(group.source), [ctx.layer.get_submodule(t) for t in group.targets]
-    x, _, _, tokens = _subsample(torch.cat(data.x).to(ctx.device), None, None, ctx.recipe, ctx.index, ctx.ranks)
+    x, _, _, tokens = _subsample(_concatenated(data.x).to(ctx.device), None, None, ctx.recipe, ctx.index, ctx.ranks)
     apply_scales(source, targets, smoothquant_scales(x, targets, ctx.recipe.smooth_alpha, ctx.ranks))
     return {"source": group.source, "alpha": ctx.recipe.smooth_alpha, "loss_ratio": None, "tokens": tokens}
 
@@ -197,7 +210,7 @@ def _search_group(ctx: _GroupContext, group: ScalingGroup, data: _Captured, fp_d
     layer, recipe, device, ranks = ctx.layer, ctx.recipe, ctx.device, ctx.ranks
     source, targets = layer.get_submodule(group.source), [layer.get_submodule(t) for t in group.targets]
     weights = None if not kept or kept[0] is None else torch.cat(kept).to(device)
-    x = torch.cat(data.x).to(device)
+    x = _concatenated(data.x).to(device)
     magnitude = channel_magnitude(x, weights, ranks)
     block = layer.get_submodule(group.block)
     if group.mixes_tokens:
@@ -206,7 +219,7 @@ def _search_group(ctx: _GroupContext, group: ScalingGroup, data: _Captured, fp_d
                  in zip(data.calls, data.rows, references, kept)]
         tokens = sum(ranks.gather_objects(len(x)))
     else:
-        target_x = torch.cat(fp_data.x).to(device) if fp_data is not None else None
+        target_x = _concatenated(fp_data.x).to(device) if fp_data is not None else None
         x, target_x, weights, tokens = _subsample(x, target_x, weights, recipe, ctx.index, ranks)
         items = _token_wise_items(block, x, target_x, weights)
     objective = _BlockObjective(block, targets, items, ctx.scheme, recipe.scale_loss_resolved, device, ranks)
@@ -269,4 +282,7 @@ def rescale_layer(layer: nn.Module, index: int, inputs: LayerInputs, adapter: Mo
             kept = [None if w is None else w[w > 0] for w in per_sample]
         fp_data = fp_captured[position] if fp_captured is not None else None
         records.append(transform.step(ctx, group, captured[position], fp_data, kept))
+        captured[position] = None  # this group's inputs and block calls are no longer needed
+        if fp_captured is not None:
+            fp_captured[position] = None
     return records

@@ -33,18 +33,24 @@ def weighted_error(diff: torch.Tensor, weights: torch.Tensor | None, loss: str) 
     return (per_token * weights).sum()
 
 
+MAGNITUDE_ROWS = 4096  # rows per float64 partial sum in channel_magnitude
+
+
 def channel_magnitude(x: torch.Tensor, weights: torch.Tensor | None = None, ranks: Ranks = SINGLE) -> torch.Tensor:
     """Token-weighted mean |x| per input channel over every rank's tokens; x is [tokens, in].
 
     Summed in float64 so that the magnitudes, hence the scales, do not depend on how tokens are split
     over ranks (with W*A8 a last-bit change in a scale can flip an activation rounding).
     """
-    absolute = x.float().abs().double()
-    if weights is None:
-        totals = ranks.sum(torch.cat([absolute.sum(0), absolute.new_tensor([len(x)])]))
-    else:
-        w = weights.double()
-        totals = ranks.sum(torch.cat([(absolute * w[:, None]).sum(0), w.sum()[None]]))
+    # In row chunks: a float64 copy of all of x would be 2x its float32 size again (5 GB for a 2B
+    # down_proj's inputs from 128 samples), and the weighted product as much once more.
+    sums = torch.zeros(x.shape[-1], dtype=torch.float64, device=x.device)
+    for start in range(0, len(x), MAGNITUDE_ROWS):
+        absolute = x[start:start + MAGNITUDE_ROWS].float().abs().double()
+        sums += absolute.sum(0) if weights is None else (absolute * weights[start:start + MAGNITUDE_ROWS].double()[:, None]).sum(0)
+    count = torch.tensor([float(len(x))], dtype=torch.float64, device=x.device) if weights is None else \
+        weights.double().sum()[None]
+    totals = ranks.sum(torch.cat([sums, count]))
     return (totals[:-1] / totals[-1].clamp_min(1e-30)).float().clamp_min(1e-8)
 
 
