@@ -10,7 +10,8 @@ calibration seconds and the phase breakdown). The base point is hidden 1024 (MLP
 ratio), 2 decoder layers, 64 samples of ~280 tokens (a 256-token image); each sweep moves one of them:
 
     samples   64, 128, 256, 512
-    tokens    images of 64, 256, 576 tokens (the processor's image side: 128, 256, 384 px)
+    tokens    images of ~64, ~144, 256 tokens (the processor's image side: 128, 192, 256 px; the synthetic
+              images are 256 px, so a larger side adds no tokens)
     hidden    512, 1024, 1536, 2048 (MLP 5.75x, 128-dim heads, 2 KV heads)
     layers    1, 2, 4
 
@@ -33,7 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {"samples": 64, "image": 256, "hidden": 1024, "layers": 2}
-SWEEPS = {"samples": [64, 128, 256, 512], "tokens": [128, 256, 384], "hidden": [512, 1024, 1536, 2048],
+SWEEPS = {"samples": [64, 128, 256, 512], "tokens": [128, 192, 256], "hidden": [512, 1024, 1536, 2048],
           "layers": [1, 2, 4]}
 SWEEP_KEY = {"samples": "samples", "tokens": "image", "hidden": "hidden", "layers": "layers"}
 
@@ -200,8 +201,10 @@ def main() -> int:
     args = parser.parse_args()
     baseline = interpreter_baseline_mib()
     previous = json.loads((args.out / "results.json").read_text())["rows"] if (args.out / "results.json").exists() else []
-    rows = []
-    for sweep in args.sweeps.split(","):
+    requested = args.sweeps.split(",")
+    # Rows of sweeps not run now are kept; a requested sweep's points are reused when already measured.
+    rows = [r for r in previous if r["sweep"] not in requested]
+    for sweep in requested:
         if sweep not in SWEEPS:
             raise SystemExit(f"unknown sweep {sweep!r}: use {', '.join(SWEEPS)}")
         for value in SWEEPS[sweep]:
