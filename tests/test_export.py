@@ -14,9 +14,10 @@ from tlq.export import RECIPE_FILE, export_compressed
 from tlq.models import load_model
 from tlq.models.processing import load_processor
 from tlq.recipe import Recipe
+from tlq.reference.checkpoint import FAMILIES
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 @pytest.mark.parametrize("scheme", ["W4A16-g32", "W4A8"])
 def test_reloaded_checkpoint_matches_fake_quant(tiny_checkpoints, calib_split, tmp_path, family, method, scheme):

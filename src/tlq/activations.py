@@ -92,15 +92,28 @@ class LayerInputs:
     # Per sample: decoder layer index -> (positions mask, features) that the model adds to that layer's
     # output (ModelAdapter.layer_injections); None for families without.
     injections: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] | None = None
+    # Decoders with layers of several kinds (Gemma 3's sliding-window and global attention) call each kind
+    # with its own mask and rotary embeddings: per kind, the per-sample keyword arguments of the first
+    # layer of that kind, and the kind of every layer. None when every layer is called alike.
+    kwargs_by_kind: dict[str, list[dict[str, Any]]] | None = None
+    layer_kinds: tuple[str, ...] | None = None
+
+    def entering(self, hidden: list[torch.Tensor], index: int) -> "LayerInputs":
+        """These streams with `hidden` entering decoder layer `index` (its kind's keyword arguments)."""
+        kwargs = self.kwargs
+        if self.kwargs_by_kind is not None and index < len(self.layer_kinds):
+            kwargs = self.kwargs_by_kind[self.layer_kinds[index]]
+        return LayerInputs(hidden, kwargs, self.injections, self.kwargs_by_kind, self.layer_kinds)
 
 
 def next_layer_inputs(outputs, inputs: LayerInputs, index: int) -> LayerInputs:
     """What enters layer index + 1: layer `index`'s per-sample `outputs`, plus the features the model adds
-    after that layer (exactly `hidden[mask] += features`, as Qwen3-VL's DeepStack does)."""
+    after that layer (exactly `hidden[mask] += features`, as Qwen3-VL's DeepStack does), with the next
+    layer's keyword arguments."""
     if inputs.injections is not None and any(index in per_sample for per_sample in inputs.injections):
         outputs = activation_list(_inject(out, per_sample.get(index))
                                   for out, per_sample in zip(outputs, inputs.injections))
-    return LayerInputs(outputs, inputs.kwargs, inputs.injections)
+    return inputs.entering(outputs, index + 1)
 
 
 def _inject(hidden: torch.Tensor, injection) -> torch.Tensor:
@@ -139,27 +152,47 @@ class _Captured(Exception):
 
 
 class _Catcher(nn.Module):
-    """Stands in for decoder layer 0 during capture: records its call and stops the forward."""
+    """Stands in for a decoder layer during capture: records the call's keyword arguments under the
+    layer's kind (and, at layer 0, the hidden states), passes the hidden states on unchanged, and stops
+    the forward at the last layer whose call is needed."""
 
-    def __init__(self, store: LayerInputs) -> None:
+    def __init__(self, store: LayerInputs, kind: str | None, first: bool, last: bool) -> None:
         super().__init__()
-        self.store = store
+        self.store, self.kind, self.first, self.last = store, kind, first, last
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if args:
             raise TlqError("decoder layer called with positional arguments tlq does not know how to replay")
         for key in ("cache", "past_key_values", "past_key_value", "use_cache", "cache_position"):
             kwargs.pop(key, None)
-        self.store.hidden.append(hidden_states.detach().cpu())
-        self.store.kwargs.append(to_device(kwargs, torch.device("cpu")))
-        raise _Captured
+        kwargs = to_device(kwargs, torch.device("cpu"))
+        if self.first:
+            self.store.hidden.append(hidden_states.detach().cpu())
+            self.store.kwargs.append(kwargs)
+        if self.kind is not None:
+            self.store.kwargs_by_kind[self.kind].append(kwargs)
+        if self.last:
+            raise _Captured
+        return hidden_states
 
 
-def _check_uniform_layers(model: nn.Module, num_layers: int) -> None:
-    # Every layer is replayed with layer 0's arguments; sliding-window layers would need their own mask.
-    layer_types = getattr(getattr(model.config, "text_config", model.config), "layer_types", None)
-    if layer_types and len(set(layer_types[:num_layers])) > 1:
-        raise TlqError(f"mixed attention layer types {sorted(set(layer_types))} are not supported yet")
+def layer_kinds(model: nn.Module, num_layers: int) -> tuple[str, ...] | None:
+    """The kind of each decoder layer when the model calls them differently (config `layer_types` with
+    more than one kind), else None."""
+    kinds = getattr(getattr(model.config, "text_config", model.config), "layer_types", None)
+    if not kinds or len(set(kinds[:num_layers])) < 2:
+        return None
+    return tuple(kinds[:num_layers])
+
+
+def _catchers(store: LayerInputs, kinds: tuple[str, ...] | None) -> nn.ModuleList:
+    """One catcher for layer 0, or, with several layer kinds, one per layer up to the first of the last kind."""
+    if kinds is None:
+        return nn.ModuleList([_Catcher(store, None, first=True, last=True)])
+    firsts = {kind: kinds.index(kind) for kind in dict.fromkeys(kinds)}
+    end = max(firsts.values())
+    return nn.ModuleList([_Catcher(store, kinds[i] if firsts[kinds[i]] == i else None, first=i == 0, last=i == end)
+                          for i in range(end + 1)])
 
 
 @torch.no_grad()
@@ -169,9 +202,10 @@ def capture_layer_inputs(model: nn.Module, adapter: ModelAdapter, samples: list[
     parent_name, _, attr = adapter.decoder_layers.rpartition(".")
     parent = model.get_submodule(parent_name)
     layers = getattr(parent, attr)
-    _check_uniform_layers(model, len(layers))
-    store = LayerInputs(hidden=activation_list(), kwargs=[])
-    setattr(parent, attr, nn.ModuleList([_Catcher(store)]))
+    kinds = layer_kinds(model, len(layers))
+    store = LayerInputs(hidden=activation_list(), kwargs=[], layer_kinds=kinds,
+                        kwargs_by_kind=None if kinds is None else {kind: [] for kind in kinds})
+    setattr(parent, attr, _catchers(store, kinds))
     handles = _capture_injections(model, adapter, store)
     try:
         model.to(device)

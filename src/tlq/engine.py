@@ -372,10 +372,9 @@ def _restore_finished(work, layers, result: CalibrationResult, inputs: LayerInpu
         result.layers.append(LayerReport(**{**report, "resumed": True}))
     if first:
         hidden, fp_hidden = work.load_inputs(first)
-        inputs = LayerInputs(activation_list(hidden), inputs.kwargs, inputs.injections)
+        inputs = inputs.entering(activation_list(hidden), first)
         if fp_inputs is not None:
-            fp_inputs = (LayerInputs(activation_list(fp_hidden), inputs.kwargs, inputs.injections) if recipe.exposure
-                         else inputs)
+            fp_inputs = inputs.entering(activation_list(fp_hidden), first) if recipe.exposure else inputs
         log.info("resumed from %s: layers 0..%d were finished", work.path, first - 1)
     return first, inputs, fp_inputs
 

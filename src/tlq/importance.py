@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from tlq.activations import (LayerInputs, activation_list, capture_layer_inputs, layer_output, next_layer_inputs,
+from tlq.activations import (activation_list, capture_layer_inputs, layer_output, next_layer_inputs,
                              run_layer, to_device)
 from tlq.data import Sample
 from tlq.distributed import SINGLE, Ranks
@@ -201,7 +201,7 @@ def _streamed_backward(model: nn.Module, adapter: ModelAdapter, samples: list[Sa
     with torch.no_grad():
         for index in range(len(layers)):
             layer = layers.load(index, device)
-            entering = LayerInputs(stored[-1], captured.kwargs, captured.injections)
+            entering = captured.entering(stored[-1], index)
             outputs = activation_list(out.cpu() for _, out in run_layer(layer, entering, device))
             stored.append(next_layer_inputs(outputs, entering, index).hidden)  # the gradient passes through
             layers.release(index)
@@ -220,8 +220,8 @@ def _streamed_backward(model: nn.Module, adapter: ModelAdapter, samples: list[Sa
             layer = layers.load(index, device)
             handles = recorder.attach(layer, index, layer_output_hook=False)
             try:
-                upstream = []
-                for i, (hidden, kwargs) in enumerate(zip(stored[index], captured.kwargs)):
+                upstream, layer_kwargs = [], captured.entering([], index).kwargs
+                for i, (hidden, kwargs) in enumerate(zip(stored[index], layer_kwargs)):
                     recorder.layer_output_grad(index, grads[i])
                     x = hidden.to(device).requires_grad_(True)
                     layer_output(layer(x, **to_device(kwargs, device))).backward(grads[i].to(device))

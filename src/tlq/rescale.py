@@ -200,7 +200,8 @@ def _smooth_group(ctx: _GroupContext, group: ScalingGroup, data: _Captured, fp_d
     """SmoothQuant: s = max|x|^a / max|W|^(1-a), folded in; no search."""
     source, targets = ctx.layer.get_submodule(group.source), [ctx.layer.get_submodule(t) for t in group.targets]
     x, _, _, tokens = _subsample(_concatenated(data.x).to(ctx.device), None, None, ctx.recipe, ctx.index, ctx.ranks)
-    apply_scales(source, targets, smoothquant_scales(x, targets, ctx.recipe.smooth_alpha, ctx.ranks))
+    apply_scales(source, targets, smoothquant_scales(x, targets, ctx.recipe.smooth_alpha, ctx.ranks),
+                 group.source_weight_offset)
     return {"source": group.source, "alpha": ctx.recipe.smooth_alpha, "loss_ratio": None, "tokens": tokens}
 
 
@@ -225,7 +226,7 @@ def _search_group(ctx: _GroupContext, group: ScalingGroup, data: _Captured, fp_d
     objective = _BlockObjective(block, targets, items, ctx.scheme, recipe.scale_loss_resolved, device, ranks)
     weight = weight_magnitude(targets, ctx.scheme.group_size) if recipe.scale_form != "activation" else None
     scales, choice, ratio = search_scales(magnitude, objective, recipe.scale_grid, weight, recipe.scale_form)
-    apply_scales(source, targets, scales)
+    apply_scales(source, targets, scales, group.source_weight_offset)
     return {"source": group.source, "block": group.block, **choice, "loss_ratio": ratio, "tokens": tokens}
 
 

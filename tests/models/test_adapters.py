@@ -6,6 +6,7 @@ from torch import nn
 
 from tlq.errors import TlqError
 from tlq.models import ANSWER, IMAGE, PROMPT, SUPPORTED_MODEL_TYPES, adapter_for, load_model, read_model_type
+from tlq.reference.checkpoint import FAMILIES
 
 
 def test_unsupported_architecture_lists_supported(tmp_path):
@@ -23,14 +24,14 @@ def test_missing_model_dir(tmp_path):
         read_model_type(tmp_path)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_adapter_finds_only_decoder_linears(tiny_checkpoints, family):
     model, adapter = load_model(tiny_checkpoints[family])
     names = adapter.quantized_linear_names(model)
     assert len(names) == 7 * model.config.text_config.num_hidden_layers
     for name in names:
         assert isinstance(model.get_submodule(name), nn.Linear)
-        assert ".language_model.layers." in name
+        assert name.startswith(adapter.decoder_layers + ".")
     for group in adapter.scaling_groups:
         layer = adapter.layers(model)[0]
         assert layer.get_submodule(group.source) is not None

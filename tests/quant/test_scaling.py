@@ -67,3 +67,24 @@ def test_folding_preserves_the_function():
     after = [t(norm(x)) for t in targets]
     for a, b in zip(before, after):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_folding_into_a_norm_with_a_weight_offset_preserves_the_function():
+    """Gemma's RMSNorm multiplies by (1 + weight): the fold keeps the offset outside the scale; folding as
+    for a plain norm would not."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    x, targets = _group(2)
+    norm = Gemma3RMSNorm(32)
+    nn.init.normal_(norm.weight)
+    with torch.no_grad():
+        before = [t(norm(x)) for t in targets]
+        scales = torch.rand(32) + 0.5
+        plain = Gemma3RMSNorm(32)
+        plain.weight.data = norm.weight.data.clone()
+        apply_scales(plain, [nn.Linear(32, 4)], scales)
+        apply_scales(norm, targets, scales, source_weight_offset=1.0)
+        after = [t(norm(x)) for t in targets]
+    for a, b in zip(before, after):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert not torch.allclose(plain.weight, norm.weight, atol=1e-3)

@@ -7,7 +7,7 @@ import torch
 from tlq.data.conversations import Sample
 
 # Per-token tensors [1, T] that are padded; everything else is concatenated along dim 0.
-_TOKEN_KEYS = {"input_ids", "attention_mask", "mm_token_type_ids"}
+_TOKEN_KEYS = {"input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids"}  # token_type_ids: Gemma 3
 
 
 def collate(samples: list[Sample], pad_id: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

@@ -6,13 +6,13 @@ import json
 from pathlib import Path
 
 from tlq.errors import TlqError, one_line
-from tlq.models import llava_onevision, qwen2_5_vl, qwen2_vl, qwen3_vl
+from tlq.models import gemma3, idefics3, internvl, llava_next, llava_onevision, mistral3, qwen2_5_vl, qwen2_vl, qwen3_vl
 from tlq.models.weights import check_finite_parameters, check_loading_info, check_weight_files
 from tlq.models.base import ANSWER, IMAGE, PROMPT, TOKEN_KIND_NAMES, ModelAdapter, ScalingGroup
 
 ADAPTERS: dict[str, ModelAdapter] = {
     model_type: module.ADAPTER
-    for module in (qwen2_vl, qwen2_5_vl, qwen3_vl, llava_onevision)
+    for module in (qwen2_vl, qwen2_5_vl, qwen3_vl, llava_onevision, llava_next, idefics3, mistral3, internvl, gemma3)
     for model_type in module.ADAPTER.model_types
 }
 SUPPORTED_MODEL_TYPES = tuple(sorted(ADAPTERS))

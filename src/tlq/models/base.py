@@ -48,6 +48,9 @@ class ScalingGroup:
     block: str
     output_linear: str
     mixes_tokens: bool = False
+    # A norm source that multiplies by (offset + weight) (Gemma's RMSNorm: 1 + weight) folds 1/s as
+    # weight -> (offset + weight) / s - offset.
+    source_weight_offset: float = 0.0
 
 
 @dataclass(frozen=True)

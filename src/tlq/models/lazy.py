@@ -155,9 +155,11 @@ def load_lazy(model_dir: str | Path, dtype: str = "auto", trust_remote_code: boo
         text.layer_types = layer_types[:1]
     with torch.device("meta"):
         layer_class = type(adapter.layers(AutoModelForImageTextToText.from_config(config))[0])
+    # Zero layers, but the layer kinds stay: modules built once for all layers from them (Gemma 3's rotary
+    # tables, one per kind) must know every kind.
     text.num_hidden_layers = 0
     if layer_types is not None:
-        text.layer_types = []
+        text.layer_types = layer_types
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its load report lists the layers' keys, left out on purpose
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import types
 from pathlib import Path
 
 from tlq.errors import TlqError
@@ -21,6 +22,9 @@ def _videoless(processor_class: type) -> type:
     """A subclass of a stock processor whose constructor takes no video processor."""
 
     class VideolessProcessor(processor_class):
+        # SmolVLM's apply_chat_template reads the video defaults (frames, fps) even for image-only chats.
+        video_processor = types.SimpleNamespace(num_frames=None, fps=None)
+
         @classmethod
         def get_attributes(cls):
             return [name for name in super().get_attributes() if name != "video_processor"]
@@ -40,7 +44,8 @@ def _videoless(processor_class: type) -> type:
 # The video processor each processor class is built with, and the image-processor settings a video
 # processor shares (a hub checkpoint's single preprocessor config served both in the past).
 VIDEO_PROCESSORS = {"Qwen2VLProcessor": "Qwen2VLVideoProcessor", "Qwen2_5_VLProcessor": "Qwen2VLVideoProcessor",
-                    "LlavaOnevisionProcessor": "LlavaOnevisionVideoProcessor"}
+                    "Qwen3VLProcessor": "Qwen3VLVideoProcessor", "LlavaOnevisionProcessor": "LlavaOnevisionVideoProcessor",
+                    "SmolVLMProcessor": "SmolVLMVideoProcessor", "InternVLProcessor": "InternVLVideoProcessor"}
 _SHARED_WITH_VIDEO = ("do_convert_rgb", "do_normalize", "do_rescale", "do_resize", "image_mean", "image_std",
                       "resample", "rescale_factor", "size", "patch_size", "temporal_patch_size", "merge_size",
                       "min_pixels", "max_pixels")
@@ -67,6 +72,31 @@ def save_processor(processor, folder: str | Path) -> None:
     if path.is_file():
         path.write_text(json.dumps(complete_processor_config(json.loads(path.read_text())), indent=2,
                                    sort_keys=True) + "\n")
+
+
+def processor_class(name: str) -> type | None:
+    """transformers' processor class `name`, also where only its torchvision import stands in the way.
+
+    transformers 5 refuses PixtralProcessor (Mistral 3) without torchvision only because its module imports
+    one size helper from the torchvision image processor; the PIL image processor has the same function.
+    Without torchvision, that module is stood in for by one exposing the PIL helper (it fails to import
+    there anyway), and the real processor class is imported.
+    """
+    import importlib
+    import importlib.util
+    import sys
+
+    import transformers
+
+    if name != "PixtralProcessor" or importlib.util.find_spec("torchvision") is not None:
+        return getattr(transformers, name, None)
+    fast = "transformers.models.pixtral.image_processing_pixtral"
+    if fast not in sys.modules:
+        pil = importlib.import_module("transformers.models.pixtral.image_processing_pil_pixtral")
+        stand_in = types.ModuleType(fast, "PIL stand-in: torchvision is not installed")
+        stand_in.get_resize_output_image_size = pil.get_resize_output_image_size
+        sys.modules[fast] = stand_in
+    return importlib.import_module("transformers.models.pixtral.processing_pixtral").PixtralProcessor
 
 
 def videoless_processor(processor_class: type, image_processor, tokenizer, chat_template=None, **kwargs):
@@ -122,8 +152,8 @@ def _load_processor(model_dir: str, trust_remote_code: bool):
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise TlqError(f"cannot read {config_path} ({type(exc).__name__}): restore it from the original checkpoint") from None
     class_name = config.get("processor_class", "") if isinstance(config, dict) else ""
-    processor_class = getattr(transformers, str(class_name), None)
-    if processor_class is None or not isinstance(processor_class, type) or not issubclass(processor_class, ProcessorMixin):
+    stock = processor_class(str(class_name))
+    if stock is None or not isinstance(stock, type) or not issubclass(stock, ProcessorMixin):
         raise TlqError(f"unknown processor class {class_name!r} in {config_path}: restore it from the original checkpoint")
     try:
         image_processor = AutoImageProcessor.from_pretrained(model_dir, local_files_only=True)
@@ -140,6 +170,11 @@ def _load_processor(model_dir: str, trust_remote_code: bool):
     if template_path.is_file():
         chat_template = template_path.read_text()
     try:
-        return videoless_processor(processor_class, image_processor, tokenizer, chat_template=chat_template, **extra)
+        if "video_processor" not in inspect.signature(stock.__init__).parameters:
+            return stock(image_processor, tokenizer, chat_template=chat_template, **extra)
+        return videoless_processor(stock, image_processor, tokenizer, chat_template=chat_template, **extra)
     except (TypeError, ValueError) as exc:
         raise TlqError(f"cannot build the processor from {config_path}: {str(exc).splitlines()[0][:200]}") from None
+    except ImportError as exc:  # e.g. SmolVLM's processor needs num2words
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        raise TlqError(f"cannot build the processor of {model_dir}: {lines[0][:200] if lines else exc}") from None

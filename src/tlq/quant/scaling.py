@@ -117,16 +117,21 @@ def smoothquant_scales(x: torch.Tensor, targets: list[nn.Linear], alpha: float =
 
 
 @torch.no_grad()
-def apply_scales(source: nn.Module, targets: list[nn.Linear], scales: torch.Tensor) -> None:
+def apply_scales(source: nn.Module, targets: list[nn.Linear], scales: torch.Tensor,
+                 source_weight_offset: float = 0.0) -> None:
     """Fold 1/s into the source's output channels and s into the targets' input columns.
 
     New tensors are bound (never written in place), so a storage-sharing FP view of the layer
-    (tlq.engine.fp_view) keeps the original values.
+    (tlq.engine.fp_view) keeps the original values. A norm that multiplies by (offset + weight)
+    gets (offset + weight) / s - offset.
     """
     if isinstance(source, nn.Linear):
         source.weight.data = source.weight / scales.to(source.weight)[:, None]
         if source.bias is not None:
             source.bias.data = source.bias / scales.to(source.bias)
+    elif source_weight_offset:  # y = (offset + weight) * normalised(x)
+        folded = (source.weight.float() + source_weight_offset) / scales.float().to(source.weight.device)
+        source.weight.data = (folded - source_weight_offset).to(source.weight.dtype)
     else:  # RMSNorm / LayerNorm: y = weight * normalised(x) (+ bias)
         source.weight.data = source.weight / scales.to(source.weight)
         if getattr(source, "bias", None) is not None:

@@ -13,10 +13,11 @@ from typing import Iterable
 
 import torch
 
-from tlq.models.processing import save_processor, videoless_processor
+from tlq.models.processing import processor_class, save_processor, videoless_processor
 from tlq.reference.tokenizer import build_tokenizer
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "llava_next", "idefics3", "smolvlm",
+            "mistral3", "internvl", "gemma3")
 
 
 @dataclass(frozen=True)
@@ -41,44 +42,79 @@ def _text_config(size: ModelSize, vocab_size: int, **extra) -> dict:
 
 def build_model_and_processor(family: str, words: Iterable[str], size: ModelSize = ModelSize(), seed: int = 0):
     """A randomly initialised model of `family` and its processor (not saved)."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+    style, build = _BUILDERS[family]
+    tokenizer = build_tokenizer(words, style)
+    ids = tokenizer.convert_tokens_to_ids
+    eos, pad = ids("<|im_end|>"), ids("<pad>")
+    torch.manual_seed(seed)
+    model, processor = build(_Parts(size, tokenizer, ids, eos, pad))
+    model.generation_config.eos_token_id = eos
+    model.generation_config.pad_token_id = pad
+    model.generation_config.bos_token_id = None
+    model.eval()
+    return model, processor
+
+
+@dataclass(frozen=True)
+class _Parts:
+    """What every family's builder starts from."""
+
+    size: ModelSize
+    tokenizer: object
+    ids: object  # token -> id
+    eos: int
+    pad: int
+
+    def text(self, model_type: str, **extra) -> dict:
+        return dict(model_type=model_type, eos_token_id=self.eos, pad_token_id=self.pad,
+                    **_text_config(self.size, len(self.tokenizer), **extra))
+
+    def vision(self, model_type: str, **extra) -> dict:
+        size = self.size
+        return {**dict(model_type=model_type, hidden_size=size.vision_hidden, intermediate_size=2 * size.vision_hidden,
+                       num_hidden_layers=size.vision_layers, num_attention_heads=size.vision_heads,
+                       image_size=size.image_size, patch_size=size.patch), **extra}
+
+
+def _llava_onevision(parts: _Parts):
     import transformers as tf
     from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
         LlavaOnevisionImageProcessorPil,
     )
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
-    style = "llava" if family == "llava_onevision" else "qwen"
-    tokenizer = build_tokenizer(words, style)
-    ids = tokenizer.convert_tokens_to_ids
-    vocab_size = len(tokenizer)
-    eos, pad = ids("<|im_end|>"), ids("<pad>")
-    torch.manual_seed(seed)
-    if family == "llava_onevision":
-        pixels = size.image_size
-        config = tf.LlavaOnevisionConfig(
-            text_config=dict(model_type="qwen2", eos_token_id=eos, pad_token_id=pad,
-                             **_text_config(size, vocab_size)),
-            vision_config=dict(model_type="siglip_vision_model", hidden_size=size.vision_hidden,
-                               intermediate_size=2 * size.vision_hidden, num_hidden_layers=size.vision_layers,
-                               num_attention_heads=size.vision_heads, image_size=pixels, patch_size=size.patch),
-            image_token_id=ids("<image>"), video_token_id=ids("<video>"), vision_feature_select_strategy="full",
-            vision_feature_layer=-1, image_grid_pinpoints=[[pixels, pixels]], vision_aspect_ratio="anyres_max_1",
-            tie_word_embeddings=False,
-        )
-        model = tf.LlavaOnevisionForConditionalGeneration(config)
-        image_processor = LlavaOnevisionImageProcessorPil(
-            size={"height": pixels, "width": pixels}, crop_size={"height": pixels, "width": pixels},
-            image_grid_pinpoints=[[pixels, pixels]])
-        processor = videoless_processor(
-            tf.LlavaOnevisionProcessor, image_processor, tokenizer, chat_template=tokenizer.chat_template,
-            num_image_tokens=(pixels // size.patch) ** 2, vision_feature_select_strategy="full",
-            vision_aspect_ratio="anyres_max_1")
-    else:
+    size, ids, pixels = parts.size, parts.ids, parts.size.image_size
+    config = tf.LlavaOnevisionConfig(
+        text_config=dict(model_type="qwen2", eos_token_id=parts.eos, pad_token_id=parts.pad,
+                         **_text_config(size, len(parts.tokenizer))),
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=size.vision_hidden,
+                           intermediate_size=2 * size.vision_hidden, num_hidden_layers=size.vision_layers,
+                           num_attention_heads=size.vision_heads, image_size=pixels, patch_size=size.patch),
+        image_token_id=ids("<image>"), video_token_id=ids("<video>"), vision_feature_select_strategy="full",
+        vision_feature_layer=-1, image_grid_pinpoints=[[pixels, pixels]], vision_aspect_ratio="anyres_max_1",
+        tie_word_embeddings=False,
+    )
+    model = tf.LlavaOnevisionForConditionalGeneration(config)
+    image_processor = LlavaOnevisionImageProcessorPil(
+        size={"height": pixels, "width": pixels}, crop_size={"height": pixels, "width": pixels},
+        image_grid_pinpoints=[[pixels, pixels]])
+    processor = videoless_processor(
+        tf.LlavaOnevisionProcessor, image_processor, parts.tokenizer, chat_template=parts.tokenizer.chat_template,
+        num_image_tokens=(pixels // size.patch) ** 2, vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_1")
+    return model, processor
+
+
+def _qwen(family: str):
+    def build(parts: _Parts):
+        import transformers as tf
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        size, ids = parts.size, parts.ids
         half = size.hidden // size.heads // 2
         mrope = [half - 2 * (half // 3), half // 3, half // 3]
-        text = _text_config(size, vocab_size, eos_token_id=eos, pad_token_id=pad,
+        text = _text_config(size, len(parts.tokenizer), eos_token_id=parts.eos, pad_token_id=parts.pad,
                             rope_scaling={"type": "mrope", "mrope_section": mrope})
         vision = dict(depth=size.vision_layers, num_heads=size.vision_heads, patch_size=size.patch,
                       spatial_merge_size=2, in_channels=3, temporal_patch_size=2)
@@ -116,13 +152,134 @@ def build_model_and_processor(family: str, words: Iterable[str], size: ModelSize
         image_processor = Qwen2VLImageProcessorPil(patch_size=size.patch, merge_size=2, temporal_patch_size=2,
                                                    min_pixels=4 * token_side * token_side,
                                                    max_pixels=size.image_size * size.image_size)
-        processor = videoless_processor(processor_class, image_processor, tokenizer,
-                                        chat_template=tokenizer.chat_template)
-    model.generation_config.eos_token_id = eos
-    model.generation_config.pad_token_id = pad
-    model.generation_config.bos_token_id = None
-    model.eval()
+        processor = videoless_processor(processor_class, image_processor, parts.tokenizer,
+                                        chat_template=parts.tokenizer.chat_template)
+        return model, processor
+
+    return build
+
+
+def _llava_next(parts: _Parts):
+    """LLaVA-NeXT (v1.6): CLIP tower, anyres tiles + base image with newline tokens, Llama decoder."""
+    import transformers as tf
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    pixels, patch = parts.size.image_size, parts.size.patch
+    config = tf.LlavaNextConfig(
+        text_config=parts.text("llama"), vision_config=parts.vision("clip_vision_model"),
+        image_token_index=parts.ids("<image>"), vision_feature_select_strategy="default", vision_feature_layer=-1,
+        image_grid_pinpoints=[[pixels, pixels]], image_seq_length=(pixels // patch) ** 2, tie_word_embeddings=False)
+    model = tf.LlavaNextForConditionalGeneration(config)
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": pixels},
+                                                 crop_size={"height": pixels, "width": pixels},
+                                                 image_grid_pinpoints=[[pixels, pixels]])
+    processor = tf.LlavaNextProcessor(image_processor, parts.tokenizer, patch_size=patch,
+                                      vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                      chat_template=parts.tokenizer.chat_template)
     return model, processor
+
+
+def _idefics(family: str):
+    """Idefics3 and SmolVLM: SigLIP-style tower, pixel-shuffle connector, Llama decoder (no image splitting)."""
+
+    def build(parts: _Parts):
+        import transformers as tf
+
+        pixels, patch = parts.size.image_size, parts.size.patch
+        image_seq_len = (pixels // patch) ** 2 // 4
+        common = dict(text_config=parts.text("llama"), image_token_id=parts.ids("<image>"), scale_factor=2,
+                      tie_word_embeddings=False)
+        sizes = dict(do_image_splitting=False, size={"longest_edge": pixels}, max_image_size={"longest_edge": pixels})
+        if family == "idefics3":
+            from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+            config = tf.Idefics3Config(vision_config=parts.vision("idefics3_vision"), **common)
+            model = tf.Idefics3ForConditionalGeneration(config)
+            processor = tf.Idefics3Processor(Idefics3ImageProcessorPil(**sizes), parts.tokenizer,
+                                             image_seq_len=image_seq_len, chat_template=parts.tokenizer.chat_template)
+        else:
+            from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+
+            config = tf.SmolVLMConfig(vision_config=parts.vision("smolvlm_vision"), **common)
+            model = tf.SmolVLMForConditionalGeneration(config)
+            processor = videoless_processor(tf.SmolVLMProcessor, SmolVLMImageProcessorPil(**sizes), parts.tokenizer,
+                                            chat_template=parts.tokenizer.chat_template, image_seq_len=image_seq_len)
+        return model, processor
+
+    return build
+
+
+def _mistral3(parts: _Parts):
+    """Mistral 3 (Mistral-Small-3.1): Pixtral tower with [IMG_BREAK]/[IMG_END] rows, patch merger, Mistral decoder."""
+    import transformers as tf
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    pixels, patch = parts.size.image_size, parts.size.patch
+    vision = parts.vision("pixtral", head_dim=parts.size.vision_hidden // parts.size.vision_heads)
+    config = tf.Mistral3Config(text_config=parts.text("mistral", head_dim=parts.size.hidden // parts.size.heads),
+                               vision_config=vision, image_token_index=parts.ids("[IMG]"), spatial_merge_size=2,
+                               vision_feature_layer=-1, tie_word_embeddings=False)
+    model = tf.Mistral3ForConditionalGeneration(config)
+    image_processor = PixtralImageProcessorPil(size={"longest_edge": pixels}, patch_size={"height": patch, "width": patch})
+    processor = processor_class("PixtralProcessor")(image_processor, parts.tokenizer, patch_size=patch,
+                                                    spatial_merge_size=2, chat_template=parts.tokenizer.chat_template)
+    return model, processor
+
+
+def _internvl(parts: _Parts):
+    """InternVL 3 (transformers' class): InternViT, pixel-shuffle MLP projector, Qwen2 decoder (one tile)."""
+    import transformers as tf
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    pixels, patch = parts.size.image_size, parts.size.patch
+    image_seq_length = (pixels // patch) ** 2 // 4
+    vision = parts.vision("internvl_vision", image_size=[pixels, pixels], patch_size=[patch, patch])
+    config = tf.InternVLConfig(text_config=parts.text("qwen2"), vision_config=vision,
+                               image_token_id=parts.ids("<IMG_CONTEXT>"), image_seq_length=image_seq_length,
+                               downsample_ratio=0.5, vision_feature_layer=-1, tie_word_embeddings=False)
+    model = tf.InternVLForConditionalGeneration(config)
+    image_processor = GotOcr2ImageProcessorPil(size={"height": pixels, "width": pixels}, crop_to_patches=False)
+    processor = videoless_processor(tf.InternVLProcessor, image_processor, parts.tokenizer,
+                                    chat_template=parts.tokenizer.chat_template, image_seq_length=image_seq_length)
+    return model, processor
+
+
+def _gemma3(parts: _Parts):
+    """Gemma 3: SigLIP tower, pooled projector, Gemma 3 decoder with sliding-window and global layers
+    (the window is shorter than a sample here, so the two kinds really differ) and bidirectional
+    attention over each image's tokens."""
+    import transformers as tf
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    size, ids, pixels = parts.size, parts.ids, parts.size.image_size
+    tokens_per_image = ((pixels // size.patch) // 2) ** 2
+    kinds = ["sliding_attention", "full_attention"] * (size.layers // 2) + ["sliding_attention"] * (size.layers % 2)
+    text = parts.text("gemma3_text", head_dim=size.hidden // size.heads, query_pre_attn_scalar=size.hidden // size.heads,
+                      sliding_window=16, layer_types=kinds)
+    config = tf.Gemma3Config(text_config=text, vision_config=parts.vision("siglip_vision_model"),
+                             mm_tokens_per_image=tokens_per_image, boi_token_index=ids("<start_of_image>"),
+                             eoi_token_index=ids("<end_of_image>"), image_token_index=ids("<image_soft_token>"),
+                             tie_word_embeddings=False)
+    model = tf.Gemma3ForConditionalGeneration(config)
+    image_processor = Gemma3ImageProcessorPil(size={"height": pixels, "width": pixels})
+    processor = tf.Gemma3Processor(image_processor, parts.tokenizer, chat_template=parts.tokenizer.chat_template,
+                                   image_seq_length=tokens_per_image)
+    return model, processor
+
+
+# family -> (tokenizer style, builder)
+_BUILDERS = {
+    "qwen2_vl": ("qwen", _qwen("qwen2_vl")),
+    "qwen2_5_vl": ("qwen", _qwen("qwen2_5_vl")),
+    "qwen3_vl": ("qwen", _qwen("qwen3_vl")),
+    "llava_onevision": ("llava", _llava_onevision),
+    "llava_next": ("llava", _llava_next),
+    "idefics3": ("idefics", _idefics("idefics3")),
+    "smolvlm": ("idefics", _idefics("smolvlm")),
+    "mistral3": ("pixtral", _mistral3),
+    "internvl": ("internvl", _internvl),
+    "gemma3": ("gemma", _gemma3),
+}
 
 
 # transformers 5 saves some towers under its own module names, which real hub checkpoints (and vLLM's

@@ -23,7 +23,22 @@ _CHAT_TEMPLATE = (
     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-IMAGE_MARKUP = {"qwen": "<|vision_start|><|image_pad|><|vision_end|>", "llava": "<image>"}
+IMAGE_MARKUP = {"qwen": "<|vision_start|><|image_pad|><|vision_end|>", "llava": "<image>", "idefics": "<image>",
+                "pixtral": "[IMG]", "internvl": "<IMG_CONTEXT>", "gemma": "<start_of_image>"}
+
+# Each family's own image markers, added after the shared vocabulary (so the older styles keep their ids),
+# and the named ones its processor reads from the tokenizer (`tokenizer.boi_token`, ...).
+STYLE_TOKENS = {
+    "idefics": ("<fake_token_around_image>", "<global-img>", "<end_of_utterance>"),
+    "pixtral": ("[IMG]", "[IMG_BREAK]", "[IMG_END]"),
+    "internvl": ("<img>", "</img>", "<IMG_CONTEXT>"),
+    "gemma": ("<start_of_image>", "<end_of_image>", "<image_soft_token>"),
+}
+NAMED_TOKENS = {
+    "internvl": {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+                 "video_token": "<video>"},
+    "gemma": {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"},
+}
 
 
 def chat_template(style: str) -> str:
@@ -36,14 +51,15 @@ def build_tokenizer(words: Iterable[str], style: str):
     from transformers import PreTrainedTokenizerFast
 
     vocab: dict[str, int] = {}
-    for token in (*SPECIAL_TOKENS, *ROLE_WORDS, *words):
+    extra = STYLE_TOKENS.get(style, ())
+    for token in (*SPECIAL_TOKENS, *ROLE_WORDS, *words, *extra):
         vocab.setdefault(token, len(vocab))
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.decoder = decoders.WordPiece(prefix="##", cleanup=True)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="<|im_end|>",
-        additional_special_tokens=list(SPECIAL_TOKENS[2:]),
+        additional_special_tokens=list(SPECIAL_TOKENS[2:]) + list(extra), **NAMED_TOKENS.get(style, {}),
     )
     tokenizer.chat_template = chat_template(style)
     return tokenizer

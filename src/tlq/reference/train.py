@@ -25,6 +25,7 @@ from tlq.data.batching import collate
 from tlq.data.conversations import render_messages
 from tlq.data.synthetic import SceneConfig, make_example, to_record, vocabulary
 from tlq.reference.checkpoint import (
+    FAMILIES,
     ModelSize,
     build_model_and_processor,
     save_checkpoint,
@@ -234,7 +235,7 @@ def train(family: str, scale: str, out_dir: Path, minutes: float, max_steps: int
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", required=True, choices=["qwen2_vl", "qwen2_5_vl", "llava_onevision"])
+    parser.add_argument("--family", required=True, choices=FAMILIES)
     parser.add_argument("--scale", default="small", choices=sorted(SCALES))
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--minutes", type=float, default=12.0)
