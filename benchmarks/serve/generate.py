@@ -5,7 +5,8 @@ Runs in the vLLM venv (benchmarks/serve/build_vllm_venv.sh), where tlq is not in
     python generate.py transformers OUT_DIR ...
 `vllm`: vllm.LLM on the CPU backend, bfloat16 (its CPU WNA16 kernel has no float32 path).
 `transformers`: plain AutoModelForImageTextToText / AutoProcessor.from_pretrained, float32.
-Writes {"engine", "loaded", "error", "answers": [...], "references", "seconds"}; a load failure is
+Writes {"engine", "loaded", "error", "answers": [...], "references", "seconds"} (and "prompt_top1" with
+--prompt-top1); a load failure is
 recorded, not raised, so the table can say what failed and why (the kernels vLLM picked are read from
 its log by serve_check.py).
 """
@@ -34,7 +35,7 @@ def _prompt(processor, question: str) -> str:
     return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def run_vllm(model: Path, questions) -> list[str]:
+def run_vllm(model: Path, questions, prompt_top1: bool = False) -> tuple[list[str], list[list[int]] | None]:
     from transformers import AutoProcessor
     from vllm import LLM, SamplingParams
 
@@ -42,24 +43,31 @@ def run_vllm(model: Path, questions) -> list[str]:
               enforce_eager=True, seed=0, gpu_memory_utilization=0.25)
     processor = AutoProcessor.from_pretrained(str(model))
     requests = [{"prompt": _prompt(processor, q), "multi_modal_data": {"image": image}} for q, image, _ in questions]
-    outputs = llm.generate(requests, SamplingParams(temperature=0.0, max_tokens=16))
-    return [o.outputs[0].text.strip() for o in outputs]
+    params = SamplingParams(temperature=0.0, max_tokens=16, prompt_logprobs=1 if prompt_top1 else None)
+    outputs = llm.generate(requests, params)
+    top1 = None
+    if prompt_top1:  # per prompt position i >= 1: the most likely token given positions < i
+        top1 = [[next(t for t, lp in position.items() if lp.rank == 1) for position in o.prompt_logprobs[1:]]
+                for o in outputs]
+    return [o.outputs[0].text.strip() for o in outputs], top1
 
 
-def run_transformers(model: Path, questions) -> list[str]:
+def run_transformers(model: Path, questions, prompt_top1: bool = False) -> tuple[list[str], list[list[int]] | None]:
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     processor = AutoProcessor.from_pretrained(str(model))
     network = AutoModelForImageTextToText.from_pretrained(str(model), dtype=torch.float32).eval()
-    answers = []
+    answers, top1 = [], []
     with torch.no_grad():
         for question, image, _ in questions:
             inputs = processor(text=[_prompt(processor, question)], images=[image], return_tensors="pt")
             out = network.generate(**inputs, max_new_tokens=16, do_sample=False)
             answers.append(processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:],
                                                       skip_special_tokens=True).strip())
-    return answers
+            if prompt_top1:
+                top1.append(network(**inputs).logits[0, :-1].argmax(-1).tolist())
+    return answers, (top1 if prompt_top1 else None)
 
 
 def main() -> int:
@@ -70,13 +78,18 @@ def main() -> int:
     parser.add_argument("--images", type=Path, required=True)
     parser.add_argument("--num", type=int, default=200)
     parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--prompt-top1", action="store_true",
+                        help="also record, per prompt position, the most likely next token (a loader check that "
+                             "does not depend on the generated answers)")
     args = parser.parse_args()
     start = time.perf_counter()
     record = {"engine": args.engine, "model": str(args.model), "loaded": False, "error": None, "answers": []}
     try:
         questions = list(_questions(args.data, args.images, args.num))
         run = run_vllm if args.engine == "vllm" else run_transformers
-        record["answers"] = run(args.model, questions)
+        record["answers"], top1 = run(args.model, questions, args.prompt_top1)
+        if top1 is not None:
+            record["prompt_top1"] = top1
         record["loaded"] = True
         record["references"] = [answer for _, _, answer in questions]
     except Exception as exc:  # noqa: BLE001 - the failure is the measurement
@@ -84,7 +97,7 @@ def main() -> int:
         record["error"] = f"{type(exc).__name__}: {lines[-1] if lines else ''}"[:400]
     record["seconds"] = round(time.perf_counter() - start, 1)
     args.json.write_text(json.dumps(record, indent=1) + "\n")
-    print(json.dumps({k: v for k, v in record.items() if k not in ("answers", "references")}))
+    print(json.dumps({k: v for k, v in record.items() if k not in ("answers", "references", "prompt_top1")}))
     return 0
 
 

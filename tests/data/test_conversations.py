@@ -39,7 +39,8 @@ def test_labels_cover_only_assistant_turns(calib_split, tiny_checkpoints):
             answers = [m["content"][0]["text"] for m in record.messages if m["role"] == "assistant"]
             labelled = sample.labels[0][sample.labels[0] != -100]
             words = processor.tokenizer.convert_ids_to_tokens(labelled.tolist())
-            assert [w for w in words if w != "<|im_end|>"] == answers, family
+            # (a newline token after the turn's end, where the tokenizer has one, belongs to the turn)
+            assert [w for w in words if w != "<|im_end|>" and w.strip()] == answers, family
             assert words.count("<|im_end|>") == len(answers)
 
 

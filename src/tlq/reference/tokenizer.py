@@ -32,7 +32,8 @@ STYLE_TOKENS = {
     "idefics": ("<fake_token_around_image>", "<global-img>", "<end_of_utterance>"),
     "pixtral": ("[IMG]", "[IMG_BREAK]", "[IMG_END]"),
     "internvl": ("<img>", "</img>", "<IMG_CONTEXT>"),
-    "gemma": ("<start_of_image>", "<end_of_image>", "<image_soft_token>"),
+    # Gemma's processor puts "\n\n" around each image, and vLLM's looks up the newline runs as tokens.
+    "gemma": ("<start_of_image>", "<end_of_image>", "<image_soft_token>", "\n", "\n\n", "\n\n\n", "\n\n\n\n"),
 }
 NAMED_TOKENS = {
     "internvl": {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
