@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -149,6 +150,8 @@ def check_model(model: str, num: int, schemes: list[str] | None = None) -> list[
     rows.append({"model": model, "scheme": "FP", **{engine: {"loaded": fp[engine].get("loaded"),
                  "error": fp[engine].get("error"), **_agreement(fp[engine], fp[engine])} for engine in fp},
                  "engines_agree": _engines_agree(work / "fp.vllm.json", work / "fp.transformers.json")})
+    if model.startswith("tiny-"):
+        rows.append(_control_row(model, fp_dir, num, work))
     for label, options in SCHEMES.items():
         if schemes and label not in schemes:
             continue
@@ -168,6 +171,38 @@ def check_model(model: str, num: int, schemes: list[str] | None = None) -> list[
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
+
+
+_DAMAGE = """
+import sys, shutil, torch
+from pathlib import Path
+from safetensors.torch import load_file, save_file
+source, target = Path(sys.argv[1]), Path(sys.argv[2])
+shutil.copytree(source, target)
+tensors = load_file(str(source / "model.safetensors"))
+generator = torch.Generator().manual_seed(0)
+for key, value in tensors.items():
+    if key.startswith(("vision_tower.", "model.vision_model.", "model.visual.", "visual.")) and value.dim() == 2:
+        noise = torch.randn(value.shape, generator=generator) * value.float().std() * 0.1
+        tensors[key] = (value.float() + noise).to(value.dtype)
+save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
+"""
+
+
+def _control_row(model: str, fp_dir: Path, num: int, work: Path) -> dict:
+    """The negative control of the engine comparison: vLLM given the FP checkpoint with noise of 10% of each
+    tensor's spread on the vision tower's matrices, against transformers on the intact one. If prompt top-1
+    agreement stays where the intact pair is, the comparison cannot see a vision tower loaded wrongly."""
+    damaged = work / "fp-vision-damaged"
+    if not (damaged / "config.json").is_file():
+        shutil.rmtree(damaged, ignore_errors=True)
+        subprocess.run([str(TLQ_PY), "-c", _DAMAGE, str(fp_dir), str(damaged)], check=True, timeout=300)
+    record = _run_engine("vllm", damaged, num, work / "fp-vision-damaged.vllm.json")
+    row = {"model": model, "scheme": "control: vLLM on a vision-damaged FP copy", "vllm": {
+        "loaded": record.get("loaded"), "error": record.get("error")}, "transformers": {"loaded": None},
+        "engines_agree": _engines_agree(work / "fp-vision-damaged.vllm.json", work / "fp.transformers.json")}
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def _engines_agree(vllm_json: Path, transformers_json: Path) -> dict | None:
@@ -199,6 +234,8 @@ def markdown(rows: list[dict]) -> str:
             return f"{r[key]:.3f}" if key in r else "-"
 
         def loads(r):
+            if r.get("loaded") is None:
+                return "-"
             return "yes" if r.get("loaded") else f"no: {(r.get('error') or '')[:90]}"
 
         kernel = ", ".join(v.get("kernels", [])) or "-"

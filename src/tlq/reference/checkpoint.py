@@ -284,9 +284,10 @@ _BUILDERS = {
 
 # transformers 5 saves some towers under its own module names, which real hub checkpoints (and vLLM's
 # loaders) do not use: LLaVA-OneVision's SigLIP tower is stored as `vision_tower.vision_model.*` on the
-# hub. The reference checkpoints are written the way the hub writes them, so what tlq reads and writes
-# here is what it meets in the wild.
-HUB_NAMES = {"llava_onevision": ((r"^vision_tower\.(?!vision_model\.)", "vision_tower.vision_model."),)}
+# hub (as are Gemma 3's SigLIP and LLaVA-NeXT's CLIP towers). The reference checkpoints are written the way
+# the hub writes them, so what tlq reads and writes here is what it meets in the wild.
+_SIGLIP_OR_CLIP_TOWER = ((r"^vision_tower\.(?!vision_model\.)", "vision_tower.vision_model."),)
+HUB_NAMES = {"llava_onevision": _SIGLIP_OR_CLIP_TOWER, "llava_next": _SIGLIP_OR_CLIP_TOWER, "gemma3": _SIGLIP_OR_CLIP_TOWER}
 
 
 def save_checkpoint(model, processor, out_dir: str | Path) -> Path:

@@ -229,6 +229,7 @@ def train(family: str, scale: str, out_dir: Path, minutes: float, max_steps: int
         "command": " ".join(["python -m tlq.reference.train", *sys.argv[1:]]),
         "history": history,
     }
+    out_dir.mkdir(parents=True, exist_ok=True)  # a run shorter than one validation saved no checkpoint
     (out_dir / "training.json").write_text(json.dumps(info, indent=1) + "\n")
     return info
 
