@@ -233,7 +233,9 @@ def _internvl(parts: _Parts):
 
     pixels, patch = parts.size.image_size, parts.size.patch
     image_seq_length = (pixels // patch) ** 2 // 4
-    vision = parts.vision("internvl_vision", image_size=[pixels, pixels], patch_size=[patch, patch])
+    # Layer scale 1 (transformers' default 0.1 damps a random tower's layers to near-identity).
+    vision = parts.vision("internvl_vision", image_size=[pixels, pixels], patch_size=[patch, patch],
+                          layer_scale_init_value=1.0)
     config = tf.InternVLConfig(text_config=parts.text("qwen2"), vision_config=vision,
                                image_token_id=parts.ids("<IMG_CONTEXT>"), image_seq_length=image_seq_length,
                                downsample_ratio=0.5, vision_feature_layer=-1, tie_word_embeddings=False)
@@ -261,6 +263,10 @@ def _gemma3(parts: _Parts):
                              eoi_token_index=ids("<end_of_image>"), image_token_index=ids("<image_soft_token>"),
                              tie_word_embeddings=False)
     model = tf.Gemma3ForConditionalGeneration(config)
+    # transformers initialises the projection to zeros: a random model would then never see its images (and
+    # a serving check could not tell a wrongly loaded tower). A trained model's projection is dense.
+    with torch.no_grad():
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=size.vision_hidden ** -0.5)
     image_processor = Gemma3ImageProcessorPil(size={"height": pixels, "width": pixels})
     processor = tf.Gemma3Processor(image_processor, parts.tokenizer, chat_template=parts.tokenizer.chat_template,
                                    image_seq_length=tokens_per_image)
