@@ -125,3 +125,11 @@ QWEN2_SCALING_GROUPS = (
                  output_linear="mlp.down_proj"),
     ScalingGroup("mlp.up_proj", ("mlp.down_proj",), block="mlp.down_proj", output_linear="mlp.down_proj"),
 )
+
+
+def qwen2_style(family: str, model_types: tuple[str, ...], **declared) -> ModelAdapter:
+    """The adapter of a family whose decoder layer is Qwen2's (pre-norm attention with q/k/v/o, gated MLP):
+    the shared tables, the decoder under `model.language_model`, and whatever the family declares apart."""
+    tables = dict(decoder_layers="model.language_model.layers", linear_groups=QWEN2_LINEAR_GROUPS,
+                  scaling_groups=QWEN2_SCALING_GROUPS, blocks=QWEN2_BLOCKS)
+    return ModelAdapter(family=family, model_types=model_types, **{**tables, **declared})

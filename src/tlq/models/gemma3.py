@@ -6,7 +6,7 @@ RMSNorms multiply by (1 + weight), so a scale folds in with that offset. Sliding
 are called with different masks and rotary embeddings; tlq.activations captures and replays each kind's.
 """
 
-from tlq.models.base import QWEN2_BLOCKS, QWEN2_LINEAR_GROUPS, ModelAdapter, ScalingGroup
+from tlq.models.base import ScalingGroup, qwen2_style
 
 GEMMA3_SCALING_GROUPS = (
     ScalingGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -17,11 +17,4 @@ GEMMA3_SCALING_GROUPS = (
     ScalingGroup("mlp.up_proj", ("mlp.down_proj",), block="mlp.down_proj", output_linear="mlp.down_proj"),
 )
 
-ADAPTER = ModelAdapter(
-    family="gemma3",
-    model_types=("gemma3",),
-    decoder_layers="model.language_model.layers",
-    linear_groups=QWEN2_LINEAR_GROUPS,
-    scaling_groups=GEMMA3_SCALING_GROUPS,
-    blocks=QWEN2_BLOCKS,
-)
+ADAPTER = qwen2_style("gemma3", ("gemma3",), scaling_groups=GEMMA3_SCALING_GROUPS)

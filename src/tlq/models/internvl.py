@@ -1,13 +1,6 @@
 """InternVL 3 in transformers' own class (`InternVLForConditionalGeneration`, the `-hf` checkpoints):
 InternViT, pixel-shuffle MLP projector, Qwen2 decoder."""
 
-from tlq.models.base import QWEN2_BLOCKS, QWEN2_LINEAR_GROUPS, QWEN2_SCALING_GROUPS, ModelAdapter
+from tlq.models.base import qwen2_style
 
-ADAPTER = ModelAdapter(
-    family="internvl",
-    model_types=("internvl",),
-    decoder_layers="model.language_model.layers",
-    linear_groups=QWEN2_LINEAR_GROUPS,
-    scaling_groups=QWEN2_SCALING_GROUPS,
-    blocks=QWEN2_BLOCKS,
-)
+ADAPTER = qwen2_style("internvl", ("internvl",))

@@ -1,12 +1,5 @@
 """LLaVA-OneVision (`LlavaOnevisionForConditionalGeneration`): SigLIP tower, MLP projector, Qwen2 decoder."""
 
-from tlq.models.base import QWEN2_BLOCKS, QWEN2_LINEAR_GROUPS, QWEN2_SCALING_GROUPS, ModelAdapter
+from tlq.models.base import qwen2_style
 
-ADAPTER = ModelAdapter(
-    family="llava_onevision",
-    model_types=("llava_onevision",),
-    decoder_layers="model.language_model.layers",
-    linear_groups=QWEN2_LINEAR_GROUPS,
-    scaling_groups=QWEN2_SCALING_GROUPS,
-    blocks=QWEN2_BLOCKS,
-)
+ADAPTER = qwen2_style("llava_onevision", ("llava_onevision",))

@@ -7,14 +7,7 @@ captured from the model's own forward, with layer 0's inputs, and added to each 
 before it becomes the next layer's input. The decoder's Linears are Qwen2's.
 """
 
-from tlq.models.base import QWEN2_BLOCKS, QWEN2_LINEAR_GROUPS, QWEN2_SCALING_GROUPS, ModelAdapter
+from tlq.models.base import qwen2_style
 
-ADAPTER = ModelAdapter(
-    family="qwen3_vl",
-    model_types=("qwen3_vl",),
-    decoder_layers="model.language_model.layers",
-    linear_groups=QWEN2_LINEAR_GROUPS,
-    scaling_groups=QWEN2_SCALING_GROUPS,
-    blocks=QWEN2_BLOCKS,
-    layer_injections=("model.language_model", "visual_pos_masks", "deepstack_visual_embeds"),
-)
+ADAPTER = qwen2_style("qwen3_vl", ("qwen3_vl",),
+                      layer_injections=("model.language_model", "visual_pos_masks", "deepstack_visual_embeds"))
