@@ -3,8 +3,8 @@ import torch
 
 from tlq.api import build_token_weights, prepare_samples
 from tlq.engine import quantize_layers
-from tlq.importance import (TokenImportance, WeightingConfig, compute_importance, modality_ratios,
-                            modality_weights, select_tokens, token_weights)
+from tlq.importance import TokenImportance, compute_importance
+from tlq.weighting import WeightingConfig, modality_ratios, modality_weights, select_tokens, token_weights
 from tlq.models import ANSWER, IMAGE, PROMPT, load_model
 from tlq.models.processing import load_processor
 from tlq.recipe import Recipe

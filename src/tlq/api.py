@@ -75,7 +75,8 @@ def build_token_weights(model, adapter, samples: list[Sample], recipe: Recipe, r
     pass is kept there (rank 0 writes, every rank records its digest), or read back when a resumed run
     finds it whole.
     """
-    from tlq.importance import GRADIENT_PASSES, WEIGHTINGS, compute_importance
+    from tlq.importance import GRADIENT_PASSES, compute_importance
+    from tlq.weighting import WEIGHTINGS
 
     plan = recipe.plan()
     if plan.weighting == "uniform":
