@@ -53,11 +53,11 @@ MODELS = ("qwen2_vl-small", "qwen2_vl-large", "llava_onevision-small", "llava_on
 _KERNEL = re.compile(r"Using (\w+) for (\w+)")
 
 
-def _run_engine(engine: str, model: Path, num: int, answers: Path) -> dict:
+def _run_engine(engine: str, model: Path, num: int, answers: Path, prompt_top1: bool = False) -> dict:
     """generate.py in the vLLM venv; the kernels vLLM chose come from its log."""
     if answers.exists():
         return json.loads(answers.read_text())
-    extra = ["--prompt-top1"] if "tiny-" in str(model) or "tiny-" in str(answers) else []
+    extra = ["--prompt-top1"] if prompt_top1 else []
     proc = subprocess.run([str(VLLM_PY), str(GENERATE), engine, str(model), "--data", str(DATA / "test.json"),
                            "--images", str(DATA), "--num", str(num), "--json", str(answers), *extra],
                           capture_output=True, text=True, timeout=1800)
@@ -146,11 +146,12 @@ def check_model(model: str, num: int, schemes: list[str] | None = None) -> list[
     work = WORK / model
     work.mkdir(parents=True, exist_ok=True)
     fp_dir = model_dir(model)
-    fp = {engine: _run_engine(engine, fp_dir, num, work / f"fp.{engine}.json") for engine in ("vllm", "transformers")}
+    tiny = model.startswith("tiny-")  # random checkpoints: also compare the engines position by position
+    fp = {engine: _run_engine(engine, fp_dir, num, work / f"fp.{engine}.json", tiny) for engine in ("vllm", "transformers")}
     rows.append({"model": model, "scheme": "FP", **{engine: {"loaded": fp[engine].get("loaded"),
                  "error": fp[engine].get("error"), **_agreement(fp[engine], fp[engine])} for engine in fp},
                  "engines_agree": _engines_agree(work / "fp.vllm.json", work / "fp.transformers.json")})
-    if model.startswith("tiny-"):
+    if tiny:
         rows.append(_control_row(model, fp_dir, num, work))
     for label, options in SCHEMES.items():
         if schemes and label not in schemes:
@@ -164,7 +165,7 @@ def check_model(model: str, num: int, schemes: list[str] | None = None) -> list[
             if not info["quantized"]:
                 row[engine] = {"loaded": False, "error": f"tlq quantize failed: {info.get('error')}"}
                 continue
-            record = _run_engine(engine, out, num, work / f"{slug}.{engine}.json")
+            record = _run_engine(engine, out, num, work / f"{slug}.{engine}.json", tiny)
             row[engine] = {"loaded": record.get("loaded"), "error": record.get("error"),
                            "kernels": record.get("kernels", []), **_agreement(record, fp[engine])}
         row["engines_agree"] = _engines_agree(work / f"{slug}.vllm.json", work / f"{slug}.transformers.json")
@@ -212,7 +213,7 @@ def _control_row(model: str, fp_dir: Path, num: int, work: Path) -> dict:
                               capture_output=True, text=True)
         (work / "fp-vision-damaged.kind").write_text(proc.stdout.strip())
     kind = (work / "fp-vision-damaged.kind").read_text().strip()
-    record = _run_engine("vllm", damaged, num, work / "fp-vision-damaged.vllm.json")
+    record = _run_engine("vllm", damaged, num, work / "fp-vision-damaged.vllm.json", prompt_top1=True)
     label = "q/v swapped in every tower layer" if kind == "swapped" else "10% noise on the tower's matrices"
     row = {"model": model, "scheme": f"control: vLLM, tower {label}", "vllm": {
         "loaded": record.get("loaded"), "error": record.get("error")}, "transformers": {"loaded": None},

@@ -168,8 +168,9 @@ class _Catcher(nn.Module):
         kwargs = to_device(kwargs, torch.device("cpu"))
         if self.first:
             self.store.hidden.append(hidden_states.detach().cpu())
+        if self.kind is None:
             self.store.kwargs.append(kwargs)
-        if self.kind is not None:
+        else:
             self.store.kwargs_by_kind[self.kind].append(kwargs)
         if self.last:
             raise _Captured
@@ -220,6 +221,8 @@ def capture_layer_inputs(model: nn.Module, adapter: ModelAdapter, samples: list[
         setattr(parent, attr, layers)
         for handle in handles:
             handle.remove()
+    if kinds is not None:  # layer 0's arguments are its kind's
+        store.kwargs = store.kwargs_by_kind[kinds[0]]
     return store
 
 

@@ -131,7 +131,6 @@ def load_processor(model_dir: str | Path, trust_remote_code: bool = False):
 
 
 def _load_processor(model_dir: str, trust_remote_code: bool):
-    import transformers
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
     from transformers.processing_utils import ProcessorMixin
 

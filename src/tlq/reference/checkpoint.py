@@ -86,11 +86,7 @@ def _llava_onevision(parts: _Parts):
 
     size, ids, pixels = parts.size, parts.ids, parts.size.image_size
     config = tf.LlavaOnevisionConfig(
-        text_config=dict(model_type="qwen2", eos_token_id=parts.eos, pad_token_id=parts.pad,
-                         **_text_config(size, len(parts.tokenizer))),
-        vision_config=dict(model_type="siglip_vision_model", hidden_size=size.vision_hidden,
-                           intermediate_size=2 * size.vision_hidden, num_hidden_layers=size.vision_layers,
-                           num_attention_heads=size.vision_heads, image_size=pixels, patch_size=size.patch),
+        text_config=parts.text("qwen2"), vision_config=parts.vision("siglip_vision_model"),
         image_token_id=ids("<image>"), video_token_id=ids("<video>"), vision_feature_select_strategy="full",
         vision_feature_layer=-1, image_grid_pinpoints=[[pixels, pixels]], vision_aspect_ratio="anyres_max_1",
         tie_word_embeddings=False,
