@@ -22,7 +22,7 @@ from tlq import faults
 from tlq.activations import offload_activations, resolve_device
 from tlq.data import Sample, build_samples, data_hash, load_records
 from tlq.distributed import DEFAULT_TIMEOUT_S, SINGLE, Ranks, rank_device, ranks_from_environment, shutdown
-from tlq.engine import CalibrationResult, quantize_layers
+from tlq.engine import CalibrationResult, check_recipe_fits, quantize_layers
 from tlq.errors import RankFailure, TlqError
 from tlq.export import check_exportable, export_compressed, export_streamed
 from tlq.guards import check_disjoint, check_output_location, output_lock, remove_stale_siblings
@@ -126,7 +126,7 @@ def check_job(model_dir, out_dir, calib, images, recipe: Recipe, overwrite: bool
     earlier output; the weight files are parsed before transformers sees them.
     """
     scheme = recipe.resolved_scheme()
-    adapter_for(read_model_type(model_dir))
+    check_recipe_fits(adapter_for(read_model_type(model_dir)), recipe)
     resolve_device(recipe.device)
     out_dir = Path(out_dir)
     check_output_location(out_dir)
@@ -226,12 +226,11 @@ def _run(job: QuantizeJob, ranks: Ranks, progress: bool, dtype: str, trust_remot
 def announce_serving(job: QuantizeJob, tp: tuple[int, ...], notify=None) -> None:
     """Say where the scheme runs and warn about engines that cannot run it; refuse a planned tensor-parallel
     size the group size does not divide (tlq.serving). Before any calibration."""
-    from tlq.serving import check_tp, linear_in_features, serving_lines
+    from tlq.serving import check_tp, serving_lines, serving_shape
 
-    adapter = adapter_for(read_model_type(job.model_dir))
-    in_features = linear_in_features(job.model_dir)
-    check_tp(job.scheme, in_features, adapter.row_parallel, tuple(tp))
-    line, warnings = serving_lines(job.scheme, in_features, adapter.row_parallel)
+    in_features, row_parallel = serving_shape(job.model_dir)
+    check_tp(job.scheme, in_features, row_parallel, tuple(tp))
+    line, warnings = serving_lines(job.scheme, in_features, row_parallel)
     if notify is None:
         import logging
 
@@ -289,7 +288,7 @@ def _run_record(job: QuantizeJob, model, adapter, samples, calibration: Calibrat
         "peak_host_memory_bytes": peak_rss_bytes(),  # VmHWM: not inherited from a launcher
         "peak_device_memory_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
     })
-    return {
+    record = {
         "recipe": job.recipe.to_dict(),
         "scheme": job.scheme.to_dict(),
         "model_type": model.config.model_type,
@@ -306,6 +305,12 @@ def _run_record(job: QuantizeJob, model, adapter, samples, calibration: Calibrat
         "ranks": per_rank,
         "versions": package_versions(),
     }
+    if adapter.experts is not None:  # MoE: calibration tokens per expert, per layer, and the RTN fallbacks
+        record["experts"] = {
+            "min_tokens": job.recipe.expert_min_tokens,
+            "routed_tokens": {str(r.index): r.routed_tokens for r in calibration.layers},
+            "rounded_to_nearest": {str(r.index): r.rounded_experts for r in calibration.layers if r.rounded_experts}}
+    return record
 
 
 def _write_output(job: QuantizeJob, model, adapter, calibration: CalibrationResult, layers, work, record) -> None:

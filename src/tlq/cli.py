@@ -217,13 +217,13 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from tlq.models import adapter_for, read_model_type
     from tlq.plan import format_plan, model_shape, parse_size, plan_memory
     from tlq.recipe import parse_scheme
-    from tlq.serving import check_tp, linear_in_features, serving_lines
+    from tlq.serving import check_tp, serving_lines, serving_shape
 
-    adapter = adapter_for(read_model_type(args.model_dir))
+    adapter_for(read_model_type(args.model_dir))  # an unsupported architecture is refused first
     scheme = parse_scheme(args.scheme, args.group_size, args.symmetric)
-    in_features = linear_in_features(args.model_dir)
-    line, warnings = serving_lines(scheme, in_features, adapter.row_parallel)
-    check_tp(scheme, in_features, adapter.row_parallel, _tp_sizes(args.tp))
+    in_features, row_parallel = serving_shape(args.model_dir)
+    line, warnings = serving_lines(scheme, in_features, row_parallel)
+    check_tp(scheme, in_features, row_parallel, _tp_sizes(args.tp))
     plan = plan_memory(model_shape(args.model_dir), args.devices, parse_size(args.device_memory), args.samples,
                        args.tokens_per_sample, dtype_bytes=2 if args.dtype in ("bfloat16", "float16") else 4,
                        asymmetric=args.target == "asymmetric", lazy=args.lazy)

@@ -5,6 +5,10 @@ meta-device path (the one transformers 5.x runs before loading a checkpoint) lea
 `from_pretrained` on any asymmetric pack-quantized checkpoint fails with a size mismatch on
 `weight_zero_point` (vLLM has its own loader and is not affected). `fix_asymmetric_pack_loading`
 makes the meta path produce the packed shape; it is a no-op where compressed-tensors already does.
+
+transformers 5 keeps MoE experts as fused 3-D parameters and has no quantized form of them, so a
+quantized MoE checkpoint, stored with one Linear per expert as vLLM reads it, does not load into its
+classes; `load_quantized` builds the MoE blocks with per-expert Linears (tlq.models.moe) for such a folder.
 """
 
 from __future__ import annotations
@@ -57,8 +61,16 @@ def fix_asymmetric_pack_loading() -> None:
 
 def load_quantized(model_dir, **kwargs):
     """`AutoModelForImageTextToText.from_pretrained` for a tlq output, with the work-arounds above."""
+    from contextlib import nullcontext
+
     from transformers import AutoModelForImageTextToText
+
+    from tlq.models import ADAPTERS, read_model_type
+    from tlq.models.moe import routed_experts_as_linears
 
     fix_asymmetric_pack_loading()
     kwargs.setdefault("local_files_only", True)
-    return AutoModelForImageTextToText.from_pretrained(str(model_dir), **kwargs)
+    adapter = ADAPTERS.get(read_model_type(model_dir))
+    experts = adapter.experts if adapter is not None else None
+    with routed_experts_as_linears(experts) if experts is not None else nullcontext():
+        return AutoModelForImageTextToText.from_pretrained(str(model_dir), **kwargs)

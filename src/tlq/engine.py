@@ -40,6 +40,7 @@ from tlq.distributed import SINGLE, Ranks, samples_per_chunk
 from tlq.errors import TlqError
 from tlq.measure import return_freed_memory
 from tlq.models import ModelAdapter
+from tlq.models.moe import routed_rows
 from tlq.phases import PhaseClock
 from tlq.quant import QuantizedWeight, fake_quant_activation, solver_factory
 from tlq.recipe import Recipe
@@ -59,6 +60,10 @@ class LayerReport:
     rescaled: list[dict] = field(default_factory=list)
     resumed: bool = False  # loaded from the work directory, not recomputed
     phases: dict[str, float] = field(default_factory=dict)  # seconds per phase (tlq.phases)
+    # MoE: calibration tokens routed to each expert Linear (all ranks), and the experts rounded to nearest
+    # for having fewer than the recipe's expert_min_tokens.
+    routed_tokens: dict[str, int] = field(default_factory=dict)
+    rounded_experts: list[str] = field(default_factory=list)
 
 
 def _solve_group(solvers: dict, ranks: Ranks) -> dict[str, QuantizedWeight]:
@@ -115,6 +120,7 @@ class _Observer:
         self.token_weights, self.fp_inputs, self.chunk = run.token_weights, fp_inputs, run.chunk
         self.act_bits = act_bits  # fake-quantize the input for the solver only (the forward stays FP)
         self.sample = 0
+        self.tokens_seen = 0  # rows observed, counted for routed Linears only
         self.pending: list[tuple] = []
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
@@ -122,6 +128,11 @@ class _Observer:
         if self.act_bits is not None:
             x = fake_quant_activation(x, self.act_bits)
         weights = self.token_weights(self.layer_index, self.name, self.sample) if self.token_weights else None
+        routing = routed_rows(module)
+        if routing is not None:  # an expert: its rows are the tokens routed to it
+            self.tokens_seen += x.shape[0]
+            if weights is not None:
+                weights = weights.reshape(-1)[routing[0].to(weights.device)]
         target = self.fp_inputs[self.sample].to(x.device) if self.fp_inputs is not None else None
         self.pending.append((x, None if weights is None else weights.reshape(-1).to(x.device),
                              None if target is None else target.reshape(-1, target.shape[-1])))
@@ -176,6 +187,8 @@ class _LayerRun:
     linears: dict[str, nn.Module] = field(default_factory=dict)
     fp_scaled: nn.Module | None = None  # FP weights scaled like `layer` (the asymmetric target)
     references_kept: int | None = None  # samples whose FP outputs the reference pass keeps (None: all)
+    routed_tokens: dict[str, int] = field(default_factory=dict)  # expert Linear -> tokens routed to it
+    rounded: list[str] = field(default_factory=list)  # expert Linears rounded to nearest (too few tokens)
 
 
 def _fp_stream(run: _LayerRun) -> LayerInputs | None:
@@ -218,9 +231,26 @@ def _observe(run: _LayerRun, solvers: dict, act_bits: int | None = None, keep_ou
     elif observed:
         run_with_hooks(run.layer, run.inputs, run.device, handles, set_sample,
                        stop_after=[run.linears[name] for name in observed])
-    for obs in observers.values():
+    for name, obs in observers.items():
         obs.flush()
+        if routed_rows(run.linears[name]) is not None:
+            run.routed_tokens[name] = obs.tokens_seen
     return outputs
+
+
+def _round_thin_experts(run: _LayerRun, solvers: dict, recipe: Recipe, scheme, ranks: Ranks) -> None:
+    """Experts routed fewer than `expert_min_tokens` calibration tokens (on all ranks together) get
+    round-to-nearest instead of their solver: a Hessian of a handful of tokens fits them to those tokens
+    alone, and one of no tokens would zero the weights."""
+    routed = [name for name in solvers if name in run.routed_tokens]
+    if not routed:
+        return
+    counts = ranks.sum(torch.tensor([run.routed_tokens[n] for n in routed], dtype=torch.float64)).tolist()
+    for name, count in zip(routed, counts):
+        run.routed_tokens[name] = int(count)
+        if count < recipe.expert_min_tokens:
+            solvers[name] = solver_factory("rtn")(run.linears[name].weight.data, scheme, recipe)
+            run.rounded.append(name)
 
 
 def _propagate(run: _LayerRun, reference_outputs):
@@ -274,6 +304,7 @@ def _solve_groups(run: _LayerRun, groups, recipe: Recipe, scheme, ranks: Ranks, 
             else:
                 with clock("observe"):
                     _observe(run, solvers)
+            _round_thin_experts(run, solvers, recipe, scheme, ranks)
             with clock("solve"):
                 return_freed_memory()
                 solved = _solve_group(solvers, ranks)
@@ -330,8 +361,28 @@ def calibrate_layer(layer: nn.Module, index: int, inputs: LayerInputs, adapter: 
     del reference_outputs
     error_sq, norm_sq = ranks.sum(torch.tensor([error_sq, norm_sq], dtype=torch.float64)).tolist()
     report = LayerReport(index, (error_sq / max(norm_sq, 1e-30)) ** 0.5, time.perf_counter() - start, rescaled,
-                         phases=clock.rounded())
+                         phases=clock.rounded(), **_expert_report(run, recipe))
     return {prefix + k: v for k, v in quantized.items()}, next_layer_inputs(outputs, inputs, index), fp_outputs, report
+
+
+def check_recipe_fits(adapter: ModelAdapter, recipe: Recipe) -> None:
+    """Refuse recipes the model's structure cannot run, before any work."""
+    if adapter.experts is not None and recipe.target == "asymmetric":
+        raise TlqError(f"{adapter.family}: the asymmetric target is not supported for routed experts (the FP "
+                       "path routes tokens differently): use --target symmetric")
+
+
+def _expert_report(run: _LayerRun, recipe: Recipe) -> dict:
+    """Tokens routed to each expert (read at its first Linear) and the experts rounded to nearest."""
+    experts: dict[str, int] = {}
+    for name, count in run.routed_tokens.items():
+        experts.setdefault(name.rpartition(".")[0], count)
+    rounded = sorted({name.rpartition(".")[0] for name in run.rounded})
+    if rounded:
+        log.warning("layer %d: %d experts were routed fewer than %d calibration tokens and are rounded to nearest "
+                    "(RTN): %s", run.index, len(rounded), recipe.expert_min_tokens,
+                    ", ".join(f"{e} ({experts.get(e, 0)})" for e in rounded))
+    return {"routed_tokens": experts, "rounded_experts": rounded}
 
 
 def _first_inputs(model, adapter: ModelAdapter, samples: list[Sample], recipe: Recipe, device, clock: PhaseClock):
@@ -396,6 +447,7 @@ def quantize_layers(model: nn.Module, adapter: ModelAdapter, samples: list[Sampl
     from tlq.models.lazy import ResidentLayers
 
     start = time.perf_counter()
+    check_recipe_fits(adapter, recipe)
     device = resolve_device(recipe.device)
     result = CalibrationResult()
     clock = PhaseClock()

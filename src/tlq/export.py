@@ -104,13 +104,17 @@ def ignore_entries(model: nn.Module, adapter: ModelAdapter, checkpoint_keys: set
     - its checkpoint name (what vLLM maps into its own names, e.g. `visual.blocks.0.attn.qkv`);
     - `re:` entries for each non-decoder subtree (`re:(.*\\.)?visual\\..*`), which also cover names a loader
       makes up: vLLM fuses q/k/v into `qkv_proj`, and a fused layer is ignored only when every part is.
+    Modules inside the decoder layers that stay FP but that engines build as Linears (an MoE router,
+    `adapter.kept_fp`) are listed by name and by a `re:` entry for their last names.
     """
     decoder = adapter.decoder_layers + "."
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.startswith(decoder)]
-    stored = _stored_names(names, checkpoint_keys)
+    kept = [f"{decoder}{i}.{name}" for i in range(len(adapter.layers(model))) for name in adapter.kept_fp]
+    stored = _stored_names(names + kept, checkpoint_keys)
     subtrees = {_subtree_root(n, adapter.decoder_layers) for n in names} - set(names)  # lm_head is a leaf
     patterns = [f"re:(.*\\.)?{re.escape(root.split('.')[-1])}\\..*" for root in sorted(subtrees)]
-    return sorted(set(names) | set(stored)) + patterns
+    patterns += [f"re:.*\\.{re.escape(name)}$" for name in adapter.kept_fp]
+    return sorted(set(names) | set(kept) | set(stored)) + patterns
 
 
 def _subtree_root(name: str, decoder_path: str) -> str:

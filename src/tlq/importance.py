@@ -29,6 +29,7 @@ from tlq.distributed import SINGLE, Ranks
 from tlq.recipe import IMPORTANCE_SCORES
 from tlq.errors import TlqError
 from tlq.models import TOKEN_KIND_NAMES, ModelAdapter
+from tlq.models.moe import routed_rows
 
 SCORES = IMPORTANCE_SCORES
 GRADIENT_PASSES = {"auto": None, "streamed": True, "full": False}  # name -> compute_importance(streamed=)
@@ -108,16 +109,20 @@ class _Recorder:
             # output is a cycle that keeps every sample's activations alive until the garbage collector
             # happens to run (430 MB after 8 samples at 2B widths). A detached view has no hooks.
             value = output.detach() if self.score == "gx" else None
+            # An MoE expert's rows are the tokens routed to it: its scores go to those positions, and
+            # every other token scores 0 for it (its error there does not reach the output).
+            routing = routed_rows(module)
+            place = (lambda v: v[0]) if routing is None else _scatter(*routing)
 
             def on_grad(grad):
-                g = grad[0].float()
+                g = place(grad).float()
                 self._record(self.abs_grad, key, g.abs().mean(-1))
                 if self.score == "fisher":
                     self._record(self.scores, key, g.pow(2).mean(-1))
                 elif self.score == "l2":
                     self._record(self.scores, key, g.norm(dim=-1))
                 elif self.score == "gx":
-                    self._record(self.scores, key, (g * value[0].float()).abs().mean(-1))
+                    self._record(self.scores, key, (g * place(value).float()).abs().mean(-1))
 
             output.register_hook(on_grad)
 
@@ -141,6 +146,17 @@ class _Recorder:
 
             handles.append(layer.register_forward_hook(hook))
         return handles
+
+
+def _scatter(rows: torch.Tensor, tokens: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Rows of a routed Linear's output [n, out] placed at their token positions in [tokens, out] (zeros
+    elsewhere)."""
+    def place(values: torch.Tensor) -> torch.Tensor:
+        full = values.new_zeros(tokens, values.shape[-1])
+        full[rows.to(values.device)] = values.reshape(-1, values.shape[-1])
+        return full
+
+    return place
 
 
 def _answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

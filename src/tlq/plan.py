@@ -62,6 +62,8 @@ class ModelShape:
     heads: int
     vocab: int
     linear_groups_in: list[list[int]] = field(default_factory=list)  # in_features per Linear, per solve group
+    linear_groups_names: list[list[str]] = field(default_factory=list)  # the Linears of each solve group
+    row_parallel: tuple[str, ...] = ()  # the Linears whose inputs tensor parallelism splits
     linear_groups_params: list[int] = field(default_factory=list)  # weight elements per solve group
 
 
@@ -70,14 +72,13 @@ def model_shape(model_dir: str | Path) -> ModelShape:
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from tlq.models import adapter_for, read_model_type
+    from tlq.models import adapter_for, load_config, read_model_type, with_expert_linears
 
     adapter = adapter_for(read_model_type(model_dir))
-    from tlq.models import load_config
-
     config = load_config(model_dir)
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(config)
+        adapter = with_expert_linears(model, adapter)  # MoE: one Linear per expert, as calibrated
     layers = adapter.layers(model)
     layer = layers[0]
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
@@ -94,6 +95,7 @@ def model_shape(model_dir: str | Path) -> ModelShape:
         hidden=text.hidden_size, intermediate=text.intermediate_size, heads=text.num_attention_heads,
         vocab=text.vocab_size,
         linear_groups_in=[[layer.get_submodule(n).in_features for n in group] for group in adapter.linear_groups],
+        linear_groups_names=[list(group) for group in adapter.linear_groups], row_parallel=adapter.row_parallel,
         linear_groups_params=[sum(layer.get_submodule(n).weight.numel() for n in group)
                               for group in adapter.linear_groups],
     )

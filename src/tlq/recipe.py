@@ -174,6 +174,10 @@ class Recipe:
     # Weight grid per group: minmax or mse (a search over shrunken ranges; every solver uses it).
     weight_grid: str = knob("minmax", "each weight group's range: minmax, or mse (searched shrink, least error)",
                             choices=("minmax", "mse"))
+    # MoE: an expert's Linears see only the tokens routed to it; with too few, GPTQ's Hessian is too thin to
+    # solve on (with none it would zero the weights), so such an expert is rounded to nearest instead.
+    expert_min_tokens: int = knob(64, "MoE: an expert routed fewer calibration tokens than this is rounded to "
+                                      "nearest (RTN) instead of solved, with a warning")
     # Observe each Linear group after the earlier groups of the same layer are quantized.
     true_sequential: bool = knob(True, "observe each Linear group after the earlier groups of the layer are "
                                        "quantized (--no-true-sequential: all in one pass)")
@@ -227,6 +231,8 @@ class Recipe:
             raise TlqError(f"dampening must be in (0, 1), got {self.dampening}")
         if self.block_size < 1:
             raise TlqError(f"block size must be >= 1, got {self.block_size}")
+        if self.expert_min_tokens < 0:
+            raise TlqError(f"--expert-min-tokens must be >= 0, got {self.expert_min_tokens}")
         if self.target not in TARGETS:
             raise TlqError(f"unknown target {self.target!r}: use one of {', '.join(TARGETS)}")
         if self.backend not in BACKENDS:

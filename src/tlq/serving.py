@@ -104,10 +104,13 @@ def check_tp(scheme: Scheme, in_features: dict[str, int], row_parallel: tuple[st
 
 def linear_in_features(model_dir) -> dict[str, int]:
     """Inputs of each quantized Linear of a decoder layer (from config.json, on the meta device)."""
-    from tlq.models import adapter_for, read_model_type
+    return serving_shape(model_dir)[0]
+
+
+def serving_shape(model_dir) -> tuple[dict[str, int], tuple[str, ...]]:
+    """(inputs of each quantized Linear of a decoder layer, the row-parallel ones among them)."""
     from tlq.plan import model_shape
 
-    adapter = adapter_for(read_model_type(model_dir))
     shape = model_shape(model_dir)
-    return {name: columns for group, ins in zip(adapter.linear_groups, shape.linear_groups_in)
-            for name, columns in zip(group, ins)}
+    return ({name: columns for group, ins in zip(shape.linear_groups_names, shape.linear_groups_in)
+             for name, columns in zip(group, ins)}, shape.row_parallel)

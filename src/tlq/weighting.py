@@ -101,19 +101,21 @@ def kept_tokens(importance: TokenImportance, lookup: TokenWeights, layer: int, n
 
 def modality_ratios(importance: TokenImportance, adapter: ModelAdapter) -> dict[int, dict[str, float]]:
     """MBQ: per layer and block, rho = mean|g| over image tokens / mean|g| over answer tokens, read at
-    the block's output Linear (the attention and MLP outputs), floored at its median over layers."""
+    the block's output Linear (the attention and MLP outputs; an MoE block's is the sum over its experts'
+    outputs, each zero where the token was not routed to it), floored at its median over layers."""
     kinds = torch.cat(importance.token_kinds)
-    outputs = {block.output: block.role for block in adapter.blocks}
+    layers = sorted({int(key.split(".", 1)[0]) for key in importance.abs_grad})
     raw: dict[str, dict[int, float]] = {block.role: {} for block in adapter.blocks}
-    for key, per_sample in importance.abs_grad.items():
-        layer, name = key.split(".", 1)
-        if name not in outputs:
-            continue
-        g = torch.cat(per_sample)
-        image, answer = g[kinds == IMAGE], g[kinds == ANSWER]
-        if len(answer) == 0 or answer.mean() == 0:
-            raise TlqError("MBQ needs answer tokens with a gradient in the calibration samples")
-        raw[outputs[name]][int(layer)] = float(image.mean() / answer.mean()) if len(image) else 0.0
+    for layer in layers:
+        for block in adapter.blocks:
+            parts = [importance.abs_grad.get(f"{layer}.{name}") for name in block.outputs]
+            if any(part is None for part in parts):
+                continue
+            g = sum(torch.cat(part) for part in parts)
+            image, answer = g[kinds == IMAGE], g[kinds == ANSWER]
+            if len(answer) == 0 or answer.mean() == 0:
+                raise TlqError("MBQ needs answer tokens with a gradient in the calibration samples")
+            raw[block.role][layer] = float(image.mean() / answer.mean()) if len(image) else 0.0
     ratios: dict[int, dict[str, float]] = {}
     for role, per_layer in raw.items():
         if not per_layer:
@@ -173,7 +175,7 @@ def _importance(importance: TokenImportance, adapter: ModelAdapter, recipe: Reci
     if config.keep_ratio is not None or config.token_budget is not None:
         record["kept_tokens_by_kind"] = {
             f"{layer}.{name}": kept_tokens(importance, lookup, layer, name)
-            for layer in (0, layers - 1) for name in (adapter.linear_names[0], adapter.blocks[-1].output)}
+            for layer in (0, layers - 1) for name in (adapter.linear_names[0], adapter.blocks[-1].outputs[0])}
     return lookup, record
 
 

@@ -6,13 +6,15 @@ import json
 from pathlib import Path
 
 from tlq.errors import TlqError, one_line
-from tlq.models import gemma3, idefics3, internvl, llava_next, llava_onevision, mistral3, qwen2_5_vl, qwen2_vl, qwen3_vl
+from tlq.models import (gemma3, idefics3, internvl, llava_next, llava_onevision, mistral3, qwen2_5_vl, qwen2_vl,
+                        qwen3_vl, qwen3_vl_moe)
 from tlq.models.weights import check_finite_parameters, check_loading_info, check_weight_files
 from tlq.models.base import ANSWER, IMAGE, PROMPT, TOKEN_KIND_NAMES, ModelAdapter, ScalingGroup
 
 ADAPTERS: dict[str, ModelAdapter] = {
     model_type: module.ADAPTER
-    for module in (qwen2_vl, qwen2_5_vl, qwen3_vl, llava_onevision, llava_next, idefics3, mistral3, internvl, gemma3)
+    for module in (qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, llava_onevision, llava_next, idefics3, mistral3,
+                   internvl, gemma3)
     for model_type in module.ADAPTER.model_types
 }
 SUPPORTED_MODEL_TYPES = tuple(sorted(ADAPTERS))
@@ -58,9 +60,22 @@ def load_model(model_dir: str | Path, dtype: str = "auto", trust_remote_code: bo
     model, info = from_pretrained_checked(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
     check_loading_info(model_dir, info)
     check_finite_parameters(model, model_dir)
+    adapter = with_expert_linears(model, adapter)
     model.eval()
     model.requires_grad_(False)
     return model, adapter
+
+
+def with_expert_linears(model, adapter: ModelAdapter) -> ModelAdapter:
+    """For an MoE family: the fused experts become one MLP of Linears per expert (tlq.models.moe) and the
+    adapter names them; a dense family's model and adapter are returned as they are."""
+    if adapter.experts is None:
+        return adapter
+    from tlq.models.moe import unfuse_experts
+
+    bound = adapter.bound_to(model.config)  # refuses unsupported layouts before anything changes
+    unfuse_experts(model, adapter.layers(model), adapter.experts)
+    return bound
 
 
 def from_pretrained_checked(model_dir: str | Path, dtype: str = "auto", trust_remote_code: bool = False,
@@ -97,4 +112,5 @@ def load_config(model_dir: str | Path, trust_remote_code: bool = False):
 __all__ = [
     "ADAPTERS", "ANSWER", "IMAGE", "PROMPT", "SUPPORTED_MODEL_TYPES", "TOKEN_KIND_NAMES", "ModelAdapter",
     "ScalingGroup", "adapter_for", "from_pretrained_checked", "load_config", "load_model", "read_model_type",
+    "with_expert_linears",
 ]

@@ -9,10 +9,13 @@ a vision tower can never be quantized by accident.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from tlq.models.moe import ExpertLayout
 
 # Token kinds, stored per position with each calibration sample.
 PROMPT, IMAGE, ANSWER = 0, 1, 2
@@ -27,7 +30,11 @@ class Block:
     role: str  # "attention" | "mlp"
     module: str
     linears: tuple[str, ...]
-    output: str
+    output: str | tuple[str, ...]  # several: an MoE block's output is the routed sum of its experts' outputs
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return self.output if isinstance(self.output, tuple) else (self.output,)
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,32 @@ class ModelAdapter:
     # them, and the names of its (positions mask, per-layer features) keyword arguments. They are
     # captured from the model's own forward with layer 0's inputs and replayed (tlq.activations).
     layer_injections: tuple[str, str, str] | None = None
+    # Routed experts (MoE families): where they are; `bound_to(model)` spells out each expert's Linears.
+    experts: ExpertLayout | None = None
+    # Modules inside a decoder layer that stay FP but that a serving engine builds as Linears (an MoE
+    # router): the export lists them in `ignore`.
+    kept_fp: tuple[str, ...] = ()
+
+    def bound_to(self, config) -> "ModelAdapter":
+        """This adapter with every expert's Linears named (one solve group for all gate/up projections, one
+        for all down projections); itself for dense families. Every decoder layer must be an MoE layer."""
+        if self.experts is None:
+            return self
+        from tlq.errors import TlqError
+
+        text = config.get_text_config()
+        dense = list(getattr(text, "mlp_only_layers", None) or [])
+        step = getattr(text, "decoder_sparse_step", 1)
+        if dense or step != 1:
+            raise TlqError(f"{self.family}: dense MLP layers among the MoE layers (mlp_only_layers={dense}, "
+                           f"decoder_sparse_step={step}) are not supported yet: every decoder layer must be MoE")
+        gate_up, down = self.experts.linear_groups(self.experts.count(config))
+        attention = self.linear_groups[:2]
+        return dataclasses.replace(
+            self, linear_groups=attention + (gate_up, down),
+            blocks=(self.blocks[0], Block("mlp", "mlp", gate_up + down, output=down)),
+            row_parallel=tuple(n for n in self.row_parallel if not n.startswith("mlp.")) + down,
+            experts=self.experts)
 
     @property
     def linear_names(self) -> tuple[str, ...]:
@@ -125,6 +158,12 @@ QWEN2_SCALING_GROUPS = (
                  output_linear="mlp.down_proj"),
     ScalingGroup("mlp.up_proj", ("mlp.down_proj",), block="mlp.down_proj", output_linear="mlp.down_proj"),
 )
+
+
+# A decoder layer whose MLP is a block of routed experts: the attention's scaling groups only. The MoE
+# block's norm feeds the router and every expert, and an expert's up -> down pair sees only its own tokens;
+# neither is rescaled (yet), so scale searches and SmoothQuant act on the attention alone in such layers.
+MOE_SCALING_GROUPS = QWEN2_SCALING_GROUPS[:2]
 
 
 def qwen2_style(family: str, model_types: tuple[str, ...], **declared) -> ModelAdapter:

@@ -146,6 +146,8 @@ def load_lazy(model_dir: str | Path, dtype: str = "auto", trust_remote_code: boo
     from transformers.utils import logging as hf_logging
 
     adapter = adapter_for(read_model_type(model_dir))
+    if adapter.experts is not None:
+        raise TlqError(f"--lazy does not support MoE families ({adapter.family}) yet: run without --lazy")
     tensors = CheckpointTensors(model_dir)
     config = load_config(model_dir, trust_remote_code=trust_remote_code)
     text = config.get_text_config()

@@ -16,7 +16,7 @@ import torch
 from tlq.models.processing import processor_class, save_processor, videoless_processor
 from tlq.reference.tokenizer import build_tokenizer
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "llava_next", "idefics3", "smolvlm",
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava_onevision", "llava_next", "idefics3", "smolvlm",
             "mistral3", "internvl", "gemma3")
 
 
@@ -32,6 +32,11 @@ class ModelSize:
     vision_heads: int = 2
     patch: int = 8
     image_size: int = 32  # pixels per side the processor resizes every image to
+    # MoE families: routed experts per layer, experts per token, each expert's MLP width (not equal to
+    # hidden or hidden / 2, so the fused tensors' stored orientation is unambiguous).
+    experts: int = 8
+    experts_per_token: int = 2
+    expert_intermediate: int = 128
 
 
 def _text_config(size: ModelSize, vocab_size: int, **extra) -> dict:
@@ -121,7 +126,7 @@ def _qwen(family: str):
             config = tf.Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **markers)
             model = tf.Qwen2VLForConditionalGeneration(config)
             processor_class = tf.Qwen2VLProcessor
-        elif family == "qwen3_vl":
+        elif family in ("qwen3_vl", "qwen3_vl_moe"):
             # Qwen3 decoder (q/k norms, interleaved M-RoPE) and a ViT whose DeepStack mergers feed the first
             # decoder layers: one per ViT layer here, so every tiny model exercises the replay.
             text.update(head_dim=size.hidden // size.heads,
@@ -131,8 +136,16 @@ def _qwen(family: str):
                           deepstack_visual_indexes=list(range(min(size.vision_layers + 1, size.layers))))
             if size.vision_layers < 2:
                 vision.update(depth=2)
-            config = tf.Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **markers)
-            model = tf.Qwen3VLForConditionalGeneration(config)
+            if family == "qwen3_vl_moe":
+                text.update(num_experts=size.experts, num_experts_per_tok=size.experts_per_token,
+                            moe_intermediate_size=size.expert_intermediate, decoder_sparse_step=1)
+                config = tf.Qwen3VLMoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=False,
+                                             **markers)
+                model = tf.Qwen3VLMoeForConditionalGeneration(config)
+            else:
+                config = tf.Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False,
+                                          **markers)
+                model = tf.Qwen3VLForConditionalGeneration(config)
             processor_class = tf.Qwen3VLProcessor
         else:
             vision.update(hidden_size=size.vision_hidden, out_hidden_size=size.hidden,
@@ -274,6 +287,7 @@ _BUILDERS = {
     "qwen2_vl": ("qwen", _qwen("qwen2_vl")),
     "qwen2_5_vl": ("qwen", _qwen("qwen2_5_vl")),
     "qwen3_vl": ("qwen", _qwen("qwen3_vl")),
+    "qwen3_vl_moe": ("qwen", _qwen("qwen3_vl_moe")),
     "llava_onevision": ("llava", _llava_onevision),
     "llava_next": ("llava", _llava_next),
     "idefics3": ("idefics", _idefics("idefics3")),
@@ -290,6 +304,9 @@ _BUILDERS = {
 # the hub writes them, so what tlq reads and writes here is what it meets in the wild.
 _SIGLIP_OR_CLIP_TOWER = ((r"^vision_tower\.(?!vision_model\.)", "vision_tower.vision_model."),)
 HUB_NAMES = {"llava_onevision": _SIGLIP_OR_CLIP_TOWER, "llava_next": _SIGLIP_OR_CLIP_TOWER, "gemma3": _SIGLIP_OR_CLIP_TOWER}
+# Qwen3-VL-MoE's hub checkpoints store the fused experts as [E, H, 2I] and [E, I, H]; transformers 5 holds
+# (and saves) them transposed and transposes hub tensors when it loads them. vLLM reads the hub layout.
+HUB_TRANSPOSED = {"qwen3_vl_moe": r"\.mlp\.experts\.(gate_up|down)_proj$"}
 
 
 def save_checkpoint(model, processor, out_dir: str | Path) -> Path:
@@ -298,17 +315,20 @@ def save_checkpoint(model, processor, out_dir: str | Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     save_processor(processor, out_dir)
-    _rename_tensors(out_dir, HUB_NAMES.get(model.config.model_type, ()))
+    model_type = model.config.model_type
+    _rename_tensors(out_dir, HUB_NAMES.get(model_type, ()), HUB_TRANSPOSED.get(model_type))
     return out_dir
 
 
-def _rename_tensors(folder: Path, renames) -> None:
+def _rename_tensors(folder: Path, renames, transposed: str | None = None) -> None:
+    """Store tensors under hub names (`renames`: (pattern, replacement) pairs) and in hub orientation
+    (`transposed`: a pattern of names whose last two dimensions are swapped)."""
     import json
     import re
 
     from safetensors.torch import load_file, save_file
 
-    if not renames:
+    if not renames and not transposed:
         return
     index = folder / "model.safetensors.index.json"
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
@@ -320,6 +340,8 @@ def _rename_tensors(folder: Path, renames) -> None:
             new = key
             for pattern, replacement in renames:
                 new = re.sub(pattern, replacement, new)
+            if transposed and re.search(transposed, key):
+                value = value.transpose(-1, -2).contiguous()
             renamed[new] = value
             mapping[key] = new
         save_file(renamed, str(folder / name), metadata={"format": "pt"})
