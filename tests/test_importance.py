@@ -51,7 +51,8 @@ def test_fisher_score_matches_finite_differences(tiny_checkpoints, calib_split):
     assert sum(fd > floor for _, fd, _ in pairs) >= 2
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl", "llava_onevision", "gemma3"])  # DeepStack; layer kinds
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl", "qwen3_vl_moe", "llava_onevision", "gemma3"])  # DeepStack;
+# routed experts; layer kinds
 def test_streamed_backward_matches_full_autograd(family, tiny_checkpoints, calib_split):
     """One layer resident at a time gives the per-token gradients of autograd through the whole model."""
     model, adapter, samples = _setup(tiny_checkpoints[family], calib_split, n=2)
@@ -64,7 +65,10 @@ def test_streamed_backward_matches_full_autograd(family, tiny_checkpoints, calib
             assert sorted(reference) == sorted(candidate) and len(reference) == 2 * len(adapter.linear_names)
             for key in reference:
                 for a, b in zip(reference[key], candidate[key], strict=True):
-                    assert a.shape == b.shape and a.abs().max() > 0, (score, key)
+                    assert a.shape == b.shape, (score, key)
+                    if a.abs().max() == 0:  # an expert no token of this sample was routed to
+                        assert adapter.experts is not None and b.abs().max() == 0, (score, key)
+                        continue
                     assert float((a - b).norm() / a.norm()) < 1e-4, (score, store, key)
 
 

@@ -28,7 +28,10 @@ def test_missing_model_dir(tmp_path):
 def test_adapter_finds_only_decoder_linears(tiny_checkpoints, family):
     model, adapter = load_model(tiny_checkpoints[family])
     names = adapter.quantized_linear_names(model)
-    assert len(names) == 7 * model.config.text_config.num_hidden_layers
+    text = model.config.text_config
+    per_layer = 4 + (3 * text.num_experts if adapter.experts is not None else 3)  # attention + MLP (per expert)
+    assert len(names) == per_layer * text.num_hidden_layers
+    assert not any(name.endswith("." + kept) for name in names for kept in adapter.kept_fp)  # the router stays FP
     for name in names:
         assert isinstance(model.get_submodule(name), nn.Linear)
         assert name.startswith(adapter.decoder_layers + ".")
@@ -42,7 +45,7 @@ def test_adapter_finds_only_decoder_linears(tiny_checkpoints, family):
     # scaling group's block is a module of the layer that contains the group's targets.
     assert sorted(n for b in adapter.blocks for n in b.linears) == sorted(adapter.linear_names)
     for block in adapter.blocks:
-        assert block.output in block.linears and layer.get_submodule(block.module) is not None
+        assert set(block.outputs) <= set(block.linears) and layer.get_submodule(block.module) is not None
     for group in adapter.scaling_groups:
         block = layer.get_submodule(group.block)
         assert all(any(m is layer.get_submodule(t) for m in block.modules()) for t in group.targets)

@@ -96,7 +96,9 @@ class RoutedExperts(nn.ModuleList):
         for index, expert in enumerate(self):
             token_idx, position = torch.where(top_k_index == index)
             set_routed_rows(expert, token_idx, tokens)
-            y = expert(hidden_states[token_idx]) * top_k_weights[token_idx, position, None]
+            # [1, n, H]: a batch of one, so per-token activation quantization (compressed-tensors reduces
+            # over the dimensions after the first two) sees one row per token, as vLLM's kernels do.
+            y = expert(hidden_states[token_idx].unsqueeze(0))[0] * top_k_weights[token_idx, position, None]
             out.index_add_(0, token_idx, y.to(out.dtype))
         return out
 
