@@ -71,7 +71,8 @@ def interpreter_baseline_mib() -> float:
 def planned_mib(model: Path, samples: int, tokens: int, method: str) -> float:
     from tlq.plan import model_shape, plan_memory
 
-    plan = plan_memory(model_shape(model), 1, 1 << 40, samples, tokens, dtype_bytes=4)
+    plan = plan_memory(model_shape(model), 1, 1 << 40, samples, tokens, dtype_bytes=4,
+                       gradient_pass=method in ("tlq", "mbq"))
     host, device = plan["host_gib"], plan["device_gib"]
     # One CPU process: the host's weights and caches plus the calibration phase's working set (its own
     # copy of the layer is the host's, so it is not counted twice). TLQ's gradient pass ends before.

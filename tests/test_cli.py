@@ -98,7 +98,8 @@ def test_every_recipe_knob_is_a_flag_named_after_it_with_the_recipes_default():
 
     assert _recipe_from(_quantize_args()) == Recipe()
     values = {"method": "tlq", "scheme": "W3A16", "group_size": 64, "symmetric": False, "num_samples": 7, "seed": 3,
-              "max_length": 512, "dampening": 0.05, "block_size": 64, "act_order": True, "weight_grid": "mse",
+              "max_length": 512, "dampening": 0.05, "block_size": 64, "expert_min_tokens": 16, "act_order": True,
+              "weight_grid": "mse",
               "true_sequential": False, "exposure": False, "target": "asymmetric", "backend": "scale",
               "importance_score": "gx", "importance_pass": "streamed", "weighting": "importance",
               "importance_floor": 0.3, "importance_clip": 4.0, "keep_ratio": 0.5, "token_budget": None,

@@ -62,3 +62,27 @@ def test_lazy_plan_holds_one_layer_on_the_host(shapes):
     lazy = plan_memory(shape, 4, parse_size("24GiB"), 128, 1024, lazy=True)
     assert lazy["host_gib"]["model_weights"] < eager["host_gib"]["model_weights"] / 10  # embeddings, head, ViT + 2 layers
     assert lazy["device_gib"] == eager["device_gib"]
+
+
+def test_the_gradient_pass_is_planned_only_for_the_methods_that_run_it(shapes):
+    from tlq.cli import _runs_gradient_pass
+    from tlq.plan import LOADING_OVERHEAD
+
+    shape = shapes["qwen2-vl-7b-instruct"]
+    assert _runs_gradient_pass("tlq") and _runs_gradient_pass("mbq")
+    assert not any(_runs_gradient_pass(m) for m in ("rtn", "gptq", "awq", "awq_gptq", "smoothquant_gptq"))
+    gptq = plan_memory(shape, 1, parse_size("24GiB"), 512, 1024, gradient_pass=False)
+    tlq = plan_memory(shape, 1, parse_size("24GiB"), 512, 1024, gradient_pass=True)
+    host = gptq["host_gib"]
+    assert host["gradient_pass_inputs"] == 0
+    assert host["peak"] == pytest.approx(host["model_weights"] + LOADING_OVERHEAD / 2**30 + host["layer_input_cache"],
+                                         abs=0.02)
+    assert tlq["host_gib"]["peak"] > host["peak"]  # 29 layers' stored inputs outweigh the two streams
+
+
+def test_moe_plan_names_every_expert(tiny_checkpoints):
+    shape = model_shape(tiny_checkpoints["qwen3_vl_moe"])
+    names = [n for group in shape.linear_groups_names for n in group]
+    assert "mlp.experts.7.down_proj" in names and "mlp.gate" not in names
+    assert "mlp.experts.7.down_proj" in shape.row_parallel and "self_attn.o_proj" in shape.row_parallel
+    assert plan_memory(shape, 1, parse_size("24GiB"), 16, 128)["fits"]

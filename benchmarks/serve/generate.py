@@ -4,7 +4,10 @@ Runs in the vLLM venv (benchmarks/serve/build_vllm_venv.sh), where tlq is not in
     python generate.py vllm OUT_DIR --data test.json --images DIR --num 200 --json answers.json
     python generate.py transformers OUT_DIR ...
 `vllm`: vllm.LLM on the CPU backend, bfloat16 (its CPU WNA16 kernel has no float32 path).
-`transformers`: plain AutoModelForImageTextToText / AutoProcessor.from_pretrained, float32.
+`transformers`: plain AutoModelForImageTextToText / AutoProcessor.from_pretrained, float32. One exception:
+a quantized MoE output stores one Linear per expert, which transformers 5 cannot load into its fused expert
+parameters, so for such a folder the MoE blocks are built with per-expert Linears first (tlq.models.moe,
+imported from the repository's src/; the only tlq code on this side, and only for MoE outputs).
 Writes {"engine", "loaded", "error", "answers": [...], "references", "seconds"} (and "prompt_top1" with
 --prompt-top1); a load failure is
 recorded, not raised, so the table can say what failed and why (the kernels vLLM picked are read from
@@ -57,7 +60,8 @@ def run_transformers(model: Path, questions, prompt_top1: bool = False) -> tuple
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     processor = AutoProcessor.from_pretrained(str(model))
-    network = AutoModelForImageTextToText.from_pretrained(str(model), dtype=torch.float32).eval()
+    with _per_expert_linears(model):
+        network = AutoModelForImageTextToText.from_pretrained(str(model), dtype=torch.float32).eval()
     answers, top1 = [], []
     with torch.no_grad():
         for question, image, _ in questions:
@@ -68,6 +72,30 @@ def run_transformers(model: Path, questions, prompt_top1: bool = False) -> tuple
             if prompt_top1:
                 top1.append(network(**inputs).logits[0, :-1].argmax(-1).tolist())
     return answers, (top1 if prompt_top1 else None)
+
+
+def _per_expert_linears(model: Path):
+    """tlq.models.moe's loading context for a Qwen3-VL-MoE folder with per-expert tensors, else nothing."""
+    from contextlib import nullcontext
+
+    config = json.loads((model / "config.json").read_text())
+    index = model / "model.safetensors.index.json"
+    if config.get("model_type") != "qwen3_vl_moe":
+        return nullcontext()
+    if index.is_file():
+        keys = json.loads(index.read_text())["weight_map"]
+    else:
+        from safetensors import safe_open
+
+        with safe_open(str(model / "model.safetensors"), "pt") as f:
+            keys = list(f.keys())
+    if not any(".mlp.experts.0." in k for k in keys):
+        return nullcontext()  # the fused FP layout transformers reads itself
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
+    from tlq.models import ADAPTERS
+    from tlq.models.moe import routed_experts_as_linears
+
+    return routed_experts_as_linears(ADAPTERS["qwen3_vl_moe"].experts)
 
 
 def main() -> int:

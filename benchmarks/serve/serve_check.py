@@ -89,7 +89,8 @@ from tlq.data.synthetic import vocabulary
 from tlq.reference.checkpoint import ModelSize, build_model_and_processor, save_checkpoint
 family = {model[len("tiny-"):]!r}
 size = ModelSize(hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2, vision_hidden=64, vision_layers=2,
-                 vision_heads=2, patch=16 if family == "llava_onevision" else 8, image_size=64)
+                 vision_heads=2, patch=16 if family == "llava_onevision" else 8, image_size=64,
+                 expert_intermediate=256)  # MoE only; not square with hidden 128
 model, processor = build_model_and_processor(family, vocabulary(), size, seed=0)
 with torch.no_grad():
     model.lm_head.weight.mul_({TINY_HEAD_SCALE})

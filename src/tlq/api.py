@@ -207,7 +207,7 @@ def _run(job: QuantizeJob, ranks: Ranks, progress: bool, dtype: str, trust_remot
         with clock("importance"):
             weights, weighting_record = build_token_weights(model, adapter, samples, recipe, ranks, work, layers)
         calibration = quantize_layers(model, adapter, samples, recipe, token_weights=weights, progress=progress,
-                                      ranks=ranks, work=work, layers=layers)
+                                      ranks=ranks, work=work, layers=layers, release_sample_inputs=True)
         calibration.seconds += clock.seconds["importance"]
         clock.merge(calibration.phases)
         record = _run_record(job, model, adapter, samples, calibration, weighting_record, ranks)

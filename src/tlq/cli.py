@@ -226,11 +226,21 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     check_tp(scheme, in_features, row_parallel, _tp_sizes(args.tp))
     plan = plan_memory(model_shape(args.model_dir), args.devices, parse_size(args.device_memory), args.samples,
                        args.tokens_per_sample, dtype_bytes=2 if args.dtype in ("bfloat16", "float16") else 4,
-                       asymmetric=args.target == "asymmetric", lazy=args.lazy)
+                       asymmetric=args.target == "asymmetric", lazy=args.lazy,
+                       gradient_pass=_runs_gradient_pass(args.method))
     plan["serving"] = {"runs": line, "warnings": warnings}
     print(json.dumps(plan, indent=2) if args.json else "\n".join([format_plan(plan), line] + [
         f"warning: {w}" for w in warnings]))
     return 0
+
+
+def _runs_gradient_pass(method: str) -> bool:
+    from tlq.recipe import METHODS, BASELINE_PLANS
+    from tlq.errors import TlqError
+
+    if method not in METHODS:
+        raise TlqError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+    return method not in BASELINE_PLANS or BASELINE_PLANS[method].weighting != "uniform"
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -359,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="symmetric", choices=["symmetric", "asymmetric"],
                    help="symmetric or asymmetric (keeps an FP stream)")
     p.add_argument("--lazy", action="store_true", help="plan a `tlq quantize --lazy` run")
+    p.add_argument("--method", default="tlq", help="calibration method (TLQ and MBQ run the gradient pass; "
+                                                    "default tlq)")
     p.add_argument("--scheme", default="W4A16", help="scheme to check serving support for (default W4A16)")
     p.add_argument("--group-size", type=int, default=None, help="override the scheme's group")
     p.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=None)

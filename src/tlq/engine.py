@@ -385,13 +385,19 @@ def _expert_report(run: _LayerRun, recipe: Recipe) -> dict:
     return {"routed_tokens": experts, "rounded_experts": rounded}
 
 
-def _first_inputs(model, adapter: ModelAdapter, samples: list[Sample], recipe: Recipe, device, clock: PhaseClock):
+def _first_inputs(model, adapter: ModelAdapter, samples: list[Sample], recipe: Recipe, device, clock: PhaseClock,
+                  release_sample_inputs: bool = False):
     """Layer 0's inputs captured from the model's own forward, and the FP-path stream when the recipe
-    keeps one (the asymmetric target; with exposure off it is the same stream)."""
+    keeps one (the asymmetric target; with exposure off it is the same stream). The samples then keep
+    only their token ids if `release_sample_inputs`."""
+    check_recipe_fits(adapter, recipe)
     with clock("capture"):
         inputs = capture_layer_inputs(model, adapter, samples, device)
     for hidden in inputs.hidden:
         check_finite(hidden, "entering decoder layer 0")
+    if release_sample_inputs:
+        for sample in samples:
+            sample.release_model_inputs()
     return inputs, inputs if (recipe.target == "asymmetric" or not recipe.exposure) else None
 
 
@@ -434,24 +440,23 @@ def _restore_finished(work, layers, result: CalibrationResult, inputs: LayerInpu
 def quantize_layers(model: nn.Module, adapter: ModelAdapter, samples: list[Sample], recipe: Recipe,
                     token_weights: TokenWeights | None = None, progress: bool = True,
                     on_layer_inputs: Callable[[int, LayerInputs], None] | None = None, ranks: Ranks = SINGLE,
-                    work=None, layers=None) -> CalibrationResult:
+                    work=None, layers=None, release_sample_inputs: bool = False) -> CalibrationResult:
     """Calibrate and fake-quantize every decoder Linear of `model` in place; returns weights and grids.
 
     `samples` are this rank's shard; `token_weights` is indexed by this rank's sample numbers. `work`
     (a tlq.resume.WorkDir, opened) makes the run resumable. `layers` (tlq.models.lazy) says where decoder
     layers come from: resident in `model` (default), or read from the checkpoint one at a time, in which
     case finished layers live only in the work directory and `result.quantized` stays empty.
-    """
+    `release_sample_inputs`: the samples keep only their token ids once layer 0's inputs are captured."""
     from tqdm.auto import tqdm
 
     from tlq.models.lazy import ResidentLayers
 
     start = time.perf_counter()
-    check_recipe_fits(adapter, recipe)
     device = resolve_device(recipe.device)
     result = CalibrationResult()
     clock = PhaseClock()
-    inputs, fp_inputs = _first_inputs(model, adapter, samples, recipe, device, clock)
+    inputs, fp_inputs = _first_inputs(model, adapter, samples, recipe, device, clock, release_sample_inputs)
     layers = layers if layers is not None else ResidentLayers(model, adapter)
     if layers.lazy and work is None:
         raise ValueError("lazy layers need a work directory to keep the calibrated layers in")

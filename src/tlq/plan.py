@@ -14,10 +14,14 @@ device (the peak of the three phases)
                 work copy, half-size retry rows), one sample's activations
 host
     model weights           the whole checkpoint; with --lazy only what is outside the decoder + one layer
+    loading overhead        what loading a checkpoint leaves resident above its parameters (a measured
+                            constant: benchmarks/results/cost/rss_probe)
     layer-input cache       2 x s x T x d x b (the layer's inputs and its outputs) + the FP layer's outputs
                             on at most 16 samples (the error report, engine.REPORT_SAMPLES), + 2 x for an
                             FP stream (asymmetric target); --offload-dir moves it to disk
-    gradient pass           (L + 1) x s x T x d x b (each layer's stored inputs; freed before calibration)
+    gradient pass           (L + 1) x s x T x d x b (each layer's stored inputs; freed before calibration),
+                            only for the methods that run it (TLQ, MBQ)
+The samples' pixel values are released once layer 0's inputs are captured, so they are not counted.
 """
 
 from __future__ import annotations
@@ -125,9 +129,16 @@ def _solver_bytes(groups_in: list[list[int]], chunk_tokens: int, b: int) -> tupl
     return observe, solve
 
 
+# Resident bytes a loaded checkpoint costs above its parameters (transformers' model code and loading, the
+# safetensors pages): 107-146 MiB at hidden 512-2048 (benchmarks/results/cost/rss_probe).
+LOADING_OVERHEAD = 128 * 2**20
+
+
 def plan_memory(shape: ModelShape, devices: int, device_memory: int, samples: int, tokens: int,
-                dtype_bytes: int = 2, asymmetric: bool = False, lazy: bool = False) -> dict[str, Any]:
-    """Per-rank peak memory estimate (bytes) of a `tlq quantize` run and whether it fits."""
+                dtype_bytes: int = 2, asymmetric: bool = False, lazy: bool = False,
+                gradient_pass: bool = True) -> dict[str, Any]:
+    """Per-rank peak memory estimate (bytes) of a `tlq quantize` run and whether it fits. `gradient_pass`:
+    whether the method runs the importance pass (TLQ, MBQ)."""
     if devices < 1 or samples < 1 or tokens < 1:
         raise TlqError("--devices, --samples and --tokens-per-sample must be >= 1")
     b, d, f, T = dtype_bytes, shape.hidden, shape.intermediate, tokens
@@ -147,12 +158,12 @@ def plan_memory(shape: ModelShape, devices: int, device_memory: int, samples: in
     from tlq.engine import REPORT_SAMPLES
 
     cache = hidden_cache * (4 if asymmetric else 2) + min(per_rank, REPORT_SAMPLES) * T * d * b
-    gradient_store = (shape.num_layers + 1) * hidden_cache
+    gradient_store = (shape.num_layers + 1) * hidden_cache if gradient_pass else 0
     if lazy:
         weights = (shape.total_params - shape.num_layers * shape.layer_params + 2 * shape.layer_params) * b
     else:
         weights = shape.total_params * b
-    host_peak = weights + max(cache, gradient_store)
+    host_peak = weights + LOADING_OVERHEAD + max(cache, gradient_store)
     return {
         "model": shape.name, "model_type": shape.model_type, "params_b": round(shape.total_params / 1e9, 3),
         "devices": devices, "device_memory_gib": _gib(device_memory), "samples": samples, "lazy": lazy,
@@ -162,7 +173,8 @@ def plan_memory(shape: ModelShape, devices: int, device_memory: int, samples: in
                        "hessians_largest_group": _gib(group_stats), "solve_buffers": _gib(solve),
                        "one_sample_activations": _gib(sample_acts), "gradient_pass": _gib(gradient),
                        "capture": _gib(capture), "peak": _gib(device_peak)},
-        "host_gib": {"model_weights": _gib(weights), "layer_input_cache": _gib(cache),
+        "host_gib": {"model_weights": _gib(weights), "loading_overhead": _gib(LOADING_OVERHEAD),
+                     "layer_input_cache": _gib(cache),
                      "gradient_pass_inputs": _gib(gradient_store), "peak": _gib(host_peak)},
         "fits": device_peak <= device_memory,
     }
@@ -187,6 +199,7 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"| **device peak** | **{dev['peak']}** |",
         f"| host: model weights ({'lazy: outside the decoder + one layer' if plan['lazy'] else 'whole model'}) | "
         f"{host['model_weights']} |",
+        f"| host: checkpoint loading overhead | {host['loading_overhead']} |",
         f"| host: layer-input cache | {host['layer_input_cache']} |",
         f"| host: gradient-pass stored inputs | {host['gradient_pass_inputs']} |",
         f"| **host peak** | **{host['peak']}** |",

@@ -137,6 +137,9 @@ def _qwen(family: str):
             if size.vision_layers < 2:
                 vision.update(depth=2)
             if family == "qwen3_vl_moe":
+                if size.expert_intermediate in (size.hidden, size.hidden // 2):
+                    raise ValueError("expert_intermediate equal to hidden or hidden / 2 makes the stored expert "
+                                     "tensors square: transformers could not tell their orientation")
                 text.update(num_experts=size.experts, num_experts_per_tok=size.experts_per_token,
                             moe_intermediate_size=size.expert_intermediate, decoder_sparse_step=1)
                 config = tf.Qwen3VLMoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=False,
