@@ -105,16 +105,19 @@ class RoutedExperts(nn.ModuleList):
 
 @torch.no_grad()
 def from_fused(fused: nn.Module) -> RoutedExperts:
-    """`RoutedExperts` holding the fused module's weights (gate_up_proj [E, 2I, H], down_proj [E, H, I])."""
+    """`RoutedExperts` holding the fused module's weights (gate_up_proj [E, 2I, H], down_proj [E, H, I]).
+
+    Each expert's weights are views of the fused tensors (contiguous row ranges), not copies: nothing is
+    allocated, and the fused storage is freed once calibration has rebound every expert's weights."""
     gate_up, down = fused.gate_up_proj, fused.down_proj
     count, double, hidden = gate_up.shape
     intermediate = double // 2
     routed = RoutedExperts(count=count, hidden=hidden, intermediate=intermediate, act_fn=fused.act_fn,
-                           dtype=gate_up.dtype, device=gate_up.device)
+                           dtype=gate_up.dtype, device="meta")  # no initialisation of weights replaced below
     for e, expert in enumerate(routed):
-        expert.gate_proj.weight = nn.Parameter(gate_up[e, :intermediate].clone(), requires_grad=False)
-        expert.up_proj.weight = nn.Parameter(gate_up[e, intermediate:].clone(), requires_grad=False)
-        expert.down_proj.weight = nn.Parameter(down[e].clone(), requires_grad=False)
+        expert.gate_proj.weight = nn.Parameter(gate_up[e, :intermediate], requires_grad=False)
+        expert.up_proj.weight = nn.Parameter(gate_up[e, intermediate:], requires_grad=False)
+        expert.down_proj.weight = nn.Parameter(down[e], requires_grad=False)
     return routed
 
 
