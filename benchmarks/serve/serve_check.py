@@ -51,6 +51,7 @@ SCHEMES = {
 }
 MODELS = ("qwen2_vl-small", "qwen2_vl-large", "llava_onevision-small", "llava_onevision-large")
 _KERNEL = re.compile(r"Using (\w+) for (\w+)")
+_MOE_BACKEND = re.compile(r"Using (\w+) MoE backend")  # the fused-experts kernel of an MoE layer
 
 
 def _run_engine(engine: str, model: Path, num: int, answers: Path, prompt_top1: bool = False) -> dict:
@@ -64,9 +65,10 @@ def _run_engine(engine: str, model: Path, num: int, answers: Path, prompt_top1: 
     record = json.loads(answers.read_text()) if answers.exists() else {
         "engine": engine, "loaded": False, "error": f"generate.py exited {proc.returncode}: {proc.stderr[-300:]}"}
     log = proc.stdout + proc.stderr
-    record["kernels"] = sorted({m.group(1) for m in _KERNEL.finditer(log) if "Kernel" in m.group(1)})
+    record["kernels"] = sorted({m.group(1) for m in _KERNEL.finditer(log) if "Kernel" in m.group(1)}
+                               | {m.group(1) for m in _MOE_BACKEND.finditer(log)})
     if record.get("error") and "Engine core initialization failed" in record["error"]:
-        causes = [line.split("] ", 1)[-1] for line in log.splitlines() if re.search(r"(Value|Runtime|NotImplemented)Error: ", line)]
+        causes = [line.split("] ", 1)[-1] for line in log.splitlines() if re.search(r"(Value|Runtime|NotImplemented|Attribute|Key)Error: ", line)]
         if causes:  # the worker's own reason, not the engine's summary
             record["error"] = causes[0][:300]
     answers.write_text(json.dumps(record, indent=1) + "\n")
@@ -119,7 +121,10 @@ def _quantize(model: str, label: str, options: list[str], out: Path) -> dict:
 
 
 _PLAIN_LOAD = ("import sys; from transformers import AutoModelForImageTextToText as M; "
-               "M.from_pretrained(sys.argv[1]); print('tlq' in sys.modules)")
+               "_, info = M.from_pretrained(sys.argv[1], output_loading_info=True); "
+               "missing = sorted(info['missing_keys']); "
+               "print(f'MISSING {len(missing)} tensors, e.g. {missing[0]}', file=sys.stderr) if missing else None; "
+               "print('tlq' in sys.modules, bool(missing))")
 
 
 def _plain_load(out: Path) -> dict:
@@ -128,9 +133,11 @@ def _plain_load(out: Path) -> dict:
     answers come from the vLLM venv's transformers; this says whether the newer stack loads the weights."""
     proc = subprocess.run([str(TLQ_PY), "-c", _PLAIN_LOAD, str(out)], capture_output=True, text=True, timeout=600,
                           env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"})
-    lines = [line for line in proc.stderr.splitlines() if "Error" in line]
-    return {"loaded": proc.returncode == 0 and proc.stdout.strip().endswith("False"),
-            "error": None if proc.returncode == 0 else (lines[-1] if lines else f"exit {proc.returncode}")[:300]}
+    # A load that leaves tensors MISSING (initialised at random) is a failed load, however quietly it ends.
+    lines = [line for line in proc.stderr.splitlines() if "Error" in line or line.startswith("MISSING")]
+    return {"loaded": proc.returncode == 0 and proc.stdout.strip().endswith("False False"),
+            "error": None if proc.returncode == 0 and not lines else
+            (lines[-1] if lines else f"exit {proc.returncode}")[:300]}
 
 
 def _agreement(record: dict, fp: dict) -> dict:

@@ -140,8 +140,10 @@ def _qwen(family: str):
                 if size.expert_intermediate in (size.hidden, size.hidden // 2):
                     raise ValueError("expert_intermediate equal to hidden or hidden / 2 makes the stored expert "
                                      "tensors square: transformers could not tell their orientation")
+                # norm_topk_prob: the hub configs carry it (vLLM reads it); transformers always renormalises.
                 text.update(num_experts=size.experts, num_experts_per_tok=size.experts_per_token,
-                            moe_intermediate_size=size.expert_intermediate, decoder_sparse_step=1)
+                            moe_intermediate_size=size.expert_intermediate, decoder_sparse_step=1,
+                            norm_topk_prob=True)
                 config = tf.Qwen3VLMoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=False,
                                              **markers)
                 model = tf.Qwen3VLMoeForConditionalGeneration(config)
