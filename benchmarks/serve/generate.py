@@ -38,12 +38,14 @@ def _prompt(processor, question: str) -> str:
     return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def run_vllm(model: Path, questions, prompt_top1: bool = False) -> tuple[list[str], list[list[int]] | None]:
+def run_vllm(model: Path, questions, prompt_top1: bool = False,
+             moe_backend: str = "auto") -> tuple[list[str], list[list[int]] | None]:
     from transformers import AutoProcessor
     from vllm import LLM, SamplingParams
 
+    extra = {} if moe_backend == "auto" else {"moe_backend": moe_backend}
     llm = LLM(model=str(model), dtype="bfloat16", max_model_len=1024, limit_mm_per_prompt={"image": 1},
-              enforce_eager=True, seed=0, gpu_memory_utilization=0.25)
+              enforce_eager=True, seed=0, gpu_memory_utilization=0.25, **extra)
     processor = AutoProcessor.from_pretrained(str(model))
     requests = [{"prompt": _prompt(processor, q), "multi_modal_data": {"image": image}} for q, image, _ in questions]
     params = SamplingParams(temperature=0.0, max_tokens=16, prompt_logprobs=1 if prompt_top1 else None)
@@ -55,7 +57,8 @@ def run_vllm(model: Path, questions, prompt_top1: bool = False) -> tuple[list[st
     return [o.outputs[0].text.strip() for o in outputs], top1
 
 
-def run_transformers(model: Path, questions, prompt_top1: bool = False) -> tuple[list[str], list[list[int]] | None]:
+def run_transformers(model: Path, questions, prompt_top1: bool = False,
+                     moe_backend: str = "auto") -> tuple[list[str], list[list[int]] | None]:
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -109,13 +112,16 @@ def main() -> int:
     parser.add_argument("--prompt-top1", action="store_true",
                         help="also record, per prompt position, the most likely next token (a loader check that "
                              "does not depend on the generated answers)")
+    parser.add_argument("--moe-backend", default="auto",
+                        help="vLLM's fused-experts backend (e.g. emulation where its CPU int4 MoE kernel, which "
+                             "needs AMX, cannot run)")
     args = parser.parse_args()
     start = time.perf_counter()
     record = {"engine": args.engine, "model": str(args.model), "loaded": False, "error": None, "answers": []}
     try:
         questions = list(_questions(args.data, args.images, args.num))
         run = run_vllm if args.engine == "vllm" else run_transformers
-        record["answers"], top1 = run(args.model, questions, args.prompt_top1)
+        record["answers"], top1 = run(args.model, questions, args.prompt_top1, args.moe_backend)
         if top1 is not None:
             record["prompt_top1"] = top1
         record["loaded"] = True

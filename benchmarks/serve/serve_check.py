@@ -51,14 +51,15 @@ SCHEMES = {
 }
 MODELS = ("qwen2_vl-small", "qwen2_vl-large", "llava_onevision-small", "llava_onevision-large")
 _KERNEL = re.compile(r"Using (\w+) for (\w+)")
-_MOE_BACKEND = re.compile(r"Using (\w+) MoE backend")  # the fused-experts kernel of an MoE layer
+MOE_BACKEND = "auto"  # --moe-backend: vLLM's fused-experts backend for MoE models
+_MOE_BACKEND = re.compile(r"Using '?(\w+)'? (?:WNA16 |Int8 )?MoE backend")  # the fused-experts kernel of an MoE layer
 
 
 def _run_engine(engine: str, model: Path, num: int, answers: Path, prompt_top1: bool = False) -> dict:
     """generate.py in the vLLM venv; the kernels vLLM chose come from its log."""
     if answers.exists():
         return json.loads(answers.read_text())
-    extra = ["--prompt-top1"] if prompt_top1 else []
+    extra = (["--prompt-top1"] if prompt_top1 else []) + (["--moe-backend", MOE_BACKEND] if engine == "vllm" else [])
     proc = subprocess.run([str(VLLM_PY), str(GENERATE), engine, str(model), "--data", str(DATA / "test.json"),
                            "--images", str(DATA), "--num", str(num), "--json", str(answers), *extra],
                           capture_output=True, text=True, timeout=1800)
@@ -280,7 +281,12 @@ def main() -> int:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--num", type=int, default=200)
     parser.add_argument("--schemes", default="", help="comma-separated labels of SCHEMES (default: all)")
+    parser.add_argument("--moe-backend", default="auto",
+                        help="vLLM's MoE backend for MoE models: vLLM's CPU int4 MoE kernel needs AMX (Intel); "
+                             "elsewhere `emulation` loads the same per-expert tensors and dequantizes them")
     args = parser.parse_args()
+    global MOE_BACKEND
+    MOE_BACKEND = args.moe_backend
     if not VLLM_PY.exists():
         sys.exit(f"{VLLM_PY} missing: run benchmarks/serve/build_vllm_venv.sh first")
     if not (DATA / "test.json").is_file():
