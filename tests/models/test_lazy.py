@@ -16,7 +16,8 @@ from tlq.recipe import Recipe
 
 @pytest.mark.parametrize(("family", "method", "scheme"), [("qwen2_vl", "gptq", "W4A16-g32"),
                                                           ("llava_onevision", "tlq", "W4A8"),
-                                                          ("gemma3", "tlq", "W4A16-g32")])
+                                                          ("gemma3", "tlq", "W4A16-g32"),
+                                                          ("qwen3_vl_moe", "tlq", "W4A16-g32")])  # hub-stored experts
 def test_lazy_output_equals_eager_output(family, method, scheme, tiny_checkpoints, calib_split, tmp_path):
     path, images = calib_split
     recipe = Recipe(method=method, scheme=scheme, num_samples=4)

@@ -74,7 +74,7 @@ def with_expert_linears(model, adapter: ModelAdapter) -> ModelAdapter:
     from tlq.models.moe import unfuse_experts
 
     bound = adapter.bound_to(model.config)  # refuses unsupported layouts before anything changes
-    unfuse_experts(model, adapter.layers(model), adapter.experts)
+    unfuse_experts(adapter.layers(model), adapter.experts)
     return bound
 
 

@@ -94,6 +94,17 @@ class ResidentLayers:
         self.layers[index].to("cpu")
 
 
+def _stored_transposed(stored: tuple[int, ...], expected: torch.Tensor) -> bool:
+    """A fused 3-D expert tensor stored with its last two dimensions swapped (Qwen3-VL-MoE's hub layout,
+    [E, H, 2I] for transformers' [E, 2I, H]); transformers transposes such tensors when it loads them."""
+    shape = tuple(expected.shape)
+    return len(shape) == 3 and stored != shape and stored == (shape[0], shape[2], shape[1])
+
+
+def _oriented(value: torch.Tensor, transposed: bool) -> torch.Tensor:
+    return value.transpose(-1, -2).contiguous() if transposed else value
+
+
 class LazyLayers(ResidentLayers):
     """Decoder layers materialised from the checkpoint one at a time."""
 
@@ -102,27 +113,38 @@ class LazyLayers(ResidentLayers):
     def __init__(self, model: nn.Module, adapter: ModelAdapter, tensors: CheckpointTensors, layer_class: type,
                  text_config, num_layers: int, dtype: torch.dtype) -> None:
         self.layers = adapter.layers(model)
+        self.experts = adapter.experts  # MoE: each layer's fused experts become Linears once read
         self.tensors, self.layer_class, self.text_config, self.dtype = tensors, layer_class, text_config, dtype
         self.prefix = tensors.layer_prefix()
         self.layers.extend(nn.Module() for _ in range(num_layers))  # placeholders, replaced while in use
 
-    def _meta_layer(self, index: int) -> nn.Module:
+    def _stored_layer(self, index: int) -> nn.Module:
+        """Decoder layer `index` on the meta device, as the checkpoint stores it (MoE experts fused)."""
         with torch.device("meta"):
             return self.layer_class(self.text_config, layer_idx=index).to(self.dtype)
 
+    def _as_calibrated(self, layer: nn.Module) -> nn.Module:
+        """The layer as calibration sees it: an MoE layer's experts as Linears (views of the fused ones)."""
+        if self.experts is not None:
+            from tlq.models.moe import unfuse_experts
+
+            unfuse_experts([layer], self.experts)
+        return layer
+
     def empty_layer(self, index: int) -> nn.Module:
-        """Decoder layer `index` with uninitialised CPU tensors of the checkpoint's dtype."""
-        return self._meta_layer(index).to_empty(device="cpu")
+        """Decoder layer `index`, as calibrated, with uninitialised CPU tensors of the checkpoint's dtype."""
+        return self._as_calibrated(self._stored_layer(index)).to_empty(device="cpu")
 
     def load(self, index: int, device: torch.device) -> nn.Module:
-        layer = self._meta_layer(index)
+        layer = self._stored_layer(index)
         keys = {name: f"{self.prefix}{index}.{name}" for name in layer.state_dict()}
         missing = [key for key in keys.values() if key not in self.tensors.files]
         if missing:
             raise TlqError(f"checkpoint lacks {missing[0]} (and {len(missing) - 1} more) for decoder layer {index}")
         expected = layer.state_dict()
+        transposed = {name for name, key in keys.items() if _stored_transposed(self.tensors.shape(key), expected[name])}
         for name, key in keys.items():
-            if self.tensors.shape(key) != tuple(expected[name].shape):
+            if self.tensors.shape(key) != tuple(expected[name].shape) and name not in transposed:
                 raise TlqError(f"checkpoint tensor {key} has shape {list(self.tensors.shape(key))}, config.json "
                                f"says {list(expected[name].shape)}: restore the checkpoint or its config.json")
         values = self.tensors.get_many(list(keys.values()))
@@ -131,7 +153,9 @@ class LazyLayers(ResidentLayers):
             if problem:
                 raise TlqError(f"checkpoint tensor {key} {problem}: the checkpoint is corrupt; restore it")
         # assign=True: the freshly read tensors become the parameters (no second copy of the layer).
-        layer.load_state_dict({name: values[key].to(self.dtype) for name, key in keys.items()}, assign=True)
+        layer.load_state_dict({name: _oriented(values[key], name in transposed).to(self.dtype)
+                               for name, key in keys.items()}, assign=True)
+        layer = self._as_calibrated(layer)
         layer.eval().requires_grad_(False)
         self.layers[index] = layer.to(device)
         return self.layers[index]
@@ -146,10 +170,9 @@ def load_lazy(model_dir: str | Path, dtype: str = "auto", trust_remote_code: boo
     from transformers.utils import logging as hf_logging
 
     adapter = adapter_for(read_model_type(model_dir))
-    if adapter.experts is not None:
-        raise TlqError(f"--lazy does not support MoE families ({adapter.family}) yet: run without --lazy")
     tensors = CheckpointTensors(model_dir)
     config = load_config(model_dir, trust_remote_code=trust_remote_code)
+    adapter = adapter.bound_to(config)  # MoE: every expert's Linears named
     text = config.get_text_config()
     num_layers, layer_types = text.num_hidden_layers, getattr(text, "layer_types", None)
     text.num_hidden_layers = 1

@@ -121,7 +121,7 @@ def from_fused(fused: nn.Module) -> RoutedExperts:
     return routed
 
 
-def unfuse_experts(model: nn.Module, layers: nn.ModuleList, layout: ExpertLayout) -> int:
+def unfuse_experts(layers, layout: ExpertLayout) -> int:
     """Swap every decoder layer's fused experts for `RoutedExperts` (same weights); returns how many."""
     swapped = 0
     for layer in layers:
