@@ -123,7 +123,7 @@ def test_chunked_observation_gives_the_per_sample_hessian():
     weights = [torch.rand(5 + i, generator=g) for i in range(7)]
     hessians = []
     for chunk in (1, 3):
-        solver = GPTQ(torch.randn(16, 64, generator=g), recipe.resolved_scheme(), recipe)
+        solver = GPTQ(torch.randn(16, 64, generator=g), recipe.resolved_scheme(), recipe.resolve().gptq)
         run = SimpleNamespace(index=0, token_weights=lambda layer, name, sample: weights[sample], chunk=chunk)
         observer = _Observer(solver, run, "q_proj", None, None)
         for i, x in enumerate(xs):

@@ -126,7 +126,7 @@ def check_job(model_dir, out_dir, calib, images, recipe: Recipe, overwrite: bool
     earlier output; the weight files are parsed before transformers sees them.
     """
     scheme = recipe.resolved_scheme()
-    check_recipe_fits(adapter_for(read_model_type(model_dir)), recipe)
+    check_recipe_fits(adapter_for(read_model_type(model_dir)), recipe.resolve())
     resolve_device(recipe.device)
     out_dir = Path(out_dir)
     check_output_location(out_dir)

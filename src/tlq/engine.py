@@ -43,7 +43,7 @@ from tlq.models import ModelAdapter
 from tlq.models.moe import routed_rows
 from tlq.phases import PhaseClock
 from tlq.quant import QuantizedWeight, fake_quant_activation, solver_factory
-from tlq.recipe import Recipe
+from tlq.recipe import Recipe, RunConfig
 from tlq.rescale import rescale_layer
 
 log = logging.getLogger(__name__)
@@ -238,7 +238,7 @@ def _observe(run: _LayerRun, solvers: dict, act_bits: int | None = None, keep_ou
     return outputs
 
 
-def _round_thin_experts(run: _LayerRun, solvers: dict, recipe: Recipe, scheme, ranks: Ranks) -> None:
+def _round_thin_experts(run: _LayerRun, solvers: dict, config: RunConfig, ranks: Ranks) -> None:
     """Experts routed fewer than `expert_min_tokens` calibration tokens (on all ranks together) get
     round-to-nearest instead of their solver: a Hessian of a handful of tokens fits them to those tokens
     alone, and one of no tokens would zero the weights."""
@@ -248,8 +248,8 @@ def _round_thin_experts(run: _LayerRun, solvers: dict, recipe: Recipe, scheme, r
     counts = ranks.sum(torch.tensor([run.routed_tokens[n] for n in routed], dtype=torch.float64)).tolist()
     for name, count in zip(routed, counts):
         run.routed_tokens[name] = int(count)
-        if count < recipe.expert_min_tokens:
-            solvers[name] = solver_factory("rtn")(run.linears[name].weight.data, scheme, recipe)
+        if count < config.loop.expert_min_tokens:
+            solvers[name] = solver_factory("rtn")(run.linears[name].weight.data, config)
             run.rounded.append(name)
 
 
@@ -278,25 +278,25 @@ def _write_back(run: _LayerRun, solved: dict[str, QuantizedWeight]) -> dict[str,
     return quantized
 
 
-def _merges_reference(recipe: Recipe, scheme) -> bool:
+def _merges_reference(config: RunConfig) -> bool:
     """Whether the first Linear group can be observed in the FP reference pass (one forward fewer): the
     layer is unchanged until then unless a transform rescales it, and the group's inputs come before any
     quantized Linear unless a single group takes every Linear under an activation scheme."""
-    return recipe.plan().transform is None and (recipe.true_sequential or not scheme.quantizes_activations)
+    return config.plan.transform is None and (config.loop.true_sequential or not config.scheme.quantizes_activations)
 
 
-def _solve_groups(run: _LayerRun, groups, recipe: Recipe, scheme, ranks: Ranks, clock: PhaseClock,
+def _solve_groups(run: _LayerRun, groups, config: RunConfig, ranks: Ranks, clock: PhaseClock,
                   reference_outputs) -> tuple[dict[str, QuantizedWeight], Any, list]:
     """Observe and solve each Linear group in order, writing Q(W) back. Without `reference_outputs` the
     first group is observed in the FP reference pass, which returns them. Returns the solved weights
     (keyed by Linear name), the reference outputs and the activation-quant hooks left installed."""
-    make_solver = solver_factory(recipe.plan().solver)
+    make_solver, scheme = solver_factory(config.plan.solver), config.scheme
     act_bits = scheme.act_bits if scheme.quantizes_activations else None
     quantized: dict[str, QuantizedWeight] = {}
     act_hooks = [] if reference_outputs is None else install_activation_quant(list(run.linears.values()), scheme)
     try:
         for group in groups:
-            solvers = {name: make_solver(run.linears[name].weight.data, scheme, recipe) for name in group}
+            solvers = {name: make_solver(run.linears[name].weight.data, config) for name in group}
             if reference_outputs is None:
                 with clock("reference"):
                     reference_outputs = _observe(run, solvers, act_bits, keep_outputs=True)
@@ -304,7 +304,7 @@ def _solve_groups(run: _LayerRun, groups, recipe: Recipe, scheme, ranks: Ranks, 
             else:
                 with clock("observe"):
                     _observe(run, solvers)
-            _round_thin_experts(run, solvers, recipe, scheme, ranks)
+            _round_thin_experts(run, solvers, config, ranks)
             with clock("solve"):
                 return_freed_memory()
                 solved = _solve_group(solvers, ranks)
@@ -319,7 +319,8 @@ def _solve_groups(run: _LayerRun, groups, recipe: Recipe, scheme, ranks: Ranks, 
 
 
 @torch.no_grad()
-def calibrate_layer(layer: nn.Module, index: int, inputs: LayerInputs, adapter: ModelAdapter, recipe: Recipe,
+def calibrate_layer(layer: nn.Module, index: int, inputs: LayerInputs, adapter: ModelAdapter,
+                    recipe: Recipe | RunConfig,
                     device: torch.device, token_weights: TokenWeights | None = None, prefix: str = "",
                     fp_inputs: LayerInputs | None = None, ranks: Ranks = SINGLE, clock: PhaseClock | None = None):
     """Quantize one decoder layer (already on `device`) in place on its calibration inputs.
@@ -329,7 +330,7 @@ def calibrate_layer(layer: nn.Module, index: int, inputs: LayerInputs, adapter: 
     """
     start = time.perf_counter()
     clock = PhaseClock(clock.show if clock is not None else None)
-    scheme = recipe.resolved_scheme()
+    config = recipe if isinstance(recipe, RunConfig) else recipe.resolve()
     chunk = samples_per_chunk(int(ranks.sum(torch.tensor(len(inputs.hidden))).item()))
     run = _LayerRun(layer, index, inputs, fp_inputs, device, token_weights, chunk)
     if fp_inputs is None or fp_inputs is not inputs:  # the reference serves only the error report
@@ -337,18 +338,18 @@ def calibrate_layer(layer: nn.Module, index: int, inputs: LayerInputs, adapter: 
     reference_outputs = None
     with clock("reference"):  # before any change to the layer
         fp_outputs = _fp_stream(run)
-        if not _merges_reference(recipe, scheme):
+        if not _merges_reference(config):
             reference_outputs = _observe(run, {}, keep_outputs=True)
     rescaled = []
-    if recipe.plan().transform is not None:
+    if config.plan.transform is not None:
         with clock("rescale"):
-            rescaled = rescale_layer(layer, index, inputs, adapter, recipe, device, token_weights, fp_inputs, ranks)
-    if recipe.target == "asymmetric" and fp_inputs is not None and fp_inputs is not inputs:
+            rescaled = rescale_layer(layer, index, inputs, adapter, config, device, token_weights, fp_inputs, ranks)
+    if config.loop.target == "asymmetric" and fp_inputs is not None and fp_inputs is not inputs:
         # The asymmetric target needs the FP-path inputs of each Linear, through FP weights scaled like `layer`.
         run.fp_scaled = fp_view(layer)
     run.linears = {name: layer.get_submodule(name) for name in adapter.linear_names}
-    groups = adapter.linear_groups if recipe.true_sequential else (adapter.linear_names,)
-    quantized, reference_outputs, act_hooks = _solve_groups(run, groups, recipe, scheme, ranks, clock,
+    groups = adapter.linear_groups if config.loop.true_sequential else (adapter.linear_names,)
+    quantized, reference_outputs, act_hooks = _solve_groups(run, groups, config, ranks, clock,
                                                             reference_outputs)
     if fp_inputs is not None and fp_inputs is inputs:
         fp_outputs = next_layer_inputs(reference_outputs, fp_inputs, index)
@@ -361,18 +362,18 @@ def calibrate_layer(layer: nn.Module, index: int, inputs: LayerInputs, adapter: 
     del reference_outputs
     error_sq, norm_sq = ranks.sum(torch.tensor([error_sq, norm_sq], dtype=torch.float64)).tolist()
     report = LayerReport(index, (error_sq / max(norm_sq, 1e-30)) ** 0.5, time.perf_counter() - start, rescaled,
-                         phases=clock.rounded(), **_expert_report(run, recipe))
+                         phases=clock.rounded(), **_expert_report(run, config))
     return {prefix + k: v for k, v in quantized.items()}, next_layer_inputs(outputs, inputs, index), fp_outputs, report
 
 
-def check_recipe_fits(adapter: ModelAdapter, recipe: Recipe) -> None:
+def check_recipe_fits(adapter: ModelAdapter, config: RunConfig) -> None:
     """Refuse recipes the model's structure cannot run, before any work."""
-    if adapter.experts is not None and recipe.target == "asymmetric":
+    if adapter.experts is not None and config.loop.target == "asymmetric":
         raise TlqError(f"{adapter.family}: the asymmetric target is not supported for routed experts (the FP "
                        "path routes tokens differently): use --target symmetric")
 
 
-def _expert_report(run: _LayerRun, recipe: Recipe) -> dict:
+def _expert_report(run: _LayerRun, config: RunConfig) -> dict:
     """Tokens routed to each expert (read at its first Linear) and the experts rounded to nearest."""
     experts: dict[str, int] = {}
     for name, count in run.routed_tokens.items():
@@ -380,17 +381,17 @@ def _expert_report(run: _LayerRun, recipe: Recipe) -> dict:
     rounded = sorted({name.rpartition(".")[0] for name in run.rounded})
     if rounded:
         log.warning("layer %d: %d experts were routed fewer than %d calibration tokens and are rounded to nearest "
-                    "(RTN): %s", run.index, len(rounded), recipe.expert_min_tokens,
+                    "(RTN): %s", run.index, len(rounded), config.loop.expert_min_tokens,
                     ", ".join(f"{e} ({experts.get(e, 0)})" for e in rounded))
     return {"routed_tokens": experts, "rounded_experts": rounded}
 
 
-def _first_inputs(model, adapter: ModelAdapter, samples: list[Sample], recipe: Recipe, device, clock: PhaseClock,
+def _first_inputs(model, adapter: ModelAdapter, samples: list[Sample], config: RunConfig, device, clock: PhaseClock,
                   release_sample_inputs: bool = False):
     """Layer 0's inputs captured from the model's own forward, and the FP-path stream when the recipe
     keeps one (the asymmetric target; with exposure off it is the same stream). The samples then keep
     only their token ids if `release_sample_inputs`."""
-    check_recipe_fits(adapter, recipe)
+    check_recipe_fits(adapter, config)
     with clock("capture"):
         inputs = capture_layer_inputs(model, adapter, samples, device)
     for hidden in inputs.hidden:
@@ -398,7 +399,7 @@ def _first_inputs(model, adapter: ModelAdapter, samples: list[Sample], recipe: R
     if release_sample_inputs:
         for sample in samples:
             sample.release_model_inputs()
-    return inputs, inputs if (recipe.target == "asymmetric" or not recipe.exposure) else None
+    return inputs, inputs if (config.loop.target == "asymmetric" or not config.loop.exposure) else None
 
 
 def _keep_layer(result: CalibrationResult, layers, work, clock: PhaseClock, layer: nn.Module, quantized: dict,
@@ -419,7 +420,7 @@ def _layer_done(report: LayerReport) -> None:
 
 
 def _restore_finished(work, layers, result: CalibrationResult, inputs: LayerInputs,
-                      fp_inputs: LayerInputs | None, recipe: Recipe):
+                      fp_inputs: LayerInputs | None, config: RunConfig):
     """Layers finished before a crash are restored from the work directory, not recomputed; returns the
     first layer to calibrate and its input streams."""
     first = work.finished if work is not None else 0
@@ -431,7 +432,7 @@ def _restore_finished(work, layers, result: CalibrationResult, inputs: LayerInpu
         hidden, fp_hidden = work.load_inputs(first)
         inputs = inputs.entering(activation_list(hidden), first)
         if fp_inputs is not None:
-            fp_inputs = inputs.entering(activation_list(fp_hidden), first) if recipe.exposure else inputs
+            fp_inputs = inputs.entering(activation_list(fp_hidden), first) if config.loop.exposure else inputs
         log.info("resumed from %s: layers 0..%d were finished", work.path, first - 1)
     return first, inputs, fp_inputs
 
@@ -452,16 +453,16 @@ def quantize_layers(model: nn.Module, adapter: ModelAdapter, samples: list[Sampl
 
     from tlq.models.lazy import ResidentLayers
 
-    start = time.perf_counter()
-    device = resolve_device(recipe.device)
+    start, config = time.perf_counter(), recipe.resolve()  # resolved once: every layer reads the same parts
+    device = resolve_device(config.loop.device)
     result = CalibrationResult()
     clock = PhaseClock()
-    inputs, fp_inputs = _first_inputs(model, adapter, samples, recipe, device, clock, release_sample_inputs)
+    inputs, fp_inputs = _first_inputs(model, adapter, samples, config, device, clock, release_sample_inputs)
     layers = layers if layers is not None else ResidentLayers(model, adapter)
     if layers.lazy and work is None:
         raise ValueError("lazy layers need a work directory to keep the calibrated layers in")
-    first, inputs, fp_inputs = _restore_finished(work, layers, result, inputs, fp_inputs, recipe)
-    bar = tqdm(range(first, len(layers)), desc=f"{recipe.method} {recipe.resolved_scheme().name}",
+    first, inputs, fp_inputs = _restore_finished(work, layers, result, inputs, fp_inputs, config)
+    bar = tqdm(range(first, len(layers)), desc=f"{config.method} {config.scheme.name}",
                disable=not progress or not ranks.main, initial=first, total=len(layers))
     clock.show = bar.set_postfix_str  # the bar says which phase of the layer is running
     for index in bar:
@@ -470,11 +471,11 @@ def quantize_layers(model: nn.Module, adapter: ModelAdapter, samples: list[Sampl
         return_freed_memory()  # what the gradient pass and the last layer freed, before this layer's peak
         layer = layers.load(index, device)
         quantized, outputs, fp_outputs, report = calibrate_layer(
-            layer, index, inputs, adapter, recipe, device, token_weights, f"{adapter.decoder_layers}.{index}.",
+            layer, index, inputs, adapter, config, device, token_weights, f"{adapter.decoder_layers}.{index}.",
             fp_inputs, ranks, clock)
         clock.merge(report.phases)
         layer.to("cpu")
-        if recipe.exposure:
+        if config.loop.exposure:
             inputs, fp_inputs = outputs, fp_outputs
         else:  # ablation: every layer calibrated on the FP model's activations
             inputs = fp_inputs = fp_outputs

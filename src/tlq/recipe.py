@@ -139,6 +139,62 @@ def validate_scheme(scheme: Scheme) -> None:
             raise TlqError(f"scheme {scheme.name}: int8 activation kernels need symmetric weights")
 
 
+@dataclass(frozen=True)
+class GPTQConfig:
+    """GPTQ's knobs: damping (a fraction of the mean Hessian diagonal), lazy-update block width, act-order."""
+
+    dampening: float
+    block_size: int
+    act_order: bool
+
+
+@dataclass(frozen=True)
+class ScaleSearchConfig:
+    """The scale search's knobs (AWQ, MBQ, TLQ's scale backend): alpha steps per candidate form, the loss,
+    tokens scored per token-wise block (a subsample drawn with `seed`), the candidate forms."""
+
+    grid: int
+    loss: str
+    max_tokens: int
+    form: str
+    seed: int
+
+
+@dataclass(frozen=True)
+class SmoothQuantConfig:
+    """SmoothQuant's knobs: migration strength, and the token subsample its statistics are read on."""
+
+    alpha: float
+    max_tokens: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """The layer loop's knobs."""
+
+    true_sequential: bool
+    exposure: bool
+    target: str
+    expert_min_tokens: int
+    device: str
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A Recipe resolved once per run (`Recipe.resolve`). The Recipe is the flat record users write (one
+    flag, one name, one default per knob; tlq_recipe.json); each part of a method gets its own frozen
+    config from here, so no algorithm reads another's knobs or re-parses the recipe per layer."""
+
+    method: str
+    scheme: Scheme
+    plan: MethodPlan
+    loop: LoopConfig
+    gptq: GPTQConfig
+    scale_search: ScaleSearchConfig
+    smoothquant: SmoothQuantConfig
+
+
 def knob(default: Any, help: str, group: str = "", choices: tuple | None = None, aliases: tuple[str, ...] = ()):
     """A Recipe field with what `tlq quantize` needs to offer it as a flag (tlq.cli.add_recipe_arguments):
     the flag is the field's name (--num-samples for num_samples), with its one default here. `aliases` are
@@ -301,6 +357,18 @@ class Recipe:
         if self.scale_loss != "auto":
             return self.scale_loss
         return "mae" if self.method == "mbq" else "mse"
+
+    def resolve(self) -> "RunConfig":
+        """The recipe resolved once per run: the scheme, the method's plan, and one frozen config per part,
+        each holding only its own knobs (what a solver, a transform or the loop reads)."""
+        return RunConfig(
+            method=self.method, scheme=self.resolved_scheme(), plan=self.plan(),
+            loop=LoopConfig(true_sequential=self.true_sequential, exposure=self.exposure, target=self.target,
+                            expert_min_tokens=self.expert_min_tokens, device=self.device),
+            gptq=GPTQConfig(dampening=self.dampening, block_size=self.block_size, act_order=self.act_order_resolved),
+            scale_search=ScaleSearchConfig(grid=self.scale_grid, loss=self.scale_loss_resolved,
+                                           max_tokens=self.scale_max_tokens, form=self.scale_form, seed=self.seed),
+            smoothquant=SmoothQuantConfig(alpha=self.smooth_alpha, max_tokens=self.scale_max_tokens, seed=self.seed))
 
     def resolved_scheme(self) -> Scheme:
         scheme = parse_scheme(self.scheme, self.group_size, self.symmetric)

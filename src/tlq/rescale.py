@@ -28,7 +28,7 @@ from tlq.models import ModelAdapter, ScalingGroup
 from tlq.quant.primitives import fake_quant_activation, fake_quant_weight
 from tlq.quant.scaling import (apply_scales, channel_magnitude, group_applies, search_scales, smoothquant_scales,
                                weight_magnitude, weighted_error)
-from tlq.recipe import Recipe, Scheme
+from tlq.recipe import Recipe, RunConfig, Scheme
 from tlq.registry import Registry
 
 CHUNK = 4096  # tokens per forward of a token-wise block during the search
@@ -157,18 +157,18 @@ def _concatenated(parts: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def _subsample(x, target_x, weights, recipe: Recipe, index: int, ranks: Ranks):
-    """At most recipe.scale_max_tokens tokens, drawn over all ranks' tokens (rank order = sample order),
-    so that it is the same token set whatever the number of ranks."""
+def _subsample(x, target_x, weights, max_tokens: int, seed: int, index: int, ranks: Ranks):
+    """At most `max_tokens` tokens, drawn over all ranks' tokens (rank order = sample order), so that it
+    is the same token set whatever the number of ranks."""
     counts = ranks.gather_objects(len(x))
     offset, total = sum(counts[:ranks.rank]), sum(counts)
-    if total <= recipe.scale_max_tokens:
+    if total <= max_tokens:
         return x, target_x, weights, total
-    generator = torch.Generator().manual_seed(recipe.seed * 100_003 + index)
-    pick = torch.randperm(total, generator=generator)[:recipe.scale_max_tokens]
+    generator = torch.Generator().manual_seed(seed * 100_003 + index)
+    pick = torch.randperm(total, generator=generator)[:max_tokens]
     pick = (pick[(pick >= offset) & (pick < offset + len(x))] - offset).to(x.device)
     return (x[pick], None if target_x is None else target_x[pick], None if weights is None else weights[pick],
-            recipe.scale_max_tokens)
+            max_tokens)
 
 
 @dataclass
@@ -177,7 +177,7 @@ class _GroupContext:
 
     layer: nn.Module
     index: int
-    recipe: Recipe
+    config: RunConfig
     scheme: Scheme
     device: torch.device
     ranks: Ranks
@@ -199,16 +199,17 @@ def _smooth_group(ctx: _GroupContext, group: ScalingGroup, data: _Captured, fp_d
                   kept: list[torch.Tensor | None]) -> dict:
     """SmoothQuant: s = max|x|^a / max|W|^(1-a), folded in; no search."""
     source, targets = ctx.layer.get_submodule(group.source), [ctx.layer.get_submodule(t) for t in group.targets]
-    x, _, _, tokens = _subsample(_concatenated(data.x).to(ctx.device), None, None, ctx.recipe, ctx.index, ctx.ranks)
-    apply_scales(source, targets, smoothquant_scales(x, targets, ctx.recipe.smooth_alpha, ctx.ranks),
-                 group.source_weight_offset)
-    return {"source": group.source, "alpha": ctx.recipe.smooth_alpha, "loss_ratio": None, "tokens": tokens}
+    smooth = ctx.config.smoothquant
+    x, _, _, tokens = _subsample(_concatenated(data.x).to(ctx.device), None, None, smooth.max_tokens, smooth.seed,
+                                 ctx.index, ctx.ranks)
+    apply_scales(source, targets, smoothquant_scales(x, targets, smooth.alpha, ctx.ranks), group.source_weight_offset)
+    return {"source": group.source, "alpha": smooth.alpha, "loss_ratio": None, "tokens": tokens}
 
 
 def _search_group(ctx: _GroupContext, group: ScalingGroup, data: _Captured, fp_data: _Captured | None,
                   kept: list[torch.Tensor | None]) -> dict:
     """The scale search on the block the group feeds, then the fold; returns the group's record."""
-    layer, recipe, device, ranks = ctx.layer, ctx.recipe, ctx.device, ctx.ranks
+    layer, search, device, ranks = ctx.layer, ctx.config.scale_search, ctx.device, ctx.ranks
     source, targets = layer.get_submodule(group.source), [layer.get_submodule(t) for t in group.targets]
     weights = None if not kept or kept[0] is None else torch.cat(kept).to(device)
     x = _concatenated(data.x).to(device)
@@ -221,11 +222,12 @@ def _search_group(ctx: _GroupContext, group: ScalingGroup, data: _Captured, fp_d
         tokens = sum(ranks.gather_objects(len(x)))
     else:
         target_x = _concatenated(fp_data.x).to(device) if fp_data is not None else None
-        x, target_x, weights, tokens = _subsample(x, target_x, weights, recipe, ctx.index, ranks)
+        x, target_x, weights, tokens = _subsample(x, target_x, weights, search.max_tokens, search.seed, ctx.index,
+                                                  ranks)
         items = _token_wise_items(block, x, target_x, weights)
-    objective = _BlockObjective(block, targets, items, ctx.scheme, recipe.scale_loss_resolved, device, ranks)
-    weight = weight_magnitude(targets, ctx.scheme.group_size) if recipe.scale_form != "activation" else None
-    scales, choice, ratio = search_scales(magnitude, objective, recipe.scale_grid, weight, recipe.scale_form)
+    objective = _BlockObjective(block, targets, items, ctx.scheme, search.loss, device, ranks)
+    weight = weight_magnitude(targets, ctx.scheme.group_size) if search.form != "activation" else None
+    scales, choice, ratio = search_scales(magnitude, objective, search.grid, weight, search.form)
     apply_scales(source, targets, scales, group.source_weight_offset)
     return {"source": group.source, "block": group.block, **choice, "loss_ratio": ratio, "tokens": tokens}
 
@@ -256,12 +258,14 @@ register_transform(Transform("smoothquant", _smooth_group, captures_blocks=False
 
 
 @torch.no_grad()
-def rescale_layer(layer: nn.Module, index: int, inputs: LayerInputs, adapter: ModelAdapter, recipe: Recipe,
+def rescale_layer(layer: nn.Module, index: int, inputs: LayerInputs, adapter: ModelAdapter,
+                  recipe: Recipe | RunConfig,
                   device: torch.device, token_weights=None, fp_inputs: LayerInputs | None = None,
                   ranks: Ranks = SINGLE) -> list[dict]:
     """Find (or compute) and fold the scales of every applicable group with the recipe's transform;
     returns one record per group."""
-    transform = TRANSFORMS.get(recipe.plan().transform)
+    config = recipe if isinstance(recipe, RunConfig) else recipe.resolve()
+    transform = TRANSFORMS.get(config.plan.transform)
     groups = _applicable_groups(layer, adapter, transform)
     if not groups:
         return []
@@ -272,9 +276,9 @@ def rescale_layer(layer: nn.Module, index: int, inputs: LayerInputs, adapter: Mo
 
     captured = _capture(layer, groups, inputs, device, keep, with_blocks=transform.captures_blocks)
     fp_captured = None
-    if recipe.target == "asymmetric" and fp_inputs is not None and fp_inputs is not inputs:
+    if config.loop.target == "asymmetric" and fp_inputs is not None and fp_inputs is not inputs:
         fp_captured = _capture(layer, groups, fp_inputs, device, keep, with_blocks=transform.captures_blocks)
-    ctx = _GroupContext(layer, index, recipe, recipe.resolved_scheme(), device, ranks)
+    ctx = _GroupContext(layer, index, config, config.scheme, device, ranks)
     records = []
     for position, group in enumerate(groups):
         kept: list[torch.Tensor | None] = [None] * len(inputs.hidden)

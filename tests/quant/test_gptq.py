@@ -13,7 +13,7 @@ def _correlated_inputs(n=512, d=64, seed=0):
 
 
 def _solve(weight, x, recipe, token_weights=None):
-    solver = GPTQ(weight, recipe.resolved_scheme(), recipe)
+    solver = GPTQ(weight, recipe.resolved_scheme(), recipe.resolve().gptq)
     solver.observe(x, token_weights)
     return solver
 

@@ -9,23 +9,29 @@ returns the fake-quantized weight and its grid. Algorithms that need no statisti
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 from tlq.quant.primitives import QuantizedWeight
-from tlq.recipe import Recipe, Scheme
+from tlq.recipe import RunConfig, Scheme
 
 
 class LinearSolver:
-    """Statistics and solve for one Linear layer."""
+    """Statistics and solve for one Linear layer; `config` is the algorithm's own frozen config (its part
+    of the resolved recipe, chosen by `config_of`), None for an algorithm without knobs."""
 
     needs_inputs: bool = True
 
-    def __init__(self, weight: torch.Tensor, scheme: Scheme, recipe: Recipe) -> None:
+    def __init__(self, weight: torch.Tensor, scheme: Scheme, config: Any = None) -> None:
         self.weight = weight
         self.scheme = scheme
-        self.recipe = recipe
+        self.config = config
+
+    @staticmethod
+    def config_of(run: RunConfig) -> Any:
+        """This algorithm's part of a resolved recipe."""
+        return None
 
     def observe(self, inputs: torch.Tensor, token_weights: torch.Tensor | None = None,
                 target_inputs: torch.Tensor | None = None) -> None:
@@ -46,20 +52,20 @@ class LinearSolver:
         raise NotImplementedError
 
 
-SolverFactory = Callable[[torch.Tensor, Scheme, Recipe], LinearSolver]
-
-_REGISTRY: dict[str, SolverFactory] = {}
+_REGISTRY: dict[str, type[LinearSolver]] = {}
 
 
-def register(name: str) -> Callable[[SolverFactory], SolverFactory]:
-    def add(factory: SolverFactory) -> SolverFactory:
-        _REGISTRY[name] = factory
-        return factory
+def register(name: str) -> Callable[[type[LinearSolver]], type[LinearSolver]]:
+    def add(solver: type[LinearSolver]) -> type[LinearSolver]:
+        _REGISTRY[name] = solver
+        return solver
 
     return add
 
 
-def solver_factory(method: str) -> SolverFactory:
+def solver_factory(method: str) -> Callable[[torch.Tensor, RunConfig], LinearSolver]:
+    """make(weight, run) -> the registered solver for one Linear, given the scheme and its own config."""
     if method not in _REGISTRY:
         raise KeyError(f"no algorithm {method!r}; registered: {sorted(_REGISTRY)}")
-    return _REGISTRY[method]
+    solver = _REGISTRY[method]
+    return lambda weight, run: solver(weight, run.scheme, solver.config_of(run))

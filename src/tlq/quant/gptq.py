@@ -18,13 +18,15 @@ import torch
 from tlq.errors import TlqError
 from tlq.quant.base import LinearSolver, register
 from tlq.quant.primitives import QuantizedWeight, grid_params, quant_dequant
-from tlq.recipe import Recipe, Scheme
+from tlq.recipe import GPTQConfig, RunConfig, Scheme
 
 
 @register("gptq")
 class GPTQ(LinearSolver):
-    def __init__(self, weight: torch.Tensor, scheme: Scheme, recipe: Recipe) -> None:
-        super().__init__(weight, scheme, recipe)
+    config: GPTQConfig
+
+    def __init__(self, weight: torch.Tensor, scheme: Scheme, config: GPTQConfig) -> None:
+        super().__init__(weight, scheme, config)
         columns = weight.shape[1]
         # sum_t w_t x_t x_t^T: its row blocks on and above the diagonal (gram_blocks), in float64
         self.gram: list[torch.Tensor] | None = [
@@ -32,6 +34,10 @@ class GPTQ(LinearSolver):
             for start, stop in gram_blocks(columns)]
         self.cross_sum: torch.Tensor | None = None  # sum_t w_t x_fp,t x~_t^T (asymmetric target)
         self.num_tokens = torch.zeros((), dtype=torch.float64, device=weight.device)
+
+    @staticmethod
+    def config_of(run: RunConfig) -> GPTQConfig:
+        return run.gptq
 
     def observe(self, inputs: torch.Tensor, token_weights: torch.Tensor | None = None,
                 target_inputs: torch.Tensor | None = None) -> None:
@@ -72,7 +78,7 @@ class GPTQ(LinearSolver):
             return self.weight
         h = assemble_gram(self.gram, 1.0, 1.0)
         diag = torch.arange(h.shape[0], device=h.device)
-        h[diag, diag] += self.recipe.dampening * h.diagonal().mean().clamp_min(1e-12)
+        h[diag, diag] += self.config.dampening * h.diagonal().mean().clamp_min(1e-12)
         mapping = torch.linalg.solve(h, self.cross_sum.float().t()).t()  # C H^-1 (H symmetric)
         return (self.weight.float() @ mapping).to(self.weight.dtype)
 
@@ -83,8 +89,8 @@ class GPTQ(LinearSolver):
         # done in place, the peak is the upper half in float64 plus two float32 in x in matrices (a
         # 29568-wide down_proj Hessian is 7 GB in float64).
         self.cross_sum = None
-        return gptq_quantize(target, self._take_hessian_builder(), self.scheme, self.recipe.dampening,
-                             self.recipe.block_size, self.recipe.act_order_resolved)
+        return gptq_quantize(target, self._take_hessian_builder(), self.scheme, self.config.dampening,
+                             self.config.block_size, self.config.act_order)
 
     def _take_hessian_builder(self) -> "_HessianBuilder":
         """A function building H from the sums, which now belong to it alone (the solve frees them)."""
