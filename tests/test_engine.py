@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from tlq.api import prepare_samples
-from tlq.activations import LayerInputs, capture_layer_inputs, install_activation_quant, run_layer
+from tlq.activations import LayerInputs, LayerStreams, capture_layer_inputs, install_activation_quant, run_layer
+from tlq.context import RunContext
 from tlq.engine import calibrate_layer, quantize_layers
 from tlq.models import load_model
 from tlq.models.processing import load_processor
@@ -58,7 +59,7 @@ def test_gptq_has_lower_layer_error_than_rtn_on_the_same_inputs(tiny_checkpoints
         errors = {}
         for method in ("rtn", "gptq"):
             r = Recipe(method=method, scheme=scheme, num_samples=6)
-            _, _, _, report = calibrate_layer(copy.deepcopy(layer), index, inputs, adapter, r, device)
+            _, _, _, report = calibrate_layer(copy.deepcopy(layer), index, LayerStreams(inputs), RunContext.of(r, adapter, device))
             errors[method] = report.relative_error
         assert errors["gptq"] < errors["rtn"], (index, errors)
         with torch.no_grad():
@@ -97,7 +98,8 @@ def test_calibration_never_writes_into_the_fp_layer_tensors(tiny_checkpoints, ca
     snapshot = {name: t.clone() for name, t in layer.state_dict().items()}
     originals = {name: t for name, t in layer.state_dict().items()}
     fp_inputs = LayerInputs([h + 0.01 for h in inputs.hidden], inputs.kwargs)  # a distinct FP-path stream
-    _, _, fp_outputs, _ = calibrate_layer(layer, 0, inputs, adapter, recipe, device, weights, fp_inputs=fp_inputs)
+    _, _, fp_outputs, _ = calibrate_layer(layer, 0, LayerStreams(inputs, fp_inputs),
+                                          RunContext.of(recipe, adapter, device, token_weights=weights))
     for name, tensor in originals.items():
         assert torch.equal(tensor, snapshot[name]), name
     assert any(not torch.equal(t, snapshot[n]) for n, t in layer.state_dict().items())  # the layer did change
@@ -147,6 +149,6 @@ def test_gptq_runs_the_whole_layer_twice_per_sample(tiny_checkpoints, calib_spli
     calls = []
     last = layer.get_submodule(adapter.linear_groups[-1][-1])
     handle = last.register_forward_hook(lambda module, args, output: calls.append(1))
-    calibrate_layer(layer, 0, inputs, adapter, recipe, torch.device("cpu"))
+    calibrate_layer(layer, 0, LayerStreams(inputs), RunContext.of(recipe, adapter))
     handle.remove()
     assert len(calls) == 2 * len(samples)

@@ -6,13 +6,14 @@ import dataclasses
 import pytest
 import torch
 
-from tlq.activations import capture_layer_inputs, install_activation_quant, layer_output, run_layer
+from tlq.activations import LayerStreams, capture_layer_inputs, install_activation_quant, layer_output, run_layer
 from tlq.api import prepare_samples
 from tlq.models import load_model
 from tlq.models.processing import load_processor
 from tlq.quant.primitives import fake_quant_weight
 from tlq.recipe import Recipe
 from tlq.reference.stress import apply_outliers
+from tlq.context import RunContext
 from tlq.rescale import rescale_layer
 
 CPU = torch.device("cpu")
@@ -68,7 +69,7 @@ def test_chosen_scales_lower_the_deployed_block_error_by_the_reported_ratio(tiny
     for group in adapter.scaling_groups:  # one group at a time, so that no later fold touches its targets
         single = dataclasses.replace(adapter, scaling_groups=(group,))
         scaled_layer = copy.deepcopy(layer)
-        records = rescale_layer(scaled_layer, 0, inputs, single, recipe, CPU, token_weights)
+        records = rescale_layer(scaled_layer, 0, LayerStreams(inputs), RunContext.of(recipe, single, CPU, token_weights=token_weights))
         if not records:
             continue  # the group does not apply (v -> o under GQA)
         chosen.append(records[0]["alpha"])

@@ -106,6 +106,36 @@ class LayerInputs:
         return LayerInputs(hidden, kwargs, self.injections, self.kwargs_by_kind, self.layer_kinds)
 
 
+@dataclass
+class LayerStreams:
+    """What a decoder layer is calibrated on. `quantized`: x~, the outputs of the already-quantized earlier
+    layers (the deployed path). `fp`: the FP model's activations, kept only when the recipe needs them;
+    its `mode` says how: "separate" (the asymmetric target: a second stream), "same" (exposure off: the
+    calibration inputs are the FP activations themselves) or "none"."""
+
+    quantized: LayerInputs
+    fp: LayerInputs | None = None
+
+    @property
+    def mode(self) -> str:
+        if self.fp is None:
+            return "none"
+        return "same" if self.fp is self.quantized else "separate"
+
+    @property
+    def separate_fp(self) -> LayerInputs | None:
+        """The FP stream when it is a stream of its own (what must be computed and saved apart)."""
+        return self.fp if self.mode == "separate" else None
+
+    def entering(self, hidden: list[torch.Tensor], fp_hidden, index: int) -> "LayerStreams":
+        """The streams with these activations entering layer `index` (`fp_hidden` is read only for a
+        separate FP stream)."""
+        quantized = self.quantized.entering(hidden, index)
+        mode = self.mode
+        fp = None if mode == "none" else quantized if mode == "same" else self.quantized.entering(fp_hidden, index)
+        return LayerStreams(quantized, fp)
+
+
 def next_layer_inputs(outputs, inputs: LayerInputs, index: int) -> LayerInputs:
     """What enters layer index + 1: layer `index`'s per-sample `outputs`, plus the features the model adds
     after that layer (exactly `hidden[mask] += features`, as Qwen3-VL's DeepStack does), with the next

@@ -235,8 +235,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _runs_gradient_pass(method: str) -> bool:
-    from tlq.recipe import METHODS, BASELINE_PLANS
-    from tlq.errors import TlqError
+    from tlq.recipe import BASELINE_PLANS
 
     if method not in METHODS:
         raise TlqError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")

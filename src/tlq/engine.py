@@ -32,8 +32,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from tlq.activations import (LayerInputs, activation_list, capture_layer_inputs, capture_linear_inputs, check_finite,
-                             install_activation_quant, next_layer_inputs, resolve_device, run_layer, run_with_hooks)
+from tlq.activations import (LayerInputs, LayerStreams, activation_list, capture_layer_inputs, capture_linear_inputs,
+                             check_finite, install_activation_quant, next_layer_inputs, resolve_device, run_layer,
+                             run_with_hooks)
+from tlq.context import RunContext, TokenWeights
 from tlq import faults
 from tlq.data import Sample
 from tlq.distributed import SINGLE, Ranks, samples_per_chunk
@@ -47,9 +49,6 @@ from tlq.recipe import Recipe, RunConfig
 from tlq.rescale import rescale_layer
 
 log = logging.getLogger(__name__)
-
-# token_weights(layer_index, linear_name, sample_index) -> weights [tokens] or None (uniform)
-TokenWeights = Callable[[int, str, int], "torch.Tensor | None"]
 
 
 @dataclass
@@ -179,10 +178,8 @@ class _LayerRun:
 
     layer: nn.Module
     index: int
-    inputs: LayerInputs  # x~: the quantized path
-    fp_inputs: LayerInputs | None  # the FP path when the recipe keeps it (`inputs` itself: exposure off)
-    device: torch.device
-    token_weights: TokenWeights | None
+    streams: LayerStreams
+    ctx: RunContext
     chunk: int  # samples per solver product (tlq.distributed.samples_per_chunk)
     linears: dict[str, nn.Module] = field(default_factory=dict)
     fp_scaled: nn.Module | None = None  # FP weights scaled like `layer` (the asymmetric target)
@@ -190,13 +187,29 @@ class _LayerRun:
     routed_tokens: dict[str, int] = field(default_factory=dict)  # expert Linear -> tokens routed to it
     rounded: list[str] = field(default_factory=list)  # expert Linears rounded to nearest (too few tokens)
 
+    @property
+    def inputs(self) -> LayerInputs:  # x~: the quantized path
+        return self.streams.quantized
+
+    @property
+    def fp_inputs(self) -> LayerInputs | None:
+        return self.streams.fp
+
+    @property
+    def device(self) -> torch.device:
+        return self.ctx.device
+
+    @property
+    def token_weights(self) -> TokenWeights | None:
+        return self.ctx.token_weights
+
 
 def _fp_stream(run: _LayerRun) -> LayerInputs | None:
     """The FP layer's outputs on a separate FP-path stream (the next layer's FP inputs), taken before
     anything changes, so no FP copy of the layer is kept through the solves (it would double a layer's
     host memory). None without such a stream; with exposure off the stream is `inputs` itself and its
     outputs are the reference outputs."""
-    if run.fp_inputs is None or run.fp_inputs is run.inputs:
+    if run.streams.mode != "separate":
         return None
     outputs = activation_list(out.cpu() for _, out in run_layer(run.layer, run.fp_inputs, run.device))
     return next_layer_inputs(outputs, run.fp_inputs, run.index)
@@ -319,21 +332,19 @@ def _solve_groups(run: _LayerRun, groups, config: RunConfig, ranks: Ranks, clock
 
 
 @torch.no_grad()
-def calibrate_layer(layer: nn.Module, index: int, inputs: LayerInputs, adapter: ModelAdapter,
-                    recipe: Recipe | RunConfig,
-                    device: torch.device, token_weights: TokenWeights | None = None, prefix: str = "",
-                    fp_inputs: LayerInputs | None = None, ranks: Ranks = SINGLE, clock: PhaseClock | None = None):
-    """Quantize one decoder layer (already on `device`) in place on its calibration inputs.
+def calibrate_layer(layer: nn.Module, index: int, streams: LayerStreams, ctx: RunContext, prefix: str = "",
+                    clock: PhaseClock | None = None):
+    """Quantize one decoder layer (already on the context's device) in place on its calibration streams.
 
     Returns (quantized weights keyed `prefix + linear name`, the quantized layer's outputs = the next
-    layer's inputs, the FP layer's outputs on `fp_inputs` or None, a LayerReport).
+    layer's inputs, the FP layer's outputs on the FP stream or None, a LayerReport).
     """
     start = time.perf_counter()
     clock = PhaseClock(clock.show if clock is not None else None)
-    config = recipe if isinstance(recipe, RunConfig) else recipe.resolve()
+    config, ranks, inputs = ctx.config, ctx.ranks, streams.quantized
     chunk = samples_per_chunk(int(ranks.sum(torch.tensor(len(inputs.hidden))).item()))
-    run = _LayerRun(layer, index, inputs, fp_inputs, device, token_weights, chunk)
-    if fp_inputs is None or fp_inputs is not inputs:  # the reference serves only the error report
+    run = _LayerRun(layer, index, streams, ctx, chunk)
+    if streams.mode != "same":  # the reference serves only the error report
         run.references_kept = REPORT_SAMPLES
     reference_outputs = None
     with clock("reference"):  # before any change to the layer
@@ -343,16 +354,16 @@ def calibrate_layer(layer: nn.Module, index: int, inputs: LayerInputs, adapter: 
     rescaled = []
     if config.plan.transform is not None:
         with clock("rescale"):
-            rescaled = rescale_layer(layer, index, inputs, adapter, config, device, token_weights, fp_inputs, ranks)
-    if config.loop.target == "asymmetric" and fp_inputs is not None and fp_inputs is not inputs:
+            rescaled = rescale_layer(layer, index, streams, ctx)
+    if config.loop.target == "asymmetric" and streams.mode == "separate":
         # The asymmetric target needs the FP-path inputs of each Linear, through FP weights scaled like `layer`.
         run.fp_scaled = fp_view(layer)
-    run.linears = {name: layer.get_submodule(name) for name in adapter.linear_names}
-    groups = adapter.linear_groups if config.loop.true_sequential else (adapter.linear_names,)
+    run.linears = {name: layer.get_submodule(name) for name in ctx.adapter.linear_names}
+    groups = ctx.adapter.linear_groups if config.loop.true_sequential else (ctx.adapter.linear_names,)
     quantized, reference_outputs, act_hooks = _solve_groups(run, groups, config, ranks, clock,
                                                             reference_outputs)
-    if fp_inputs is not None and fp_inputs is inputs:
-        fp_outputs = next_layer_inputs(reference_outputs, fp_inputs, index)
+    if streams.mode == "same":
+        fp_outputs = next_layer_inputs(reference_outputs, streams.fp, index)
     try:
         with clock("propagate"):
             outputs, error_sq, norm_sq = _propagate(run, reference_outputs)
@@ -386,32 +397,34 @@ def _expert_report(run: _LayerRun, config: RunConfig) -> dict:
     return {"routed_tokens": experts, "rounded_experts": rounded}
 
 
-def _first_inputs(model, adapter: ModelAdapter, samples: list[Sample], config: RunConfig, device, clock: PhaseClock,
-                  release_sample_inputs: bool = False):
+def _first_inputs(model, samples: list[Sample], ctx: RunContext, clock: PhaseClock,
+                  release_sample_inputs: bool = False) -> LayerStreams:
     """Layer 0's inputs captured from the model's own forward, and the FP-path stream when the recipe
     keeps one (the asymmetric target; with exposure off it is the same stream). The samples then keep
     only their token ids if `release_sample_inputs`."""
-    check_recipe_fits(adapter, config)
+    check_recipe_fits(ctx.adapter, ctx.config)
     with clock("capture"):
-        inputs = capture_layer_inputs(model, adapter, samples, device)
+        inputs = capture_layer_inputs(model, ctx.adapter, samples, ctx.device)
     for hidden in inputs.hidden:
         check_finite(hidden, "entering decoder layer 0")
     if release_sample_inputs:
         for sample in samples:
             sample.release_model_inputs()
-    return inputs, inputs if (config.loop.target == "asymmetric" or not config.loop.exposure) else None
+    loop = ctx.config.loop
+    return LayerStreams(inputs, inputs if (loop.target == "asymmetric" or not loop.exposure) else None)
 
 
 def _keep_layer(result: CalibrationResult, layers, work, clock: PhaseClock, layer: nn.Module, quantized: dict,
-                report: LayerReport, inputs: LayerInputs, fp_inputs: LayerInputs | None) -> None:
+                report: LayerReport, streams: LayerStreams) -> None:
     """Record a finished layer: in the result (resident layers), and in the work directory if any."""
     if not layers.lazy:
         result.quantized.update(quantized)
     result.layers.append(report)
     if work is not None:
         with clock("save"):
-            work.save_layer(report.index, layer, quantized, dataclasses.asdict(report), inputs.hidden,
-                            fp_inputs.hidden if fp_inputs is not None and fp_inputs is not inputs else None)
+            fp = streams.separate_fp
+            work.save_layer(report.index, layer, quantized, dataclasses.asdict(report), streams.quantized.hidden,
+                            fp.hidden if fp is not None else None)
 
 
 def _layer_done(report: LayerReport) -> None:
@@ -419,8 +432,7 @@ def _layer_done(report: LayerReport) -> None:
     faults.reached(f"layer-{report.index}-saved")
 
 
-def _restore_finished(work, layers, result: CalibrationResult, inputs: LayerInputs,
-                      fp_inputs: LayerInputs | None, config: RunConfig):
+def _restore_finished(work, layers, result: CalibrationResult, streams: LayerStreams) -> tuple[int, LayerStreams]:
     """Layers finished before a crash are restored from the work directory, not recomputed; returns the
     first layer to calibrate and its input streams."""
     first = work.finished if work is not None else 0
@@ -430,11 +442,15 @@ def _restore_finished(work, layers, result: CalibrationResult, inputs: LayerInpu
         result.layers.append(LayerReport(**{**report, "resumed": True}))
     if first:
         hidden, fp_hidden = work.load_inputs(first)
-        inputs = inputs.entering(activation_list(hidden), first)
-        if fp_inputs is not None:
-            fp_inputs = inputs.entering(activation_list(fp_hidden), first) if config.loop.exposure else inputs
+        streams = streams.entering(activation_list(hidden), activation_list(fp_hidden or []), first)
         log.info("resumed from %s: layers 0..%d were finished", work.path, first - 1)
-    return first, inputs, fp_inputs
+    return first, streams
+
+
+def _next_streams(outputs: LayerInputs, fp_outputs: LayerInputs | None, exposure: bool) -> LayerStreams:
+    """The streams entering the next layer: the quantized layer's outputs (with the FP layer's beside
+    them when kept); with exposure off (ablation), the FP model's activations alone."""
+    return LayerStreams(outputs, fp_outputs) if exposure else LayerStreams(fp_outputs, fp_outputs)
 
 
 @torch.no_grad()
@@ -454,32 +470,27 @@ def quantize_layers(model: nn.Module, adapter: ModelAdapter, samples: list[Sampl
     from tlq.models.lazy import ResidentLayers
 
     start, config = time.perf_counter(), recipe.resolve()  # resolved once: every layer reads the same parts
-    device = resolve_device(config.loop.device)
-    result = CalibrationResult()
-    clock = PhaseClock()
-    inputs, fp_inputs = _first_inputs(model, adapter, samples, config, device, clock, release_sample_inputs)
+    ctx = RunContext(config, adapter, resolve_device(config.loop.device), ranks, token_weights)
+    result, clock = CalibrationResult(), PhaseClock()
+    streams = _first_inputs(model, samples, ctx, clock, release_sample_inputs)
     layers = layers if layers is not None else ResidentLayers(model, adapter)
     if layers.lazy and work is None:
         raise ValueError("lazy layers need a work directory to keep the calibrated layers in")
-    first, inputs, fp_inputs = _restore_finished(work, layers, result, inputs, fp_inputs, config)
+    first, streams = _restore_finished(work, layers, result, streams)
     bar = tqdm(range(first, len(layers)), desc=f"{config.method} {config.scheme.name}",
                disable=not progress or not ranks.main, initial=first, total=len(layers))
     clock.show = bar.set_postfix_str  # the bar says which phase of the layer is running
     for index in bar:
         if on_layer_inputs is not None:
-            on_layer_inputs(index, inputs)
+            on_layer_inputs(index, streams.quantized)
         return_freed_memory()  # what the gradient pass and the last layer freed, before this layer's peak
-        layer = layers.load(index, device)
+        layer = layers.load(index, ctx.device)
         quantized, outputs, fp_outputs, report = calibrate_layer(
-            layer, index, inputs, adapter, config, device, token_weights, f"{adapter.decoder_layers}.{index}.",
-            fp_inputs, ranks, clock)
+            layer, index, streams, ctx, f"{adapter.decoder_layers}.{index}.", clock)
         clock.merge(report.phases)
         layer.to("cpu")
-        if config.loop.exposure:
-            inputs, fp_inputs = outputs, fp_outputs
-        else:  # ablation: every layer calibrated on the FP model's activations
-            inputs = fp_inputs = fp_outputs
-        _keep_layer(result, layers, work, clock, layer, quantized, report, inputs, fp_inputs)
+        streams = _next_streams(outputs, fp_outputs, config.loop.exposure)
+        _keep_layer(result, layers, work, clock, layer, quantized, report, streams)
         layers.release(index)
         del layer
         bar.set_postfix_str(f"rel_err={report.relative_error:.4f}")

@@ -146,7 +146,6 @@ def plan_memory(shape: ModelShape, devices: int, device_memory: int, samples: in
     layer = shape.layer_params * b
     # One sample through a layer: residual, normed input, q/k/v/o, MLP gate/up/act (float32 where upcast).
     sample_acts = T * (6 * d + 3 * f) * 4 + shape.heads * T * T * 4
-    widest = max(n for group in shape.linear_groups_in for n in group)
     group_stats, solve = _solver_bytes(shape.linear_groups_in, samples_per_chunk(samples) * T, b)
     replaced = max(shape.linear_groups_params) * b  # a group's old weights while its solved ones are bound
     calibrate = (2 if asymmetric else 1) * layer + replaced + max(group_stats, solve) + sample_acts

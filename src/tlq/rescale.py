@@ -22,13 +22,14 @@ from typing import Callable
 import torch
 from torch import nn
 
-from tlq.activations import LayerInputs, layer_output, run_with_hooks, to_device
-from tlq.distributed import SINGLE, Ranks
+from tlq.activations import LayerInputs, LayerStreams, layer_output, run_with_hooks, to_device
+from tlq.context import RunContext
+from tlq.distributed import Ranks
 from tlq.models import ModelAdapter, ScalingGroup
 from tlq.quant.primitives import fake_quant_activation, fake_quant_weight
 from tlq.quant.scaling import (apply_scales, channel_magnitude, group_applies, search_scales, smoothquant_scales,
                                weight_magnitude, weighted_error)
-from tlq.recipe import Recipe, RunConfig, Scheme
+from tlq.recipe import RunConfig, Scheme
 from tlq.registry import Registry
 
 CHUNK = 4096  # tokens per forward of a token-wise block during the search
@@ -258,32 +259,29 @@ register_transform(Transform("smoothquant", _smooth_group, captures_blocks=False
 
 
 @torch.no_grad()
-def rescale_layer(layer: nn.Module, index: int, inputs: LayerInputs, adapter: ModelAdapter,
-                  recipe: Recipe | RunConfig,
-                  device: torch.device, token_weights=None, fp_inputs: LayerInputs | None = None,
-                  ranks: Ranks = SINGLE) -> list[dict]:
+def rescale_layer(layer: nn.Module, index: int, streams: LayerStreams, run: RunContext) -> list[dict]:
     """Find (or compute) and fold the scales of every applicable group with the recipe's transform;
     returns one record per group."""
-    config = recipe if isinstance(recipe, RunConfig) else recipe.resolve()
+    config, device, ranks, inputs = run.config, run.device, run.ranks, streams.quantized
     transform = TRANSFORMS.get(config.plan.transform)
-    groups = _applicable_groups(layer, adapter, transform)
+    groups = _applicable_groups(layer, run.adapter, transform)
     if not groups:
         return []
 
     def keep(sample: int, group: ScalingGroup) -> torch.Tensor | None:
-        w = _token_weights(token_weights, index, group, sample)
+        w = _token_weights(run.token_weights, index, group, sample)
         return None if w is None else (w > 0).nonzero().squeeze(1)
 
     captured = _capture(layer, groups, inputs, device, keep, with_blocks=transform.captures_blocks)
     fp_captured = None
-    if config.loop.target == "asymmetric" and fp_inputs is not None and fp_inputs is not inputs:
-        fp_captured = _capture(layer, groups, fp_inputs, device, keep, with_blocks=transform.captures_blocks)
+    if config.loop.target == "asymmetric" and streams.mode == "separate":
+        fp_captured = _capture(layer, groups, streams.fp, device, keep, with_blocks=transform.captures_blocks)
     ctx = _GroupContext(layer, index, config, config.scheme, device, ranks)
     records = []
     for position, group in enumerate(groups):
         kept: list[torch.Tensor | None] = [None] * len(inputs.hidden)
         if transform.token_weighted:
-            per_sample = [_token_weights(token_weights, index, group, i) for i in range(len(inputs.hidden))]
+            per_sample = [_token_weights(run.token_weights, index, group, i) for i in range(len(inputs.hidden))]
             kept = [None if w is None else w[w > 0] for w in per_sample]
         fp_data = fp_captured[position] if fp_captured is not None else None
         records.append(transform.step(ctx, group, captured[position], fp_data, kept))

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import torch
 
-from tlq.engine import TokenWeights
+from tlq.context import TokenWeights
 from tlq.errors import TlqError
 from tlq.importance import TokenImportance
 from tlq.models import ANSWER, IMAGE, PROMPT, TOKEN_KIND_NAMES, ModelAdapter
