@@ -176,50 +176,83 @@ def quantize(model_dir: str | Path, out_dir: str | Path, calib: str | Path, imag
                     resume=resume, lazy=lazy)
 
 
-def _run(job: QuantizeJob, ranks: Ranks, progress: bool, dtype: str, trust_remote_code: bool, resume: bool,
-         lazy: bool) -> QuantizeReport:
-    start = time.perf_counter()
-    recipe, scheme, records, out_dir, model_dir = job.recipe, job.scheme, job.records, job.out_dir, job.model_dir
-    clock = PhaseClock()
-    layers = None
+@dataclass
+class Prepared:
+    """What the named steps share after `prepare`: the model (without decoder layers when `layers` reads
+    them lazily), its adapter, this rank's rendered samples."""
+
+    model: Any
+    adapter: Any
+    samples: list[Sample]
+    layers: Any = None  # tlq.models.lazy.LazyLayers, or None: the layers are resident in the model
+
+
+def prepare(model_dir: Path, calib: Path, images: Path | None, records: list, recipe: Recipe, ranks: Ranks,
+            clock: PhaseClock, dtype: str = "auto", trust_remote_code: bool = False,
+            lazy: bool = False) -> Prepared:
+    """Step 1 (shared by `tlq quantize` and `tlq importance`): load the model (eagerly, or its skeleton and
+    lazy layers) and render this rank's shard of the records."""
     with clock("load"):
         if lazy:
             release_freed_memory_promptly()  # host memory is what --lazy is for
             model, adapter, layers = load_lazy(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
-            check_exportable(model, adapter, scheme, layers.empty_layer(0))
         else:
-            model, adapter = load_model(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
-            check_exportable(model, adapter, scheme)
+            (model, adapter), layers = load_model(model_dir, dtype=dtype, trust_remote_code=trust_remote_code), None
         processor = load_processor(model_dir, trust_remote_code=trust_remote_code)
     shard = ranks.shard(len(records))
     with clock("samples"):
-        samples = prepare_samples(model, adapter, processor, job.calib, job.images, recipe,
+        samples = prepare_samples(model, adapter, processor, calib, images, recipe,
                                   records=records[shard.start:shard.stop])
-    work = None
-    if resume:
-        fingerprint = {"recipe": {k: v for k, v in recipe.to_dict().items() if k != "device"},
-                       "model": str(model_dir.resolve()), "data_sha256": data_hash(records),
-                       "ranks": ranks.size, "dtype": dtype, "tlq": package_versions()["tlq"]}
-        work = WorkDir(work_dir_for(out_dir), fingerprint, ranks)
+    return Prepared(model, adapter, samples, layers)
+
+
+def calibrate(job: QuantizeJob, prepared: Prepared, ranks: Ranks, clock: PhaseClock, work: WorkDir | None,
+              progress: bool) -> tuple[CalibrationResult, dict[str, Any]]:
+    """Step 2: the token weights of the method (the gradient pass for TLQ and MBQ), then the layer loop;
+    returns the calibration and the run record (tlq_recipe.json)."""
+    model, adapter, samples, layers = prepared.model, prepared.adapter, prepared.samples, prepared.layers
+    with clock("importance"):
+        weights, weighting_record = build_token_weights(model, adapter, samples, job.recipe, ranks, work, layers)
+    calibration = quantize_layers(model, adapter, samples, job.recipe, token_weights=weights, progress=progress,
+                                  ranks=ranks, work=work, layers=layers, release_sample_inputs=True)
+    calibration.seconds += clock.seconds["importance"]
+    clock.merge(calibration.phases)
+    record = _run_record(job, model, adapter, samples, calibration, weighting_record, ranks)
+    # Seconds per phase (tlq.phases); `export` is filled in by the exporter just before it writes this.
+    record["phase_seconds"] = {**clock.rounded(), "export": None}
+    return calibration, record
+
+
+def _open_work(job: QuantizeJob, ranks: Ranks, dtype: str, resume: bool) -> WorkDir | None:
+    if not resume:
+        return None
+    fingerprint = {"recipe": {k: v for k, v in job.recipe.to_dict().items() if k != "device"},
+                   "model": str(job.model_dir.resolve()), "data_sha256": data_hash(job.records),
+                   "ranks": ranks.size, "dtype": dtype, "tlq": package_versions()["tlq"]}
+    return WorkDir(work_dir_for(job.out_dir), fingerprint, ranks)
+
+
+def _run(job: QuantizeJob, ranks: Ranks, progress: bool, dtype: str, trust_remote_code: bool, resume: bool,
+         lazy: bool) -> QuantizeReport:
+    """prepare -> calibrate -> write (rank 0), with the work folder that makes it resumable."""
+    start, clock = time.perf_counter(), PhaseClock()
+    prepared = prepare(job.model_dir, job.calib, job.images, job.records, job.recipe, ranks, clock, dtype,
+                       trust_remote_code, lazy)
+    check_exportable(prepared.model, prepared.adapter, job.scheme,
+                     prepared.layers.empty_layer(0) if prepared.layers is not None else None)
+    work = _open_work(job, ranks, dtype, resume)
     with _removed_on_refusal(work, ranks), offload_folder(job.offload_dir, ranks) as spill, offload_activations(spill):
         if work is not None:
-            work.open(len(layers) if layers is not None else len(adapter.layers(model)))
-        with clock("importance"):
-            weights, weighting_record = build_token_weights(model, adapter, samples, recipe, ranks, work, layers)
-        calibration = quantize_layers(model, adapter, samples, recipe, token_weights=weights, progress=progress,
-                                      ranks=ranks, work=work, layers=layers, release_sample_inputs=True)
-        calibration.seconds += clock.seconds["importance"]
-        clock.merge(calibration.phases)
-        record = _run_record(job, model, adapter, samples, calibration, weighting_record, ranks)
-        # Seconds per phase (tlq.phases); `export` is filled in by the exporter just before it writes this.
-        record["phase_seconds"] = {**clock.rounded(), "export": None}
+            work.open(len(prepared.layers) if prepared.layers is not None else
+                      len(prepared.adapter.layers(prepared.model)))
+        calibration, record = calibrate(job, prepared, ranks, clock, work, progress)
         # Only rank 0 writes. The process group ends first: compressed-tensors switches to a collective
         # compression path whenever torch.distributed is initialised.
         ranks.barrier()
         shutdown(ranks)
-        if ranks.main:
-            _write_output(job, model, adapter, calibration, layers, work, record)
-    return QuantizeReport(out_dir=out_dir, calibration=calibration, num_samples=len(records),
+        if ranks.main:  # step 3: write
+            _write_output(job, prepared.model, prepared.adapter, calibration, prepared.layers, work, record)
+    return QuantizeReport(out_dir=job.out_dir, calibration=calibration, num_samples=len(job.records),
                           num_tokens=record["calibration"]["num_tokens"], seconds=time.perf_counter() - start)
 
 

@@ -119,15 +119,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_importance(args: argparse.Namespace) -> int:
-    from tlq.api import prepare_samples
+    from tlq.api import prepare
     from tlq.data import load_records
     from tlq.distributed import rank_device, ranks_from_environment, shutdown
     from tlq.activations import resolve_device
     from tlq.importance import GRADIENT_PASSES, compute_importance
-    from tlq.models import adapter_for, load_model, read_model_type
-    from tlq.models.processing import load_processor
-
+    from tlq.models import adapter_for, read_model_type
     from tlq.models.weights import check_weight_files
+    from tlq.phases import PhaseClock
 
     recipe = Recipe(num_samples=args.num_samples, seed=args.seed, max_length=args.max_length,
                     importance_score=args.score, device=args.device)
@@ -139,21 +138,19 @@ def _cmd_importance(args: argparse.Namespace) -> int:
     records = load_records(args.calib, args.images, recipe.num_samples, recipe.seed,
                            confine=not args.allow_outside_images)
     ranks = ranks_from_environment(args.device)  # under torchrun each rank takes a shard of the samples
-    shard = ranks.shard(len(records))
-    model, adapter = load_model(args.model_dir, dtype=args.dtype)
-    samples = prepare_samples(model, adapter, load_processor(args.model_dir), args.calib, args.images, recipe,
-                              records=records[shard.start:shard.stop])
-    importance = compute_importance(model, adapter, samples, args.score,
+    prepared = prepare(Path(args.model_dir), Path(args.calib), args.images and Path(args.images), records, recipe,
+                       ranks, PhaseClock(), dtype=args.dtype)  # the same step 1 as `tlq quantize`
+    importance = compute_importance(prepared.model, prepared.adapter, prepared.samples, args.score,
                                     resolve_device(rank_device(ranks, args.device)),
-                                    streamed=GRADIENT_PASSES[args.importance_pass],
-                                    ranks=ranks)
+                                    streamed=GRADIENT_PASSES[args.importance_pass], ranks=ranks)
     shutdown(ranks)
     if not ranks.main:
         return 0
     importance.save_atomic(args.out)
     kinds = importance.kept_summary()
-    print(f"wrote {args.out}: {args.score} scores of {len(importance.scores)} Linears over {len(samples)} samples "
-          f"({', '.join(f'{v} {k}' for k, v in kinds.items())} tokens); FP answer loss {importance.loss:.4f}")
+    print(f"wrote {args.out}: {args.score} scores of {len(importance.scores)} Linears over "
+          f"{len(prepared.samples)} samples ({', '.join(f'{v} {k}' for k, v in kinds.items())} tokens); "
+          f"FP answer loss {importance.loss:.4f}")
     return 0
 
 
