@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from tlq.distributed import Ranks, samples_per_chunk
 from tlq.importance import TokenImportance
+from stop_at import stopping
 
 WORLD_SIZES = (1, 2, 3)
 
@@ -117,13 +118,11 @@ def test_a_dead_rank_stops_the_others_with_a_clear_message(tiny_checkpoints, cal
     for rank in range(2):
         env = {**_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        if rank == 1:
-            env["TLQ_STOP_AT"] = "layer-0-saved"
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "tlq", "quantize", str(tiny_checkpoints["qwen2_vl"]), "--out",
-             str(tmp_path / "out"), "--calib", str(path), "--images", str(images), "--num-samples", "4",
-             "--scheme", "W4A16-g32", "--quiet", "--dist-timeout", "60"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        argv = [sys.executable, "-m", "tlq", "quantize", str(tiny_checkpoints["qwen2_vl"]), "--out",
+                str(tmp_path / "out"), "--calib", str(path), "--images", str(images), "--num-samples", "4",
+                "--scheme", "W4A16-g32", "--quiet", "--dist-timeout", "60"]
+        procs.append(subprocess.Popen(stopping("layer-0-saved", argv) if rank == 1 else argv,
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     run_file = tmp_path / "out.tlq-work" / "run.json"
     deadline = time.time() + 120
     while time.time() < deadline and '"finished_layers": 1' not in (run_file.read_text() if run_file.exists() else ""):

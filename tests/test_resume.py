@@ -11,6 +11,7 @@ import time
 
 import torch
 from safetensors.torch import load_file
+from stop_at import stopping
 
 
 def _command(model, calib_split, out, *extra):
@@ -35,7 +36,7 @@ def test_killed_run_resumes_bit_identical(tiny_checkpoints, calib_split, tmp_pat
 
     out = tmp_path / "resumed"
     work = tmp_path / "resumed.tlq-work"
-    proc = subprocess.Popen(_command(model, calib_split, out), env=_env(TLQ_STOP_AT="layer-0-saved"),
+    proc = subprocess.Popen(stopping("layer-0-saved", _command(model, calib_split, out)), env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and _state(proc.pid) != "T":  # stopped itself at the named point

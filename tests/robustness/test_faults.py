@@ -17,6 +17,7 @@ import pytest
 
 from conftest import assert_refused, snapshot
 from test_resume_tamper import stopped
+from stop_at import stopping
 
 COMMAND = ["--method", "tlq", "--scheme", "W4A8", "--num-samples", "4", "--quiet"]
 
@@ -65,7 +66,7 @@ def test_a_stopped_run_resumes_to_identical_bytes(case, fault_ws, tmp_path):
     ws, expected = fault_ws
     point, sig, status, output_exists = STOPS[case]
     out = tmp_path / "out"
-    proc = subprocess.Popen(_argv(ws, out), env=_env(TLQ_STOP_AT=point), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(stopping(point, _argv(ws, out)), env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     stopped(proc)
     proc.send_signal(sig)
@@ -89,7 +90,7 @@ def test_a_stopped_run_resumes_to_identical_bytes(case, fault_ws, tmp_path):
 def test_a_second_run_on_the_same_output_is_refused(fault_ws, tmp_path):
     ws, _ = fault_ws
     out = tmp_path / "out"
-    first = subprocess.Popen(_argv(ws, out), env=_env(TLQ_STOP_AT="layer-0-saved"), stdout=subprocess.DEVNULL,
+    first = subprocess.Popen(stopping("layer-0-saved", _argv(ws, out)), env=_env(), stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     try:
         stopped(first)

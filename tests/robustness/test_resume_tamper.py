@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import snapshot
+from stop_at import stopping
 
 WORK = "out.tlq-work"
 
@@ -30,7 +31,7 @@ def _command(ws: Path) -> list[str]:
 
 
 def stopped(proc: subprocess.Popen, timeout: float = 240) -> None:
-    """Wait until `proc` has stopped itself at its TLQ_STOP_AT point."""
+    """Wait until `proc` has stopped itself at its stop point (tests/stop_at.py)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         assert proc.poll() is None, "the run ended before reaching its stop point"
@@ -46,8 +47,8 @@ def killed_run(tiny_checkpoints, calib_split, tmp_path_factory):
     ws = tmp_path_factory.mktemp("tamper") / "ws"
     shutil.copytree(tiny_checkpoints["qwen2_vl"], ws / "model")
     shutil.copytree(calib_split[1], ws / "data")
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "TLQ_STOP_AT": "layer-0-saved"}
-    proc = subprocess.Popen([sys.executable, "-m", "tlq", *_command(ws)], env=env, stdout=subprocess.DEVNULL,
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(stopping("layer-0-saved", [sys.executable, "-m", "tlq", *_command(ws)]), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     stopped(proc)
     proc.send_signal(signal.SIGKILL)
