@@ -197,6 +197,11 @@ def test_where_each_scheme_runs():
     assert runs["W8A8"] == {"vLLM GPU": True, "vLLM CPU": True, "transformers": True}
     assert runs["W4A8"]["vLLM GPU"] is None and runs["W4A8"]["vLLM CPU"] is True
     assert {s.engine: s.runs for s in where_it_runs(parse_scheme("W4A16", symmetric=False))}["transformers"] is None
+    # MoE experts (measured in docs/serving.md): no vLLM CPU MoE kernel for int8 or W4A8; int4 needs AMX
+    moe = {name: {s.engine: s.runs for s in where_it_runs(parse_scheme(name), routed_experts=True)}
+           for name in ("W4A16", "W8A8", "W4A8")}
+    assert moe["W4A16"] == {"vLLM GPU": None, "vLLM CPU": None, "transformers": None}
+    assert moe["W8A8"]["vLLM CPU"] is False and moe["W4A8"]["vLLM CPU"] is False
 
 
 @pytest.mark.parametrize(("config", "scheme", "best"), [("qwen2-vl-72b-instruct", "W4A16", 1),

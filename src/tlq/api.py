@@ -261,9 +261,9 @@ def announce_serving(job: QuantizeJob, tp: tuple[int, ...], notify=None) -> None
     size the group size does not divide (tlq.serving). Before any calibration."""
     from tlq.serving import check_tp, serving_lines, serving_shape
 
-    in_features, row_parallel = serving_shape(job.model_dir)
+    in_features, row_parallel, experts = serving_shape(job.model_dir)
     check_tp(job.scheme, in_features, row_parallel, tuple(tp))
-    line, warnings = serving_lines(job.scheme, in_features, row_parallel)
+    line, warnings = serving_lines(job.scheme, in_features, row_parallel, experts)
     if notify is None:
         import logging
 

