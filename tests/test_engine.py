@@ -85,8 +85,12 @@ def test_token_weights_reach_the_solver(tiny_checkpoints, calib_split):
     ("rtn", "W4A8", "symmetric"), ("gptq", "W3A16-g32", "symmetric"), ("awq", "W3A16-g32", "symmetric"),
     ("smoothquant", "W8A8", "symmetric"), ("mbq", "W4A8", "symmetric"), ("tlq", "W4A8", "asymmetric"),
     ("awq_gptq", "W3A16-g32", "asymmetric"), ("smoothquant_gptq", "W4A8", "symmetric")])
-def test_calibration_never_writes_into_the_fp_layer_tensors(tiny_checkpoints, calib_split, method, scheme, target):
-    """The FP reference is a storage-sharing view (engine.fp_view): every method must rebind, not write."""
+def test_fp_values_survive_where_they_are_read_and_weights_are_written_in_place(
+        tiny_checkpoints, calib_split, method, scheme, target, monkeypatch):
+    """Calibration writes into the layer's own tensors (one copy of the layer in memory), except that an FP
+    view (engine.fp_view, the asymmetric target) must keep its values: solved weights are then bound as new
+    tensors. The FP stream is the FP layer's output either way."""
+    from tlq import engine
     from tlq.api import build_token_weights
 
     recipe = Recipe(method=method, scheme=scheme, num_samples=4, target=target)
@@ -97,12 +101,24 @@ def test_calibration_never_writes_into_the_fp_layer_tensors(tiny_checkpoints, ca
     layer = adapter.layers(model)[0]
     snapshot = {name: t.clone() for name, t in layer.state_dict().items()}
     originals = {name: t for name, t in layer.state_dict().items()}
+    views, make_view = [], engine.fp_view
+
+    def recording_view(module):
+        view = make_view(module)
+        views.append((view, {n: t.clone() for n, t in view.state_dict().items()}))
+        return view
+
+    monkeypatch.setattr(engine, "fp_view", recording_view)
     fp_inputs = LayerInputs([h + 0.01 for h in inputs.hidden], inputs.kwargs)  # a distinct FP-path stream
     _, _, fp_outputs, _ = calibrate_layer(layer, 0, LayerStreams(inputs, fp_inputs),
                                           RunContext.of(recipe, adapter, device, token_weights=weights))
-    for name, tensor in originals.items():
-        assert torch.equal(tensor, snapshot[name]), name
     assert any(not torch.equal(t, snapshot[n]) for n, t in layer.state_dict().items())  # the layer did change
+    assert len(views) == (target == "asymmetric")
+    for view, values in views:  # the FP view kept its values through the solves
+        assert all(torch.equal(t, values[n]) for n, t in view.state_dict().items())
+    if target == "symmetric":  # no view: every Linear's weight is still the tensor it was, holding Q(W)
+        for name in adapter.linear_names:
+            assert layer.get_submodule(name).weight.data_ptr() == originals[f"{name}.weight"].data_ptr(), name
     reference = copy.deepcopy(layer)
     reference.load_state_dict(snapshot)
     with torch.no_grad():

@@ -157,9 +157,9 @@ class _Observer:
 def fp_view(layer: nn.Module) -> nn.Module:
     """A copy of `layer` whose parameters share storage with it: its FP weights, without a copy now.
 
-    Sound because calibration never writes into a layer's tensors: scale folding and solved weights
-    rebind `.data` to new tensors, so this copy keeps the old ones (tests/test_engine.py checks it for
-    every method). The old tensors then stay alive as long as the view does.
+    Sound because, once a layer has a view (the asymmetric target, made after rescaling), solved weights
+    rebind `.data` to new tensors instead of writing in place (`_write_back`), so this copy keeps the FP
+    values (tests/test_engine.py checks it for every method). They stay alive as long as the view does.
     """
     memo: dict[int, Any] = {id(p): nn.Parameter(p.data, requires_grad=False) for p in layer.parameters()}
     memo.update({id(b): b for b in layer.buffers()})
@@ -281,11 +281,18 @@ def _propagate(run: _LayerRun, reference_outputs):
 
 
 def _write_back(run: _LayerRun, solved: dict[str, QuantizedWeight]) -> dict[str, QuantizedWeight]:
-    """The solved tensors become the weights (no second copy of the layer's weights on the host)."""
+    """The solved weights are written into the layer's own tensors: one copy of the layer on the host (a
+    new tensor bound beside a memory-mapped checkpoint tensor left both resident: the measured peak grew by
+    a layer per layer). With an FP view of the layer (the asymmetric target) they are bound as new tensors
+    instead, so the view keeps the FP values."""
     quantized = {}
     for name, result in solved.items():
         linear = run.linears[name]
-        linear.weight.data = result.weight.to(linear.weight.device, linear.weight.dtype)
+        weight = result.weight.to(linear.weight.device, linear.weight.dtype)
+        if run.fp_scaled is None:
+            linear.weight.data.copy_(weight)
+        else:
+            linear.weight.data = weight
         quantized[name] = QuantizedWeight(weight=linear.weight.data.cpu(), scale=result.scale.cpu(),
                                                    zero_point=result.zero_point.cpu())
     return quantized

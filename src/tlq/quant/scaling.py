@@ -119,25 +119,26 @@ def smoothquant_scales(x: torch.Tensor, targets: list[nn.Linear], alpha: float =
 @torch.no_grad()
 def apply_scales(source: nn.Module, targets: list[nn.Linear], scales: torch.Tensor,
                  source_weight_offset: float = 0.0) -> None:
-    """Fold 1/s into the source's output channels and s into the targets' input columns.
+    """Fold 1/s into the source's output channels and s into the targets' input columns, in place.
 
-    New tensors are bound (never written in place), so a storage-sharing FP view of the layer
-    (tlq.engine.fp_view) keeps the original values. A norm that multiplies by (offset + weight)
-    gets (offset + weight) / s - offset.
+    In place, so the layer's memory stays one copy of its weights (a new tensor bound beside a checkpoint's
+    memory-mapped one left both resident). Nothing may hold the unscaled weights for later: the loop takes
+    its FP references before rescaling, and its FP view (tlq.engine.fp_view) after. A norm that multiplies
+    by (offset + weight) gets (offset + weight) / s - offset.
     """
     if isinstance(source, nn.Linear):
-        source.weight.data = source.weight / scales.to(source.weight)[:, None]
+        source.weight.data.div_(scales.to(source.weight)[:, None])
         if source.bias is not None:
-            source.bias.data = source.bias / scales.to(source.bias)
+            source.bias.data.div_(scales.to(source.bias))
     elif source_weight_offset:  # y = (offset + weight) * normalised(x)
         folded = (source.weight.float() + source_weight_offset) / scales.float().to(source.weight.device)
-        source.weight.data = (folded - source_weight_offset).to(source.weight.dtype)
+        source.weight.data.copy_((folded - source_weight_offset).to(source.weight.dtype))
     else:  # RMSNorm / LayerNorm: y = weight * normalised(x) (+ bias)
-        source.weight.data = source.weight / scales.to(source.weight)
+        source.weight.data.div_(scales.to(source.weight))
         if getattr(source, "bias", None) is not None:
-            source.bias.data = source.bias / scales.to(source.bias)
+            source.bias.data.div_(scales.to(source.bias))
     for target in targets:
-        target.weight.data = target.weight * scales.to(target.weight)[None, :]
+        target.weight.data.mul_(scales.to(target.weight)[None, :])
 
 
 def group_applies(source: nn.Module, targets: list[nn.Linear]) -> bool:
