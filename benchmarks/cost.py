@@ -87,7 +87,10 @@ def main() -> int:
         write_split(data, max(args.samples, 128), seed=1, name="calib", condition="background")
     samples = write_samples(str(checkpoint), str(data / "calib.json"), str(data), args.samples, 0,
                             work / f"samples-{args.samples}.safetensors")
-    rows = []
+    # Rows of methods not run now are kept, so one method can be rerun into a table beside the others.
+    saved = args.out / "results.json"
+    requested = set(args.methods.split(","))
+    rows = [r for r in json.loads(saved.read_text())["rows"] if r["method"] not in requested] if saved.exists() else []
     for repeat in range(args.repeats):
         for method in args.methods.split(","):
             out = work / f"out-{method.replace(':', '-')}"
