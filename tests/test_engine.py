@@ -132,7 +132,7 @@ def test_chunked_observation_gives_the_per_sample_hessian():
     Hessian and token count match handing them over one by one, token weights included."""
     from types import SimpleNamespace
 
-    from tlq.engine import _Observer
+    from tlq.observe import Observer as _Observer
     from tlq.quant.gptq import GPTQ
 
     recipe = Recipe(scheme="W4A16-g32")

@@ -30,7 +30,7 @@ DEFAULT_TIMEOUT_S = 1800.0
 
 
 def samples_per_chunk(count: int) -> int:
-    """How many consecutive calibration samples a solver takes as one product (tlq.engine._Observer):
+    """How many consecutive calibration samples a solver takes as one product (tlq.observe.Observer):
     up to 8, keeping at least 16 chunks so that up to 16 ranks each get whole chunks. The statistics
     then do not depend on the number of ranks, as with one product per sample."""
     return max(1, min(8, count // 16))

@@ -22,7 +22,6 @@ activations) is kept only when the recipe asks for it: the asymmetric target, or
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import time
@@ -32,9 +31,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from tlq.activations import (LayerInputs, LayerStreams, activation_list, capture_layer_inputs, capture_linear_inputs,
-                             check_finite, install_activation_quant, next_layer_inputs, resolve_device, run_layer,
-                             run_with_hooks)
+from tlq.activations import (LayerInputs, LayerStreams, activation_list, capture_layer_inputs, check_finite,
+                             install_activation_quant, next_layer_inputs, resolve_device, run_layer)
 from tlq.context import RunContext, TokenWeights
 from tlq import faults
 from tlq.data import Sample
@@ -42,9 +40,10 @@ from tlq.distributed import SINGLE, Ranks, samples_per_chunk
 from tlq.errors import TlqError
 from tlq.measure import return_freed_memory
 from tlq.models import ModelAdapter
-from tlq.models.moe import routed_rows
 from tlq.phases import PhaseClock
-from tlq.quant import QuantizedWeight, fake_quant_activation, solver_factory
+from tlq.quant import QuantizedWeight, solver_factory
+from tlq.observe import fp_view
+from tlq.observe import observe as _observe
 from tlq.recipe import Recipe, RunConfig
 from tlq.rescale import rescale_layer
 
@@ -105,67 +104,6 @@ class CalibrationResult:
     phases: dict[str, float] = field(default_factory=dict)  # seconds per phase, this run's layers only
 
 
-class _Observer:
-    """Forward pre-hook that hands a Linear's (possibly activation-quantized) input to its solver.
-
-    Consecutive samples are handed over `chunk` at a time (one product per chunk is far cheaper for
-    GPTQ's wide Hessians than one per sample); rank shards start at chunk boundaries
-    (tlq.distributed.samples_per_chunk), so every rank count forms the same chunks.
-    """
-
-    def __init__(self, solver, run: "_LayerRun", name: str, fp_inputs: list[torch.Tensor] | None,
-                 act_bits: int | None) -> None:
-        self.solver, self.layer_index, self.name = solver, run.index, name
-        self.token_weights, self.fp_inputs, self.chunk = run.token_weights, fp_inputs, run.chunk
-        self.act_bits = act_bits  # fake-quantize the input for the solver only (the forward stays FP)
-        self.sample = 0
-        self.tokens_seen = 0  # rows observed, counted for routed Linears only
-        self.pending: list[tuple] = []
-
-    def __call__(self, module: nn.Module, args: tuple) -> None:
-        x = args[0].reshape(-1, args[0].shape[-1])
-        if self.act_bits is not None:
-            x = fake_quant_activation(x, self.act_bits)
-        weights = self.token_weights(self.layer_index, self.name, self.sample) if self.token_weights else None
-        routing = routed_rows(module)
-        if routing is not None:  # an expert: its rows are the tokens routed to it
-            self.tokens_seen += x.shape[0]
-            if weights is not None:
-                weights = weights.reshape(-1)[routing[0].to(weights.device)]
-        target = self.fp_inputs[self.sample].to(x.device) if self.fp_inputs is not None else None
-        self.pending.append((x, None if weights is None else weights.reshape(-1).to(x.device),
-                             None if target is None else target.reshape(-1, target.shape[-1])))
-        if len(self.pending) == self.chunk:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        xs, weights, targets = zip(*self.pending)
-        self.pending = []
-        if len(xs) == 1:
-            self.solver.observe(xs[0], weights[0], targets[0])
-            return
-        if all(w is None for w in weights):
-            weight = None
-        else:  # a sample without weights counts every token once
-            weight = torch.cat([torch.ones(x.shape[0], device=x.device) if w is None else w
-                                for x, w in zip(xs, weights)])
-        self.solver.observe(torch.cat(xs), weight, None if targets[0] is None else torch.cat(targets))
-
-
-def fp_view(layer: nn.Module) -> nn.Module:
-    """A copy of `layer` whose parameters share storage with it: its FP weights, without a copy now.
-
-    Sound because, once a layer has a view (the asymmetric target, made after rescaling), solved weights
-    rebind `.data` to new tensors instead of writing in place (`_write_back`), so this copy keeps the FP
-    values (tests/test_engine.py checks it for every method). They stay alive as long as the view does.
-    """
-    memo: dict[int, Any] = {id(p): nn.Parameter(p.data, requires_grad=False) for p in layer.parameters()}
-    memo.update({id(b): b for b in layer.buffers()})
-    return copy.deepcopy(layer, memo)
-
-
 # The layer error report compares the quantized and FP layer outputs on each rank's first samples only:
 # keeping the FP outputs of every sample through the solves would hold a third activation stream (at 2B
 # widths and 128 samples 0.2 GB; at 72B widths and 512 samples of 1000 tokens, 8 GB of host memory).
@@ -213,42 +151,6 @@ def _fp_stream(run: _LayerRun) -> LayerInputs | None:
         return None
     outputs = activation_list(out.cpu() for _, out in run_layer(run.layer, run.fp_inputs, run.device))
     return next_layer_inputs(outputs, run.fp_inputs, run.index)
-
-
-def _observe(run: _LayerRun, solvers: dict, act_bits: int | None = None, keep_outputs: bool = False):
-    """Run the layer up to the observed Linears, handing each one's input (and FP-path input) to its solver.
-
-    With `keep_outputs` the forward runs to the end and its outputs are returned: the FP layer's outputs
-    when nothing has changed yet (then `act_bits` fake-quantizes the observed inputs for the solvers only).
-    """
-    observed = [name for name, s in solvers.items() if s.needs_inputs]
-    fp_linear_inputs = (capture_linear_inputs(run.fp_scaled, observed, run.fp_inputs, run.device)
-                        if run.fp_scaled is not None and observed else {})
-    observers = {name: _Observer(solvers[name], run, name, fp_linear_inputs.get(name), act_bits)
-                 for name in observed}
-
-    def set_sample(i: int) -> None:
-        for obs in observers.values():
-            obs.sample = i
-
-    handles = [run.linears[name].register_forward_pre_hook(obs) for name, obs in observers.items()]
-    outputs = None
-    if keep_outputs:
-        try:
-            kept = run.references_kept
-            outputs = activation_list(out.cpu() for i, out in run_layer(run.layer, run.inputs, run.device, set_sample)
-                                      if kept is None or i < kept)
-        finally:
-            for handle in handles:
-                handle.remove()
-    elif observed:
-        run_with_hooks(run.layer, run.inputs, run.device, handles, set_sample,
-                       stop_after=[run.linears[name] for name in observed])
-    for name, obs in observers.items():
-        obs.flush()
-        if routed_rows(run.linears[name]) is not None:
-            run.routed_tokens[name] = obs.tokens_seen
-    return outputs
 
 
 def _round_thin_experts(run: _LayerRun, solvers: dict, config: RunConfig, ranks: Ranks) -> None:

@@ -123,7 +123,7 @@ def apply_scales(source: nn.Module, targets: list[nn.Linear], scales: torch.Tens
 
     In place, so the layer's memory stays one copy of its weights (a new tensor bound beside a checkpoint's
     memory-mapped one left both resident). Nothing may hold the unscaled weights for later: the loop takes
-    its FP references before rescaling, and its FP view (tlq.engine.fp_view) after. A norm that multiplies
+    its FP references before rescaling, and its FP view (tlq.observe.fp_view) after. A norm that multiplies
     by (offset + weight) gets (offset + weight) / s - offset.
     """
     if isinstance(source, nn.Linear):
