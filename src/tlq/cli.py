@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from tlq.errors import RankFailure, TlqError
-from tlq.recipe import METHODS, SCHEMES, Recipe
+from tlq.recipe import METHODS, Recipe
 
 
 _FLAG_TYPES = {"int": int, "int | None": int, "float": float, "float | None": float, "str": str}
@@ -232,6 +232,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _runs_gradient_pass(method: str) -> bool:
+    """Whether the method weights tokens from the gradient pass (TLQ, MBQ: not a uniform baseline plan)."""
     from tlq.recipe import BASELINE_PLANS
 
     if method not in METHODS:

@@ -28,13 +28,12 @@ from torch import nn
 class ExpertLayout:
     """Where a family keeps its routed experts and how they are stored.
 
-    `module`: the fused experts module inside a decoder layer; `router`: the routing Linear (kept FP);
-    `block_class`: transformers' class of the MoE block that owns the experts (as its last name in
+    `module`: the fused experts module inside a decoder layer (the router that feeds it is the adapter's
+    `kept_fp`); `block_class`: transformers' class of the MoE block that owns the experts (as its last name in
     `module`), in `transformers_module`; `count_key`: the text-config key with the number of experts.
     """
 
     module: str = "mlp.experts"
-    router: str = "mlp.gate"
     block_class: str = ""
     transformers_module: str = ""
     count_key: str = "num_experts"
@@ -121,9 +120,8 @@ def from_fused(fused: nn.Module) -> RoutedExperts:
     return routed
 
 
-def unfuse_experts(layers, layout: ExpertLayout) -> int:
-    """Swap every decoder layer's fused experts for `RoutedExperts` (same weights); returns how many."""
-    swapped = 0
+def unfuse_experts(layers, layout: ExpertLayout) -> None:
+    """Swap every decoder layer's fused experts for `RoutedExperts` (same weights)."""
     for layer in layers:
         parent_name, _, child = layout.module.rpartition(".")
         parent = layer.get_submodule(parent_name) if parent_name else layer
@@ -132,8 +130,6 @@ def unfuse_experts(layers, layout: ExpertLayout) -> int:
             continue
         setattr(parent, child, from_fused(fused))
         del fused
-        swapped += 1
-    return swapped
 
 
 @contextmanager

@@ -13,5 +13,5 @@ ADAPTER = qwen2_style(
     "qwen3_vl_moe", ("qwen3_vl_moe",),
     layer_injections=("model.language_model", "visual_pos_masks", "deepstack_visual_embeds"),
     scaling_groups=MOE_SCALING_GROUPS, kept_fp=("mlp.gate",),
-    experts=ExpertLayout(module="mlp.experts", router="mlp.gate", block_class="Qwen3VLMoeTextSparseMoeBlock",
+    experts=ExpertLayout(module="mlp.experts", block_class="Qwen3VLMoeTextSparseMoeBlock",
                          transformers_module="transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe"))
