@@ -5,6 +5,7 @@ import torch
 
 from tlq.api import prepare_samples
 from tlq.activations import LayerInputs, LayerStreams, capture_layer_inputs, install_activation_quant, run_layer
+from tlq.callbacks import InputsWatcher, LayerCallback, LoopStart
 from tlq.context import RunContext
 from tlq.engine import calibrate_layer, quantize_layers
 from tlq.models import load_model
@@ -26,7 +27,7 @@ def test_next_layer_is_calibrated_on_the_quantized_layer_outputs(tiny_checkpoint
     model, adapter, samples = _setup(tiny_checkpoints["qwen2_vl"], calib_split, recipe)
     seen: list[LayerInputs] = []
     quantize_layers(model, adapter, samples, recipe, progress=False,
-                    on_layer_inputs=lambda i, inputs: seen.append(copy.deepcopy(inputs)))
+                    callbacks=[InputsWatcher(lambda i, inputs: seen.append(copy.deepcopy(inputs)))])
     layers = adapter.layers(model)
     assert len(seen) == len(layers) == 2
     # Layer 0 after quantization (weights on their grid, activations fake-quantized for W4A8),
@@ -46,6 +47,43 @@ def test_next_layer_is_calibrated_on_the_quantized_layer_outputs(tiny_checkpoint
     with torch.no_grad():
         fp_out = [out for _, out in run_layer(adapter.layers(fp_model)[0], fp_inputs, torch.device("cpu"))]
     assert not torch.equal(fp_out[0], seen[1].hidden[0])
+
+
+class _Recording(LayerCallback):
+    """Records the hooks' order; resumes at layer `skip` on the given streams' values (a stand-in store)."""
+
+    def __init__(self, skip: int = 0) -> None:
+        self.events, self.skip = [], skip
+
+    def resume(self, start, layers, result):
+        self.events.append(("resume", start.first))
+        return LoopStart(self.skip, start.streams) if self.skip else start
+
+    def layer_starting(self, index, streams):
+        self.events.append(("start", index, id(streams)))
+
+    def layer_finished(self, finished):
+        assert finished.report.index == finished.index and next(finished.layer.parameters()).device.type == "cpu"
+        self.events.append(("finish", finished.index, id(finished.streams)))
+
+
+def test_callbacks_hear_every_layer_in_order_and_can_move_the_start(tiny_checkpoints, calib_split):
+    recipe = Recipe(method="rtn", scheme="W4A16-g32", num_samples=2)
+    model, adapter, samples = _setup(tiny_checkpoints["qwen2_vl"], calib_split, recipe)
+    heard = _Recording()
+    result = quantize_layers(model, adapter, samples, recipe, progress=False, callbacks=[heard])
+    kinds = [(e[0],) + e[1:2] for e in heard.events]
+    assert kinds == [("resume", 0), ("start", 0), ("finish", 0), ("start", 1), ("finish", 1)]
+    assert heard.events[2][2] == heard.events[3][2]  # layer 1 starts on the streams layer 0 finished with
+    assert len(result.quantized) == 2 * len(adapter.linear_names)  # resident layers keep their grids
+    # A callback that resumes at layer 1: layer 0 is neither calibrated nor reported by the loop.
+    model, adapter, samples = _setup(tiny_checkpoints["qwen2_vl"], calib_split, recipe)
+    before = adapter.layers(model)[0].self_attn.q_proj.weight.clone()
+    skipping = _Recording(skip=1)
+    result = quantize_layers(model, adapter, samples, recipe, progress=False, callbacks=[skipping])
+    assert [e[:2] for e in skipping.events] == [("resume", 0), ("start", 1), ("finish", 1)]
+    assert [r.index for r in result.layers] == [1]
+    assert torch.equal(adapter.layers(model)[0].self_attn.q_proj.weight, before)
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision"])

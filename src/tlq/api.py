@@ -214,7 +214,8 @@ def calibrate(job: QuantizeJob, prepared: Prepared, ranks: Ranks, clock: PhaseCl
     with clock("importance"):
         weights, weighting_record = build_token_weights(model, adapter, samples, job.recipe, ranks, work, layers)
     calibration = quantize_layers(model, adapter, samples, job.recipe, token_weights=weights, progress=progress,
-                                  ranks=ranks, work=work, layers=layers, release_sample_inputs=True)
+                                  ranks=ranks, layers=layers, callbacks=[work] if work is not None else [],
+                                  release_sample_inputs=True)
     calibration.seconds += clock.seconds["importance"]
     clock.merge(calibration.phases)
     record = _run_record(job, model, adapter, samples, calibration, weighting_record, ranks)

@@ -11,8 +11,9 @@
 
 Under torchrun every rank runs this loop on its own shard of the samples; the solvers' statistics,
 the scale-search losses and the error report are combined through `Ranks` (tlq.distributed), so all
-ranks hold the same quantized layer after each step. With a work directory (tlq.resume) each finished
-layer and the next layer's inputs are saved, and a rerun continues after the last finished layer.
+ranks hold the same quantized layer after each step. The loop calls its callbacks (tlq.callbacks) before
+it starts and around every layer: the work directory (tlq.resume) is one, saving each finished layer and
+the next layer's inputs, and putting finished layers back when a rerun continues after a crash.
 
 Inputs x~ always come from the already-quantized earlier layers, and with an activation scheme every
 quantized Linear fake-quantizes its input per token both while observing and while propagating, so
@@ -22,17 +23,17 @@ activations) is kept only when the recipe asks for it: the asymmetric target, or
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from tlq.activations import (LayerInputs, LayerStreams, activation_list, capture_layer_inputs, check_finite,
                              install_activation_quant, next_layer_inputs, resolve_device, run_layer)
+from tlq.callbacks import FinishedLayer, LayerCallback, LoopStart
 from tlq.context import RunContext, TokenWeights
 from tlq import faults
 from tlq.data import Sample
@@ -323,37 +324,9 @@ def _first_inputs(model, samples: list[Sample], ctx: RunContext, clock: PhaseClo
     return LayerStreams(inputs, inputs if (loop.target == "asymmetric" or not loop.exposure) else None)
 
 
-def _keep_layer(result: CalibrationResult, layers, work, clock: PhaseClock, layer: nn.Module, quantized: dict,
-                report: LayerReport, streams: LayerStreams) -> None:
-    """Record a finished layer: in the result (resident layers), and in the work directory if any."""
-    if not layers.lazy:
-        result.quantized.update(quantized)
-    result.layers.append(report)
-    if work is not None:
-        with clock("save"):
-            fp = streams.separate_fp
-            work.save_layer(report.index, layer, quantized, dataclasses.asdict(report), streams.quantized.hidden,
-                            fp.hidden if fp is not None else None)
-
-
 def _layer_done(report: LayerReport) -> None:
     log.info("layer %d: relative output error %.5f (%.1f s)", report.index, report.relative_error, report.seconds)
     faults.reached(f"layer-{report.index}-saved")
-
-
-def _restore_finished(work, layers, result: CalibrationResult, streams: LayerStreams) -> tuple[int, LayerStreams]:
-    """Layers finished before a crash are restored from the work directory, not recomputed; returns the
-    first layer to calibrate and its input streams."""
-    first = work.finished if work is not None else 0
-    for index in range(first):
-        quantized, report = work.load_layer(index, None if layers.lazy else layers.layers[index])
-        result.quantized.update(quantized)
-        result.layers.append(LayerReport(**{**report, "resumed": True}))
-    if first:
-        hidden, fp_hidden = work.load_inputs(first)
-        streams = streams.entering(activation_list(hidden), activation_list(fp_hidden or []), first)
-        log.info("resumed from %s: layers 0..%d were finished", work.path, first - 1)
-    return first, streams
 
 
 def _next_streams(outputs: LayerInputs, fp_outputs: LayerInputs | None, exposure: bool) -> LayerStreams:
@@ -364,15 +337,16 @@ def _next_streams(outputs: LayerInputs, fp_outputs: LayerInputs | None, exposure
 
 @torch.no_grad()
 def quantize_layers(model: nn.Module, adapter: ModelAdapter, samples: list[Sample], recipe: Recipe,
-                    token_weights: TokenWeights | None = None, progress: bool = True,
-                    on_layer_inputs: Callable[[int, LayerInputs], None] | None = None, ranks: Ranks = SINGLE,
-                    work=None, layers=None, release_sample_inputs: bool = False) -> CalibrationResult:
+                    token_weights: TokenWeights | None = None, progress: bool = True, ranks: Ranks = SINGLE,
+                    layers=None, callbacks: Sequence[LayerCallback] = (),
+                    release_sample_inputs: bool = False) -> CalibrationResult:
     """Calibrate and fake-quantize every decoder Linear of `model` in place; returns weights and grids.
 
-    `samples` are this rank's shard; `token_weights` is indexed by this rank's sample numbers. `work`
-    (a tlq.resume.WorkDir, opened) makes the run resumable. `layers` (tlq.models.lazy) says where decoder
-    layers come from: resident in `model` (default), or read from the checkpoint one at a time, in which
-    case finished layers live only in the work directory and `result.quantized` stays empty.
+    `samples` are this rank's shard; `token_weights` is indexed by this rank's sample numbers. `layers`
+    (tlq.models.lazy) says where decoder layers come from and where finished ones are kept: resident in
+    `model` (default; their grids in `result.quantized`), or read from the checkpoint one at a time, in
+    which case a callback must keep them (tlq.resume.WorkDir) and `result.quantized` stays empty.
+    `callbacks` (tlq.callbacks) are called before the loop (resume), and before and after every layer.
     `release_sample_inputs`: the samples keep only their token ids once layer 0's inputs are captured."""
     from tqdm.auto import tqdm
 
@@ -381,17 +355,17 @@ def quantize_layers(model: nn.Module, adapter: ModelAdapter, samples: list[Sampl
     start, config = time.perf_counter(), recipe.resolve()  # resolved once: every layer reads the same parts
     ctx = RunContext(config, adapter, resolve_device(config.loop.device), ranks, token_weights)
     result, clock = CalibrationResult(), PhaseClock()
-    streams = _first_inputs(model, samples, ctx, clock, release_sample_inputs)
     layers = layers if layers is not None else ResidentLayers(model, adapter)
-    if layers.lazy and work is None:
-        raise ValueError("lazy layers need a work directory to keep the calibrated layers in")
-    first, streams = _restore_finished(work, layers, result, streams)
-    bar = tqdm(range(first, len(layers)), desc=f"{config.method} {config.scheme.name}",
-               disable=not progress or not ranks.main, initial=first, total=len(layers))
+    begin = LoopStart(0, _first_inputs(model, samples, ctx, clock, release_sample_inputs))
+    for callback in callbacks:
+        begin = callback.resume(begin, layers, result)
+    bar = tqdm(range(begin.first, len(layers)), desc=f"{config.method} {config.scheme.name}",
+               disable=not progress or not ranks.main, initial=begin.first, total=len(layers))
     clock.show = bar.set_postfix_str  # the bar says which phase of the layer is running
+    streams = begin.streams
     for index in bar:
-        if on_layer_inputs is not None:
-            on_layer_inputs(index, streams.quantized)
+        for callback in callbacks:
+            callback.layer_starting(index, streams)
         return_freed_memory()  # what the gradient pass and the last layer freed, before this layer's peak
         layer = layers.load(index, ctx.device)
         quantized, outputs, fp_outputs, report = calibrate_layer(
@@ -399,7 +373,10 @@ def quantize_layers(model: nn.Module, adapter: ModelAdapter, samples: list[Sampl
         clock.merge(report.phases)
         layer.to("cpu")
         streams = _next_streams(outputs, fp_outputs, config.loop.exposure)
-        _keep_layer(result, layers, work, clock, layer, quantized, report, streams)
+        layers.keep(result.quantized, quantized)
+        result.layers.append(report)
+        for callback in callbacks:
+            callback.layer_finished(FinishedLayer(index, layer, quantized, report, streams, clock))
         layers.release(index)
         del layer
         bar.set_postfix_str(f"rel_err={report.relative_error:.4f}")

@@ -21,14 +21,18 @@ have the types and ranges a run writes.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from tlq.activations import activation_list
+from tlq.callbacks import FinishedLayer, LayerCallback, LoopStart
 from tlq.distributed import SINGLE, Ranks
 from tlq.errors import TlqError
 from tlq.guards import atomic_file
@@ -85,8 +89,12 @@ def _refuse(path: Path, problem: str) -> TlqError:
                     f"(or pass --no-resume)")
 
 
-class WorkDir:
-    """Per-layer results and activations of one run, on disk."""
+log = logging.getLogger(__name__)
+
+
+class WorkDir(LayerCallback):
+    """Per-layer results and activations of one run, on disk. As a callback of the layer loop it restores
+    the layers finished before a crash (`resume`) and saves each layer as it finishes."""
 
     def __init__(self, path: str | Path, fingerprint: dict[str, Any], ranks: Ranks = SINGLE) -> None:
         self.path, self.fingerprint, self.ranks = Path(path), fingerprint, ranks
@@ -222,6 +230,28 @@ class WorkDir:
             self._write_state()
         self.ranks.barrier()
         self._inputs_path(index, self.ranks.rank).unlink(missing_ok=True)
+
+    def resume(self, start: LoopStart, layers, result) -> LoopStart:
+        """Layers finished before a crash are put back into `layers` and `result`, not recomputed; the
+        loop starts after them, on the inputs saved for the first unfinished layer."""
+        from tlq.engine import LayerReport
+
+        for index in range(self.finished):
+            quantized, report = self.load_layer(index, layers.resident(index))
+            layers.keep(result.quantized, quantized)
+            result.layers.append(LayerReport(**{**report, "resumed": True}))
+        if not self.finished:
+            return start
+        hidden, fp_hidden = self.load_inputs(self.finished)
+        log.info("resumed from %s: layers 0..%d were finished", self.path, self.finished - 1)
+        streams = start.streams.entering(activation_list(hidden), activation_list(fp_hidden or []), self.finished)
+        return LoopStart(self.finished, streams)
+
+    def layer_finished(self, finished: FinishedLayer) -> None:
+        with finished.clock("save"):
+            fp = finished.streams.separate_fp
+            self.save_layer(finished.index, finished.layer, finished.quantized, dataclasses.asdict(finished.report),
+                            finished.streams.quantized.hidden, fp.hidden if fp is not None else None)
 
     def layer_state(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, QuantizedWeight], dict]:
         """Finished layer `index`: its state dict, its Linears' grids (full names) and its report."""

@@ -93,6 +93,14 @@ class ResidentLayers:
     def release(self, index: int) -> None:
         self.layers[index].to("cpu")
 
+    def resident(self, index: int) -> nn.Module | None:
+        """Layer `index` as the model holds it, for restoring a finished layer into; None when lazy."""
+        return self.layers[index]
+
+    def keep(self, kept: dict, quantized: dict) -> None:
+        """Record a finished layer's grids in `kept` (the calibration result's): the model holds the layer."""
+        kept.update(quantized)
+
 
 def _stored_transposed(stored: tuple[int, ...], expected: torch.Tensor) -> bool:
     """A fused 3-D expert tensor stored with its last two dimensions swapped (Qwen3-VL-MoE's hub layout,
@@ -162,6 +170,12 @@ class LazyLayers(ResidentLayers):
 
     def release(self, index: int) -> None:
         self.layers[index] = nn.Module()
+
+    def resident(self, index: int) -> None:
+        return None
+
+    def keep(self, kept: dict, quantized: dict) -> None:
+        """Nothing: a finished lazy layer lives only in the work folder (tlq.resume.WorkDir saves it)."""
 
 
 def load_lazy(model_dir: str | Path, dtype: str = "auto", trust_remote_code: bool = False):
