@@ -37,3 +37,32 @@ def tiny_checkpoints(tmp_path_factory):
     return {family: build_tiny_checkpoint(family, root / family, words=vocabulary(), size=ModelSize(image_size=64),
                                           seed=3)
             for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def video_split(calib_split):
+    """(json path, image folder) of 3 records with videos made of the calibration images (64 px frames): a
+    video alone, an image with two videos (4 and 3 frames: an odd count is padded), and a folder of frames."""
+    import json
+    import shutil
+
+    path, folder = calib_split
+    rows = json.loads(Path(path).read_text())
+    names = [row["image"] for row in rows]
+    clip = folder / "clip"
+    clip.mkdir(exist_ok=True)
+    for i, name in enumerate(names[:4]):
+        shutil.copy(folder / name, clip / f"frame_{i:03d}.png")
+    answer = rows[0]["conversations"][1]["value"]
+    records = [
+        {"video": names[:4], "fps": 2, "conversations": [{"from": "human", "value": "<video>\nwhat is shown ?"},
+                                                        {"from": "gpt", "value": answer}]},
+        {"image": names[0], "video": [names[1:5], names[2:5]],
+         "conversations": [{"from": "human", "value": "<image> <video> <video>\nwhat is shown ?"},
+                           {"from": "gpt", "value": answer}]},
+        {"video": "clip", "fps": 4, "conversations": [{"from": "human", "value": "<video> what is shown ?"},
+                                                     {"from": "gpt", "value": answer}]},
+    ]
+    video_path = folder / "video.json"
+    video_path.write_text(json.dumps(records))
+    return video_path, folder

@@ -118,6 +118,17 @@ class QuantizeJob:
     overwrite: bool
 
 
+def check_videos_supported(adapter, records) -> None:
+    """Refuse video records for a family tlq calibrates on images only, naming the ones with video."""
+    video = next((r for r in records if r.videos), None)
+    if video is not None and adapter.video_token_config_key is None:
+        from tlq.models import ADAPTERS
+
+        families = sorted({a.family for a in ADAPTERS.values() if a.video_token_config_key is not None})
+        raise TlqError(f"record {video.line} has a video, but tlq calibrates {adapter.family} on images only "
+                       f"(video calibration: {', '.join(families)}): drop the video records")
+
+
 def check_job(model_dir, out_dir, calib, images, recipe: Recipe, overwrite: bool, offload_dir,
               confine_images: bool = True) -> QuantizeJob:
     """Every check that needs no model: options, device, paths, weight files, calibration records.
@@ -138,7 +149,8 @@ def check_job(model_dir, out_dir, calib, images, recipe: Recipe, overwrite: bool
     check_disjoint({"--out": out_dir}, {"--offload-dir": offload_dir})
     check_weight_files(model_dir)
     records = load_records(calib, images, recipe.num_samples, recipe.seed, confine=confine_images)
-    check_disjoint(outputs, {f"calibration image {path}": path for r in records for path in r.images})
+    check_disjoint(outputs, {f"calibration image {path}": path for r in records for path in r.files})
+    check_videos_supported(adapter_for(read_model_type(model_dir)), records)
     return QuantizeJob(Path(model_dir), out_dir, Path(calib), None if images is None else Path(images), recipe,
                        scheme, records, None if offload_dir is None else Path(offload_dir), overwrite)
 

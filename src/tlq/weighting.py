@@ -13,7 +13,7 @@ import torch
 from tlq.context import TokenWeights
 from tlq.errors import TlqError
 from tlq.importance import TokenImportance
-from tlq.models import ANSWER, IMAGE, PROMPT, TOKEN_KIND_NAMES, ModelAdapter
+from tlq.models import ANSWER, IMAGE, PROMPT, TOKEN_KIND_NAMES, VIDEO, ModelAdapter
 from tlq.recipe import Recipe
 from tlq.registry import Registry
 
@@ -99,10 +99,10 @@ def kept_tokens(importance: TokenImportance, lookup: TokenWeights, layer: int, n
     return {n: int(((kinds == i) & (w > 0)).sum()) for i, n in enumerate(TOKEN_KIND_NAMES)}
 
 
-def modality_ratios(importance: TokenImportance, adapter: ModelAdapter) -> dict[int, dict[str, float]]:
-    """MBQ: per layer and block, rho = mean|g| over image tokens / mean|g| over answer tokens, read at
-    the block's output Linear (the attention and MLP outputs; an MoE block's is the sum over its experts'
-    outputs, each zero where the token was not routed to it), floored at its median over layers."""
+def modality_ratios(importance: TokenImportance, adapter: ModelAdapter, kind: int = IMAGE) -> dict[int, dict[str, float]]:
+    """MBQ: per layer and block, rho = mean|g| over image (or video: `kind`) tokens / mean|g| over answer
+    tokens, read at the block's output Linear (the attention and MLP outputs; an MoE block's is the sum over
+    its experts' outputs, each zero where the token was not routed to it), floored at its median over layers."""
     kinds = torch.cat(importance.token_kinds)
     layers = sorted({int(key.split(".", 1)[0]) for key in importance.abs_grad})
     raw: dict[str, dict[int, float]] = {block.role: {} for block in adapter.blocks}
@@ -112,7 +112,7 @@ def modality_ratios(importance: TokenImportance, adapter: ModelAdapter) -> dict[
             if any(part is None for part in parts):
                 continue
             g = sum(torch.cat(part) for part in parts)
-            image, answer = g[kinds == IMAGE], g[kinds == ANSWER]
+            image, answer = g[kinds == kind], g[kinds == ANSWER]
             if len(answer) == 0 or answer.mean() == 0:
                 raise TlqError("MBQ needs answer tokens with a gradient in the calibration samples")
             raw[block.role][layer] = float(image.mean() / answer.mean()) if len(image) else 0.0
@@ -127,19 +127,27 @@ def modality_ratios(importance: TokenImportance, adapter: ModelAdapter) -> dict[
 
 
 def modality_weights(importance: TokenImportance, adapter: ModelAdapter) -> TokenWeights:
-    """MBQ token weights: image tokens rho (per layer and block), answer tokens 1, prompt tokens 0."""
-    ratios = modality_ratios(importance, adapter)
+    """MBQ token weights: image and video tokens their modality's rho (per layer and block), answer tokens 1,
+    prompt tokens 0."""
+    ratios = {kind: modality_ratios(importance, adapter, kind) for kind in _vision_kinds(importance)}
 
     def lookup(layer: int, name: str, sample: int) -> torch.Tensor:
         kinds = importance.token_kinds[sample]
-        rho = ratios[layer][adapter.block_of(name).role]
+        role = adapter.block_of(name).role
         w = torch.zeros(len(kinds))
-        w[kinds == IMAGE] = rho
+        for kind, per_layer in ratios.items():
+            w[kinds == kind] = per_layer[layer][role]
         w[kinds == ANSWER] = 1.0
         w[kinds == PROMPT] = 0.0
         return w
 
     return lookup
+
+
+def _vision_kinds(importance: TokenImportance) -> tuple[int, ...]:
+    """IMAGE always (its ratio also checks the answer tokens); VIDEO where the samples have video tokens."""
+    present = set(torch.cat(importance.token_kinds).unique().tolist())
+    return (IMAGE,) + ((VIDEO,) if VIDEO in present else ())
 
 
 __all__ = ["WEIGHTINGS", "Weighting", "WeightingConfig", "kept_tokens", "modality_ratios", "modality_weights",
@@ -163,8 +171,11 @@ def register_weighting(weighting: Weighting) -> Weighting:
 
 
 def _modality(importance: TokenImportance, adapter: ModelAdapter, recipe: Recipe, layers: int):
-    ratios = modality_ratios(importance, adapter)
-    record = {"image_weight_per_layer": {str(k): {p: round(v, 5) for p, v in r.items()} for k, r in ratios.items()}}
+    record = {}
+    for kind in _vision_kinds(importance):
+        ratios = modality_ratios(importance, adapter, kind)
+        record[f"{TOKEN_KIND_NAMES[kind]}_weight_per_layer"] = {
+            str(k): {p: round(v, 5) for p, v in r.items()} for k, r in ratios.items()}
     return modality_weights(importance, adapter), record
 
 

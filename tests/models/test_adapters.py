@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from tlq.errors import TlqError
-from tlq.models import ANSWER, IMAGE, PROMPT, SUPPORTED_MODEL_TYPES, adapter_for, load_model, read_model_type
+from tlq.models import ANSWER, IMAGE, PROMPT, SUPPORTED_MODEL_TYPES, VIDEO, adapter_for, load_model, read_model_type
 from tlq.reference.checkpoint import FAMILIES
 
 
@@ -57,10 +57,13 @@ def test_adapter_finds_only_decoder_linears(tiny_checkpoints, family):
 
 def test_token_kinds(tiny_checkpoints):
     model, adapter = load_model(tiny_checkpoints["qwen2_vl"])
-    image = adapter.image_token_id(model)
-    ids = torch.tensor([5, image, image, 7, 8, 9])
-    labels = torch.tensor([-100, -100, -100, -100, 8, 9])
-    assert adapter.token_kinds(model, ids, labels).tolist() == [PROMPT, IMAGE, IMAGE, PROMPT, ANSWER, ANSWER]
+    image, video = adapter.image_token_id(model), adapter.video_token_id(model)
+    ids = torch.tensor([5, image, image, video, 11, 12, 13])
+    labels = torch.tensor([-100, -100, -100, -100, -100, 12, 13])
+    assert adapter.token_kinds(model, ids, labels).tolist() == [PROMPT, IMAGE, IMAGE, VIDEO, PROMPT, ANSWER, ANSWER]
+    # An image-only family has no video kind: the same token is prompt text there.
+    llava, llava_adapter = load_model(tiny_checkpoints["llava_onevision"])
+    assert llava_adapter.video_token_id(llava) is None
 
 
 def test_no_algorithm_names_a_linear():

@@ -3,7 +3,9 @@
 A file is a JSON list, or JSONL, of records
     {"image": "relative/path.png" | [paths], "conversations": [{"from": "human", "value": "<image>\\n..."},
                                                               {"from": "gpt", "value": "..."}, ...]}
-with image paths relative to an image folder. Records are rendered with the model's own chat template;
+with image paths relative to an image folder. A record may hold videos, as frames already sampled from the
+clip: "video": [frame paths] (one video), [[frame paths], ...] (several) or "a/folder" (its image files in
+name order), "fps": the frames' rate (default 2), and a "<video>" placeholder per video. Records are rendered with the model's own chat template;
 labels cover the assistant turns only (the answer tokens, their end-of-turn token included).
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,16 +26,27 @@ from tlq.guards import resolved
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
+_PLACEHOLDER = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)})")
+FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 @dataclass
 class Record:
-    """One conversation: image files and chat messages in the Hugging Face content-list format."""
+    """One conversation: image files, videos (frame files) and chat messages in the Hugging Face content-list
+    format."""
 
     images: list[Path]
     messages: list[dict[str, Any]]
     line: int  # 1-based position in the source file, for error messages
     meta: dict[str, Any] = field(default_factory=dict)  # other fields of the row (id, question types, ...)
+    videos: list[list[Path]] = field(default_factory=list)
+    fps: float = 2.0  # the rate the video frames were sampled at
+
+    @property
+    def files(self) -> list[Path]:
+        """Every image and frame file the record reads."""
+        return self.images + [frame for video in self.videos for frame in video]
 
 
 @dataclass
@@ -88,25 +102,28 @@ def read_records_file(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _to_messages(row: dict[str, Any], num_images: int, where: str) -> list[dict[str, Any]]:
+def _to_messages(row: dict[str, Any], num_images: int, where: str, num_videos: int = 0) -> list[dict[str, Any]]:
     turns = row.get("conversations")
     if not isinstance(turns, list) or not turns:
         raise TlqError(f"{where}: missing 'conversations' list of {{'from', 'value'}} turns")
-    messages, placed = [], 0
+    messages, placed, videos = [], 0, 0
     for turn in turns:
         role = _ROLES.get(str(turn.get("from", "")).lower()) if isinstance(turn, dict) else None
         if role is None or not isinstance(turn.get("value"), str):
             raise TlqError(f"{where}: each turn needs 'from' (human/gpt/system) and a string 'value'")
-        pieces = turn["value"].split(IMAGE_PLACEHOLDER)
+        pieces = _PLACEHOLDER.split(turn["value"])
         content: list[dict[str, Any]] = []
-        for i, piece in enumerate(pieces):
-            if i > 0:
-                content.append({"type": "image"})
-                placed += 1
+        for piece in pieces:
+            if piece in (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER):
+                content.append({"type": "image" if piece == IMAGE_PLACEHOLDER else "video"})
+                placed, videos = placed + (piece == IMAGE_PLACEHOLDER), videos + (piece == VIDEO_PLACEHOLDER)
+                continue
             piece = piece.strip() if len(pieces) > 1 else piece
             if piece:
                 content.append({"type": "text", "text": piece})
         messages.append({"role": role, "content": content})
+    if videos != num_videos:
+        raise TlqError(f"{where}: {videos} '<video>' placeholders for {num_videos} videos")
     if placed == 0 and num_images:
         # LLaVA-style files sometimes omit the placeholder: the images go before the first user text.
         first_user = next(m for m in messages if m["role"] == "user")
@@ -141,6 +158,52 @@ def _image_paths(row: dict[str, Any], base: Path, where: str, confine: bool) -> 
     return images
 
 
+def _checked_file(name: str, base: Path, root: Path, where: str, confine: bool, what: str) -> Path:
+    path = base / name
+    if confine and not _inside(resolved(path), root):
+        raise TlqError(f"{where}: {what} {name!r} resolves outside the image folder {base}: move it there, "
+                       f"or pass --allow-outside-images if you trust this file")
+    if not path.is_file():
+        raise TlqError(f"{where}: {what} {path} is missing: fix the path or the --images folder")
+    return path
+
+
+def _video_frames(row: dict[str, Any], base: Path, where: str, confine: bool) -> list[list[Path]]:
+    """The record's videos, each a list of frame files checked like images: from a list of frame paths, a
+    list of such lists, or a folder of frames (its image files in name order)."""
+    value = row.get("video")
+    if value is None:
+        return []
+    root = resolved(base)
+    if isinstance(value, str):
+        if Path(value).suffix.lower() not in ("",) + FRAME_SUFFIXES:
+            raise TlqError(f"{where}: video {value!r} is a file tlq does not decode: extract its frames (e.g. 2 per "
+                           f"second) and list them, or name the folder holding them")
+        folder = base / value
+        if confine and not _inside(resolved(folder), root):
+            raise TlqError(f"{where}: video folder {value!r} resolves outside the image folder {base}")
+        if not folder.is_dir():
+            raise TlqError(f"{where}: video folder {folder} is missing: fix the path or the --images folder")
+        value = [[str(p.relative_to(base)) for p in sorted(folder.iterdir()) if p.suffix.lower() in FRAME_SUFFIXES]]
+    elif isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, list) and all(isinstance(f, str) and f for f in v)
+                                              for v in value):
+        raise TlqError(f"{where}: 'video' must be a folder of frames, a list of frame paths or a list of such "
+                       f"lists, got {json.dumps(row.get('video'))[:60]}")
+    for video in value:
+        if len(video) < 2:
+            raise TlqError(f"{where}: a video needs at least 2 frames, got {len(video)}")
+    return [[_checked_file(f, base, root, where, confine, "video frame") for f in video] for video in value]
+
+
+def _fps(row: dict[str, Any], where: str) -> float:
+    fps = row.get("fps", 2.0)
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps < 1000:
+        raise TlqError(f"{where}: 'fps' must be a positive number of frames per second, got {json.dumps(fps)[:40]}")
+    return float(fps)
+
+
 def _inside(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
@@ -162,8 +225,10 @@ def load_records(path: str | Path, images_dir: str | Path | None, num_samples: i
         if not isinstance(row, dict):
             raise TlqError(f"{where}: expected an object with 'image' and 'conversations'")
         images = _image_paths(row, base, where, confine)
-        meta = {k: v for k, v in row.items() if k not in ("image", "conversations")}
-        records.append(Record(images=images, messages=_to_messages(row, len(images), where), line=number, meta=meta))
+        videos = _video_frames(row, base, where, confine)
+        meta = {k: v for k, v in row.items() if k not in ("image", "video", "fps", "conversations")}
+        records.append(Record(images=images, messages=_to_messages(row, len(images), where, len(videos)), line=number,
+                              meta=meta, videos=videos, fps=_fps(row, where)))
     if num_samples is not None and num_samples < len(records):
         chosen = sorted(random.Random(seed).sample(range(len(records)), num_samples))
         records = [records[i] for i in chosen]
@@ -175,7 +240,7 @@ def data_hash(records: list[Record]) -> str:
     digest = hashlib.sha256()
     for record in records:
         digest.update(json.dumps(record.messages, sort_keys=True).encode())
-        for image in record.images:
+        for image in record.files:
             digest.update(image.read_bytes())
     return digest.hexdigest()
 
@@ -186,11 +251,11 @@ MAX_IMAGE_PIXELS = 64_000_000
 MAX_ASPECT_RATIO = 200  # Qwen2-VL's image processor refuses more
 
 
-def _open_images(record: Record):
+def _open_images(paths: list[Path]):
     from PIL import Image, UnidentifiedImageError
 
     images = []
-    for path in record.images:
+    for path in paths:
         try:
             with Image.open(path) as image:
                 width, height = image.size
@@ -222,8 +287,18 @@ def _image_token_runs(ids: torch.Tensor, image_token_id: int | None) -> list[int
     return runs
 
 
-def _count_images(messages: list[dict[str, Any]]) -> int:
-    return sum(part.get("type") == "image" for m in messages for part in m["content"])
+def _count_images(messages: list[dict[str, Any]], kind: str = "image") -> int:
+    return sum(part.get("type") == kind for m in messages for part in m["content"])
+
+
+def _video_inputs(videos: list, fps: float) -> dict[str, Any]:
+    """The processor's video arguments for frames already sampled at `fps`: not resampled, timed by fps."""
+    if not videos:
+        return {}
+    from tlq.models.video import frame_metadata
+
+    return {"videos": videos, "video_metadata": [frame_metadata(len(v), fps) for v in videos],
+            "do_sample_frames": False}
 
 
 def render_sample(record: Record, processor, max_length: int | None = None) -> Sample | None:
@@ -232,19 +307,22 @@ def render_sample(record: Record, processor, max_length: int | None = None) -> S
     Returns None when truncation to `max_length` would cut through an image (the model needs every
     image token it was given features for).
     """
-    return render_messages(record.messages, _open_images(record), processor, max_length)
+    videos = [_open_images(video) for video in record.videos]
+    return render_messages(record.messages, _open_images(record.images), processor, max_length, videos, record.fps)
 
 
-def render_messages(messages: list[dict[str, Any]], images: list, processor,
-                    max_length: int | None = None) -> Sample | None:
-    """`render_sample` for messages and already-opened PIL images."""
+def render_messages(messages: list[dict[str, Any]], images: list, processor, max_length: int | None = None,
+                    videos: list | None = None, fps: float = 2.0) -> Sample | None:
+    """`render_sample` for messages and already-opened PIL images (and videos: lists of PIL frames)."""
+    videos = videos or []
 
     def render(prefix, generation_prompt: bool) -> str:
         return processor.apply_chat_template(prefix, tokenize=False, add_generation_prompt=generation_prompt)
 
     def encode(prefix, generation_prompt: bool) -> dict[str, torch.Tensor]:
         used = images[:_count_images(prefix)]
-        return processor(text=[render(prefix, generation_prompt)], images=used or None, return_tensors="pt")
+        clips = _video_inputs(videos[:_count_images(prefix, "video")], fps)
+        return processor(text=[render(prefix, generation_prompt)], images=used or None, return_tensors="pt", **clips)
 
     inputs = encode(messages, False)
     input_ids = inputs["input_ids"]
@@ -254,7 +332,7 @@ def render_messages(messages: list[dict[str, Any]], images: list, processor,
     # running the processor on every prefix.
     runs = _image_token_runs(input_ids[0], getattr(processor, "image_token_id", None))
     tokenizer = processor.tokenizer
-    fast = len(runs) == len(images) and (
+    fast = not videos and len(runs) == len(images) and (
         len(tokenizer(render(messages, False))["input_ids"]) + sum(r - 1 for r in runs) == input_ids.shape[-1])
 
     def prefix_length(prefix, generation_prompt: bool) -> int:
@@ -272,11 +350,11 @@ def render_messages(messages: list[dict[str, Any]], images: list, processor,
         labels[:, start:end] = input_ids[:, start:end]
     length = input_ids.shape[-1]
     if max_length is not None and length > max_length:
-        image_id = getattr(processor, "image_token_id", None)
-        if image_id is not None and (input_ids[0, max_length:] == image_id).any():
+        vision = [getattr(processor, name, None) for name in ("image_token_id", "video_token_id")]
+        if any(i is not None and (input_ids[0, max_length:] == i).any() for i in vision):
             return None
-        inputs = {k: (v[:, :max_length] if v.dim() == 2 and v.shape[-1] == length and k != "pixel_values" else v)
-                  for k, v in inputs.items()}
+        inputs = {k: (v[:, :max_length] if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[-1] == length
+                      and not k.startswith("pixel_values") else v) for k, v in inputs.items()}
         labels = labels[:, :max_length]
     return Sample(inputs=dict(inputs), labels=labels)
 

@@ -9,7 +9,7 @@ from tlq.errors import TlqError, one_line
 from tlq.models import (gemma3, idefics3, internvl, llava_next, llava_onevision, mistral3, qwen2_5_vl, qwen2_vl,
                         qwen3_vl, qwen3_vl_moe)
 from tlq.models.weights import check_finite_parameters, check_loading_info, check_weight_files
-from tlq.models.base import ANSWER, IMAGE, PROMPT, TOKEN_KIND_NAMES, ModelAdapter, ScalingGroup
+from tlq.models.base import ANSWER, IMAGE, PROMPT, TOKEN_KIND_NAMES, VIDEO, ModelAdapter, ScalingGroup
 
 ADAPTERS: dict[str, ModelAdapter] = {
     model_type: module.ADAPTER
@@ -110,7 +110,7 @@ def load_config(model_dir: str | Path, trust_remote_code: bool = False):
 
 
 __all__ = [
-    "ADAPTERS", "ANSWER", "IMAGE", "PROMPT", "SUPPORTED_MODEL_TYPES", "TOKEN_KIND_NAMES", "ModelAdapter",
+    "ADAPTERS", "ANSWER", "IMAGE", "PROMPT", "SUPPORTED_MODEL_TYPES", "TOKEN_KIND_NAMES", "VIDEO", "ModelAdapter",
     "ScalingGroup", "adapter_for", "from_pretrained_checked", "load_config", "load_model", "read_model_type",
     "with_expert_linears",
 ]

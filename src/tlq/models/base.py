@@ -18,8 +18,8 @@ from torch import nn
 from tlq.models.moe import ExpertLayout
 
 # Token kinds, stored per position with each calibration sample.
-PROMPT, IMAGE, ANSWER = 0, 1, 2
-TOKEN_KIND_NAMES = ("prompt", "image", "answer")
+PROMPT, IMAGE, ANSWER, VIDEO = 0, 1, 2, 3
+TOKEN_KIND_NAMES = ("prompt", "image", "answer", "video")
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,8 @@ class ModelAdapter:
     scaling_groups: tuple[ScalingGroup, ...]
     blocks: tuple[Block, ...]
     image_token_config_key: str = "image_token_id"
+    # The config key of the video placeholder token, for families tlq calibrates on videos (frames); None: images only.
+    video_token_config_key: str | None = None
     # The language-model head after the last decoder layer (the streamed importance backward starts there).
     final_norm: str = "model.language_model.norm"
     lm_head: str = "lm_head"
@@ -131,11 +133,22 @@ class ModelAdapter:
         return int(value)
 
     def token_kinds(self, model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Per position: IMAGE for image placeholder tokens, ANSWER where a label is set, else PROMPT."""
+        """Per position: IMAGE / VIDEO for image / video placeholder tokens, ANSWER where a label is set, else
+        PROMPT."""
         kinds = torch.full_like(input_ids, PROMPT, dtype=torch.uint8)
         kinds[labels != -100] = ANSWER
         kinds[input_ids == self.image_token_id(model)] = IMAGE
+        video = self.video_token_id(model)
+        if video is not None:
+            kinds[input_ids == video] = VIDEO
         return kinds
+
+    def video_token_id(self, model: nn.Module) -> int | None:
+        """The video placeholder token, where the family is calibrated on videos; else None."""
+        if self.video_token_config_key is None:
+            return None
+        value = getattr(model.config, self.video_token_config_key, None)
+        return None if value is None else int(value)
 
 
 # The decoder block shared by Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision (Qwen2 language model).

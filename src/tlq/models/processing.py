@@ -15,6 +15,7 @@ import types
 from pathlib import Path
 
 from tlq.errors import TlqError
+from tlq.models.video import VIDEO_STYLES, FramesVideoProcessor
 
 
 @functools.lru_cache(maxsize=None)
@@ -99,9 +100,17 @@ def processor_class(name: str) -> type | None:
     return importlib.import_module("transformers.models.pixtral.processing_pixtral").PixtralProcessor
 
 
-def videoless_processor(processor_class: type, image_processor, tokenizer, chat_template=None, **kwargs):
-    """Construct `processor_class` (e.g. Qwen2VLProcessor) without a video processor."""
-    return _videoless(processor_class)(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+def videoless_processor(processor_class: type, image_processor, tokenizer, chat_template=None,
+                        video_settings: dict | None = None, **kwargs):
+    """Construct `processor_class` (e.g. Qwen2VLProcessor) without transformers' video processor (it needs
+    torchvision). The Qwen-VL processors get tlq.models.video's frames processor instead, set up from
+    `video_settings` (the saved `video_processor` section) over the image processor's shared settings."""
+    processor = _videoless(processor_class)(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+    style = VIDEO_STYLES.get(processor_class.__name__)
+    if style is not None:
+        shared = {k: v for k, v in image_processor.to_dict().items() if k in _SHARED_WITH_VIDEO}
+        processor.video_processor = FramesVideoProcessor({**shared, **(video_settings or {})}, style)
+    return processor
 
 
 # Any one of these is a tokenizer transformers can build; without them AutoTokenizer returns an empty one.
@@ -171,7 +180,9 @@ def _load_processor(model_dir: str, trust_remote_code: bool):
     try:
         if "video_processor" not in inspect.signature(stock.__init__).parameters:
             return stock(image_processor, tokenizer, chat_template=chat_template, **extra)
-        return videoless_processor(stock, image_processor, tokenizer, chat_template=chat_template, **extra)
+        video = config.get("video_processor")
+        return videoless_processor(stock, image_processor, tokenizer, chat_template=chat_template,
+                                   video_settings=video if isinstance(video, dict) else None, **extra)
     except (TypeError, ValueError) as exc:
         raise TlqError(f"cannot build the processor from {config_path}: {str(exc).splitlines()[0][:200]}") from None
     except ImportError as exc:  # e.g. SmolVLM's processor needs num2words

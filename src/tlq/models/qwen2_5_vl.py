@@ -2,4 +2,4 @@
 
 from tlq.models.base import qwen2_style
 
-ADAPTER = qwen2_style("qwen2_5_vl", ("qwen2_5_vl",))
+ADAPTER = qwen2_style("qwen2_5_vl", ("qwen2_5_vl",), video_token_config_key="video_token_id")

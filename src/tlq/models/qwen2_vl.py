@@ -6,4 +6,4 @@ own forward, so the adapter only says where the decoder is.
 
 from tlq.models.base import qwen2_style
 
-ADAPTER = qwen2_style("qwen2_vl", ("qwen2_vl",))
+ADAPTER = qwen2_style("qwen2_vl", ("qwen2_vl",), video_token_config_key="video_token_id")

@@ -10,4 +10,5 @@ before it becomes the next layer's input. The decoder's Linears are Qwen2's.
 from tlq.models.base import qwen2_style
 
 ADAPTER = qwen2_style("qwen3_vl", ("qwen3_vl",),
-                      layer_injections=("model.language_model", "visual_pos_masks", "deepstack_visual_embeds"))
+                      layer_injections=("model.language_model", "visual_pos_masks", "deepstack_visual_embeds"),
+                      video_token_config_key="video_token_id")

@@ -12,6 +12,6 @@ from tlq.models.moe import ExpertLayout
 ADAPTER = qwen2_style(
     "qwen3_vl_moe", ("qwen3_vl_moe",),
     layer_injections=("model.language_model", "visual_pos_masks", "deepstack_visual_embeds"),
-    scaling_groups=MOE_SCALING_GROUPS, kept_fp=("mlp.gate",),
+    scaling_groups=MOE_SCALING_GROUPS, kept_fp=("mlp.gate",), video_token_config_key="video_token_id",
     experts=ExpertLayout(module="mlp.experts", block_class="Qwen3VLMoeTextSparseMoeBlock",
                          transformers_module="transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe"))
