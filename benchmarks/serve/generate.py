@@ -57,8 +57,8 @@ def run_vllm(model: Path, questions, prompt_top1: bool = False,
     return [o.outputs[0].text.strip() for o in outputs], top1
 
 
-def run_transformers(model: Path, questions, prompt_top1: bool = False,
-                     moe_backend: str = "auto") -> tuple[list[str], list[list[int]] | None]:
+def run_transformers(model: Path, questions, prompt_top1: bool = False, moe_backend: str = "auto",
+                     causal_images: bool = False) -> tuple[list[str], list[list[int]] | None]:
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -69,6 +69,8 @@ def run_transformers(model: Path, questions, prompt_top1: bool = False,
     with torch.no_grad():
         for question, image, _ in questions:
             inputs = processor(text=[_prompt(processor, question)], images=[image], return_tensors="pt")
+            if causal_images:  # Gemma 3 attends bidirectionally within an image only where token types are given
+                inputs.pop("token_type_ids", None)
             out = network.generate(**inputs, max_new_tokens=16, do_sample=False)
             answers.append(processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:],
                                                       skip_special_tokens=True).strip())
@@ -112,6 +114,9 @@ def main() -> int:
     parser.add_argument("--prompt-top1", action="store_true",
                         help="also record, per prompt position, the most likely next token (a loader check that "
                              "does not depend on the generated answers)")
+    parser.add_argument("--causal-images", action="store_true",
+                        help="transformers: causal attention over image tokens too (no token types), as vLLM's CPU "
+                             "attention backend computes Gemma 3, which has no bidirectional image attention")
     parser.add_argument("--moe-backend", default="auto",
                         help="vLLM's fused-experts backend (e.g. emulation where its CPU int4 MoE kernel, which "
                              "needs AMX, cannot run)")
@@ -120,8 +125,11 @@ def main() -> int:
     record = {"engine": args.engine, "model": str(args.model), "loaded": False, "error": None, "answers": []}
     try:
         questions = list(_questions(args.data, args.images, args.num))
-        run = run_vllm if args.engine == "vllm" else run_transformers
-        record["answers"], top1 = run(args.model, questions, args.prompt_top1, args.moe_backend)
+        if args.engine == "vllm":
+            record["answers"], top1 = run_vllm(args.model, questions, args.prompt_top1, args.moe_backend)
+        else:
+            record["answers"], top1 = run_transformers(args.model, questions, args.prompt_top1, args.moe_backend,
+                                                       args.causal_images)
         if top1 is not None:
             record["prompt_top1"] = top1
         record["loaded"] = True

@@ -55,11 +55,13 @@ MOE_BACKEND = "auto"  # --moe-backend: vLLM's fused-experts backend for MoE mode
 _MOE_BACKEND = re.compile(r"Using '?(\w+)'? (?:WNA16 |Int8 )?MoE backend")  # the fused-experts kernel of an MoE layer
 
 
-def _run_engine(engine: str, model: Path, num: int, answers: Path, prompt_top1: bool = False) -> dict:
+def _run_engine(engine: str, model: Path, num: int, answers: Path, prompt_top1: bool = False,
+                causal_images: bool = False) -> dict:
     """generate.py in the vLLM venv; the kernels vLLM chose come from its log."""
     if answers.exists():
         return json.loads(answers.read_text())
     extra = (["--prompt-top1"] if prompt_top1 else []) + (["--moe-backend", MOE_BACKEND] if engine == "vllm" else [])
+    extra += ["--causal-images"] if causal_images and engine == "transformers" else []
     proc = subprocess.run([str(VLLM_PY), str(GENERATE), engine, str(model), "--data", str(DATA / "test.json"),
                            "--images", str(DATA), "--num", str(num), "--json", str(answers), *extra],
                           capture_output=True, text=True, timeout=1800)
@@ -79,8 +81,15 @@ def _run_engine(engine: str, model: Path, num: int, answers: Path, prompt_top1: 
 TINY_HEAD_SCALE = 50.0  # LM head logits of std ~10 instead of ~0.2: greedy margins far above bf16 rounding
 
 
+# A model name may carry a variant after '+': `+causal-images` runs transformers causally over image tokens
+# too, as vLLM's CPU attention backend computes Gemma 3 (it has no bidirectional image attention), so the two
+# engines compute the same function and the comparison isolates what tlq's output does.
+VARIANTS = ("causal-images",)
+
+
 def model_dir(model: str) -> Path:
     """A reference model's folder, or a tiny random checkpoint of a family, built once under runs/serve."""
+    model = model.partition("+")[0]
     if not model.startswith("tiny-"):
         return ROOT / "models" / "reference" / model
     folder = WORK / "models" / model
@@ -110,6 +119,7 @@ def _quantize(model: str, label: str, options: list[str], out: Path) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     samples = "16" if model.startswith("tiny-") else "128"
+    model = model.partition("+")[0]
     proc = subprocess.run([*TLQ, "quantize", str(model_dir(model)), "--out", str(out), "--calib",
                            str(DATA / "calib.json"), "--images", str(DATA), "--num-samples", samples, "--quiet",
                            "--overwrite", *options], capture_output=True, text=True, timeout=3600)
@@ -156,7 +166,12 @@ def check_model(model: str, num: int, schemes: list[str] | None = None) -> list[
     work.mkdir(parents=True, exist_ok=True)
     fp_dir = model_dir(model)
     tiny = model.startswith("tiny-")  # random checkpoints: also compare the engines position by position
-    fp = {engine: _run_engine(engine, fp_dir, num, work / f"fp.{engine}.json", tiny) for engine in ("vllm", "transformers")}
+    variant = model.partition("+")[2]
+    if variant and variant not in VARIANTS:
+        raise SystemExit(f"unknown variant +{variant}: use one of {', '.join(VARIANTS)}")
+    causal = variant == "causal-images"
+    fp = {engine: _run_engine(engine, fp_dir, num, work / f"fp.{engine}.json", tiny, causal)
+          for engine in ("vllm", "transformers")}
     rows.append({"model": model, "scheme": "FP", **{engine: {"loaded": fp[engine].get("loaded"),
                  "error": fp[engine].get("error"), **_agreement(fp[engine], fp[engine])} for engine in fp},
                  "engines_agree": _engines_agree(work / "fp.vllm.json", work / "fp.transformers.json")})
@@ -174,7 +189,7 @@ def check_model(model: str, num: int, schemes: list[str] | None = None) -> list[
             if not info["quantized"]:
                 row[engine] = {"loaded": False, "error": f"tlq quantize failed: {info.get('error')}"}
                 continue
-            record = _run_engine(engine, out, num, work / f"{slug}.{engine}.json", tiny)
+            record = _run_engine(engine, out, num, work / f"{slug}.{engine}.json", tiny, causal)
             row[engine] = {"loaded": record.get("loaded"), "error": record.get("error"),
                            "kernels": record.get("kernels", []), **_agreement(record, fp[engine])}
         row["engines_agree"] = _engines_agree(work / f"{slug}.vllm.json", work / f"{slug}.transformers.json")
