@@ -1,12 +1,16 @@
 """The rescaling step of a layer (AWQ, MBQ, TLQ's scale backend, SmoothQuant), before its Linears are solved.
 
-For each scaling group that applies (norm -> Linears, and Linear -> Linear where the shapes match), one
+For each scaling group that applies (norm -> Linears, and Linear -> Linear where the shapes match), a
 run of the layer on the quantized-path inputs captures the targets' shared input (only the tokens the
 token weights keep) and, for a block that mixes tokens (attention), the block's own call and FP output
 per sample. The scale search then scores every candidate by the error of the block's output with the
 targets scaled and fake-quantized as deployed (weights, and for W*A8 the per-token activations),
-weighted per token by the importance of the block's output Linear. All groups are captured before
-any is rescaled; the folding keeps the FP function, so no capture goes stale.
+weighted per token by the importance of the block's output Linear.
+
+One group at a time: capture, search, free, so host memory holds one group's data (the MLP's down
+projection input alone is tokens x intermediate width), not every group's at once. The scales are
+folded only after every group's search, so each search sees the unchanged layer its inputs were captured
+from (the folds keep the FP function; the result is what capturing every group first gave, bit for bit).
 
 Why the block and not the targets' own outputs: for q,k,v the error that matters is what the attention
 makes of it. Scoring the concatenated q,k,v outputs let large-norm rows dominate and picked scales that
@@ -197,21 +201,21 @@ def _applicable_groups(layer: nn.Module, adapter: ModelAdapter, transform: "Tran
 
 
 def _smooth_group(ctx: _GroupContext, group: ScalingGroup, data: _Captured, fp_data: _Captured | None,
-                  kept: list[torch.Tensor | None]) -> dict:
-    """SmoothQuant: s = max|x|^a / max|W|^(1-a), folded in; no search."""
-    source, targets = ctx.layer.get_submodule(group.source), [ctx.layer.get_submodule(t) for t in group.targets]
+                  kept: list[torch.Tensor | None]) -> tuple[torch.Tensor, dict]:
+    """SmoothQuant: s = max|x|^a / max|W|^(1-a); no search."""
+    targets = [ctx.layer.get_submodule(t) for t in group.targets]
     smooth = ctx.config.smoothquant
     x, _, _, tokens = _subsample(_concatenated(data.x).to(ctx.device), None, None, smooth.max_tokens, smooth.seed,
                                  ctx.index, ctx.ranks)
-    apply_scales(source, targets, smoothquant_scales(x, targets, smooth.alpha, ctx.ranks), group.source_weight_offset)
-    return {"source": group.source, "alpha": smooth.alpha, "loss_ratio": None, "tokens": tokens}
+    scales = smoothquant_scales(x, targets, smooth.alpha, ctx.ranks)
+    return scales, {"source": group.source, "alpha": smooth.alpha, "loss_ratio": None, "tokens": tokens}
 
 
 def _search_group(ctx: _GroupContext, group: ScalingGroup, data: _Captured, fp_data: _Captured | None,
-                  kept: list[torch.Tensor | None]) -> dict:
-    """The scale search on the block the group feeds, then the fold; returns the group's record."""
+                  kept: list[torch.Tensor | None]) -> tuple[torch.Tensor, dict]:
+    """The scale search on the block the group feeds; returns the scales and the group's record."""
     layer, search, device, ranks = ctx.layer, ctx.config.scale_search, ctx.device, ctx.ranks
-    source, targets = layer.get_submodule(group.source), [layer.get_submodule(t) for t in group.targets]
+    targets = [layer.get_submodule(t) for t in group.targets]
     weights = None if not kept or kept[0] is None else torch.cat(kept).to(device)
     x = _concatenated(data.x).to(device)
     magnitude = channel_magnitude(x, weights, ranks)
@@ -229,8 +233,7 @@ def _search_group(ctx: _GroupContext, group: ScalingGroup, data: _Captured, fp_d
     objective = _BlockObjective(block, targets, items, ctx.scheme, search.loss, device, ranks)
     weight = weight_magnitude(targets, ctx.scheme.group_size) if search.form != "activation" else None
     scales, choice, ratio = search_scales(magnitude, objective, search.grid, weight, search.form)
-    apply_scales(source, targets, scales, group.source_weight_offset)
-    return {"source": group.source, "block": group.block, **choice, "loss_ratio": ratio, "tokens": tokens}
+    return scales, {"source": group.source, "block": group.block, **choice, "loss_ratio": ratio, "tokens": tokens}
 
 
 @dataclass(frozen=True)
@@ -238,7 +241,8 @@ class Transform:
     """A rescaling step: how each applicable scaling group gets its scales (`step`), and what it needs."""
 
     name: str
-    step: Callable[..., dict]  # (ctx, group, captured, fp_captured or None, kept token weights) -> record
+    # (ctx, group, captured, fp_captured or None, kept token weights) -> (scales, record); the loop folds them
+    step: Callable[..., tuple[torch.Tensor, dict]]
     captures_blocks: bool = True  # it scores the blocks the groups feed, so their calls are captured
     norm_sources_only: bool = False  # it folds scales into norms only, never into a preceding Linear
     token_weighted: bool = True  # the step reads the token weights (their kept rows are passed)
@@ -258,34 +262,41 @@ register_transform(Transform("smoothquant", _smooth_group, captures_blocks=False
                              token_weighted=False))
 
 
-@torch.no_grad()
-def rescale_layer(layer: nn.Module, index: int, streams: LayerStreams, run: RunContext) -> list[dict]:
-    """Find (or compute) and fold the scales of every applicable group with the recipe's transform;
-    returns one record per group."""
-    config, device, ranks, inputs = run.config, run.device, run.ranks, streams.quantized
-    transform = TRANSFORMS.get(config.plan.transform)
-    groups = _applicable_groups(layer, run.adapter, transform)
-    if not groups:
-        return []
+def _group_data(layer: nn.Module, group: ScalingGroup, streams: LayerStreams, run: RunContext, index: int,
+                transform: Transform) -> tuple[_Captured, _Captured | None, list[torch.Tensor | None]]:
+    """One group's captured inputs on the quantized path (and the FP path for the asymmetric target) and its
+    kept token weights per sample."""
 
     def keep(sample: int, group: ScalingGroup) -> torch.Tensor | None:
         w = _token_weights(run.token_weights, index, group, sample)
         return None if w is None else (w > 0).nonzero().squeeze(1)
 
-    captured = _capture(layer, groups, inputs, device, keep, with_blocks=transform.captures_blocks)
-    fp_captured = None
-    if config.loop.target == "asymmetric" and streams.mode == "separate":
-        fp_captured = _capture(layer, groups, streams.fp, device, keep, with_blocks=transform.captures_blocks)
-    ctx = _GroupContext(layer, index, config, config.scheme, device, ranks)
-    records = []
-    for position, group in enumerate(groups):
-        kept: list[torch.Tensor | None] = [None] * len(inputs.hidden)
-        if transform.token_weighted:
-            per_sample = [_token_weights(run.token_weights, index, group, i) for i in range(len(inputs.hidden))]
-            kept = [None if w is None else w[w > 0] for w in per_sample]
-        fp_data = fp_captured[position] if fp_captured is not None else None
-        records.append(transform.step(ctx, group, captured[position], fp_data, kept))
-        captured[position] = None  # this group's inputs and block calls are no longer needed
-        if fp_captured is not None:
-            fp_captured[position] = None
+    data = _capture(layer, [group], streams.quantized, run.device, keep, transform.captures_blocks)[0]
+    fp_data = None
+    if run.config.loop.target == "asymmetric" and streams.mode == "separate":
+        fp_data = _capture(layer, [group], streams.fp, run.device, keep, transform.captures_blocks)[0]
+    kept: list[torch.Tensor | None] = [None] * len(streams.quantized.hidden)
+    if transform.token_weighted:
+        per_sample = [_token_weights(run.token_weights, index, group, i) for i in range(len(kept))]
+        kept = [None if w is None else w[w > 0] for w in per_sample]
+    return data, fp_data, kept
+
+
+@torch.no_grad()
+def rescale_layer(layer: nn.Module, index: int, streams: LayerStreams, run: RunContext) -> list[dict]:
+    """Find (or compute) the scales of every applicable group with the recipe's transform, one group at a
+    time, then fold them all; returns one record per group."""
+    transform = TRANSFORMS.get(run.config.plan.transform)
+    groups = _applicable_groups(layer, run.adapter, transform)
+    ctx = _GroupContext(layer, index, run.config, run.config.scheme, run.device, run.ranks)
+    records, folds = [], []
+    for group in groups:
+        data, fp_data, kept = _group_data(layer, group, streams, run, index, transform)
+        scales, record = transform.step(ctx, group, data, fp_data, kept)
+        del data, fp_data  # this group's inputs and block calls, before the next group's capture
+        records.append(record)
+        folds.append((group, scales))
+    for group, scales in folds:
+        apply_scales(layer.get_submodule(group.source), [layer.get_submodule(t) for t in group.targets], scales,
+                     group.source_weight_offset)
     return records
