@@ -343,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--condition", default="standard",
                    help="how the calibration pool is drawn: standard, background (mostly-background large images), "
                         "padded (letterboxed), multi_image (a distractor image first), long_prompt (unrelated "
-                        "questions first); tlq.data.synthetic.CONDITIONS says exactly")
+                        "questions first), video (4-frame clips: video records for the Qwen-VL families); "
+                        "tlq.data.synthetic.CONDITIONS says exactly")
     g.set_defaults(func=_cmd_synth)
 
     o = sub.add_parser("stress", help="write a function-preserving outlier variant of a checkpoint (benchmarks)")

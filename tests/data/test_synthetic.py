@@ -66,7 +66,7 @@ def test_image_tokens_outnumber_text_tokens_four_to_one(tmp_path, tiny_checkpoin
 
 
 
-@pytest.mark.parametrize("condition", ["background", "padded", "multi_image", "long_prompt"])
+@pytest.mark.parametrize("condition", ["background", "padded", "multi_image", "long_prompt", "video"])
 def test_calibration_conditions_are_loadable_and_shaped_as_documented(tmp_path, condition):
     from PIL import Image
 
@@ -89,6 +89,11 @@ def test_calibration_conditions_are_loadable_and_shaped_as_documented(tmp_path, 
         if condition == "multi_image":
             assert len(record.images) == 2 and len(set(record.images)) == 2
             assert sum(c["type"] == "image" for c in record.messages[0]["content"]) == 2
+        if condition == "video":  # one clip of 4 frames, the same picture moved half a cell each frame
+            frames = [np.asarray(Image.open(p)) for p in record.videos[0]]
+            assert not record.images and len(record.videos) == 1 and len(frames) == 4 and record.fps == 2
+            assert all(np.array_equal(np.roll(frames[0], k * CELL // 2, axis=1), f) for k, f in enumerate(frames))
+            assert [c["type"] for c in record.messages[0]["content"]] == ["video", "text"]
         if condition == "long_prompt":
             assert question.count("?") == 6
         else:

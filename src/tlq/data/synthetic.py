@@ -148,14 +148,15 @@ def make_example(rng: np.random.Generator, config: SceneConfig = SceneConfig()) 
     return canvas, chosen
 
 
-def to_record(image_name: str | list[str], qas: list[dict], record_id: str) -> dict[str, Any]:
+def to_record(image_name: str | list[str], qas: list[dict], record_id: str, video: bool = False) -> dict[str, Any]:
+    """A record of one image, several images, or (`video`) one video whose frames are `image_name`."""
     conversations = []
-    placeholders = "<image>\n" * (len(image_name) if isinstance(image_name, list) else 1)
+    placeholders = "<video>\n" if video else "<image>\n" * (len(image_name) if isinstance(image_name, list) else 1)
     for i, qa in enumerate(qas):
         conversations.append({"from": "human", "value": (placeholders if i == 0 else "") + qa["question"]})
         conversations.append({"from": "gpt", "value": qa["answer"]})
-    return {"id": record_id, "image": image_name, "conversations": conversations,
-            "types": [qa["type"] for qa in qas]}
+    media = {"video": image_name, "fps": VIDEO_FPS} if video else {"image": image_name}
+    return {"id": record_id, **media, "conversations": conversations, "types": [qa["type"] for qa in qas]}
 
 
 # Calibration conditions (`tlq synth --condition`): where token importance should matter, because most
@@ -166,7 +167,10 @@ CONDITIONS = {
     "padded": "the standard 8x8-cell image centred on a black 16x16-cell canvas (letterboxing): 3/4 padding",
     "multi_image": "two images per record, an unrelated one first; the question is about the second",
     "long_prompt": "five unrelated questions (about 30 words) before the one that is answered",
+    "video": "a 4-frame clip at 2 frames per second: the standard image drifting half a cell per frame (a video "
+             "record, for the Qwen-VL families)",
 }
+VIDEO_FRAMES, VIDEO_FPS = 4, 2
 _PADDING = 4  # cells of black on each side of a padded canvas
 
 
@@ -183,6 +187,8 @@ def _condition_example(rng: np.random.Generator, condition: str) -> tuple[list[n
     if condition == "multi_image":
         distractor, _ = make_example(rng)
         return [distractor, canvas], qas
+    if condition == "video":  # the canvas rolls sideways: the scene moves, the background wraps around
+        return [np.roll(canvas, k * CELL // 2, axis=1) for k in range(VIDEO_FRAMES)], qas
     if condition == "long_prompt":
         filler = [make_example(rng)[1][0]["question"] for _ in range(5)]
         return [canvas], [{**qas[0], "question": " ".join(filler + [qas[0]["question"]])}] + qas[1:]
@@ -214,7 +220,8 @@ def write_split(out_dir: str | Path, num_images: int, seed: int, config: SceneCo
                  for k in range(len(canvases))]
         for image_name, canvas in zip(names, canvases):
             Image.fromarray(canvas).save(out_dir / image_name)
-        records.append(to_record(names[0] if len(names) == 1 else names, qas, f"s{seed}_{i:05d}"))
+        records.append(to_record(names[0] if len(names) == 1 else names, qas, f"s{seed}_{i:05d}",
+                                 video=condition == "video"))
         if condition != "standard":
             records[-1]["condition"] = condition
     path = out_dir / f"{name}.json"
