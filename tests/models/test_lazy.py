@@ -14,13 +14,16 @@ from tlq.models.lazy import CheckpointTensors, load_lazy
 from tlq.recipe import Recipe
 
 
-@pytest.mark.parametrize(("family", "method", "scheme"), [("qwen2_vl", "gptq", "W4A16-g32"),
-                                                          ("llava_onevision", "tlq", "W4A8"),
-                                                          ("gemma3", "tlq", "W4A16-g32"),
-                                                          ("qwen3_vl_moe", "tlq", "W4A16-g32")])  # hub-stored experts
-def test_lazy_output_equals_eager_output(family, method, scheme, tiny_checkpoints, calib_split, tmp_path):
-    path, images = calib_split
-    recipe = Recipe(method=method, scheme=scheme, num_samples=4)
+@pytest.mark.parametrize(("family", "method", "scheme", "data"), [("qwen2_vl", "gptq", "W4A16-g32", "images"),
+                                                                  ("llava_onevision", "tlq", "W4A8", "images"),
+                                                                  ("gemma3", "tlq", "W4A16-g32", "images"),
+                                                                  # hub-stored experts
+                                                                  ("qwen3_vl_moe", "tlq", "W4A16-g32", "images"),
+                                                                  ("qwen3_vl", "tlq", "W4A16-g32", "videos")])
+def test_lazy_output_equals_eager_output(family, method, scheme, data, tiny_checkpoints, calib_split, video_split,
+                                         tmp_path):
+    path, images = calib_split if data == "images" else video_split
+    recipe = Recipe(method=method, scheme=scheme, num_samples=4 if data == "images" else 3)
     eager = quantize(tiny_checkpoints[family], tmp_path / "eager", path, images, recipe, progress=False).out_dir
     lazy = quantize(tiny_checkpoints[family], tmp_path / "lazy", path, images, recipe, progress=False, lazy=True).out_dir
     assert not (tmp_path / "lazy.tlq-work").exists()
