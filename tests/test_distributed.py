@@ -59,16 +59,19 @@ def test_shards_are_contiguous_and_balanced():
     assert sorted(loads) == [9.0, 10.0]
 
 
-@pytest.mark.parametrize(("method", "scheme"), [("gptq", "W4A16-g32"), ("tlq", "W4A8")])
-def test_quantized_weights_do_not_depend_on_world_size(method, scheme, tiny_checkpoints, calib_split, tmp_path):
-    """1, 2 and 3 ranks: same weights, grids and scales (TLQ W4A8 = importance + scale search + GPTQ)."""
+@pytest.mark.parametrize(("method", "scheme", "extra"), [("gptq", "W4A16-g32", []), ("tlq", "W4A8", []),
+                                                        ("awq", "W4A16-g32", ["--scale-max-tokens", "100"])])
+def test_quantized_weights_do_not_depend_on_world_size(method, scheme, extra, tiny_checkpoints, calib_split,
+                                                       tmp_path):
+    """1, 2 and 3 ranks: same weights, grids and scales (TLQ W4A8 = importance + scale search + GPTQ; AWQ
+    scoring a 100-token draw over every rank's tokens)."""
     path, images = calib_split
     outputs = {}
     for world in WORLD_SIZES:
         out = tmp_path / f"out{world}"
         run = _torchrun(world, ["quantize", str(tiny_checkpoints["qwen2_vl"]), "--out", str(out), "--calib",
                                 str(path), "--images", str(images), "--method", method, "--scheme", scheme,
-                                "--num-samples", "6", "--quiet"])
+                                "--num-samples", "6", "--quiet", *extra])
         assert run.returncode == 0, run.stderr[-2000:]
         outputs[world] = load_file(str(out / "model.safetensors"))
         assert not (tmp_path / f"out{world}.tlq-work").exists()

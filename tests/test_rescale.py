@@ -81,3 +81,31 @@ def test_chosen_scales_lower_the_deployed_block_error_by_the_reported_ratio(tiny
         # ...and the search measured exactly this (folded norm, quantized targets, whole layer).
         assert records[0]["loss_ratio"] == pytest.approx(scaled / unscaled, rel=1e-4), group.source
     assert len(chosen) >= 3 and any(alpha > 0 for alpha in chosen)
+
+
+def test_token_wise_groups_capture_the_drawn_rows_in_the_draws_order(tiny_checkpoints, calib_split):
+    """Capturing only the subsample gives what capturing every kept row and drawing from them gives: the same
+    rows in the same order, and the channel magnitude of all kept rows."""
+    from tlq.distributed import SINGLE
+    from tlq.quant.scaling import channel_magnitude
+    from tlq.rescale import _capture, _concatenated, _magnitude, _plan_subsample
+
+    recipe = Recipe(method="awq", scheme="W4A16-g32", num_samples=4)
+    model, adapter = load_model(tiny_checkpoints["qwen2_vl"])
+    samples = prepare_samples(model, adapter, load_processor(tiny_checkpoints["qwen2_vl"]), *calib_split, recipe)
+    inputs = capture_layer_inputs(model, adapter, samples, CPU)
+    layer, group = adapter.layers(model)[0], next(g for g in adapter.scaling_groups if g.source == "mlp.up_proj")
+    generator = torch.Generator().manual_seed(0)
+    weights = [torch.rand(len(s.token_kinds), generator=generator) * (torch.rand(len(s.token_kinds), generator=generator) > 0.3)
+               for s in samples]
+    rows = [(w > 0).nonzero().squeeze(1) for w in weights]
+    kept = [w[w > 0] for w in weights]
+    counts = [len(r) for r in rows]
+    everything = _plan_subsample(counts, 10**9, seed=0, index=0, ranks=SINGLE)
+    full = _concatenated(_capture(layer, group, inputs, CPU, rows, False, everything, kept).x)
+    plan = _plan_subsample(counts, 37, seed=0, index=0, ranks=SINGLE)
+    drawn = _capture(layer, group, inputs, CPU, rows, False, plan, kept)
+    drawn.sample = plan
+    assert len(full) == sum(counts) > 37 and plan.tokens == 37
+    assert torch.equal(drawn.x[0], full[plan.local])  # the drawn rows, in the draw's order
+    assert torch.equal(_magnitude(drawn, torch.cat(kept), SINGLE), channel_magnitude(full, torch.cat(kept)))

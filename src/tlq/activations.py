@@ -37,11 +37,13 @@ class SpilledActivations:
         self.folder = Path(folder) / f"list{SpilledActivations._count:06d}"
         self.folder.mkdir(parents=True, exist_ok=True)
         self.length = 0
+        self.shapes: list[torch.Size] = []  # without reading the files back
 
     def append(self, tensor: torch.Tensor) -> None:
         from safetensors.torch import save_file
 
         save_file({"t": tensor.detach().cpu().contiguous()}, str(self.folder / f"{self.length:06d}.safetensors"))
+        self.shapes.append(tensor.shape)
         self.length += 1
 
     def __len__(self) -> int:
@@ -73,6 +75,13 @@ def offload_activations(folder: str | Path | None):
         yield
     finally:
         _offload_dir = previous
+
+
+def token_rows(values: list | SpilledActivations, index: int) -> int:
+    """How many token rows sample `index`'s activation has (all dimensions but the last), without loading a
+    spilled one."""
+    shape = values.shapes[index] if isinstance(values, SpilledActivations) else values[index].shape
+    return int(torch.Size(shape[:-1]).numel())
 
 
 def activation_list(values=()) -> list | SpilledActivations:

@@ -7,8 +7,10 @@ per sample. The scale search then scores every candidate by the error of the blo
 targets scaled and fake-quantized as deployed (weights, and for W*A8 the per-token activations),
 weighted per token by the importance of the block's output Linear.
 
-One group at a time: capture, search, free, so host memory holds one group's data (the MLP's down
-projection input alone is tokens x intermediate width), not every group's at once. The scales are
+One group at a time: capture, search, free, so host memory holds one group's data, not every group's at
+once; and a token-wise group (the MLP, a lone Linear) keeps only the rows its search scores, a draw of at
+most `--scale-max-tokens` (its channel magnitudes summed over every kept row as they pass), not all of
+them: the MLP's down projection input is tokens x intermediate width. The scales are
 folded only after every group's search, so each search sees the unchanged layer its inputs were captured
 from (the folds keep the FP function; the result is what capturing every group first gave, bit for bit).
 
@@ -26,7 +28,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from tlq.activations import LayerInputs, LayerStreams, layer_output, run_with_hooks, to_device
+from tlq.activations import LayerInputs, LayerStreams, layer_output, run_with_hooks, to_device, token_rows
 from tlq.context import RunContext
 from tlq.distributed import Ranks
 from tlq.models import ModelAdapter, ScalingGroup
@@ -41,51 +43,99 @@ CHUNK = 4096  # tokens per forward of a token-wise block during the search
 
 @dataclass
 class _Captured:
-    """One scaling group's calibration data on this rank, per sample."""
+    """One scaling group's calibration data on this rank.
 
-    x: list[torch.Tensor] = field(default_factory=list)  # the targets' input, kept rows [kept, in]
-    rows: list[torch.Tensor | None] = field(default_factory=list)  # kept token positions (None: all)
+    A token-mixing block (attention) is scored on whole samples: its targets' input rows, the block's calls
+    and FP outputs per sample. A token-wise group is scored on at most `max_tokens` of the kept tokens of
+    every rank (`_Subsample`): only those rows are kept, in the subsample's order, with the token-weighted
+    channel magnitude of all kept rows summed on the way (float64, as `channel_magnitude` sums)."""
+
+    x: list[torch.Tensor] = field(default_factory=list)  # the targets' input rows, per sample (or the subsample)
+    rows: list[torch.Tensor | None] = field(default_factory=list)  # kept token positions per sample (None: all)
     calls: list[tuple] = field(default_factory=list)  # token-mixing blocks: the block's (args, kwargs)
     outputs: list[torch.Tensor] = field(default_factory=list)  # token-mixing blocks: FP output, kept rows
+    magnitude_sums: torch.Tensor | None = None  # token-wise: sum over kept rows of w |x| per channel (float64)
+    sample: "_Subsample | None" = None  # the rows scored (token-wise), and how many over all ranks
+
+    @property
+    def tokens(self) -> int:
+        return self.sample.tokens if self.sample is not None else 0
 
 
 def _token_weights(token_weights, index: int, group: ScalingGroup, sample: int) -> torch.Tensor | None:
     return None if token_weights is None else token_weights(index, group.output_linear, sample)
 
 
-def _capture(layer: nn.Module, groups: list[ScalingGroup], inputs: LayerInputs, device: torch.device,
-             keep, with_blocks: bool) -> list[_Captured]:
-    """One run of the layer: each group's targets' input rows and, for token-mixing blocks, the block's calls."""
-    store = [_Captured() for _ in groups]
-    current = [0]
-    hooks = []
+@dataclass
+class _Subsample:
+    """Which of this rank's kept rows a token-wise group keeps: a random draw of at most `max_tokens` over
+    every rank's kept tokens (rank order = sample order, so the same set whatever the number of ranks).
+    `select[i]` indexes sample i's kept rows (in row order) and `slots[i]` says where each goes in the draw's
+    order. None of them when everything is kept."""
 
-    def rows_of(position: int) -> torch.Tensor | None:
-        rows = store[position].rows
-        if len(rows) <= current[0]:
-            rows.append(keep(current[0], groups[position]))
-        return rows[current[0]]
+    tokens: int  # over all ranks, after the draw
+    kept: int = 0  # this rank's kept rows, before the draw
+    local: torch.Tensor | None = None  # positions in this rank's concatenated kept rows, in the draw's order
+    select: list[torch.Tensor] | None = None
+    slots: list[torch.Tensor] | None = None
 
-    def pick(tensor: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-        flat = tensor.reshape(-1, tensor.shape[-1])
-        return (flat if rows is None else flat[rows.to(flat.device)]).cpu()
 
-    for position, group in enumerate(groups):
-        def target_input(module, args, position=position):
-            store[position].x.append(pick(args[0], rows_of(position)))
+def _plan_subsample(counts: list[int], max_tokens: int, seed: int, index: int, ranks: Ranks) -> _Subsample:
+    per_rank = ranks.gather_objects(sum(counts))
+    offset, total = sum(per_rank[:ranks.rank]), sum(per_rank)
+    if total <= max_tokens:
+        return _Subsample(total, sum(counts))
+    generator = torch.Generator().manual_seed(seed * 100_003 + index)
+    pick = torch.randperm(total, generator=generator)[:max_tokens]
+    local = pick[(pick >= offset) & (pick < offset + sum(counts))] - offset
+    ordered, slot = local.sort()  # the k-th kept row in row order is the slot[k]-th of the draw
+    bounds = torch.tensor([0] + counts).cumsum(0).tolist()
+    spans = [((ordered >= a) & (ordered < b)).nonzero().squeeze(1) for a, b in zip(bounds[:-1], bounds[1:])]
+    return _Subsample(max_tokens, sum(counts), local, [ordered[k] - a for k, a in zip(spans, bounds)],
+                      [slot[k] for k in spans])
 
-        hooks.append(layer.get_submodule(group.targets[0]).register_forward_pre_hook(target_input))
-        if with_blocks and group.mixes_tokens:
-            def block_call(module, args, kwargs, position=position):
-                store[position].calls.append(to_device((args, kwargs), torch.device("cpu")))
 
-            def block_output(module, args, output, position=position):
-                store[position].outputs.append(pick(layer_output(output), rows_of(position)))
+def _capture(layer: nn.Module, group: ScalingGroup, inputs: LayerInputs, device: torch.device, rows: list,
+             blocks: bool, sample: _Subsample | None, weights: list[torch.Tensor | None]) -> _Captured:
+    """Runs of the layer that capture the group's targets' input rows (`rows[i]`: the kept positions of
+    sample i, None = all); with `blocks` the token-mixing block's calls and outputs; with `sample` (a
+    token-wise group) only the subsample's rows, and the weighted channel magnitude of all kept rows."""
+    store, current = _Captured(rows=list(rows), sample=sample), [0]
+    target = layer.get_submodule(group.targets[0])
 
-            block = layer.get_submodule(group.block)
-            hooks.append(block.register_forward_pre_hook(block_call, with_kwargs=True))
-            hooks.append(block.register_forward_hook(block_output))
-    run_with_hooks(layer, inputs, device, hooks, lambda i: current.__setitem__(0, i))
+    def kept(tensor: torch.Tensor) -> torch.Tensor:
+        flat, row = tensor.reshape(-1, tensor.shape[-1]), rows[current[0]]
+        return flat if row is None else flat[row.to(flat.device)]
+
+    def target_input(module, args):
+        x = kept(args[0])
+        if sample is None:
+            store.x.append(x.cpu())
+            return
+        w = weights[current[0]]
+        absolute = x.float().abs().double()
+        sums = absolute.sum(0) if w is None else (absolute * w.to(x.device).double()[:, None]).sum(0)
+        store.magnitude_sums = sums if store.magnitude_sums is None else store.magnitude_sums + sums
+        if sample.select is None:
+            store.x.append(x.cpu())
+            return
+        if not store.x:  # the draw, filled in place in its order: never a second copy of it
+            store.x.append(torch.empty(len(sample.local), x.shape[-1], dtype=x.dtype))
+        store.x[0][sample.slots[current[0]]] = x[sample.select[current[0]].to(x.device)].cpu()
+
+    hooks = [target.register_forward_pre_hook(target_input)]
+    if blocks:
+        def block_call(module, args, kwargs):
+            store.calls.append(to_device((args, kwargs), torch.device("cpu")))
+
+        def block_output(module, args, output):
+            store.outputs.append(kept(layer_output(output)).cpu())
+
+        block = layer.get_submodule(group.block)
+        hooks += [block.register_forward_pre_hook(block_call, with_kwargs=True), block.register_forward_hook(block_output)]
+    # A token-wise group needs nothing past its targets' input: each sample's forward stops there.
+    run_with_hooks(layer, inputs, device, hooks, lambda i: current.__setitem__(0, i),
+                   stop_after=[] if blocks else [target])
     return store
 
 
@@ -162,18 +212,13 @@ def _concatenated(parts: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def _subsample(x, target_x, weights, max_tokens: int, seed: int, index: int, ranks: Ranks):
-    """At most `max_tokens` tokens, drawn over all ranks' tokens (rank order = sample order), so that it
-    is the same token set whatever the number of ranks."""
-    counts = ranks.gather_objects(len(x))
-    offset, total = sum(counts[:ranks.rank]), sum(counts)
-    if total <= max_tokens:
-        return x, target_x, weights, total
-    generator = torch.Generator().manual_seed(seed * 100_003 + index)
-    pick = torch.randperm(total, generator=generator)[:max_tokens]
-    pick = (pick[(pick >= offset) & (pick < offset + len(x))] - offset).to(x.device)
-    return (x[pick], None if target_x is None else target_x[pick], None if weights is None else weights[pick],
-            max_tokens)
+def _magnitude(data: _Captured, weights: torch.Tensor | None, ranks: Ranks) -> torch.Tensor:
+    """channel_magnitude of every kept row of every rank, from the sums _capture took."""
+    count = torch.tensor([float(data.sample.kept)], dtype=torch.float64) if weights is None else \
+        weights.double().sum()[None].cpu()
+    sums = data.magnitude_sums.cpu() if data.magnitude_sums is not None else torch.zeros(0, dtype=torch.float64)
+    totals = ranks.sum(torch.cat([sums, count]))
+    return (totals[:-1] / totals[-1].clamp_min(1e-30)).float().clamp_min(1e-8)
 
 
 @dataclass
@@ -204,11 +249,9 @@ def _smooth_group(ctx: _GroupContext, group: ScalingGroup, data: _Captured, fp_d
                   kept: list[torch.Tensor | None]) -> tuple[torch.Tensor, dict]:
     """SmoothQuant: s = max|x|^a / max|W|^(1-a); no search."""
     targets = [ctx.layer.get_submodule(t) for t in group.targets]
-    smooth = ctx.config.smoothquant
-    x, _, _, tokens = _subsample(_concatenated(data.x).to(ctx.device), None, None, smooth.max_tokens, smooth.seed,
-                                 ctx.index, ctx.ranks)
-    scales = smoothquant_scales(x, targets, smooth.alpha, ctx.ranks)
-    return scales, {"source": group.source, "alpha": smooth.alpha, "loss_ratio": None, "tokens": tokens}
+    alpha = ctx.config.smoothquant.alpha
+    scales = smoothquant_scales(_concatenated(data.x).to(ctx.device), targets, alpha, ctx.ranks)
+    return scales, {"source": group.source, "alpha": alpha, "loss_ratio": None, "tokens": data.tokens}
 
 
 def _search_group(ctx: _GroupContext, group: ScalingGroup, data: _Captured, fp_data: _Captured | None,
@@ -217,23 +260,25 @@ def _search_group(ctx: _GroupContext, group: ScalingGroup, data: _Captured, fp_d
     layer, search, device, ranks = ctx.layer, ctx.config.scale_search, ctx.device, ctx.ranks
     targets = [layer.get_submodule(t) for t in group.targets]
     weights = None if not kept or kept[0] is None else torch.cat(kept).to(device)
-    x = _concatenated(data.x).to(device)
-    magnitude = channel_magnitude(x, weights, ranks)
     block = layer.get_submodule(group.block)
     if group.mixes_tokens:
+        x = _concatenated(data.x).to(device)
+        magnitude = channel_magnitude(x, weights, ranks)
         references = fp_data.outputs if fp_data is not None else data.outputs
         items = [(args, kwargs, rows, ref, w) for (args, kwargs), rows, ref, w
                  in zip(data.calls, data.rows, references, kept)]
-        tokens = sum(ranks.gather_objects(len(x)))
-    else:
+    else:  # captured as the subsample, with the magnitude of every kept row (_capture)
+        magnitude = _magnitude(data, weights, ranks)
+        x = _concatenated(data.x).to(device)
         target_x = _concatenated(fp_data.x).to(device) if fp_data is not None else None
-        x, target_x, weights, tokens = _subsample(x, target_x, weights, search.max_tokens, search.seed, ctx.index,
-                                                  ranks)
+        if weights is not None and data.sample.local is not None:
+            weights = weights[data.sample.local.to(device)]
         items = _token_wise_items(block, x, target_x, weights)
     objective = _BlockObjective(block, targets, items, ctx.scheme, search.loss, device, ranks)
     weight = weight_magnitude(targets, ctx.scheme.group_size) if search.form != "activation" else None
     scales, choice, ratio = search_scales(magnitude, objective, search.grid, weight, search.form)
-    return scales, {"source": group.source, "block": group.block, **choice, "loss_ratio": ratio, "tokens": tokens}
+    return scales, {"source": group.source, "block": group.block, **choice, "loss_ratio": ratio,
+                    "tokens": data.tokens}
 
 
 @dataclass(frozen=True)
@@ -246,6 +291,7 @@ class Transform:
     captures_blocks: bool = True  # it scores the blocks the groups feed, so their calls are captured
     norm_sources_only: bool = False  # it folds scales into norms only, never into a preceding Linear
     token_weighted: bool = True  # the step reads the token weights (their kept rows are passed)
+    subsample_config: str = "scale_search"  # the RunConfig part whose max_tokens / seed draw the scored tokens
 
 
 TRANSFORMS: Registry[Transform] = Registry("transform")
@@ -259,27 +305,27 @@ def register_transform(transform: Transform) -> Transform:
 register_transform(Transform("scale_search", _search_group))
 # SmoothQuant migrates activation outliers into the norms; no search, no token weights.
 register_transform(Transform("smoothquant", _smooth_group, captures_blocks=False, norm_sources_only=True,
-                             token_weighted=False))
+                             token_weighted=False, subsample_config="smoothquant"))
 
 
 def _group_data(layer: nn.Module, group: ScalingGroup, streams: LayerStreams, run: RunContext, index: int,
                 transform: Transform) -> tuple[_Captured, _Captured | None, list[torch.Tensor | None]]:
-    """One group's captured inputs on the quantized path (and the FP path for the asymmetric target) and its
-    kept token weights per sample."""
-
-    def keep(sample: int, group: ScalingGroup) -> torch.Tensor | None:
-        w = _token_weights(run.token_weights, index, group, sample)
-        return None if w is None else (w > 0).nonzero().squeeze(1)
-
-    data = _capture(layer, [group], streams.quantized, run.device, keep, transform.captures_blocks)[0]
+    """One group's captured inputs on the quantized path (and the FP path for the asymmetric target, on the
+    same rows) and its kept token weights per sample."""
+    hidden = streams.quantized.hidden
+    weights = [_token_weights(run.token_weights, index, group, i) for i in range(len(hidden))]
+    rows = [None if w is None else (w > 0).nonzero().squeeze(1) for w in weights]
+    kept = [None if w is None else w[w > 0] for w in weights]
+    counts = [token_rows(hidden, i) if r is None else len(r) for i, r in enumerate(rows)]
+    blocks = transform.captures_blocks and group.mixes_tokens  # scored on whole samples, every kept row
+    part = getattr(run.config, transform.subsample_config)
+    sample = _plan_subsample(counts, 1 << 62 if blocks else part.max_tokens, part.seed, index, run.ranks)
+    data = _capture(layer, group, streams.quantized, run.device, rows, blocks, None if blocks else sample, kept)
+    data.sample = sample
     fp_data = None
     if run.config.loop.target == "asymmetric" and streams.mode == "separate":
-        fp_data = _capture(layer, [group], streams.fp, run.device, keep, transform.captures_blocks)[0]
-    kept: list[torch.Tensor | None] = [None] * len(streams.quantized.hidden)
-    if transform.token_weighted:
-        per_sample = [_token_weights(run.token_weights, index, group, i) for i in range(len(kept))]
-        kept = [None if w is None else w[w > 0] for w in per_sample]
-    return data, fp_data, kept
+        fp_data = _capture(layer, group, streams.fp, run.device, rows, blocks, None if blocks else sample, kept)
+    return data, fp_data, kept if transform.token_weighted else [None] * len(hidden)
 
 
 @torch.no_grad()
