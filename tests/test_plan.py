@@ -86,3 +86,21 @@ def test_moe_plan_names_every_expert(tiny_checkpoints):
     assert "mlp.experts.7.down_proj" in names and "mlp.gate" not in names
     assert "mlp.experts.7.down_proj" in shape.row_parallel and "self_attn.o_proj" in shape.row_parallel
     assert plan_memory(shape, 1, parse_size("24GiB"), 16, 128)["fits"]
+
+
+def test_the_scale_search_capture_is_planned_for_the_methods_that_search(shapes):
+    """One group at a time: the larger of the attention group's three token streams and the MLP down
+    projection's input on the token draw; nothing for GPTQ."""
+    from tlq.cli import _scale_search_tokens
+
+    assert _scale_search_tokens("gptq") is None and _scale_search_tokens("smoothquant") is None
+    assert _scale_search_tokens("tlq") == _scale_search_tokens("awq") == 16384
+    shape = shapes["qwen2-vl-2b-instruct"]
+    gptq = plan_memory(shape, 1, parse_size("24GiB"), 128, 280, dtype_bytes=4, gradient_pass=False)
+    awq = plan_memory(shape, 1, parse_size("24GiB"), 128, 280, dtype_bytes=4, gradient_pass=False,
+                      scale_search_tokens=16384)
+    drawn = 16384 * shape.intermediate * 4  # 128 x 280 tokens > 16384: the draw's rows
+    attention = 3 * 128 * 280 * shape.hidden * 4
+    assert awq["host_gib"]["scale_search_capture"] == pytest.approx(max(drawn, attention) / 2**30, abs=0.01)
+    assert awq["host_gib"]["peak"] - gptq["host_gib"]["peak"] == pytest.approx(max(drawn, attention) / 2**30,
+                                                                              abs=0.02)

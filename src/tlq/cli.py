@@ -224,11 +224,20 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     plan = plan_memory(model_shape(args.model_dir), args.devices, parse_size(args.device_memory), args.samples,
                        args.tokens_per_sample, dtype_bytes=2 if args.dtype in ("bfloat16", "float16") else 4,
                        asymmetric=args.target == "asymmetric", lazy=args.lazy,
-                       gradient_pass=_runs_gradient_pass(args.method))
+                       gradient_pass=_runs_gradient_pass(args.method),
+                       scale_search_tokens=_scale_search_tokens(args.method))
     plan["serving"] = {"runs": line, "warnings": warnings}
     print(json.dumps(plan, indent=2) if args.json else "\n".join([format_plan(plan), line] + [
         f"warning: {w}" for w in warnings]))
     return 0
+
+
+def _scale_search_tokens(method: str) -> int | None:
+    """The scale search's token draw (the Recipe default) when the method rescales with a search, else None."""
+    from tlq.recipe import BASELINE_PLANS, Recipe
+
+    plan = BASELINE_PLANS[method] if method in BASELINE_PLANS else Recipe(method=method).plan()
+    return Recipe().scale_max_tokens if plan.transform == "scale_search" else None
 
 
 def _runs_gradient_pass(method: str) -> bool:

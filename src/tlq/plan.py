@@ -21,6 +21,10 @@ host
                             FP stream (asymmetric target); --offload-dir moves it to disk
     gradient pass           (L + 1) x s x T x d x b (each layer's stored inputs; freed before calibration),
                             only for the methods that run it (TLQ, MBQ)
+    scale-search capture    one scaling group's data at a time (tlq.rescale), during calibration: the
+                            attention group's input, the attention's input and its output (3 x s x T x d x b),
+                            or the MLP down projection's input on a draw of at most --scale-max-tokens rows
+                            (min(s x T, max) x intermediate x b), the larger; only for methods with a scale search
 The samples' pixel values are released once layer 0's inputs are captured, so they are not counted.
 """
 
@@ -138,9 +142,10 @@ LOADING_OVERHEAD = 128 * 2**20
 
 def plan_memory(shape: ModelShape, devices: int, device_memory: int, samples: int, tokens: int,
                 dtype_bytes: int = 2, asymmetric: bool = False, lazy: bool = False,
-                gradient_pass: bool = True) -> dict[str, Any]:
+                gradient_pass: bool = True, scale_search_tokens: int | None = None) -> dict[str, Any]:
     """Per-rank peak memory estimate (bytes) of a `tlq quantize` run and whether it fits. `gradient_pass`:
-    whether the method runs the importance pass (TLQ, MBQ)."""
+    whether the method runs the importance pass (TLQ, MBQ); `scale_search_tokens`: the scale search's
+    --scale-max-tokens when the method has one (AWQ, MBQ, TLQ), else None."""
     if devices < 1 or samples < 1 or tokens < 1:
         raise TlqError("--devices, --samples and --tokens-per-sample must be >= 1")
     b, d, f, T = dtype_bytes, shape.hidden, shape.intermediate, tokens
@@ -164,7 +169,9 @@ def plan_memory(shape: ModelShape, devices: int, device_memory: int, samples: in
         weights = (shape.total_params - shape.num_layers * shape.layer_params + 2 * shape.layer_params) * b
     else:
         weights = shape.total_params * b
-    host_peak = weights + LOADING_OVERHEAD + max(cache, gradient_store)
+    rescale = 0 if scale_search_tokens is None else \
+        max(3 * hidden_cache, min(per_rank * T, scale_search_tokens) * f * b)
+    host_peak = weights + LOADING_OVERHEAD + max(cache + rescale, gradient_store)
     return {
         "model": shape.name, "model_type": shape.model_type, "params_b": round(shape.total_params / 1e9, 3),
         "devices": devices, "device_memory_gib": _gib(device_memory), "samples": samples, "lazy": lazy,
@@ -176,7 +183,8 @@ def plan_memory(shape: ModelShape, devices: int, device_memory: int, samples: in
                        "capture": _gib(capture), "peak": _gib(device_peak)},
         "host_gib": {"model_weights": _gib(weights), "loading_overhead": _gib(LOADING_OVERHEAD),
                      "layer_input_cache": _gib(cache),
-                     "gradient_pass_inputs": _gib(gradient_store), "peak": _gib(host_peak)},
+                     "gradient_pass_inputs": _gib(gradient_store), "scale_search_capture": _gib(rescale),
+                     "peak": _gib(host_peak)},
         "fits": device_peak <= device_memory,
     }
 
@@ -203,6 +211,7 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"| host: checkpoint loading overhead | {host['loading_overhead']} |",
         f"| host: layer-input cache | {host['layer_input_cache']} |",
         f"| host: gradient-pass stored inputs | {host['gradient_pass_inputs']} |",
+        f"| host: scale-search capture, largest group | {host['scale_search_capture']} |",
         f"| **host peak** | **{host['peak']}** |",
         f"verdict: {verdict}",
     ])
