@@ -59,6 +59,7 @@ def prepare_samples(model, adapter, processor, calib: str | Path, images: str | 
                     records=None) -> list[Sample]:
     """Render the chosen calibration records and tag every token as image / prompt / answer."""
     records = records if records is not None else load_records(calib, images, recipe.num_samples, recipe.seed)
+    check_videos_supported(adapter, records)
     samples = build_samples(records, processor, recipe.max_length)
     for sample in samples:
         sample.token_kinds = adapter.token_kinds(model, sample.inputs["input_ids"][0], sample.labels[0])
