@@ -19,6 +19,8 @@ from tlq.models.video import FramesVideoProcessor
 from tlq.recipe import Recipe
 from tlq.weighting import modality_weights
 
+from layer_inputs import own_layer_inputs
+
 VIDEO_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 
 
@@ -108,15 +110,7 @@ def test_layer_loop_replays_video_samples_as_the_model_runs_them(family, tiny_ch
 
     model, adapter, samples = _samples(tiny_checkpoints, video_split, family)
     layers = adapter.layers(model)
-    own: dict[int, list[torch.Tensor]] = {}
-    handles = [layer.register_forward_pre_hook(
-        lambda module, args, kwargs, i=i: own.setdefault(i, []).append(args[0] if args else kwargs["hidden_states"]),
-        with_kwargs=True) for i, layer in enumerate(layers)]
-    with torch.no_grad():
-        for sample in samples:
-            model(**sample.inputs, use_cache=False)
-    for handle in handles:
-        handle.remove()
+    own = own_layer_inputs(model, layers, samples)
     inputs = capture_layer_inputs(model, adapter, samples, torch.device("cpu"))
     for index, layer in enumerate(layers):
         assert all(torch.equal(replayed, expected) for replayed, expected in zip(inputs.hidden, own[index])), index

@@ -11,18 +11,7 @@ from tlq.models import load_model
 from tlq.models.processing import load_processor
 from tlq.recipe import Recipe
 
-
-def _own_layer_inputs(model, layers, samples) -> dict[int, list[torch.Tensor]]:
-    seen: dict[int, list[torch.Tensor]] = {}
-    handles = [layer.register_forward_pre_hook(
-        lambda module, args, kwargs, i=i: seen.setdefault(i, []).append(args[0] if args else kwargs["hidden_states"]),
-        with_kwargs=True) for i, layer in enumerate(layers)]
-    with torch.no_grad():
-        for sample in samples:
-            model(**sample.inputs, use_cache=False)
-    for handle in handles:
-        handle.remove()
-    return seen
+from layer_inputs import own_layer_inputs
 
 
 def test_deepstack_replay_gives_the_models_own_layer_inputs(tiny_checkpoints, calib_split):
@@ -30,7 +19,7 @@ def test_deepstack_replay_gives_the_models_own_layer_inputs(tiny_checkpoints, ca
     samples = prepare_samples(model, adapter, load_processor(tiny_checkpoints["qwen3_vl"]), *calib_split,
                               Recipe(num_samples=3))
     layers = adapter.layers(model)
-    own = _own_layer_inputs(model, layers, samples)
+    own = own_layer_inputs(model, layers, samples)
     inputs = capture_layer_inputs(model, adapter, samples, torch.device("cpu"))
     assert all(sorted(per_sample) == list(range(len(layers))) for per_sample in inputs.injections)
     for index, layer in enumerate(layers):

@@ -146,19 +146,11 @@ def _image_paths(row: dict[str, Any], base: Path, where: str, confine: bool) -> 
     if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
         raise TlqError(f"{where}: 'image' must be a path or a list of paths, got {json.dumps(row.get('image'))[:60]}")
     root = resolved(base)
-    images = []
-    for name in names:
-        image = base / name
-        if confine and not _inside(resolved(image), root):
-            raise TlqError(f"{where}: image {name!r} resolves outside the image folder {base}: move it there, "
-                           f"or pass --allow-outside-images if you trust this file")
-        if not image.is_file():
-            raise TlqError(f"{where}: image {image} is missing: fix the path or the --images folder")
-        images.append(image)
-    return images
+    return [_checked_file(name, base, root, where, confine, "image") for name in names]
 
 
 def _checked_file(name: str, base: Path, root: Path, where: str, confine: bool, what: str) -> Path:
+    """`base / name`, refused unless it is a file inside the image folder (`confine`: symlinks followed)."""
     path = base / name
     if confine and not _inside(resolved(path), root):
         raise TlqError(f"{where}: {what} {name!r} resolves outside the image folder {base}: move it there, "
