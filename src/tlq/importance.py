@@ -26,6 +26,7 @@ from tlq.activations import (activation_list, capture_layer_inputs, layer_output
                              run_layer, to_device)
 from tlq.data import Sample
 from tlq.distributed import SINGLE, Ranks
+from tlq.measure import return_freed_memory
 from tlq.recipe import IMPORTANCE_SCORES
 from tlq.errors import TlqError
 from tlq.models import TOKEN_KIND_NAMES, ModelAdapter
@@ -192,6 +193,10 @@ def _full_backward(model: nn.Module, adapter: ModelAdapter, samples: list[Sample
                 _check_loss(loss)
                 loss.backward()
                 losses.append(loss.item())
+                del loss
+                # Each sample's autograd graph is freed into glibc's heap, which keeps most of it: resident
+                # memory grew ~40 MiB per sample at 2B widths (6.5 GiB after 128 samples) until trimmed.
+                return_freed_memory()
     finally:
         for handle in handles:
             handle.remove()
@@ -245,6 +250,7 @@ def _streamed_backward(model: nn.Module, adapter: ModelAdapter, samples: list[Sa
                     handle.remove()
                 layers.release(index)
             grads, stored[index + 1] = upstream, None
+            return_freed_memory()  # the layer's recomputed graphs (see _full_backward)
     return losses
 
 
