@@ -194,8 +194,8 @@ def _full_backward(model: nn.Module, adapter: ModelAdapter, samples: list[Sample
                 loss.backward()
                 losses.append(loss.item())
                 del loss
-                # Each sample's autograd graph is freed into glibc's heap, which keeps most of it: resident
-                # memory grew ~40 MiB per sample at 2B widths (6.5 GiB after 128 samples) until trimmed.
+                # Each sample's autograd graph is freed into glibc's heap, which keeps most of it: untrimmed,
+                # resident memory grows with every sample (benchmarks/results/cost/README.md).
                 return_freed_memory()
     finally:
         for handle in handles:
