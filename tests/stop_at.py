@@ -25,6 +25,9 @@ if __name__ == "__main__":
     names, separator, *argv = sys.argv[1:]
     assert separator == "--", "usage: stop_at.py POINT[,POINT] -- TLQ ARGUMENTS"
     faults.listen(_stop_at(set(names.split(","))))
+    # A suite started in the background of a non-interactive shell (`cmd &`) hands its children SIGINT
+    # ignored; the crash tests send SIGINT as a Ctrl-C would, so the run gets Python's own handler back.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.exit(main(argv))
 
 
