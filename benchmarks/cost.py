@@ -102,6 +102,7 @@ def main() -> int:
                 saved = json.loads(recipe.read_text())
                 row["phase_seconds"] = saved.get("phase_seconds")
                 row["calibration_seconds"] = saved.get("calibration_seconds")
+                row["phase_peak_rss_mib"] = saved.get("phase_peak_rss_mib")
             elif peer.exists():
                 row["calibration_seconds"] = json.loads(peer.read_text()).get("calibration_seconds")
             rows.append(row)
@@ -145,8 +146,20 @@ def write(args, shape: dict, rows: list[dict]) -> None:
         if timed:
             cells = [f"{statistics.median(t.get(p, 0.0) for t in timed):.1f}" for p in phases]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += _memory_lines(rows, methods)
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _memory_lines(rows: list[dict], methods: list[str]) -> list[str]:
+    """The phases that raised each tlq run's peak RSS, in order, with the peak each left (tlq.phases)."""
+    marked = [(m, r["phase_peak_rss_mib"]) for m in methods for r in rows
+              if r["method"] == m and r.get("phase_peak_rss_mib")]
+    if not marked:
+        return []
+    lines = ["", "Where tlq's memory peak is reached (tlq_recipe.json phase_peak_rss_mib: each phase that raised "
+             "the process's peak RSS, with the peak it left, MiB; the last is the run's peak):", ""]
+    return lines + [f"- {m}: " + ", ".join(f"{p} {v:.0f}" for p, v in peaks.items()) for m, peaks in marked]
 
 
 if __name__ == "__main__":

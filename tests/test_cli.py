@@ -70,6 +70,8 @@ def test_quantize_command_writes_a_checkpoint(good, capsys):
     assert {"load", "samples", "capture", "importance", "reference", "observe", "solve", "propagate", "save",
             "export"} <= set(phases) and all(v >= 0 for v in phases.values())
     assert len(recipe["layer_seconds"]) == len(recipe["layer_relative_error"]) == 2
+    # the phases that raised the peak RSS (tlq.phases; empty when the test process's own mark was higher)
+    assert all(name in phases and mib > 0 for name, mib in recipe["phase_peak_rss_mib"].items())
     # A second run into the same folder is refused rather than overwriting it.
     code, lines = _run(_argv(good), capsys)
     assert code == 2 and "already exists" in lines[0]

@@ -231,9 +231,13 @@ def calibrate(job: QuantizeJob, prepared: Prepared, ranks: Ranks, clock: PhaseCl
                                   release_sample_inputs=True)
     calibration.seconds += clock.seconds["importance"]
     clock.merge(calibration.phases)
+    clock.peaks.update(calibration.rss_peaks)  # rises above the mark the loop started at
     record = _run_record(job, model, adapter, samples, calibration, weighting_record, ranks)
     # Seconds per phase (tlq.phases); `export` is filled in by the exporter just before it writes this.
     record["phase_seconds"] = {**clock.rounded(), "export": None}
+    # The phases that raised the process's peak resident memory and the peak each left (MiB; the largest is
+    # the run's peak; `export` is added by the exporter if writing raises it).
+    record["phase_peak_rss_mib"] = clock.peaks_mib()
     return calibration, record
 
 

@@ -103,6 +103,7 @@ class CalibrationResult:
     layers: list[LayerReport] = field(default_factory=list)
     seconds: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)  # seconds per phase, this run's layers only
+    rss_peaks: dict[str, int] = field(default_factory=dict)  # phases that raised the peak RSS (tlq.phases)
 
 
 # The layer error report compares the quantized and FP layer outputs on each rank's first samples only:
@@ -250,7 +251,7 @@ def calibrate_layer(layer: nn.Module, index: int, streams: LayerStreams, ctx: Ru
     layer's inputs, the FP layer's outputs on the FP stream or None, a LayerReport).
     """
     start = time.perf_counter()
-    clock = PhaseClock(clock.show if clock is not None else None)
+    clock = clock.child() if clock is not None else PhaseClock()
     config, ranks, inputs = ctx.config, ctx.ranks, streams.quantized
     chunk = samples_per_chunk(int(ranks.sum(torch.tensor(len(inputs.hidden))).item()))
     run = _LayerRun(layer, index, streams, ctx, chunk)
@@ -382,5 +383,5 @@ def quantize_layers(model: nn.Module, adapter: ModelAdapter, samples: list[Sampl
         bar.set_postfix_str(f"rel_err={report.relative_error:.4f}")
         _layer_done(report)
     result.seconds = time.perf_counter() - start
-    result.phases = clock.rounded()
+    result.phases, result.rss_peaks = clock.rounded(), clock.peaks
     return result

@@ -307,7 +307,18 @@ def export_checkpoint(model: nn.Module, adapter: ModelAdapter, scheme: Scheme, l
         ModelCompressor(quantization_config=config).update_config(str(staging))
         if recipe_record is not None and "phase_seconds" in recipe_record:  # written after this block
             recipe_record["phase_seconds"]["export"] = round(time.perf_counter() - start, 3)
+            _note_export_peak(recipe_record)
     return Path(out_dir)
+
+
+def _note_export_peak(recipe_record: dict[str, Any]) -> None:
+    """Add `export` to the record's phase peaks (tlq.phases) if writing raised the process's peak RSS."""
+    from tlq.measure import peak_rss_bytes
+
+    peaks = recipe_record.get("phase_peak_rss_mib")
+    mark = round(peak_rss_bytes() / 2**20, 1)
+    if peaks is not None and mark > max(peaks.values(), default=0.0):
+        peaks["export"] = mark
 
 
 def export_streamed(skeleton: nn.Module, adapter: ModelAdapter, scheme: Scheme, layers, layer_state,

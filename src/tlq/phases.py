@@ -9,6 +9,11 @@ capture (layer-0 inputs), importance (the gradient pass), and per layer referenc
 outputs), rescale (scale search / SmoothQuant), observe (feeding the Linears' inputs to the solvers),
 solve, propagate (the quantized layer's outputs, the next layer's inputs), save (the work folder), then
 export (compressing and writing the output). `show` lets a progress bar say which phase is running.
+
+Memory: at the end of each phase the clock reads the process's resident high-water mark (VmHWM, which
+only grows); a phase that raised it is recorded with the mark it left (`peak_rss_mib`), so the phase
+holding the run's peak is known exactly, without a sampling thread and without resetting the mark (a
+reset would also hide the peak from whoever measures the process from outside).
 """
 
 from __future__ import annotations
@@ -18,10 +23,26 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 
+def _high_water_bytes() -> int:
+    from tlq.measure import peak_rss_bytes
+
+    return peak_rss_bytes()
+
+
 class PhaseClock:
-    def __init__(self, show: Callable[[str], None] | None = None) -> None:
+    def __init__(self, show: Callable[[str], None] | None = None, peaks: dict[str, int] | None = None) -> None:
         self.seconds: dict[str, float] = {}
         self.show = show
+        # phase -> the high-water mark (bytes) it raised the process to; shared with child clocks. A new
+        # clock records only rises above the mark at its creation (an earlier phase owns what came before).
+        self.peaks: dict[str, int] = peaks if peaks is not None else {}
+        self.floor = _high_water_bytes() if peaks is None else 0
+
+    def child(self) -> "PhaseClock":
+        """A clock of its own seconds (one layer's phases) that shares this one's display and peaks."""
+        child = PhaseClock(self.show, self.peaks)
+        child.floor = self.floor
+        return child
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
@@ -32,6 +53,13 @@ class PhaseClock:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            self.note_peak(name)
+
+    def note_peak(self, name: str) -> None:
+        """Record `name` if the process's high-water mark rose above every mark recorded so far."""
+        mark = _high_water_bytes()
+        if mark > max(self.peaks.values(), default=self.floor):
+            self.peaks[name] = mark
 
     def merge(self, seconds: dict[str, float]) -> None:
         for name, value in seconds.items():
@@ -39,3 +67,8 @@ class PhaseClock:
 
     def rounded(self) -> dict[str, float]:
         return {name: round(value, 3) for name, value in self.seconds.items()}
+
+    def peaks_mib(self) -> dict[str, float]:
+        """Each phase that raised the process's peak resident memory, with the peak it left (MiB); the
+        largest value is the run's peak up to now, reached during that phase."""
+        return {name: round(value / 2**20, 1) for name, value in self.peaks.items()}

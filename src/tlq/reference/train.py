@@ -41,10 +41,14 @@ SCALES = {
     # passed 0.94 held-out with them; Qwen2-VL still did not: attempts/README.md).
     "large": ModelSize(hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2, vision_hidden=96,
                        vision_layers=2, vision_heads=2, patch=8, image_size=128),
+    # Issue 13: depth, so that quantization error can accumulate over layers and exposure can show (or fail
+    # to show) an effect. The small widths keep a step affordable with six text layers on two cores.
+    "deep": ModelSize(hidden=128, intermediate=256, layers=6, heads=4, kv_heads=2, vision_hidden=64,
+                      vision_layers=2, vision_heads=2, patch=8, image_size=128),
 }
 # AdamW moves every weight by about the learning rate per step, so a wider model's outputs move more per
 # step: at width 256, 2e-3 sat at 0.72 validation for 1000 steps where 1e-3 passed 0.80 by step 200.
-DEFAULT_LR = {"small": 2e-3, "large": 1e-3}
+DEFAULT_LR = {"small": 2e-3, "large": 1e-3, "deep": 1e-3}
 TRAIN_SCENES = SceneConfig(questions_per_image=5, one_per_type=False)
 # Curriculum: half the training images are the bare 4x4-cell scene (no background, fewer tokens), which
 # teaches grounding fast; the other half are full canvases like the held-out splits.
