@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces benchmarks/results/: the retention benchmark on a bundled reference VLM.
-#   benchmarks/reference.sh [rtn_gptq|methods|ablation|validation|symmetry|scale_form|peers|conditions|all]      (MODEL=models/reference/NAME to choose;
+#   benchmarks/reference.sh [rtn_gptq|methods|ablation|validation|symmetry|scale_form|peers|conditions|depth|all]      (MODEL=models/reference/NAME to choose;
 #   WEIGHT_SCHEMES / ACT_SCHEMES narrow the methods stage, e.g. WEIGHT_SCHEMES=W3A16 ACT_SCHEMES=W4A8)
 # Calibration pool (seed 1) and test split (seed 2) come from `tlq synth`; every cell is mean/std over
 # calibration seeds 0,1,2 (each draws 128 samples from the pool). Reruns skip finished cells.
@@ -114,4 +114,15 @@ if [ "$STAGE" = conditions ]; then
       --eval-samples 500 --seeds 0,1 --num-samples 128 --methods $CONDITION_METHODS --schemes W3A16 \
       --out "$OUT/importance_conditions/$condition"
   done
+fi
+# Issue 13: the six-layer reference model (MODEL=models/reference/qwen2_vl-deep), where quantization error can
+# compound over depth: does calibrating each layer on the quantized layers' outputs (exposure, the default)
+# beat calibrating on FP activations (--no-exposure)? As trained at W3A16 and W2A16 g64, the activation-outlier
+# variant at W4A8; 3 seeds, 1000 questions, symmetric weight grids (the default).
+DEPTH_WEIGHT_METHODS=rtn,gptq,gptq+no-exposure,awq_gptq,tlq,tlq+no-exposure
+DEPTH_ACT_METHODS=rtn,smoothquant_gptq,smoothquant_gptq+no-exposure,tlq,tlq+no-exposure
+if [ "$STAGE" = depth ]; then
+  DEPTH=(--calib "$DATA/calib.json" --images "$DATA" --eval "$DATA/test.json" --seeds 0,1,2 --num-samples 128)
+  $TLQ bench "$MODEL" "${DEPTH[@]}" --methods $DEPTH_WEIGHT_METHODS --schemes W3A16,W2A16-g64 --out "$OUT/depth/as_trained"
+  $TLQ bench "$ACT_VARIANT" "${DEPTH[@]}" --methods $DEPTH_ACT_METHODS --schemes W4A8 --out "$OUT/depth/activation_outliers"
 fi

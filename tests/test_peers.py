@@ -46,6 +46,18 @@ def test_seeds_are_averaged_per_question():
     assert pooled["exact"] == [0.5, 0.0] and pooled["kl"] == pytest.approx([0.3, 0.2])
 
 
+def test_added_methods_keep_the_saved_cells_only_when_the_measurement_is_the_same(tmp_path):
+    run = _module("run")
+    header = {"model": "m", "eval": "test.json", "questions": 2, "num_samples": 128, "seeds": [0, 1, 2]}
+    saved = {**header, "cells": {"W3A16": {"tlq": {"seeds": 3}, "gptq": {"seeds": 3}}}}
+    (tmp_path / "results.json").write_text(json.dumps(saved))
+    # the methods run now replace their saved cells; the others are kept
+    assert run.kept_cells(dict(header), ["gptq", "awq"], tmp_path) == {"W3A16": {"tlq": {"seeds": 3}}}
+    with pytest.raises(SystemExit, match="different seeds"):
+        run.kept_cells({**header, "seeds": [0]}, ["awq"], tmp_path)
+    assert run.kept_cells(dict(header), ["awq"], tmp_path / "nothing") == {}
+
+
 def test_peer_cells_follow_each_recipe_documented_use():
     run = _module("run")
     w3, w4a8 = parse_scheme("W3A16"), parse_scheme("W4A8")

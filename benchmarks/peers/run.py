@@ -212,6 +212,9 @@ def main() -> int:
     parser.add_argument("--fresh", action="store_true", help="requantize even where a checkpoint exists")
     parser.add_argument("--retable", action="store_true",
                         help="recompute the verdicts and table.md from OUT/results.json (no quantization)")
+    parser.add_argument("--add", action="store_true",
+                        help="keep the cells of methods not run now from OUT/results.json (same model, questions, "
+                             "seeds and samples), so methods join a table without rerunning the others")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     if args.retable:
@@ -249,6 +252,7 @@ def main() -> int:
     results = {"model": args.model, "family": family, "eval": args.eval, "questions": len(fp),
                "fp_accuracy": sum(a["exact"] for a in fp) / len(fp), "num_samples": args.num_samples,
                "seeds": seeds, "machine": machine(), "cells": {}}
+    kept = kept_cells(results, methods, Path(args.out)) if args.add else {}
     for scheme in schemes:
         runs: dict[str, list[dict]] = {}
         for seed in seeds:
@@ -270,9 +274,24 @@ def main() -> int:
                 runs.setdefault(method, []).append(record)
                 print(f"{scheme.name} seed {seed} {method}: {summary(record)} {record['wall_seconds']} s "
                       f"{record['peak_rss_mib']} MiB", flush=True)
-        results["cells"].setdefault(scheme.name, {}).update(compare(runs))
+        cells = results["cells"].setdefault(scheme.name, {})
+        cells.update({**kept.get(scheme.name, {}), **cells, **compare(runs)})
+        add_verdicts(cells)  # against every method of the cell, the kept ones included
     write(results, Path(args.out))
     return 0
+
+
+def kept_cells(results: dict, methods: list[str], out: Path) -> dict:
+    """The saved table's cells of the methods not in `methods`, if it measured the same thing."""
+    saved_path = out / "results.json"
+    if not saved_path.exists():
+        return {}
+    saved = json.loads(saved_path.read_text())
+    same = ("model", "eval", "questions", "num_samples", "seeds")
+    differs = [key for key in same if saved.get(key) != results.get(key)]
+    if differs:
+        raise SystemExit(f"--add: {saved_path} measured a different {', '.join(differs)}; rerun without --add")
+    return {scheme: {m: c for m, c in cells.items() if m not in methods} for scheme, cells in saved["cells"].items()}
 
 
 def quantize_once(method, args, scheme, seed, samples, family, layer_class, out: Path) -> dict:
