@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces benchmarks/results/: the retention benchmark on a bundled reference VLM.
-#   benchmarks/reference.sh [rtn_gptq|methods|ablation|validation|symmetry|scale_form|peers|conditions|depth|all]      (MODEL=models/reference/NAME to choose;
+#   benchmarks/reference.sh [rtn_gptq|methods|ablation|validation|symmetry|scale_form|peers|conditions|depth|smooth_alpha|all]      (MODEL=models/reference/NAME to choose;
 #   WEIGHT_SCHEMES / ACT_SCHEMES narrow the methods stage, e.g. WEIGHT_SCHEMES=W3A16 ACT_SCHEMES=W4A8)
 # Calibration pool (seed 1) and test split (seed 2) come from `tlq synth`; every cell is mean/std over
 # calibration seeds 0,1,2 (each draws 128 samples from the pool). Reruns skip finished cells.
@@ -125,4 +125,11 @@ if [ "$STAGE" = depth ]; then
   DEPTH=(--calib "$DATA/calib.json" --images "$DATA" --eval "$DATA/test.json" --seeds 0,1,2 --num-samples 128)
   $TLQ bench "$MODEL" "${DEPTH[@]}" --methods $DEPTH_WEIGHT_METHODS --schemes W3A16,W2A16-g64 --out "$OUT/depth/as_trained"
   $TLQ bench "$ACT_VARIANT" "${DEPTH[@]}" --methods $DEPTH_ACT_METHODS --schemes W4A8 --out "$OUT/depth/activation_outliers"
+fi
+# Issue 13: tlq's SmoothQuant strength (0.5, the SmoothQuant paper's) against llm-compressor's default (0.8) on
+# the validation split, activation-outlier variant, W4A8 and W8A8, seeds 0,1.
+if [ "$STAGE" = smooth_alpha ]; then
+  $TLQ bench "$ACT_VARIANT" "${VALIDATION[@]}" --seeds 0,1 --schemes W4A8,W8A8 \
+    --methods smoothquant,smoothquant+smooth-alpha=0.8,smoothquant_gptq,smoothquant_gptq+smooth-alpha=0.8 \
+    --out "$OUT/validation/smooth_alpha"
 fi
