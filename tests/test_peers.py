@@ -28,24 +28,6 @@ def _answers(exact, kl):
     return {"exact": list(map(float, exact)), "kl": list(map(float, kl)), "tokens": [2] * len(exact)}
 
 
-def test_bootstrap_separates_a_clear_winner_and_ties_identical_methods():
-    run = _module("run")
-    generator = torch.Generator().manual_seed(0)
-    kl = torch.rand(400, generator=generator).tolist()
-    base = _answers([1] * 300 + [0] * 100, kl)
-    better = _answers([1] * 360 + [0] * 40, [k / 3 for k in kl])
-    assert run.verdict(run.paired_bootstrap(better, base)) == "better"
-    assert run.verdict(run.paired_bootstrap(base, better)) == "worse"
-    same = run.paired_bootstrap(base, base)
-    assert same["accuracy_diff"] == [0.0, 0.0] and run.verdict(same) == "tie"
-
-
-def test_seeds_are_averaged_per_question():
-    run = _module("run")
-    pooled = run.averaged([_answers([1, 0], [0.2, 0.4]), _answers([0, 0], [0.4, 0.0])])
-    assert pooled["exact"] == [0.5, 0.0] and pooled["kl"] == pytest.approx([0.3, 0.2])
-
-
 def test_added_methods_keep_the_saved_cells_only_when_the_measurement_is_the_same(tmp_path):
     run = _module("run")
     header = {"model": "m", "eval": "test.json", "questions": 2, "num_samples": 128, "seeds": [0, 1, 2]}

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from tlq.stats import averaged, paired_bootstrap, verdict
+
 ROOT = Path(__file__).resolve().parents[2]
 LLMC_PYTHON = ROOT / ".venv-llmc" / "bin" / "python"
 AUTOROUND_PYTHON = ROOT / ".venv-autoround" / "bin" / "python"
@@ -48,7 +50,6 @@ LLMC_IGNORE = {"qwen2_vl": ["lm_head", "re:visual.*", "re:model.visual.*"],
 # Families whose vision tower reuses the decoder's module names: llm-compressor's AWQ / SmoothQuant
 # mappings must be limited to the language model (benchmarks/peers/llmc_quantize.py --scope).
 LLMC_SCOPE = {"llava_onevision": r".*language_model\."}
-BOOTSTRAP = 2000
 # tlq's implementation of each algorithm a peer also implements (the "same algorithm" column).
 SAME_ALGORITHM = {"gptq+act-order": "llmc:gptq", "awq": "llmc:awq", "awq_gptq": "llmc:awq_gptq",
                   "smoothquant_gptq": "llmc:smoothquant_gptq"}
@@ -166,34 +167,6 @@ def summary(per_question: dict) -> dict:
     tokens = sum(per_question["tokens"])
     return {"accuracy": sum(per_question["exact"]) / len(per_question["exact"]),
             "answer_kl": sum(per_question["kl"]) / tokens}
-
-
-def paired_bootstrap(a: dict, b: dict, seed: int = 0) -> dict:
-    """95% intervals of accuracy(a) - accuracy(b) and KL(a) / KL(b), questions resampled together."""
-    exact_a, exact_b = torch.tensor(a["exact"]), torch.tensor(b["exact"])
-    kl_a, kl_b = torch.tensor(a["kl"], dtype=torch.float64), torch.tensor(b["kl"], dtype=torch.float64)
-    n = len(exact_a)
-    picks = torch.randint(0, n, (BOOTSTRAP, n), generator=torch.Generator().manual_seed(seed))
-    accuracy = (exact_a[picks] - exact_b[picks]).mean(1)
-    ratio = kl_a[picks].sum(1) / kl_b[picks].sum(1).clamp_min(1e-30)
-    low, high = (torch.quantile(accuracy.double(), q).item() for q in (0.025, 0.975))
-    kl_low, kl_high = (torch.quantile(ratio.double(), q).item() for q in (0.025, 0.975))
-    return {"accuracy_diff": [low, high], "kl_ratio": [kl_low, kl_high]}
-
-
-def verdict(interval: dict) -> str:
-    """better / worse when either metric's interval excludes no change (and the other does not disagree)."""
-    acc_low, acc_high = interval["accuracy_diff"]
-    kl_low, kl_high = interval["kl_ratio"]
-    better = acc_low > 0 or kl_high < 1
-    worse = acc_high < 0 or kl_low > 1
-    return "better" if better and not worse else "worse" if worse and not better else "tie" if not better else "mixed"
-
-
-def averaged(runs: list[dict]) -> dict:
-    """Per question, the mean over seeds (so the bootstrap resamples questions, not seeds)."""
-    count = len(runs)
-    return {key: [sum(values) / count for values in zip(*(r[key] for r in runs))] for key in ("exact", "kl", "tokens")}
 
 
 def main() -> int:

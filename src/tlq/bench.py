@@ -21,6 +21,7 @@ from typing import Any
 from tlq.errors import TlqError
 from tlq.evaluate import EvalSet, evaluate
 from tlq.recipe import BASELINE_PLANS, METHODS, parse_scheme
+from tlq.stats import averaged, versus_best_other
 
 
 @dataclass
@@ -104,10 +105,11 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
                     "calibration_seconds": recipe["calibration_seconds"],
                     "quantize_wall_seconds": run["wall_seconds"], "peak_rss_mib": run["peak_rss_mib"],
                     "layer_relative_error": recipe["layer_relative_error"],
+                    "per_question": report["per_question"],  # for the paired bootstrap (tlq.stats)
                 }
                 if progress:
                     cell = results["cells"][key]
-                    print(f"{key}: accuracy {cell['accuracy']:.3f}, KL {cell['answer_kl']:.4f}, "
+                    print(f"{key}: accuracy {cell['accuracy']:.3f}, KL {cell['answer_kl']:.2e}, "
                           f"calibration {cell['calibration_seconds']:.1f} s", flush=True)
                 _atomic_write(results_path, json.dumps(results, indent=1) + "\n")
                 if not cfg.keep_checkpoints:
@@ -150,7 +152,7 @@ class _FPAnswers:
     def evaluate(self, checkpoint: Path) -> dict[str, Any]:
         self.report()
         return evaluate(checkpoint, self.cfg.eval_data, self.cfg.eval_images, reference=self.cfg.model_dir,
-                        eval_set=self.eval_set, reference_logp=self.logp)
+                        eval_set=self.eval_set, reference_logp=self.logp, per_question=True)
 
 
 def _run_quantize_measured(cfg: BenchConfig, method: str, scheme: str, seed: int, out: Path) -> dict[str, Any]:
@@ -196,7 +198,8 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per (scheme, method): mean and std over seeds."""
+    """One row per (scheme, method): mean and std over seeds, and (where every cell kept its per-question
+    results) the paired bootstrap against the best other method of the scheme (tlq.stats)."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for cell in results["cells"].values():
         if cell.get("status") == "done":
@@ -207,7 +210,13 @@ def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
         row = {"scheme": scheme, "method": method, "seeds": len(cells)}
         for metric in ("accuracy", "retention", "answer_kl", "calibration_seconds", "peak_rss_mib"):
             row[metric] = _mean_std([c[metric] for c in cells])
+        if all("per_question" in c for c in cells):
+            row["per_question"] = averaged([c["per_question"] for c in cells])
         rows.append(row)
+    for scheme in {row["scheme"] for row in rows}:
+        same = {row["method"]: row for row in rows if row["scheme"] == scheme and "per_question" in row}
+        for method, versus in versus_best_other({m: r["per_question"] for m, r in same.items()}).items():
+            same[method]["versus_best_other"] = versus
     return rows
 
 
@@ -215,13 +224,18 @@ def markdown_table(results: dict[str, Any]) -> str:
     fp = results["fp"]
     lines = [f"FP accuracy {fp['accuracy']:.3f} on {fp['num_questions']} held-out questions "
              f"(model {results.get('config', {}).get('model_dir', '?')}).", "",
-             "| scheme | method | seeds | accuracy | retention | answer KL | calib s | peak RSS MiB |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| scheme | method | seeds | accuracy | retention | answer KL | vs best other: accuracy diff; KL ratio "
+             "(95% CI, paired bootstrap) | verdict | calib s | peak RSS MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in summarize(results):
         acc, ret, kl, sec, rss = (row[m] for m in ("accuracy", "retention", "answer_kl", "calibration_seconds",
                                                      "peak_rss_mib"))
+        versus = row.get("versus_best_other")
+        vs = (f"{versus['method']}: [{versus['accuracy_diff'][0]:+.3f}, {versus['accuracy_diff'][1]:+.3f}]; "
+              f"[{versus['kl_ratio'][0]:.2f}, {versus['kl_ratio'][1]:.2f}]x") if versus else ""
         lines.append(f"| {row['scheme']} | {row['method']} | {row['seeds']} | {acc[0]:.3f} ± {acc[1]:.3f} | "
-                     f"{ret[0]:.3f} ± {ret[1]:.3f} | {kl[0]:.4f} ± {kl[1]:.4f} | {sec[0]:.1f} | {rss[0]:.0f} |")
+                     f"{ret[0]:.3f} ± {ret[1]:.3f} | {kl[0]:.2e} ± {kl[1]:.1e} | {vs} | "
+                     f"{versus['verdict'] if versus else ''} | {sec[0]:.1f} | {rss[0]:.0f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -124,8 +124,10 @@ def evaluate(model_dir: str | Path, data: str | Path, images: str | Path | None 
              reference: str | Path | None = None, num_samples: int | None = None, batch_size: int = 16,
              device: str = "cpu", out: str | Path | None = None, eval_set: EvalSet | None = None,
              reference_logp: list[torch.Tensor] | None = None,
-             keep_logp: list[torch.Tensor] | None = None, confine_images: bool = True) -> dict[str, Any]:
-    """Exact-match accuracy (overall and per question type), answer NLL and KL to `reference`.
+             keep_logp: list[torch.Tensor] | None = None, confine_images: bool = True,
+             per_question: bool = False) -> dict[str, Any]:
+    """Exact-match accuracy (overall and per question type), answer NLL and KL to `reference`; with
+    `per_question`, each answer's exact, kl and tokens too (what tlq.stats compares methods on).
 
     `eval_set` (already built inputs), `reference_logp` (the reference's answer log-probabilities, so
     the reference model is not run again) and `keep_logp` are what `tlq bench` passes to evaluate
@@ -163,6 +165,8 @@ def evaluate(model_dir: str | Path, data: str | Path, images: str | Path | None 
         report["reference"] = str(reference)
     if scores and "kl" in scores[0]:
         report["answer_kl"] = sum(s["kl"] for s in scores) / max(tokens, 1)
+    if per_question:
+        report["per_question"] = {key: [s.get(key, 0.0) for s in scores] for key in ("exact", "kl", "tokens")}
     if out is not None:
         write_file_atomic(out, json.dumps(report, indent=2) + "\n")
     return report
