@@ -114,6 +114,7 @@ if [ "$STAGE" = conditions ]; then
       --eval-samples 500 --seeds 0,1 --num-samples 128 --methods $CONDITION_METHODS --schemes W3A16 \
       --out "$OUT/importance_conditions/$condition"
   done
+  .venv/bin/python benchmarks/conditions_table.py "$OUT/importance_conditions"
 fi
 # Issue 13: the six-layer reference model (MODEL=models/reference/qwen2_vl-deep), where quantization error can
 # compound over depth: does calibrating each layer on the quantized layers' outputs (exposure, the default)
