@@ -104,3 +104,21 @@ def test_the_scale_search_capture_is_planned_for_the_methods_that_search(shapes)
     assert awq["host_gib"]["scale_search_capture"] == pytest.approx(max(drawn, attention) / 2**30, abs=0.01)
     assert awq["host_gib"]["peak"] - gptq["host_gib"]["peak"] == pytest.approx(max(drawn, attention) / 2**30,
                                                                               abs=0.02)
+    assert gptq["device_gib"]["scale_search"] == 0.0 or gptq["device_gib"]["scale_search_working"] == 0.0
+
+
+def test_the_scale_search_device_phase_grows_with_the_draw_and_the_chunk_not_the_samples(shapes):
+    """The search holds one group's rows on the device: its working memory is per chunk of rows, so it stops
+    growing once the draw is full, and a larger draw adds its rows."""
+    shape = shapes["qwen2-vl-2b-instruct"]
+
+    def search(samples, max_tokens=16384):
+        plan = plan_memory(shape, 1, parse_size("80GiB"), samples, 280, dtype_bytes=2, gradient_pass=False,
+                           scale_search_tokens=max_tokens)
+        return plan["device_gib"]
+
+    assert search(128)["scale_search_working"] == search(512)["scale_search_working"] > 0
+    # the token-wise groups stop at the draw; the attention group takes every token and leads past it
+    assert search(512)["scale_search"] == search(128)["scale_search"] < search(4096)["scale_search"]
+    assert search(64, 4096)["scale_search"] < search(64, 16384)["scale_search"]
+    assert search(512)["peak"] >= search(512)["scale_search"]

@@ -4,9 +4,11 @@ The model is instantiated on the meta device (shapes only, no memory, no weights
 comes from the real transformers classes rather than from a formula per family. Per rank, with
 s = ceil(samples / N) samples of T tokens, hidden size d and element size b:
 
-device (the peak of the three phases)
+device (the peak of the phases)
     capture     vision tower + embeddings, one image in flight
     gradient    one decoder layer + one sample's autograd activations, or the LM head and its logits
+    scale search (AWQ, MBQ, TLQ) one decoder layer + the largest scaling group's data and the working
+                memory of scoring one candidate on a chunk of rows (_scale_search_bytes)
     calibrate   one decoder layer + the old weights of the Linear group being replaced (the FP
                 layer's outputs are taken before the solves, so no FP copy is kept; the asymmetric
                 target keeps one), the larger of GPTQ's observe peak (float64 upper-block Gram sums of
@@ -140,6 +142,28 @@ def _solver_bytes(groups_in: list[list[int]], chunk_tokens: int, b: int) -> tupl
 LOADING_OVERHEAD = 128 * 2**20
 
 
+def _scale_search_bytes(shape: ModelShape, tokens: int, max_tokens: int | None, b: int,
+                        sample_acts: int) -> tuple[int, int]:
+    """(data, working) on the device while the scale search runs its most expensive group (tlq.rescale): the
+    attention group's inputs of every token (its block runs one sample at a time), or a token-wise group's
+    draw of at most `max_tokens` rows (the MLP's input and the down projection's, with the FP block's
+    outputs on them), plus what scoring one candidate on a chunk of rows allocates: the chunk's
+    intermediates (three MLP-wide tensors at once in the gated MLP) and the scaled, fake-quantized copies of
+    the targets' weights (about three weight-sized float32 tensors each). (0, 0) without a scale search."""
+    if max_tokens is None:
+        return 0, 0
+    from tlq.rescale import CHUNK
+
+    d, f = shape.hidden, shape.intermediate
+    drawn = min(tokens, max_tokens)
+    chunk = min(CHUNK, drawn)
+    weights = 3 * d * f * 4
+    attention = (tokens * d * b, sample_acts)
+    mlp = (drawn * 2 * d * b, chunk * (3 * f + 2 * d) * 4 + 2 * weights)
+    down = (drawn * (f + d) * b, chunk * (f + 2 * d) * 4 + weights)
+    return max((attention, mlp, down), key=sum)
+
+
 def plan_memory(shape: ModelShape, devices: int, device_memory: int, samples: int, tokens: int,
                 dtype_bytes: int = 2, asymmetric: bool = False, lazy: bool = False,
                 gradient_pass: bool = True, scale_search_tokens: int | None = None) -> dict[str, Any]:
@@ -171,6 +195,8 @@ def plan_memory(shape: ModelShape, devices: int, device_memory: int, samples: in
         weights = shape.total_params * b
     rescale = 0 if scale_search_tokens is None else \
         max(3 * hidden_cache, min(per_rank * T, scale_search_tokens) * f * b)
+    search_data, search_working = _scale_search_bytes(shape, per_rank * T, scale_search_tokens, b, sample_acts)
+    device_peak = max(device_peak, layer + search_data + search_working)
     host_peak = weights + LOADING_OVERHEAD + max(cache + rescale, gradient_store)
     return {
         "model": shape.name, "model_type": shape.model_type, "params_b": round(shape.total_params / 1e9, 3),
@@ -180,7 +206,8 @@ def plan_memory(shape: ModelShape, devices: int, device_memory: int, samples: in
                        "replaced_group_weights": _gib(replaced),
                        "hessians_largest_group": _gib(group_stats), "solve_buffers": _gib(solve),
                        "one_sample_activations": _gib(sample_acts), "gradient_pass": _gib(gradient),
-                       "capture": _gib(capture), "peak": _gib(device_peak)},
+                       "capture": _gib(capture), "scale_search": _gib(layer + search_data + search_working),
+                       "scale_search_working": _gib(search_working), "peak": _gib(device_peak)},
         "host_gib": {"model_weights": _gib(weights), "loading_overhead": _gib(LOADING_OVERHEAD),
                      "layer_input_cache": _gib(cache),
                      "gradient_pass_inputs": _gib(gradient_store), "scale_search_capture": _gib(rescale),
@@ -205,6 +232,7 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"| device: calibration phase | {dev['calibrate']} |",
         f"| device: gradient pass (streamed) | {dev['gradient_pass']} |",
         f"| device: layer-0 capture (vision tower + embeddings) | {dev['capture']} |",
+        f"| device: scale search (AWQ, MBQ, TLQ; largest group) | {dev['scale_search']} |",
         f"| **device peak** | **{dev['peak']}** |",
         f"| host: model weights ({'lazy: outside the decoder + one layer' if plan['lazy'] else 'whole model'}) | "
         f"{host['model_weights']} |",
