@@ -166,7 +166,9 @@ def evaluate(model_dir: str | Path, data: str | Path, images: str | Path | None 
     if scores and "kl" in scores[0]:
         report["answer_kl"] = sum(s["kl"] for s in scores) / max(tokens, 1)
     if per_question:
-        report["per_question"] = {key: [s.get(key, 0.0) for s in scores] for key in ("exact", "kl", "tokens")}
+        # six significant digits: the bootstrap needs no more, and a benchmark keeps thousands of these
+        report["per_question"] = {key: [float(f"{s.get(key, 0.0):.6g}") for s in scores]
+                                  for key in ("exact", "kl", "tokens")}
     if out is not None:
         write_file_atomic(out, json.dumps(report, indent=2) + "\n")
     return report
