@@ -39,7 +39,7 @@ from tlq import faults
 from tlq.data import Sample
 from tlq.distributed import SINGLE, Ranks, samples_per_chunk
 from tlq.errors import TlqError
-from tlq.measure import return_freed_memory
+from tlq.measure import freed_memory_returned_promptly, return_freed_memory
 from tlq.models import ModelAdapter
 from tlq.phases import PhaseClock
 from tlq.quant import QuantizedWeight, solver_factory
@@ -264,7 +264,7 @@ def calibrate_layer(layer: nn.Module, index: int, streams: LayerStreams, ctx: Ru
             reference_outputs = _observe(run, {}, keep_outputs=True)
     rescaled = []
     if config.plan.transform is not None:
-        with clock("rescale"):
+        with clock("rescale"), freed_memory_returned_promptly():
             rescaled = rescale_layer(layer, index, streams, ctx)
     if config.loop.target == "asymmetric" and streams.mode == "separate":
         # The asymmetric target needs the FP-path inputs of each Linear, through FP weights scaled like `layer`.
