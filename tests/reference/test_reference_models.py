@@ -26,10 +26,16 @@ def test_reference_models_are_committed():
     assert MODELS, f"no reference model under {ROOT}"
 
 
+# The six-layer model exists so that quantization error can compound over depth: it was asked to land at
+# 0.85-0.95 held-out (issue 13), trained like the others in one 60-minute CPU run (models/reference/README.md).
+MIN_ACCURACY = {"qwen2_vl-deep": 0.85}
+
+
 @pytest.mark.parametrize("name", MODELS)
-def test_reference_models_reach_90_percent(name):
+def test_reference_models_reach_their_accuracy(name):
     recorded = json.loads((ROOT / name / "eval_test.json").read_text())
-    assert recorded["accuracy"] >= 0.9, "a reference model must answer >= 90% of held-out questions"
+    floor = MIN_ACCURACY.get(name, 0.9)
+    assert recorded["accuracy"] >= floor, f"a reference model must answer >= {floor:.0%} of held-out questions"
 
 
 @pytest.mark.parametrize("name", MODELS)
