@@ -72,11 +72,9 @@ def freed_memory_returned_promptly(threshold_bytes: int = 1 << 20) -> Iterator[N
     """Within the block, blocks of `threshold_bytes` or more are memory-mapped (returned to the OS when freed).
 
     For the scale search: it captures long-lived per-sample rows while allocating and freeing per-sample
-    activations of 1-10 MB between them, so freed blocks sit in holes the heap cannot give back, about
-    17 MB per calibration sample at Qwen2-VL 2B widths. Measured at those widths, TLQ, one layer, 32
-    samples (one thread each, the other core busy with the same other job): peak RSS 1798 -> 1492 MiB
-    (the scale search's own mark 1798 -> 1386), scale-search time 262 -> 285 s. Scoped, not for the whole
-    run, because page faults made GPTQ's phases 23% slower when the threshold was lowered everywhere.
+    activations of 1-10 MB between them, so freed blocks sit in heap holes glibc cannot give back
+    (measurements: benchmarks/results/cost/README.md, "TLQ's remaining memory"). Scoped, not for the
+    whole run, because mapping every block cost GPTQ's phases time in page faults.
     Nothing changes where this is not glibc, or where the whole run already releases promptly (--lazy).
     """
     changed = not _prompt_for_the_run and _set_mmap_threshold(threshold_bytes)

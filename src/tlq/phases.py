@@ -11,7 +11,8 @@ solve, propagate (the quantized layer's outputs, the next layer's inputs), save 
 export (compressing and writing the output). `show` lets a progress bar say which phase is running.
 
 Memory: at the end of each phase the clock reads the process's resident high-water mark (VmHWM, which
-only grows); a phase that raised it is recorded with the mark it left (`peak_rss_mib`), so the phase
+only grows); a phase that raised it is recorded with the mark it left (`peaks`; tlq_recipe.json's
+`phase_peak_rss_mib`), so the phase
 holding the run's peak is known exactly, without a sampling thread and without resetting the mark (a
 reset would also hide the peak from whoever measures the process from outside).
 """
@@ -22,11 +23,7 @@ import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
-
-def _high_water_bytes() -> int:
-    from tlq.measure import peak_rss_bytes
-
-    return peak_rss_bytes()
+from tlq.measure import peak_rss_bytes
 
 
 class PhaseClock:
@@ -36,7 +33,7 @@ class PhaseClock:
         # phase -> the high-water mark (bytes) it raised the process to; shared with child clocks. A new
         # clock records only rises above the mark at its creation (an earlier phase owns what came before).
         self.peaks: dict[str, int] = peaks if peaks is not None else {}
-        self.floor = _high_water_bytes() if peaks is None else 0
+        self.floor = peak_rss_bytes() if peaks is None else 0
 
     def child(self) -> "PhaseClock":
         """A clock of its own seconds (one layer's phases) that shares this one's display and peaks."""
@@ -57,7 +54,7 @@ class PhaseClock:
 
     def note_peak(self, name: str) -> None:
         """Record `name` if the process's high-water mark rose above every mark recorded so far."""
-        mark = _high_water_bytes()
+        mark = peak_rss_bytes()
         if mark > max(self.peaks.values(), default=self.floor):
             self.peaks[name] = mark
 

@@ -322,7 +322,7 @@ def _group_data(layer: nn.Module, group: ScalingGroup, streams: LayerStreams, ru
     blocks = transform.captures_blocks and group.mixes_tokens  # scored on whole samples, every kept row
     part = getattr(run.config, transform.subsample_config)
     sample = _plan_subsample(counts, 1 << 62 if blocks else part.max_tokens, part.seed, index, run.ranks)
-    return_freed_memory()  # what the previous group's search left in heap holes: ~300 MB at 2B widths, 32 samples
+    return_freed_memory()  # what the previous group's search left in heap holes (benchmarks/results/cost/README.md)
     data = _capture(layer, group, streams.quantized, run.device, rows, blocks, None if blocks else sample, kept)
     data.sample = sample
     fp_data = None
