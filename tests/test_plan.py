@@ -86,6 +86,11 @@ def test_moe_plan_names_every_expert(tiny_checkpoints):
     assert "mlp.experts.7.down_proj" in names and "mlp.gate" not in names
     assert "mlp.experts.7.down_proj" in shape.row_parallel and "self_attn.o_proj" in shape.row_parallel
     assert plan_memory(shape, 1, parse_size("24GiB"), 16, 128)["fits"]
+    # The MoE block's scale search holds every expert's gate/up weights fake-quantized at once.
+    from tlq.plan import _scale_search_bytes
+
+    data, working = _scale_search_bytes(shape, 16 * 128, 16384, 4, 0)
+    assert working >= shape.linear_groups_params[-2] * 4 > 0
 
 
 def test_the_scale_search_capture_is_planned_for_the_methods_that_search(shapes):

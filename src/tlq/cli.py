@@ -148,7 +148,7 @@ def _cmd_importance(args: argparse.Namespace) -> int:
         return 0
     importance.save_atomic(args.out)
     kinds = importance.kept_summary()
-    print(f"wrote {args.out}: {args.score} scores of {len(importance.scores)} Linears over "
+    print(f"wrote {args.out}: {args.score} scores of {len(importance.scores)} modules over "
           f"{len(prepared.samples)} samples ({', '.join(f'{v} {k}' for k, v in kinds.items())} tokens); "
           f"FP answer loss {importance.loss:.4f}")
     return 0

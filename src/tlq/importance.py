@@ -133,12 +133,12 @@ class _Recorder:
         """dL/dh at decoder layer `index`'s output, for one sample ([1, tokens, hidden])."""
         if self.score == "layer_output":
             value = grad[0].float().pow(2).mean(-1)
-            for name in self.adapter.linear_names:
+            for name in self.adapter.scored_modules:
                 self._record(self.scores, f"{index}.{name}", value)
 
     def attach(self, layer: nn.Module, index: int, layer_output_hook: bool) -> list:
         handles = [layer.get_submodule(name).register_forward_hook(self._linear_hook(f"{index}.{name}"))
-                   for name in self.adapter.linear_names]
+                   for name in self.adapter.scored_modules]
         if layer_output_hook and self.score == "layer_output":
             def hook(module, args, output):
                 hidden = layer_output(output)

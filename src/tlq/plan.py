@@ -27,6 +27,8 @@ host
                             attention group's input, the attention's input and its output (3 x s x T x d x b),
                             or the MLP down projection's input on a draw of at most --scale-max-tokens rows
                             (min(s x T, max) x intermediate x b), the larger; only for methods with a scale search
+                            (an MoE block: the router's input on the draw, and every expert's gate/up weights
+                            fake-quantized at once while a candidate is scored)
 The samples' pixel values are released once layer 0's inputs are captured, so they are not counted.
 """
 
@@ -161,6 +163,11 @@ def _scale_search_bytes(shape: ModelShape, tokens: int, max_tokens: int | None, 
     attention = (tokens * d * b, sample_acts)
     mlp = (drawn * 2 * d * b, chunk * (3 * f + 2 * d) * 4 + 2 * weights)
     down = (drawn * (f + d) * b, chunk * (f + 2 * d) * 4 + weights)
+    if shape.routed_experts:  # the MoE block's group: every expert's gate/up, scaled and fake-quantized at once
+        expert_f = shape.linear_groups_in[-1][0]
+        gate_up = shape.linear_groups_params[-2]
+        experts = (drawn * 2 * d * b, chunk * (3 * expert_f + 2 * d) * 4 + gate_up * b + 3 * expert_f * d * 4)
+        return max((attention, experts), key=sum)
     return max((attention, mlp, down), key=sum)
 
 

@@ -102,7 +102,7 @@ def _capture(layer: nn.Module, group: ScalingGroup, inputs: LayerInputs, device:
     sample i, None = all); with `blocks` the token-mixing block's calls and outputs; with `sample` (a
     token-wise group) only the subsample's rows, and the weighted channel magnitude of all kept rows."""
     store, current = _Captured(rows=list(rows), sample=sample), [0]
-    target = layer.get_submodule(group.targets[0])
+    target = layer.get_submodule(group.input_at or group.targets[0])
 
     def kept(tensor: torch.Tensor) -> torch.Tensor:
         flat, row = tensor.reshape(-1, tensor.shape[-1]), rows[current[0]]
@@ -191,13 +191,16 @@ class _BlockObjective:
 
 
 def _token_wise_items(block: nn.Module, x: torch.Tensor, target_x: torch.Tensor | None,
-                      weights: torch.Tensor | None) -> list[tuple]:
-    """Chunks of the (subsampled) kept tokens with the FP block's output on them as the reference."""
+                      weights: torch.Tensor | None, batched: bool = False) -> list[tuple]:
+    """Chunks of the (subsampled) kept tokens with the FP block's output on them as the reference
+    (`batched`: each chunk goes to the block as a batch of one)."""
+    shaped = (lambda t: t[None]) if batched else (lambda t: t)
     items = []
     for a in range(0, len(x), CHUNK):
         chunk = x[a:a + CHUNK]
-        reference = layer_output(block(chunk if target_x is None else target_x[a:a + CHUNK])).detach()
-        items.append(((chunk,), {}, None, reference, None if weights is None else weights[a:a + CHUNK]))
+        reference = layer_output(block(shaped(chunk if target_x is None else target_x[a:a + CHUNK]))).detach()
+        items.append(((shaped(chunk),), {}, None, reference.reshape(-1, reference.shape[-1]),
+                      None if weights is None else weights[a:a + CHUNK]))
     return items
 
 
@@ -275,7 +278,7 @@ def _search_group(ctx: _GroupContext, group: ScalingGroup, data: _Captured, fp_d
         target_x = _concatenated(fp_data.x).to(device) if fp_data is not None else None
         if weights is not None and data.sample.local is not None:
             weights = weights[data.sample.local.to(device)]
-        items = _token_wise_items(block, x, target_x, weights)
+        items = _token_wise_items(block, x, target_x, weights, group.block_takes_batch)
     objective = _BlockObjective(block, targets, items, ctx.scheme, search.loss, device, ranks)
     weight = weight_magnitude(targets, ctx.scheme.group_size) if search.form != "activation" else None
     scales, choice, ratio = search_scales(magnitude, objective, search.grid, weight, search.form)
@@ -346,6 +349,6 @@ def rescale_layer(layer: nn.Module, index: int, streams: LayerStreams, run: RunC
         records.append(record)
         folds.append((group, scales))
     for group, scales in folds:
-        apply_scales(layer.get_submodule(group.source), [layer.get_submodule(t) for t in group.targets], scales,
+        apply_scales(layer.get_submodule(group.source), [layer.get_submodule(t) for t in group.folded], scales,
                      group.source_weight_offset)
     return records

@@ -3,6 +3,7 @@ experts that get too few, per-expert names in the output, and a reload that comp
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -81,8 +82,58 @@ def test_each_expert_sees_exactly_its_routed_tokens():
     assert torch.allclose(out, manual, atol=1e-6)
 
 
+def test_the_moe_block_scales_fold_into_the_router_too(tiny_checkpoints, calib_split):
+    """The MoE block's scaling group folds 1/s into its norm and s into every expert's gate/up and into the
+    router, which stays FP: the model computes the same function and routes every token the same way.
+    Without the router in the fold, the routing (and the output) would change."""
+    from tlq.quant.scaling import apply_scales
+
+    folder = tiny_checkpoints["qwen3_vl_moe"]
+    model, adapter = load_model(folder)
+    group = adapter.scaling_groups[-1]
+    assert group.source == "post_attention_layernorm" and group.folded_fp == ("mlp.gate",)
+    assert len(group.targets) == 2 * model.config.text_config.num_experts
+    samples = prepare_samples(model, adapter, load_processor(folder), *calib_split, Recipe(num_samples=2))
+    scales = torch.rand(model.config.text_config.hidden_size, generator=torch.Generator().manual_seed(0)) * 4 + 0.25
+
+    def run(m):
+        chosen = []
+        routers = [layer.mlp.gate for layer in adapter.layers(m)]
+        handles = [r.register_forward_hook(lambda mod, a, out: chosen.append(out[2].sort(-1).values)) for r in routers]
+        with torch.no_grad():
+            logits = [m(**s.inputs).logits for s in samples]
+        for h in handles:
+            h.remove()
+        return logits, chosen
+
+    want, routes = run(model)
+    for folded in (group.folded, group.targets):
+        changed = copy.deepcopy(model)
+        for layer in adapter.layers(changed):
+            apply_scales(layer.get_submodule(group.source), [layer.get_submodule(t) for t in folded], scales)
+        got, got_routes = run(changed)
+        same = all(torch.equal(a, b) for a, b in zip(routes, got_routes)) and \
+            all(torch.allclose(a, b, rtol=0, atol=1e-4) for a, b in zip(want, got))
+        assert same == (folded == group.folded)
+
+
+def test_tlq_scores_the_moe_block_output(tiny_checkpoints, calib_split):
+    """The gradient pass scores the MoE block's output (the routed sum) per token, which weights its group's
+    scale search; unlike an expert's own scores it is nonzero on tokens not routed to that expert (every token
+    but the last of a sample, where no loss flows back)."""
+    folder = tiny_checkpoints["qwen3_vl_moe"]
+    model, adapter = load_model(folder)
+    samples = prepare_samples(model, adapter, load_processor(folder), *calib_split, Recipe(num_samples=2))
+    importance = compute_importance(model, adapter, samples)
+    block = torch.cat(importance.scores["0.mlp"])
+    expert = torch.cat(importance.scores["0.mlp.experts.0.down_proj"])
+    assert (block > 0).float().mean() > 0.9 and ((expert == 0) & (block > 0)).any()
+
+
 def test_starved_experts_are_rounded_reported_and_reload(starved, calib_split, tmp_path):
-    recipe = Recipe(method="tlq", scheme="W4A16-g32", num_samples=3)
+    # TLQ without its scale search (backend gptq), so that the fallback can be compared with RTN of the FP
+    # weights (the search would rescale the experts first).
+    recipe = Recipe(method="tlq", scheme="W4A16-g32", num_samples=3, backend="gptq")
     out = quantize(starved, tmp_path / "out", *calib_split, recipe, progress=False).out_dir
     record = json.loads((out / "tlq_recipe.json").read_text())["experts"]
     model, adapter = load_model(starved)

@@ -58,6 +58,21 @@ class ScalingGroup:
     # A norm source that multiplies by (offset + weight) (Gemma's RMSNorm: 1 + weight) folds 1/s as
     # weight -> (offset + weight) / s - offset.
     source_weight_offset: float = 0.0
+    # Modules the source also feeds that stay FP (an MoE router): they take the same s into their input
+    # columns, so the layer computes the same function, but are never quantized, scored or counted in the
+    # weight statistics.
+    folded_fp: tuple[str, ...] = ()
+    # The module whose input is the group's input on every token, where the first target sees only some of
+    # them (an MoE block's experts see their routed tokens; its router sees all). None: the first target.
+    input_at: str | None = None
+    # The block reads [batch, tokens, hidden] and nothing flatter (an MoE block): token-wise chunks are
+    # handed to it as a batch of one.
+    block_takes_batch: bool = False
+
+    @property
+    def folded(self) -> tuple[str, ...]:
+        """Every module whose input columns take the scales when they are folded."""
+        return self.targets + self.folded_fp
 
 
 @dataclass(frozen=True)
@@ -102,20 +117,35 @@ class ModelAdapter:
                            f"decoder_sparse_step={step}) are not supported yet: every decoder layer must be MoE")
         gate_up, down = self.experts.linear_groups(self.experts.count(config))
         attention = self.linear_groups[:2]
+        block = self.experts.module.rpartition(".")[0]
+        # The MoE block's norm feeds its router and every expert's gate and up projections: one scaling
+        # group, scored on the whole block's output (routing included) and weighted by the importance of
+        # that output; the router takes the scales unquantized, so the routing does not change.
+        experts_group = ScalingGroup(self.experts.norm, gate_up, block=block, output_linear=block,
+                                     folded_fp=self.kept_fp, input_at=self.kept_fp[0], block_takes_batch=True)
         return dataclasses.replace(
             self, linear_groups=attention + (gate_up, down),
-            blocks=(self.blocks[0], Block("mlp", "mlp", gate_up + down, output=down)),
+            blocks=(self.blocks[0], Block("mlp", block, gate_up + down, output=down)),
+            scaling_groups=self.scaling_groups + (experts_group,),
             row_parallel=tuple(n for n in self.row_parallel if not n.startswith("mlp.")) + down,
             experts=self.experts)
+
+    @property
+    def scored_modules(self) -> tuple[str, ...]:
+        """Modules whose output the gradient pass scores per token: every quantized Linear, and a scaling
+        group's scored block where that is not one Linear (an MoE block's output is a routed sum)."""
+        extra = tuple(dict.fromkeys(g.output_linear for g in self.scaling_groups
+                                    if g.output_linear not in self.linear_names))
+        return self.linear_names + extra
 
     @property
     def linear_names(self) -> tuple[str, ...]:
         return tuple(name for group in self.linear_groups for name in group)
 
     def block_of(self, linear: str) -> Block:
-        """The block a decoder Linear belongs to."""
+        """The block a decoder Linear (or the block itself, by its module name) belongs to."""
         for block in self.blocks:
-            if linear in block.linears:
+            if linear in block.linears or linear == block.module:
                 return block
         raise KeyError(f"{linear} is in no block of the {self.family} adapter")
 
@@ -173,9 +203,9 @@ QWEN2_SCALING_GROUPS = (
 )
 
 
-# A decoder layer whose MLP is a block of routed experts: the attention's scaling groups only. The MoE
-# block's norm feeds the router and every expert, and an expert's up -> down pair sees only its own tokens;
-# neither is rescaled (yet), so scale searches and SmoothQuant act on the attention alone in such layers.
+# A decoder layer whose MLP is a block of routed experts: the attention's scaling groups here, and the MoE
+# block's (norm -> router and every expert's gate/up) added once the expert count is known
+# (ModelAdapter.bound_to). An expert's up -> down pair sees only its own tokens and is not rescaled (yet).
 MOE_SCALING_GROUPS = QWEN2_SCALING_GROUPS[:2]
 
 

@@ -37,6 +37,7 @@ class ExpertLayout:
     block_class: str = ""
     transformers_module: str = ""
     count_key: str = "num_experts"
+    norm: str = "post_attention_layernorm"  # the norm whose output feeds the router and every expert
     linears: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
 
     def count(self, config) -> int:

@@ -46,7 +46,7 @@ def apply_outliers(model, adapter, kind: str, scale: float, channels: int, seed:
                 picked = order[position * channels:(position + 1) * channels]
                 factor = 1.0 / scale if which == "weight" else scale
                 source.weight[picked] *= factor
-                for target in group.targets:
+                for target in group.folded:
                     layer.get_submodule(target).weight[:, picked] /= factor
                 record[which] = sorted(picked.tolist())
     return {"kind": kind, "scale": scale, "channels_per_group": channels, "seed": seed, "channels": chosen}
