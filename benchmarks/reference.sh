@@ -76,6 +76,12 @@ if [ "$STAGE" = scale_form ]; then
   $TLQ bench "$MODEL" "${SF[@]}" --schemes W3A16 --out "$OUT/scale_form/as_trained"
   $TLQ bench "$WEIGHT_VARIANT" "${SF[@]}" --schemes W3A16 --out "$OUT/scale_form/weight_outliers"
   $TLQ bench "$ACT_VARIANT" "${SF[@]}" --schemes W4A8 --out "$OUT/scale_form/activation_outliers"
+  # The same question for AWQ + GPTQ (llm-compressor's recipe uses duo only): the search scores candidates
+  # with round-to-nearest, and GPTQ runs after it.
+  SFG=(--calib "$DATA/calib.json" --images "$DATA" --eval "$DATA/val.json" --eval-samples 500 --seeds 0,1
+       --num-samples 128 --methods awq_gptq+scale-form=both,awq_gptq+scale-form=activation,awq_gptq+scale-form=duo)
+  $TLQ bench "$MODEL" "${SFG[@]}" --schemes W3A16 --out "$OUT/scale_form/awq_gptq_as_trained"
+  $TLQ bench "$WEIGHT_VARIANT" "${SFG[@]}" --schemes W3A16 --out "$OUT/scale_form/awq_gptq_weight_outliers"
 fi
 # Issue 13: tlq's methods and baselines at their strongest next to the external peers (llm-compressor 0.14,
 # AutoRound 0.16, each in its own venv), the same calibration samples, one evaluator, paired bootstrap.

@@ -44,3 +44,12 @@ def test_recipe_validates_and_round_trips():
         Recipe(num_samples=0)
     with pytest.raises(TlqError, match="importance pass"):
         Recipe(method="tlq", importance_pass="partial")
+
+
+def test_scale_candidates_default_per_method_and_an_explicit_choice_wins():
+    """auto: AWQ + GPTQ searches llm-compressor's duo form only (the validation split's choice), every other
+    scale-search method both forms; a form given by the user is used as given."""
+    forms = {m: Recipe(method=m).resolve().scale_search.form for m in ("awq", "awq_gptq", "mbq", "tlq")}
+    assert forms == {"awq": "both", "awq_gptq": "duo", "mbq": "both", "tlq": "both"}
+    assert Recipe(method="awq_gptq", scale_form="both").resolve().scale_search.form == "both"
+    assert Recipe(method="tlq", scale_form="activation").resolve().scale_search.form == "activation"

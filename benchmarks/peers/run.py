@@ -105,7 +105,8 @@ def llmc_command(method: str, model: str, samples: Path, scheme, family: str, la
 
 
 def quantize_command(method: str, args, scheme, seed: int, samples: Path, family: str, layer_class: str,
-                     out: Path) -> list[str]:
+                     out: Path, label: str) -> list[str]:
+    """The child process that quantizes one cell; `label`: the scheme as it was asked for (tlq's spelling)."""
     if method == "autoround":
         return [str(AUTOROUND_PYTHON), "benchmarks/peers/autoround_quantize.py", "--model", args.model,
                 "--samples", str(samples), "--scheme", json.dumps(scheme.to_dict()), "--out", str(out)]
@@ -113,7 +114,7 @@ def quantize_command(method: str, args, scheme, seed: int, samples: Path, family
         return llmc_command(method, args.model, samples, scheme, family, layer_class, out)
     name, *options = method.split("+")
     cmd = [str(ROOT / ".venv" / "bin" / "tlq"), "quantize", args.model, "--calib", args.calib, "--images", args.images,
-           "--method", name, "--scheme", args.scheme_names[scheme.name], "--num-samples", str(args.num_samples),
+           "--method", name, "--scheme", label, "--num-samples", str(args.num_samples),
            "--seed", str(seed), "--out", str(out), "--quiet", "--no-resume", "--overwrite"]
     for option in options:
         flag, _, value = option.partition("=")
@@ -204,8 +205,8 @@ def main() -> int:
     from samples import write_samples
 
     family = adapter_for(read_model_type(args.model)).family
-    schemes = [parse_scheme(name) for name in args.schemes.split(",")]
-    args.scheme_names = {s.name: name for s, name in zip(schemes, args.schemes.split(","))}
+    labels = args.schemes.split(",")
+    schemes = [parse_scheme(label) for label in labels]
     seeds = [int(s) for s in args.seeds.split(",")]
     methods = args.methods.split(",")
     if any(m.startswith("llmc:") for m in methods) and not LLMC_PYTHON.exists():
@@ -226,7 +227,9 @@ def main() -> int:
                "fp_accuracy": sum(a["exact"] for a in fp) / len(fp), "num_samples": args.num_samples,
                "seeds": seeds, "machine": machine(), "cells": {}}
     kept = kept_cells(results, methods, Path(args.out)) if args.add else {}
-    for scheme in schemes:
+    # Cells and checkpoints are named as the scheme was asked for (W2A16-g64, not the preset's W2A16), so that
+    # two group sizes of one preset never share a cell or a cached checkpoint.
+    for label, scheme in zip(labels, schemes):
         runs: dict[str, list[dict]] = {}
         for seed in seeds:
             samples = work / "samples" / f"seed{seed}-n{args.num_samples}.safetensors"
@@ -235,20 +238,20 @@ def main() -> int:
             for method in methods:
                 reason = applies(method, scheme)
                 if reason is not None:
-                    results["cells"].setdefault(scheme.name, {}).setdefault(method, {"skipped": reason})
+                    results["cells"].setdefault(label, {}).setdefault(method, {"skipped": reason})
                     continue
-                out = work / scheme.name / f"seed{seed}" / method.replace(":", "-")
-                record = quantize_once(method, args, scheme, seed, samples, family, layer_class, out)
+                out = work / label / f"seed{seed}" / method.replace(":", "-")
+                record = quantize_once(method, args, scheme, seed, samples, family, layer_class, out, label)
                 if record["exit"] != 0:
-                    results["cells"].setdefault(scheme.name, {})[method] = {"failed": record}
-                    print(f"{scheme.name} seed {seed} {method}: FAILED (exit {record['exit']}, log {out}.log)", flush=True)
+                    results["cells"].setdefault(label, {})[method] = {"failed": record}
+                    print(f"{label} seed {seed} {method}: FAILED (exit {record['exit']}, log {out}.log)", flush=True)
                     continue
                 record.update(score_once(out, eval_set, reference_logp, pad_id, args))
                 runs.setdefault(method, []).append(record)
-                print(f"{scheme.name} seed {seed} {method}: {summary(record)} {record['wall_seconds']} s "
+                print(f"{label} seed {seed} {method}: {summary(record)} {record['wall_seconds']} s "
                       f"{record['peak_rss_mib']} MiB", flush=True)
-        cells = results["cells"].setdefault(scheme.name, {})
-        cells.update({**kept.get(scheme.name, {}), **cells, **compare(runs)})
+        cells = results["cells"].setdefault(label, {})
+        cells.update({**kept.get(label, {}), **cells, **compare(runs)})
         add_verdicts(cells)  # against every method of the cell, the kept ones included
     write(results, Path(args.out))
     return 0
@@ -267,14 +270,14 @@ def kept_cells(results: dict, methods: list[str], out: Path) -> dict:
     return {scheme: {m: c for m, c in cells.items() if m not in methods} for scheme, cells in saved["cells"].items()}
 
 
-def quantize_once(method, args, scheme, seed, samples, family, layer_class, out: Path) -> dict:
+def quantize_once(method, args, scheme, seed, samples, family, layer_class, out: Path, label: str) -> dict:
     done = out.with_name(out.name + ".measured.json")
     if done.exists() and (out / "config.json").exists() and not args.fresh:
         return json.loads(done.read_text())
     if out.exists():
         shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    record = run_measured(quantize_command(method, args, scheme, seed, samples, family, layer_class, out),
+    record = run_measured(quantize_command(method, args, scheme, seed, samples, family, layer_class, out, label),
                           out.with_name(out.name + ".log"))
     if record["exit"] == 0:
         if is_peer(method):

@@ -268,10 +268,11 @@ class Recipe:
     scale_max_tokens: int = knob(16384, "scale search: tokens scored per token-wise block (a random subsample)",
                                  TLQ_GROUP)
     # Candidate scales: activation (s = x^alpha, the AWQ paper), duo (x^alpha / w^(1-alpha), AutoAWQ's and
-    # llm-compressor's default) or both (the search keeps the better; chosen on the validation split,
-    # benchmarks/results/*/scale_form).
-    scale_form: str = knob("both", "scale candidates: activation (x^a), duo (x^a / w^(1-a)) or both", TLQ_GROUP,
-                           ("activation", "duo", "both"))
+    # llm-compressor's default) or both (the search keeps the better). auto: duo for AWQ + GPTQ, both for the
+    # others; chosen on the validation split (benchmarks/results/*/scale_form): the search scores candidates
+    # with round-to-nearest, and for AWQ + GPTQ the activation form's picks did not survive the GPTQ solve.
+    scale_form: str = knob("auto", "scale candidates: activation (x^a), duo (x^a / w^(1-a)) or both (auto: duo "
+                                   "for awq_gptq, both otherwise)", TLQ_GROUP, ("auto", "activation", "duo", "both"))
     smooth_alpha: float = knob(0.5, "SmoothQuant migration strength", TLQ_GROUP)
     device: str = knob("auto", "auto, cpu, cuda, cuda:N")
     extra: dict[str, Any] = field(default_factory=dict)  # not a flag: free-form notes kept with the recipe
@@ -299,8 +300,8 @@ class Recipe:
             raise TlqError(f"unknown weighting {self.weighting!r}: use auto, uniform, modality or importance")
         if self.weight_grid not in ("minmax", "mse"):
             raise TlqError(f"unknown weight grid {self.weight_grid!r}: use minmax or mse")
-        if self.scale_form not in ("activation", "duo", "both"):
-            raise TlqError(f"unknown scale form {self.scale_form!r}: use activation, duo or both")
+        if self.scale_form not in ("auto", "activation", "duo", "both"):
+            raise TlqError(f"unknown scale form {self.scale_form!r}: use auto, activation, duo or both")
         if self.scale_loss not in ("auto", "mse", "mae"):
             raise TlqError(f"unknown scale loss {self.scale_loss!r}: use auto, mse or mae")
         if self.importance_score not in IMPORTANCE_SCORES:
@@ -358,6 +359,12 @@ class Recipe:
             return self.scale_loss
         return "mae" if self.method == "mbq" else "mse"
 
+    @property
+    def scale_form_resolved(self) -> str:
+        if self.scale_form != "auto":
+            return self.scale_form
+        return "duo" if self.method == "awq_gptq" else "both"
+
     def resolve(self) -> "RunConfig":
         """The recipe resolved once per run: the scheme, the method's plan, and one frozen config per part,
         each holding only its own knobs (what a solver, a transform or the loop reads)."""
@@ -367,7 +374,7 @@ class Recipe:
                             expert_min_tokens=self.expert_min_tokens, device=self.device),
             gptq=GPTQConfig(dampening=self.dampening, block_size=self.block_size, act_order=self.act_order_resolved),
             scale_search=ScaleSearchConfig(grid=self.scale_grid, loss=self.scale_loss_resolved,
-                                           max_tokens=self.scale_max_tokens, form=self.scale_form, seed=self.seed),
+                                           max_tokens=self.scale_max_tokens, form=self.scale_form_resolved, seed=self.seed),
             smoothquant=SmoothQuantConfig(alpha=self.smooth_alpha, max_tokens=self.scale_max_tokens, seed=self.seed))
 
     def resolved_scheme(self) -> Scheme:
