@@ -89,6 +89,7 @@ fi
 PEER_WEIGHT_METHODS=rtn,gptq,gptq+act-order,gptq+act-order+weight-grid=mse,awq,awq_gptq,mbq,tlq,\
 llmc:gptq,llmc:awq,llmc:awq_gptq,autoround
 PEER_ACT_METHODS=rtn,gptq,gptq+act-order,smoothquant,smoothquant_gptq,tlq,llmc:gptq,llmc:smoothquant_gptq
+PEER_W2_METHODS=rtn,gptq,gptq+act-order,awq_gptq,tlq,llmc:gptq,llmc:awq_gptq,autoround
 if [ "$STAGE" = peers ]; then
   [ -x .venv-llmc/bin/python ] || benchmarks/peers/build_venvs.sh llmc
   [ -x .venv-autoround/bin/python ] || benchmarks/peers/build_venvs.sh autoround
@@ -100,6 +101,9 @@ if [ "$STAGE" = peers ]; then
     --methods $PEER_WEIGHT_METHODS --out "$OUT/peers/weight_outliers"
   .venv/bin/python benchmarks/peers/run.py --model "$ACT_VARIANT" "${PEERS[@]}" --schemes W4A8 \
     --methods $PEER_ACT_METHODS --out "$OUT/peers/activation_outliers"
+  # The harder cell as trained (2 bits, groups of 64), where FP is not the ceiling for every method.
+  .venv/bin/python benchmarks/peers/run.py --model "$MODEL" "${PEERS[@]}" --schemes W2A16-g64 \
+    --methods $PEER_W2_METHODS --out "$OUT/peers/as_trained_w2a16_g64"
 fi
 # Issue 13: calibration conditions where token importance should matter (tlq synth --condition): heatmaps of
 # the per-token importance, and the ablation (importance vs uniform vs modality weights, a token-level set,
