@@ -44,7 +44,8 @@ class ScalingGroup:
     A scale search scores each candidate by the output of `block`, the module the targets belong to
     (the attention for q,k,v; the MLP for gate,up; the Linear itself for o and down), as the AWQ paper
     does: an error in q or k matters only through what the attention makes of it. `output_linear` is
-    the Linear whose output is the block's output; its token weights weight the block's error.
+    the Linear whose output is the block's output (the block itself where that is no single Linear's: an MoE
+    block's routed sum); its token weights weight the block's error.
     `mixes_tokens` says that the block combines tokens (attention), so it runs on whole samples with
     their own keyword arguments; a token-wise block (Linear, MLP) takes the targets' input as its only
     argument and runs on any subset of tokens.
