@@ -2,7 +2,7 @@
 layers, the fitted growth of each, and `tlq plan`'s estimate against the measured peak.
 
     .venv/bin/python benchmarks/cost_curves.py [--methods gptq,tlq] [--sweeps samples,tokens,hidden,layers] \
-        [--out benchmarks/results/cost/curves]
+        [--values samples=64,128,256] [--out benchmarks/results/cost/curves]
 
 Every point is a random-weight Qwen2VLForConditionalGeneration (benchmarks/cost.py builds it) quantized to
 W4A16 by one `tlq quantize` child process at a time (tlq.measure: wall, own peak RSS; tlq_recipe.json:
@@ -143,6 +143,8 @@ def fits(rows: list[dict], baseline: float) -> list[dict]:
 
 def write(out: Path, rows: list[dict], baseline: float) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    order = list(SWEEPS)
+    rows = sorted(rows, key=lambda r: (order.index(r["sweep"]), r["method"], sweep_x(r["sweep"], r)))
     fitted = fits(rows, baseline)
     (out / "results.json").write_text(json.dumps({"base": BASE, "sweeps": SWEEPS, "cpus": os.cpu_count(),
                                                   "interpreter_baseline_mib": baseline, "rows": rows,
@@ -202,24 +204,33 @@ def main() -> int:
     parser.add_argument("--sweeps", default=",".join(SWEEPS))
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "cost" / "curves")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cost" / "curves")
+    parser.add_argument("--values", action="append", default=[], metavar="SWEEP=X,Y",
+                        help="measure only these points of a sweep (e.g. samples=64,128,256), repeatable")
     args = parser.parse_args()
+    values = dict(SWEEPS)
+    for item in args.values:
+        sweep, _, listed = item.partition("=")
+        if sweep not in SWEEPS or not listed:
+            raise SystemExit(f"--values {item!r}: write SWEEP=X,Y with SWEEP one of {', '.join(SWEEPS)}")
+        values[sweep] = [int(x) for x in listed.split(",")]
     baseline = interpreter_baseline_mib()
     previous = json.loads((args.out / "results.json").read_text())["rows"] if (args.out / "results.json").exists() else []
     requested = args.sweeps.split(",")
-    # Rows of sweeps not run now are kept; a requested sweep's points are reused when already measured.
-    rows = [r for r in previous if r["sweep"] not in requested]
+    # Every saved row is kept (a point measured before, of any sweep or method, is not measured again), so
+    # a run can add a method, a sweep or points to a folder, and an interrupted run resumes.
+    rows = list(previous)
     for sweep in requested:
         if sweep not in SWEEPS:
             raise SystemExit(f"unknown sweep {sweep!r}: use {', '.join(SWEEPS)}")
-        for value in SWEEPS[sweep]:
+        for value in values[sweep]:
             point = {**BASE, SWEEP_KEY[sweep]: value}
             for method in args.methods.split(","):
-                done = [r for r in previous + rows if r["method"] == method and r["sweep"] == sweep
-                        and all(r[k] == point[k] for k in BASE)]
-                if done:  # resumed: this point was measured by an earlier, interrupted run
-                    rows.append(done[0]) if done[0] not in rows else None
+                same = [r for r in rows if r["method"] == method and all(r[k] == point[k] for k in BASE)]
+                if any(r["sweep"] == sweep for r in same):
                     continue
-                row = {"sweep": sweep, **run_point(args, args.work, args.work, method, point)}
+                # The base point is on every sweep: one run serves them all (the row says which it reuses).
+                row = ({**same[0], "sweep": sweep, "run_for_sweep": same[0].get("run_for_sweep", same[0]["sweep"])}
+                       if same else {"sweep": sweep, **run_point(args, args.work, args.work, method, point)})
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 write(args.out, rows, baseline)
