@@ -83,6 +83,27 @@ def planned_mib(model: Path, samples: int, tokens: int, method: str) -> float:
     return (host["peak"] + working) * 1024
 
 
+def points_to_measure(rows: list[dict], sweeps: list[str], values: dict, methods: list[str]):
+    """(sweep, point, method, reused row or None) for every point of the requested sweeps not yet in `rows`.
+
+    Every saved row is kept (a point measured before is not measured again), so a run can add a method, a
+    sweep or points to a folder, and an interrupted run resumes. The base point lies on every sweep: one
+    run serves them all (its copy names the sweep it was run for). `rows` grows as the caller appends.
+    """
+    for sweep in sweeps:
+        if sweep not in SWEEPS:
+            raise SystemExit(f"unknown sweep {sweep!r}: use {', '.join(SWEEPS)}")
+        for value in values[sweep]:
+            point = {**BASE, SWEEP_KEY[sweep]: value}
+            for method in methods:
+                same = [r for r in rows if r["method"] == method and all(r[k] == point[k] for k in BASE)]
+                if any(r["sweep"] == sweep for r in same):
+                    continue
+                reused = ({**same[0], "sweep": sweep, "run_for_sweep": same[0].get("run_for_sweep", same[0]["sweep"])}
+                          if same else None)
+                yield sweep, point, method, reused
+
+
 def run_point(args, work: Path, data_root: Path, method: str, point: dict) -> dict:
     from tlq.bench import run_measured
     from tlq.data.synthetic import write_split
@@ -215,25 +236,16 @@ def main() -> int:
         values[sweep] = [int(x) for x in listed.split(",")]
     baseline = interpreter_baseline_mib()
     previous = json.loads((args.out / "results.json").read_text())["rows"] if (args.out / "results.json").exists() else []
-    requested = args.sweeps.split(",")
-    # Every saved row is kept (a point measured before, of any sweep or method, is not measured again), so
-    # a run can add a method, a sweep or points to a folder, and an interrupted run resumes.
     rows = list(previous)
-    for sweep in requested:
-        if sweep not in SWEEPS:
-            raise SystemExit(f"unknown sweep {sweep!r}: use {', '.join(SWEEPS)}")
-        for value in values[sweep]:
-            point = {**BASE, SWEEP_KEY[sweep]: value}
-            for method in args.methods.split(","):
-                same = [r for r in rows if r["method"] == method and all(r[k] == point[k] for k in BASE)]
-                if any(r["sweep"] == sweep for r in same):
-                    continue
-                # The base point is on every sweep: one run serves them all (the row says which it reuses).
-                row = ({**same[0], "sweep": sweep, "run_for_sweep": same[0].get("run_for_sweep", same[0]["sweep"])}
-                       if same else {"sweep": sweep, **run_point(args, args.work, args.work, method, point)})
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                write(args.out, rows, baseline)
+    for sweep, point, method, reused in points_to_measure(rows, args.sweeps.split(","), values,
+                                                          args.methods.split(",")):
+        if reused is not None:
+            rows.append(reused)
+            continue
+        row = {"sweep": sweep, **run_point(args, args.work, args.work, method, point)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        write(args.out, rows, baseline)
     write(args.out, rows, baseline)
     return 0
 

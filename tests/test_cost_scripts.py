@@ -1,0 +1,69 @@
+"""The cost benchmarks' bookkeeping: which points a curves run measures, and how an A/B run is collected."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _module(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _walk(curves, rows, sweeps, values, methods):
+    """Drive points_to_measure as main() does, 'measuring' a point by recording it."""
+    measured = []
+    for sweep, point, method, reused in curves.points_to_measure(rows, sweeps, values, methods):
+        if reused is None:
+            measured.append((sweep, point[curves.SWEEP_KEY[sweep]], method))
+            rows.append({"sweep": sweep, "method": method, **point})
+        else:
+            rows.append(reused)
+    return measured
+
+
+def test_curves_measure_the_base_point_once_and_only_the_asked_values():
+    curves = _module("cost_curves")
+    values = {**curves.SWEEPS, "samples": [64, 128], "hidden": [512, 1024]}
+    rows = []
+    measured = _walk(curves, rows, ["samples", "hidden"], values, ["tlq"])
+    assert measured == [("samples", 64, "tlq"), ("samples", 128, "tlq"), ("hidden", 512, "tlq")]
+    base = [r for r in rows if all(r[k] == v for k, v in curves.BASE.items())]
+    assert sorted(r["sweep"] for r in base) == ["hidden", "samples"]
+    assert [r.get("run_for_sweep") for r in base if r["sweep"] == "hidden"] == ["samples"]
+
+
+def test_curves_keep_saved_rows_and_do_not_measure_them_again():
+    curves = _module("cost_curves")
+    saved = [{"sweep": "samples", "method": "gptq", **{**curves.BASE, "samples": s}} for s in (64, 512)]
+    rows = list(saved)
+    measured = _walk(curves, rows, ["samples"], {**curves.SWEEPS, "samples": [64, 128]}, ["gptq", "tlq"])
+    assert measured == [("samples", 64, "tlq"), ("samples", 128, "gptq"), ("samples", 128, "tlq")]
+    assert all(r in rows for r in saved)  # the 512-sample row was not asked for and stays
+
+
+def test_curves_refuse_an_unknown_sweep():
+    curves = _module("cost_curves")
+    with pytest.raises(SystemExit, match="unknown sweep"):
+        list(curves.points_to_measure([], ["width"], curves.SWEEPS, ["tlq"]))
+
+
+def test_ab_collect_orders_rounds_and_states_the_median_ratio(tmp_path):
+    ab = _module("cost_ab")
+    seconds = {("a1", 1): 100.0, ("b2", 1): 90.0, ("a1", 2): 110.0, ("b2", 2): 80.0}
+    for (commit, round_), value in seconds.items():
+        folder = tmp_path / "runs" / f"{commit}-r{round_}"
+        folder.mkdir(parents=True)
+        row = {"method": "tlq", "calibration_seconds": value, "peak_rss_mib": 1000.0, "load_average": 2.0,
+               "phase_seconds": {"rescale": value / 2}}
+        (folder / "results.json").write_text(json.dumps({"rows": [row]}))
+    result = ab.collect(tmp_path, ["a1", "b2"])
+    assert [(r["commit"], r["round"]) for r in result["rows"]] == [("a1", 1), ("b2", 1), ("a1", 2), ("b2", 2)]
+    table = ab.table(result)
+    assert "a1 105.0, b2 85.0" in table and "b2 / a1 = 0.810" in table
