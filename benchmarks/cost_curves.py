@@ -124,7 +124,8 @@ def run_point(args, work: Path, data_root: Path, method: str, point: dict) -> di
     tokens = saved["calibration"]["num_tokens"]
     per_sample = round(tokens / point["samples"]) if tokens else None
     return {**point, "method": method, **measured, "calibration_seconds": saved.get("calibration_seconds"),
-            "phase_seconds": saved.get("phase_seconds"), "tokens_per_sample": per_sample,
+            "phase_seconds": saved.get("phase_seconds"), "phase_peak_rss_mib": saved.get("phase_peak_rss_mib"),
+            "tokens_per_sample": per_sample,
             "planned_mib": round(planned_mib(model, point["samples"], per_sample or 280, method), 1),
             "load_average": os.getloadavg()[0]}
 
