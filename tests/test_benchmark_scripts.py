@@ -1,4 +1,5 @@
-"""The cost benchmarks' bookkeeping: which points a curves run measures, and how an A/B run is collected."""
+"""The benchmarks' bookkeeping: which points a cost-curves run measures, how an A/B run is collected, and how
+a serving-check rerun merges into the saved cells."""
 
 import importlib.util
 import json
@@ -9,8 +10,8 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def _module(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+def _module(name: str, folder: str = ""):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -67,3 +68,13 @@ def test_ab_collect_orders_rounds_and_states_the_median_ratio(tmp_path):
     assert [(r["commit"], r["round"]) for r in result["rows"]] == [("a1", 1), ("b2", 1), ("a1", 2), ("b2", 2)]
     table = ab.table(result)
     assert "a1 105.0, b2 85.0" in table and "b2 / a1 = 0.810" in table
+
+
+def test_serving_rerun_replaces_cells_in_place_and_adds_new_ones_after_their_model():
+    serve = _module("serve_check", "serve")
+    saved = [{"model": m, "scheme": s, "v": 0} for m in ("a", "b") for s in ("FP", "W4A8")]
+    rows = [{"model": "a", "scheme": "W4A8", "v": 1}, {"model": "a", "scheme": "W8A8", "v": 1},
+            {"model": "c", "scheme": "FP", "v": 1}]
+    merged = serve._merged(saved, rows)
+    assert [(r["model"], r["scheme"], r["v"]) for r in merged] == [
+        ("a", "FP", 0), ("a", "W4A8", 1), ("a", "W8A8", 1), ("b", "FP", 0), ("b", "W4A8", 0), ("c", "FP", 1)]
