@@ -158,6 +158,7 @@ class ScaleSearchConfig:
     max_tokens: int
     form: str
     seed: int
+    alpha_one: bool = False
 
 
 @dataclass(frozen=True)
@@ -263,6 +264,9 @@ class Recipe:
     min_kind_share: float = knob(0.1, "minimum share of the kept tokens for each token kind present", TLQ_GROUP)
     # Scale search (AWQ / MBQ / TLQ scale backend) and SmoothQuant.
     scale_grid: int = knob(20, "scale search: alpha steps per candidate form", TLQ_GROUP)
+    # alpha = k / grid stops at (grid - 1) / grid, as AutoAWQ's grid does; llm-compressor's duo grid ends at
+    # alpha = 1. Off until validated (benchmarks/results/*/scale_grid).
+    scale_alpha_one: bool = knob(False, "scale search: the grid also tries alpha = 1", TLQ_GROUP)
     scale_loss: str = knob("auto", "scale search loss (auto: mae for MBQ as published, mse otherwise)", TLQ_GROUP,
                            ("auto", "mse", "mae"))
     scale_max_tokens: int = knob(16384, "scale search: tokens scored per token-wise block (a random subsample)",
@@ -374,7 +378,8 @@ class Recipe:
                             expert_min_tokens=self.expert_min_tokens, device=self.device),
             gptq=GPTQConfig(dampening=self.dampening, block_size=self.block_size, act_order=self.act_order_resolved),
             scale_search=ScaleSearchConfig(grid=self.scale_grid, loss=self.scale_loss_resolved,
-                                           max_tokens=self.scale_max_tokens, form=self.scale_form_resolved, seed=self.seed),
+                                           max_tokens=self.scale_max_tokens, form=self.scale_form_resolved, seed=self.seed,
+                                           alpha_one=self.scale_alpha_one),
             smoothquant=SmoothQuantConfig(alpha=self.smooth_alpha, max_tokens=self.scale_max_tokens, seed=self.seed))
 
     def resolved_scheme(self) -> Scheme:

@@ -281,7 +281,8 @@ def _search_group(ctx: _GroupContext, group: ScalingGroup, data: _Captured, fp_d
         items = _token_wise_items(block, x, target_x, weights, group.block_takes_batch)
     objective = _BlockObjective(block, targets, items, ctx.scheme, search.loss, device, ranks)
     weight = weight_magnitude(targets, ctx.scheme.group_size) if search.form != "activation" else None
-    scales, choice, ratio = search_scales(magnitude, objective, search.grid, weight, search.form)
+    scales, choice, ratio = search_scales(magnitude, objective, search.grid, weight, search.form,
+                                          search.alpha_one)
     return scales, {"source": group.source, "block": group.block, **choice, "loss_ratio": ratio,
                     "tokens": data.tokens}
 

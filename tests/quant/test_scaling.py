@@ -28,6 +28,18 @@ def test_search_returns_the_grid_minimum_and_never_loses_to_no_scaling():
     assert search_scales(magnitude, lambda s: 1.0, grid=20)[1] == {"alpha": 0.0, "form": "none"}
 
 
+def test_alpha_one_is_tried_only_when_asked():
+    x, targets = _group(3)
+    magnitude, weight = channel_magnitude(x), weight_magnitude(targets, 16)
+    for form, w in (("activation", None), ("duo", weight)):
+        target = candidate_scales(magnitude, 1.0, w)
+        def error(scales):
+            return float((scales - target).abs().sum())
+        assert search_scales(magnitude, error, 20, w, form)[1]["alpha"] == 0.95  # the grid's default end
+        scales, choice, _ = search_scales(magnitude, error, 20, w, form, alpha_one=True)
+        assert choice == {"alpha": 1.0, "form": form} and torch.equal(scales, target)
+
+
 def test_duo_candidates_divide_by_the_group_normalised_weight_magnitude():
     x, targets = _group(3)
     magnitude, weight = channel_magnitude(x), weight_magnitude(targets, 16)

@@ -81,10 +81,11 @@ def candidate_scales(magnitude: torch.Tensor, alpha: float, weight: torch.Tensor
 
 
 def search_scales(magnitude: torch.Tensor, error: Callable[[torch.Tensor], float], grid: int = 20,
-                  weight: torch.Tensor | None = None, form: str = "activation") -> tuple[torch.Tensor, dict, float]:
-    """The candidate whose scales minimise `error`: no scaling first, then alpha in {k / grid} with
-    s = x^alpha ("activation", the AWQ paper's form; k >= 1), s = x^alpha / w^(1-alpha) ("duo", AutoAWQ's
-    and llm-compressor's default; k >= 0, needs `weight`), or both.
+                  weight: torch.Tensor | None = None, form: str = "activation",
+                  alpha_one: bool = False) -> tuple[torch.Tensor, dict, float]:
+    """The candidate whose scales minimise `error`: no scaling first, then alpha in {k / grid}, k < grid
+    (k <= grid with `alpha_one`), with s = x^alpha ("activation", the AWQ paper's form; k >= 1),
+    s = x^alpha / w^(1-alpha) ("duo", AutoAWQ's and llm-compressor's default; k >= 0, needs `weight`), or both.
 
     Returns (scales, {"alpha", "form"} of the winner, best error / error without scaling); ties keep the
     earlier candidate.
@@ -95,10 +96,11 @@ def search_scales(magnitude: torch.Tensor, error: Callable[[torch.Tensor], float
     baseline = best = error(best_scales)
     best_choice = {"alpha": 0.0, "form": "none"}
     trials = []
+    last = grid + 1 if alpha_one else grid
     if form in ("activation", "both"):
-        trials += [(step / grid, "activation") for step in range(1, grid)]
+        trials += [(step / grid, "activation") for step in range(1, last)]
     if form in ("duo", "both"):
-        trials += [(step / grid, "duo") for step in range(grid)]
+        trials += [(step / grid, "duo") for step in range(last)]
     for alpha, kind in trials:
         scales = candidate_scales(magnitude, alpha, weight if kind == "duo" else None)
         value = error(scales)
