@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces benchmarks/results/: the retention benchmark on a bundled reference VLM.
-#   benchmarks/reference.sh [rtn_gptq|methods|ablation|validation|symmetry|scale_form|peers|conditions|depth|smooth_alpha|all]      (MODEL=models/reference/NAME to choose;
+#   benchmarks/reference.sh [rtn_gptq|methods|ablation|validation|symmetry|scale_form|scale_grid|peers|conditions|depth|smooth_alpha|all]      (MODEL=models/reference/NAME to choose;
 #   WEIGHT_SCHEMES / ACT_SCHEMES narrow the methods stage, e.g. WEIGHT_SCHEMES=W3A16 ACT_SCHEMES=W4A8)
 # Calibration pool (seed 1) and test split (seed 2) come from `tlq synth`; every cell is mean/std over
 # calibration seeds 0,1,2 (each draws 128 samples from the pool). Reruns skip finished cells.
@@ -82,6 +82,14 @@ if [ "$STAGE" = scale_form ]; then
        --num-samples 128 --methods awq_gptq+scale-form=both,awq_gptq+scale-form=activation,awq_gptq+scale-form=duo)
   $TLQ bench "$MODEL" "${SFG[@]}" --schemes W3A16 --out "$OUT/scale_form/awq_gptq_as_trained"
   $TLQ bench "$WEIGHT_VARIANT" "${SFG[@]}" --schemes W3A16 --out "$OUT/scale_form/awq_gptq_weight_outliers"
+fi
+# Issue 13: which alpha values the scale search tries (alpha = 1 added; 18 or 40 steps instead of 20), for
+# AWQ + GPTQ and TLQ, validation split. Run so far: qwen2_vl-small as trained, qwen2_vl-large weight outliers.
+SCALE_GRID=awq_gptq,awq_gptq+scale-alpha-one,awq_gptq+scale-grid=18,awq_gptq+scale-grid=40
+if [ "$STAGE" = scale_grid ]; then
+  SG=(--calib "$DATA/calib.json" --images "$DATA" --eval "$DATA/val.json" --seeds 0,1 --num-samples 128 --schemes W3A16)
+  $TLQ bench "$MODEL" "${SG[@]}" --methods $SCALE_GRID --out "$OUT/scale_grid/as_trained"
+  $TLQ bench "$WEIGHT_VARIANT" "${SG[@]}" --methods $SCALE_GRID,tlq,tlq+scale-alpha-one --out "$OUT/scale_grid/weight_outliers"
 fi
 # Issue 13: tlq's methods and baselines at their strongest next to the external peers (llm-compressor 0.14,
 # AutoRound 0.16, each in its own venv), the same calibration samples, one evaluator, paired bootstrap.
