@@ -265,7 +265,7 @@ class Recipe:
     # Scale search (AWQ / MBQ / TLQ scale backend) and SmoothQuant.
     scale_grid: int = knob(20, "scale search: alpha steps per candidate form", TLQ_GROUP)
     # alpha = k / grid stops at (grid - 1) / grid, as AutoAWQ's grid does; llm-compressor's duo grid ends at
-    # alpha = 1. Off until validated (benchmarks/results/*/scale_grid).
+    # alpha = 1. Off: alpha = 1 never won on the validation split (benchmarks/results/*/scale_grid).
     scale_alpha_one: bool = knob(False, "scale search: the grid also tries alpha = 1", TLQ_GROUP)
     scale_loss: str = knob("auto", "scale search loss (auto: mae for MBQ as published, mse otherwise)", TLQ_GROUP,
                            ("auto", "mse", "mae"))
