@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces benchmarks/results/: the retention benchmark on a bundled reference VLM.
-#   benchmarks/reference.sh [rtn_gptq|methods|ablation|validation|symmetry|scale_form|scale_grid|peers|conditions|depth|smooth_alpha|all]      (MODEL=models/reference/NAME to choose;
+#   benchmarks/reference.sh [rtn_gptq|methods|ablation|validation|symmetry|scale_form|scale_grid|scale_rescore|peers|conditions|depth|smooth_alpha|all]      (MODEL=models/reference/NAME to choose;
 #   WEIGHT_SCHEMES / ACT_SCHEMES narrow the methods stage, e.g. WEIGHT_SCHEMES=W3A16 ACT_SCHEMES=W4A8)
 # Calibration pool (seed 1) and test split (seed 2) come from `tlq synth`; every cell is mean/std over
 # calibration seeds 0,1,2 (each draws 128 samples from the pool). Reruns skip finished cells.
@@ -90,6 +90,14 @@ if [ "$STAGE" = scale_grid ]; then
   SG=(--calib "$DATA/calib.json" --images "$DATA" --eval "$DATA/val.json" --seeds 0,1 --num-samples 128 --schemes W3A16)
   $TLQ bench "$MODEL" "${SG[@]}" --methods $SCALE_GRID --out "$OUT/scale_grid/as_trained"
   $TLQ bench "$WEIGHT_VARIANT" "${SG[@]}" --methods $SCALE_GRID,tlq,tlq+scale-alpha-one --out "$OUT/scale_grid/weight_outliers"
+fi
+# Issue 13: the scale search's pick scored after GPTQ (--scale-rescore-top k: the k best candidates by round to
+# nearest are solved with GPTQ and scored again), AWQ + GPTQ and TLQ, validation split, seeds 0-3.
+SCALE_RESCORE=awq_gptq,awq_gptq+scale-rescore-top=4,awq_gptq+scale-rescore-top=21,tlq,tlq+scale-rescore-top=4,tlq+scale-rescore-top=40
+if [ "$STAGE" = scale_rescore ]; then
+  SR=(--calib "$DATA/calib.json" --images "$DATA" --eval "$DATA/val.json" --seeds "${RESCORE_SEEDS:-0,1,2,3}" --num-samples 128 --schemes W3A16)
+  $TLQ bench "$MODEL" "${SR[@]}" --methods $SCALE_RESCORE --out "$OUT/scale_rescore/as_trained"
+  $TLQ bench "$WEIGHT_VARIANT" "${SR[@]}" --methods $SCALE_RESCORE --out "$OUT/scale_rescore/weight_outliers"
 fi
 # Issue 13: tlq's methods and baselines at their strongest next to the external peers (llm-compressor 0.14,
 # AutoRound 0.16, each in its own venv), the same calibration samples, one evaluator, paired bootstrap.

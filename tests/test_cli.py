@@ -106,7 +106,7 @@ def test_every_recipe_knob_is_a_flag_named_after_it_with_the_recipes_default():
               "importance_score": "gx", "importance_pass": "streamed", "weighting": "importance",
               "importance_floor": 0.3, "importance_clip": 4.0, "keep_ratio": 0.5, "token_budget": None,
               "min_kind_share": 0.2, "scale_grid": 10, "scale_loss": "mae", "scale_max_tokens": 999,
-              "scale_form": "duo", "scale_alpha_one": True, "smooth_alpha": 0.8, "device": "cpu"}
+              "scale_form": "duo", "scale_alpha_one": True, "scale_rescore_top": 3, "smooth_alpha": 0.8, "device": "cpu"}
     assert set(values) == {f.name for f in dataclasses.fields(Recipe)} - {"extra"}
     flags = []
     for name, value in values.items():

@@ -159,6 +159,7 @@ class ScaleSearchConfig:
     form: str
     seed: int
     alpha_one: bool = False
+    rescore_top: int = 0
 
 
 @dataclass(frozen=True)
@@ -267,6 +268,10 @@ class Recipe:
     # alpha = k / grid stops at (grid - 1) / grid, as AutoAWQ's grid does; llm-compressor's duo grid ends at
     # alpha = 1. Off: alpha = 1 never won on the validation split (benchmarks/results/*/scale_grid).
     scale_alpha_one: bool = knob(False, "scale search: the grid also tries alpha = 1", TLQ_GROUP)
+    # Round to nearest only shortlists when k > 0: the k best candidates are scored again with the targets
+    # solved by the method's weight solver (GPTQ) on the scored rows' Hessian; no effect with RTN.
+    scale_rescore_top: int = knob(0, "scale search: score the K best candidates again after the method's GPTQ "
+                                     "solve and keep the best of those (0 = off)", TLQ_GROUP)
     scale_loss: str = knob("auto", "scale search loss (auto: mae for MBQ as published, mse otherwise)", TLQ_GROUP,
                            ("auto", "mse", "mae"))
     scale_max_tokens: int = knob(16384, "scale search: tokens scored per token-wise block (a random subsample)",
@@ -315,6 +320,8 @@ class Recipe:
             raise TlqError(f"--clip must be > 0, got {self.importance_clip}")
         if not 0 <= self.min_kind_share < 1:
             raise TlqError(f"--min-kind-share must be in [0, 1), got {self.min_kind_share}")
+        if self.scale_rescore_top < 0:
+            raise TlqError(f"--scale-rescore-top must be >= 0, got {self.scale_rescore_top}")
         if self.scale_grid < 1 or self.scale_max_tokens < 1 or not 0 <= self.smooth_alpha <= 1:
             raise TlqError("scale_grid and scale_max_tokens must be >= 1 and smooth_alpha in [0, 1]")
         if not 0 <= self.importance_floor <= 1:
@@ -379,7 +386,7 @@ class Recipe:
             gptq=GPTQConfig(dampening=self.dampening, block_size=self.block_size, act_order=self.act_order_resolved),
             scale_search=ScaleSearchConfig(grid=self.scale_grid, loss=self.scale_loss_resolved,
                                            max_tokens=self.scale_max_tokens, form=self.scale_form_resolved, seed=self.seed,
-                                           alpha_one=self.scale_alpha_one),
+                                           alpha_one=self.scale_alpha_one, rescore_top=self.scale_rescore_top),
             smoothquant=SmoothQuantConfig(alpha=self.smooth_alpha, max_tokens=self.scale_max_tokens, seed=self.seed))
 
     def resolved_scheme(self) -> Scheme:

@@ -33,6 +33,7 @@ from tlq.context import RunContext
 from tlq.distributed import Ranks
 from tlq.models import ModelAdapter, ScalingGroup
 from tlq.measure import return_freed_memory
+from tlq.quant.base import LinearSolver, solver_class
 from tlq.quant.primitives import fake_quant_activation, fake_quant_weight
 from tlq.quant.scaling import (apply_scales, channel_magnitude, group_applies, search_scales, smoothquant_scales,
                                weight_magnitude, weighted_error)
@@ -140,8 +141,38 @@ def _capture(layer: nn.Module, group: ScalingGroup, inputs: LayerInputs, device:
     return store
 
 
+WeightQuantizer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (W s, s) -> Q(W s)
+
+
+def _round_to_nearest(scheme: Scheme) -> WeightQuantizer:
+    return lambda scaled, scales: fake_quant_weight(scaled, scheme).weight
+
+
+def _solved_by(solver: type[LinearSolver], config, scheme: Scheme, hessian: torch.Tensor) -> WeightQuantizer:
+    """Q(W s) as the Linear's solver makes it for the scaled inputs x / s, whose Hessian is H / (s s^T).
+    Under W*A8 the Hessian is the unquantized inputs' (the per-token activation rounding depends on s in
+    a way a rescaled H cannot follow); the scoring itself runs the deployed activations."""
+    def quantize(scaled: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        inverse = 1.0 / scales.to(hessian).float()
+        return solver.solve_given(scaled, hessian * inverse[:, None] * inverse[None, :], scheme, config).weight
+    return quantize
+
+
+def _input_hessian(x: torch.Tensor, weights: torch.Tensor | None, ranks: Ranks) -> torch.Tensor:
+    """sum_t w_t x_t x_t^T / sum_t w_t over every rank's rows (float64 sums, float32 result), in row chunks."""
+    width = x.shape[-1]
+    total = torch.zeros(width, width, dtype=torch.float64, device=x.device)
+    for start in range(0, len(x), CHUNK):
+        rows = x[start:start + CHUNK].float()
+        weighted = rows if weights is None else rows * weights[start:start + CHUNK].to(rows)[:, None]
+        total += weighted.t() @ rows
+    count = torch.tensor(float(len(x)) if weights is None else float(weights.double().sum()), dtype=torch.float64)
+    total, count = ranks.sum(total), ranks.sum(count.to(x.device))
+    return (total / count.clamp_min(1e-30)).float()
+
+
 @contextmanager
-def _scaled_and_quantized(targets: list[nn.Linear], scales: torch.Tensor, scheme: Scheme):
+def _scaled_and_quantized(targets: list[nn.Linear], scales: torch.Tensor, scheme: Scheme, quantize: WeightQuantizer):
     """The targets as the deployed model computes them after folding `scales`: Q(W s) applied to x / s
     (fake-quantized per token under W*A8). The weights are restored on exit."""
     originals = [t.weight.data for t in targets]
@@ -155,7 +186,7 @@ def _scaled_and_quantized(targets: list[nn.Linear], scales: torch.Tensor, scheme
         for target in targets:
             w = target.weight.data
             scaled = (w.float() * scales.to(w.device)[None, :]).to(w.dtype)
-            target.weight.data = fake_quant_weight(scaled, scheme).weight.to(w.dtype)
+            target.weight.data = quantize(scaled, scales.to(w.device)).to(w.dtype)
             handles.append(target.register_forward_pre_hook(scaled_input))
         yield
     finally:
@@ -169,17 +200,22 @@ class _BlockObjective:
     """error(scales): the token-weighted error of the block's output with the targets scaled and quantized.
 
     items are (args, kwargs, kept rows or None, FP reference rows, token weights or None); the sum is
-    taken over every rank's tokens.
+    taken over every rank's tokens. `quantize` makes the targets' weights (round to nearest by default).
     """
 
     def __init__(self, block: nn.Module, targets: list[nn.Linear], items: list[tuple], scheme: Scheme,
-                 loss: str, device: torch.device, ranks: Ranks) -> None:
+                 loss: str, device: torch.device, ranks: Ranks, quantize: WeightQuantizer | None = None) -> None:
         self.block, self.targets, self.items = block, targets, items
         self.scheme, self.loss, self.device, self.ranks = scheme, loss, device, ranks
+        self.quantize = quantize or _round_to_nearest(scheme)
+
+    def with_quantizer(self, quantize: WeightQuantizer) -> "_BlockObjective":
+        return _BlockObjective(self.block, self.targets, self.items, self.scheme, self.loss, self.device,
+                               self.ranks, quantize)
 
     def __call__(self, scales: torch.Tensor) -> float:
         total = 0.0
-        with _scaled_and_quantized(self.targets, scales, self.scheme):
+        with _scaled_and_quantized(self.targets, scales, self.scheme, self.quantize):
             for args, kwargs, rows, reference, weights in self.items:
                 out = layer_output(self.block(*to_device(args, self.device), **to_device(kwargs, self.device)))
                 out = out.reshape(-1, out.shape[-1])
@@ -280,11 +316,25 @@ def _search_group(ctx: _GroupContext, group: ScalingGroup, data: _Captured, fp_d
             weights = weights[data.sample.local.to(device)]
         items = _token_wise_items(block, x, target_x, weights, group.block_takes_batch)
     objective = _BlockObjective(block, targets, items, ctx.scheme, search.loss, device, ranks)
+    rescore = _solver_rescore(ctx, objective, x, weights)
     weight = weight_magnitude(targets, ctx.scheme.group_size) if search.form != "activation" else None
     scales, choice, ratio = search_scales(magnitude, objective, search.grid, weight, search.form,
-                                          search.alpha_one)
+                                          search.alpha_one, rescore, search.rescore_top)
     return scales, {"source": group.source, "block": group.block, **choice, "loss_ratio": ratio,
                     "tokens": data.tokens}
+
+
+def _solver_rescore(ctx: _GroupContext, objective: _BlockObjective, x: torch.Tensor,
+                    weights: torch.Tensor | None) -> _BlockObjective | None:
+    """With --scale-rescore-top k and a solver that reads inputs (GPTQ): the block error with the targets
+    solved by it, on the Hessian of the rows the search scores (the same token weights; one Hessian for
+    every target, the group's shared input). Round to nearest alone picks among near-equal candidates
+    without regard to what GPTQ then makes of them (benchmarks/results/qwen2_vl-large/scale_grid)."""
+    solver = solver_class(ctx.config.plan.solver)
+    if ctx.config.scale_search.rescore_top <= 0 or not solver.needs_inputs:
+        return None
+    hessian = _input_hessian(x, weights, ctx.ranks)
+    return objective.with_quantizer(_solved_by(solver, solver.config_of(ctx.config), ctx.scheme, hessian))
 
 
 @dataclass(frozen=True)

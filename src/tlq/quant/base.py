@@ -51,6 +51,16 @@ class LinearSolver:
     def solve(self) -> QuantizedWeight:
         raise NotImplementedError
 
+    @classmethod
+    def solve_given(cls, weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, config: Any = None
+                    ) -> QuantizedWeight:
+        """One solve of `weight` for inputs whose (unnormalised) Hessian sum_t w_t x_t x_t^T is `hessian`,
+        without observing them: what the scale search asks when it scores a candidate with the solver the
+        Linear will get. An algorithm that reads no inputs ignores the Hessian."""
+        if cls.needs_inputs:
+            raise NotImplementedError(f"{cls.__name__} cannot solve from a Hessian")
+        return cls(weight, scheme, config).solve()
+
 
 _REGISTRY: dict[str, type[LinearSolver]] = {}
 
@@ -63,9 +73,13 @@ def register(name: str) -> Callable[[type[LinearSolver]], type[LinearSolver]]:
     return add
 
 
-def solver_factory(method: str) -> Callable[[torch.Tensor, RunConfig], LinearSolver]:
-    """make(weight, run) -> the registered solver for one Linear, given the scheme and its own config."""
+def solver_class(method: str) -> type[LinearSolver]:
     if method not in _REGISTRY:
         raise KeyError(f"no algorithm {method!r}; registered: {sorted(_REGISTRY)}")
-    solver = _REGISTRY[method]
+    return _REGISTRY[method]
+
+
+def solver_factory(method: str) -> Callable[[torch.Tensor, RunConfig], LinearSolver]:
+    """make(weight, run) -> the registered solver for one Linear, given the scheme and its own config."""
+    solver = solver_class(method)
     return lambda weight, run: solver(weight, run.scheme, solver.config_of(run))

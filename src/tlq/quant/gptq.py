@@ -92,6 +92,12 @@ class GPTQ(LinearSolver):
         return gptq_quantize(target, self._take_hessian_builder(), self.scheme, self.config.dampening,
                              self.config.block_size, self.config.act_order)
 
+    @classmethod
+    def solve_given(cls, weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, config: GPTQConfig
+                    ) -> QuantizedWeight:
+        """GPTQ on a given Hessian (scale is irrelevant: damping is relative to its mean diagonal)."""
+        return gptq_quantize(weight, hessian, scheme, config.dampening, config.block_size, config.act_order)
+
     def _take_hessian_builder(self) -> "_HessianBuilder":
         """A function building H from the sums, which now belong to it alone (the solve frees them)."""
         builder = _HessianBuilder(self.gram, 2.0, self.num_tokens.clamp_min(1))

@@ -82,31 +82,42 @@ def candidate_scales(magnitude: torch.Tensor, alpha: float, weight: torch.Tensor
 
 def search_scales(magnitude: torch.Tensor, error: Callable[[torch.Tensor], float], grid: int = 20,
                   weight: torch.Tensor | None = None, form: str = "activation",
-                  alpha_one: bool = False) -> tuple[torch.Tensor, dict, float]:
+                  alpha_one: bool = False, rescore: Callable[[torch.Tensor], float] | None = None,
+                  rescore_top: int = 0) -> tuple[torch.Tensor, dict, float]:
     """The candidate whose scales minimise `error`: no scaling first, then alpha in {k / grid}, k < grid
     (k <= grid with `alpha_one`), with s = x^alpha ("activation", the AWQ paper's form; k >= 1),
     s = x^alpha / w^(1-alpha) ("duo", AutoAWQ's and llm-compressor's default; k >= 0, needs `weight`), or both.
 
-    Returns (scales, {"alpha", "form"} of the winner, best error / error without scaling); ties keep the
+    With `rescore` and `rescore_top` = k > 0, the k candidates of least `error` are scored again by
+    `rescore` (a dearer, closer measure: the error after the weight solver the Linears will get) and the
+    least of those wins; `error` then only shortlists.
+
+    Returns (scales, {"alpha", "form"} of the winner, its `error` / the `error` without scaling); ties keep the
     earlier candidate.
     """
     if form not in SCALE_FORMS:
         raise ValueError(f"unknown scale form {form!r}: use one of {SCALE_FORMS}")
-    best_scales = candidate_scales(magnitude, 0.0)
-    baseline = best = error(best_scales)
-    best_choice = {"alpha": 0.0, "form": "none"}
-    trials = []
+    trials = [(0.0, "none")]
     last = grid + 1 if alpha_one else grid
     if form in ("activation", "both"):
         trials += [(step / grid, "activation") for step in range(1, last)]
     if form in ("duo", "both"):
         trials += [(step / grid, "duo") for step in range(last)]
-    for alpha, kind in trials:
-        scales = candidate_scales(magnitude, alpha, weight if kind == "duo" else None)
-        value = error(scales)
-        if value < best:
-            best, best_choice, best_scales = value, {"alpha": alpha, "form": kind}, scales
-    return best_scales, best_choice, best / max(baseline, 1e-30)
+    scored = []  # (error, order, alpha, form): the scales are recomputed for the few that are kept
+    for order, (alpha, kind) in enumerate(trials):
+        scored.append((error(_trial_scales(magnitude, alpha, kind, weight)), order, alpha, kind))
+    baseline = scored[0][0]
+    ranked = sorted(scored)
+    if rescore is not None and rescore_top > 0:
+        shortlist = sorted(ranked[:rescore_top], key=lambda trial: trial[1])  # ties keep the earlier candidate
+        rescored = [rescore(_trial_scales(magnitude, alpha, kind, weight)) for _, _, alpha, kind in shortlist]
+        ranked = [shortlist[min(range(len(shortlist)), key=lambda i: (rescored[i], i))]]
+    best, _, alpha, kind = ranked[0]
+    return _trial_scales(magnitude, alpha, kind, weight), {"alpha": alpha, "form": kind}, best / max(baseline, 1e-30)
+
+
+def _trial_scales(magnitude: torch.Tensor, alpha: float, kind: str, weight: torch.Tensor | None) -> torch.Tensor:
+    return candidate_scales(magnitude, alpha if kind != "none" else 0.0, weight if kind == "duo" else None)
 
 
 @torch.no_grad()
