@@ -93,7 +93,7 @@ if [ "$STAGE" = scale_grid ]; then
 fi
 # Issue 13: the scale search's pick scored after GPTQ (--scale-rescore-top k: the k best candidates by round to
 # nearest are solved with GPTQ and scored again), AWQ + GPTQ and TLQ, validation split, seeds 0-3.
-SCALE_RESCORE=awq_gptq,awq_gptq+scale-rescore-top=4,awq_gptq+scale-rescore-top=21,tlq,tlq+scale-rescore-top=4,tlq+scale-rescore-top=40
+SCALE_RESCORE=${SCALE_RESCORE:-awq_gptq,awq_gptq+scale-rescore-top=4,awq_gptq+scale-rescore-top=21,tlq,tlq+scale-rescore-top=4,tlq+scale-rescore-top=8}
 if [ "$STAGE" = scale_rescore ]; then
   SR=(--calib "$DATA/calib.json" --images "$DATA" --eval "$DATA/val.json" --seeds "${RESCORE_SEEDS:-0,1,2,3}" --num-samples 128 --schemes W3A16)
   $TLQ bench "$MODEL" "${SR[@]}" --methods $SCALE_RESCORE --out "$OUT/scale_rescore/as_trained"

@@ -154,7 +154,9 @@ def _solved_by(solver: type[LinearSolver], config, scheme: Scheme, hessian: torc
     a way a rescaled H cannot follow); the scoring itself runs the deployed activations."""
     def quantize(scaled: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         inverse = 1.0 / scales.to(hessian).float()
-        return solver.solve_given(scaled, hessian * inverse[:, None] * inverse[None, :], scheme, config).weight
+        # one new in x in matrix, which the solve takes as its workspace (a builder, not a tensor it copies)
+        rescaled = lambda: torch.mul(hessian, inverse[:, None]).mul_(inverse[None, :])  # noqa: E731
+        return solver.solve_given(scaled, rescaled, scheme, config).weight
     return quantize
 
 

@@ -52,11 +52,12 @@ class LinearSolver:
         raise NotImplementedError
 
     @classmethod
-    def solve_given(cls, weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, config: Any = None
+    def solve_given(cls, weight: torch.Tensor, hessian, scheme: Scheme, config: Any = None
                     ) -> QuantizedWeight:
-        """One solve of `weight` for inputs whose (unnormalised) Hessian sum_t w_t x_t x_t^T is `hessian`,
-        without observing them: what the scale search asks when it scores a candidate with the solver the
-        Linear will get. An algorithm that reads no inputs ignores the Hessian."""
+        """One solve of `weight` for inputs whose (unnormalised) Hessian sum_t w_t x_t x_t^T is `hessian` (a
+        tensor, or a function building a fresh one that the solve may overwrite), without observing them:
+        what the scale search asks when it scores a candidate with the solver the Linear will get. An
+        algorithm that reads no inputs ignores the Hessian."""
         if cls.needs_inputs:
             raise NotImplementedError(f"{cls.__name__} cannot solve from a Hessian")
         return cls(weight, scheme, config).solve()

@@ -93,7 +93,7 @@ class GPTQ(LinearSolver):
                              self.config.block_size, self.config.act_order)
 
     @classmethod
-    def solve_given(cls, weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, config: GPTQConfig
+    def solve_given(cls, weight: torch.Tensor, hessian, scheme: Scheme, config: GPTQConfig
                     ) -> QuantizedWeight:
         """GPTQ on a given Hessian (scale is irrelevant: damping is relative to its mean diagonal)."""
         return gptq_quantize(weight, hessian, scheme, config.dampening, config.block_size, config.act_order)
