@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/cost.py --shape 2b [--layers 28] [--samples 128] [--repeats 3] \
         [--methods gptq,tlq,awq,llmc:gptq,llmc:awq_gptq] [--out benchmarks/results/cost]
+    (a tlq method may carry knobs as in tlq bench: tlq+scale-rescore-top=4)
 
 Builds a random-weight Qwen2VLForConditionalGeneration with the text widths of the published config
 (tests/fixtures/configs/qwen2-vl-{2b,7b}-instruct: hidden, MLP, heads, KV heads; `--layers` of them), a
@@ -56,9 +57,13 @@ def command(method: str, checkpoint: Path, data: Path, samples: Path, count: int
 
     if method.startswith("llmc:"):
         return llmc_command(method, str(checkpoint), samples, parse_scheme("W4A16"), "qwen2_vl", "Qwen2VLDecoderLayer", out)
+    from tlq.bench import parse_method_spec
+
+    name, flags = parse_method_spec(method)  # tlq+scale-rescore-top=4: a method with its knobs, as in tlq bench
     return [sys.executable, "-m", "tlq", "quantize", str(checkpoint), "--out", str(out), "--calib",
-            str(data / "calib.json"), "--images", str(data), "--method", method, "--scheme", "W4A16",
-            "--num-samples", str(count), "--seed", "0", "--device", "cpu", "--quiet", "--no-resume", "--overwrite"]
+            str(data / "calib.json"), "--images", str(data), "--method", name, "--scheme", "W4A16",
+            "--num-samples", str(count), "--seed", "0", "--device", "cpu", "--quiet", "--no-resume", "--overwrite",
+            *flags]
 
 
 def main() -> int:

@@ -127,3 +127,23 @@ def test_the_scale_search_device_phase_grows_with_the_draw_and_the_chunk_not_the
     assert search(512)["scale_search"] == search(128)["scale_search"] < search(4096)["scale_search"]
     assert search(64, 4096)["scale_search"] < search(64, 16384)["scale_search"]
     assert search(512)["peak"] >= search(512)["scale_search"]
+
+
+def test_rescoring_after_gptq_adds_the_widest_groups_hessian_to_the_search(shapes):
+    """--scale-rescore-top (AWQ + GPTQ's default): the search also holds the down projection's input Hessian
+    (intermediate^2) while it builds it and solves each candidate; the other methods' plans are unchanged."""
+    from tlq.cli import _scale_rescore
+
+    assert _scale_rescore("awq_gptq") and not _scale_rescore("tlq") and not _scale_rescore("awq")
+    assert not _scale_rescore("gptq")
+    shape = shapes["qwen2-vl-2b-instruct"]
+
+    def search(rescore):
+        plan = plan_memory(shape, 1, parse_size("80GiB"), 128, 280, dtype_bytes=2, gradient_pass=False,
+                           scale_search_tokens=16384, scale_rescore=rescore)
+        return plan["device_gib"]
+
+    hessian = 12 * shape.intermediate ** 2 / 2**30
+    assert search(False)["scale_search_working"] < hessian <= search(True)["scale_search_working"]
+    # the down projection's group (data + working) becomes the largest, at least its Hessian above before
+    assert search(True)["scale_search"] - search(False)["scale_search"] >= hessian - search(False)["scale_search_working"]

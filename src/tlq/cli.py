@@ -225,7 +225,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                        args.tokens_per_sample, dtype_bytes=2 if args.dtype in ("bfloat16", "float16") else 4,
                        asymmetric=args.target == "asymmetric", lazy=args.lazy,
                        gradient_pass=_runs_gradient_pass(args.method),
-                       scale_search_tokens=_scale_search_tokens(args.method))
+                       scale_search_tokens=_scale_search_tokens(args.method),
+                       scale_rescore=_scale_rescore(args.method))
     plan["serving"] = {"runs": line, "warnings": warnings}
     print(json.dumps(plan, indent=2) if args.json else "\n".join([format_plan(plan), line] + [
         f"warning: {w}" for w in warnings]))
@@ -238,6 +239,14 @@ def _scale_search_tokens(method: str) -> int | None:
 
     plan = BASELINE_PLANS[method] if method in BASELINE_PLANS else Recipe(method=method).plan()
     return Recipe().scale_max_tokens if plan.transform == "scale_search" else None
+
+
+def _scale_rescore(method: str) -> bool:
+    """Whether the method's default scale search scores candidates after its GPTQ solve."""
+    from tlq.recipe import Recipe
+
+    return _scale_search_tokens(method) is not None and Recipe(method=method).scale_rescore_top_resolved > 0 \
+        and Recipe(method=method).plan().solver == "gptq"
 
 
 def _runs_gradient_pass(method: str) -> bool:

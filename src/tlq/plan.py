@@ -145,13 +145,15 @@ LOADING_OVERHEAD = 128 * 2**20
 
 
 def _scale_search_bytes(shape: ModelShape, tokens: int, max_tokens: int | None, b: int,
-                        sample_acts: int) -> tuple[int, int]:
+                        sample_acts: int, rescore: bool = False) -> tuple[int, int]:
     """(data, working) on the device while the scale search runs its most expensive group (tlq.rescale): the
     attention group's inputs of every token (its block runs one sample at a time), or a token-wise group's
     draw of at most `max_tokens` rows (the MLP's input and the down projection's, with the FP block's
     outputs on them), plus what scoring one candidate on a chunk of rows allocates: the chunk's
     intermediates (three MLP-wide tensors at once in the gated MLP) and the scaled, fake-quantized copies of
-    the targets' weights (about three weight-sized float32 tensors each). (0, 0) without a scale search."""
+    the targets' weights (about three weight-sized float32 tensors each). With `rescore` (candidates scored
+    after GPTQ) the group's input Hessian too: its float64 sum and float32 result while it is built, then it
+    and the solve's workspace (12 x in^2 bytes). (0, 0) without a scale search."""
     if max_tokens is None:
         return 0, 0
     from tlq.rescale import CHUNK
@@ -160,23 +162,27 @@ def _scale_search_bytes(shape: ModelShape, tokens: int, max_tokens: int | None, 
     drawn = min(tokens, max_tokens)
     chunk = min(CHUNK, drawn)
     weights = 3 * d * f * 4
-    attention = (tokens * d * b, sample_acts)
-    mlp = (drawn * 2 * d * b, chunk * (3 * f + 2 * d) * 4 + 2 * weights)
-    down = (drawn * (f + d) * b, chunk * (f + 2 * d) * 4 + weights)
+    hessian = (lambda width: 12 * width * width) if rescore else (lambda width: 0)
+    attention = (tokens * d * b, sample_acts + hessian(d))
+    mlp = (drawn * 2 * d * b, chunk * (3 * f + 2 * d) * 4 + 2 * weights + hessian(d))
+    down = (drawn * (f + d) * b, chunk * (f + 2 * d) * 4 + weights + hessian(f))
     if shape.routed_experts:  # the MoE block's group: every expert's gate/up, scaled and fake-quantized at once
         expert_f = shape.linear_groups_in[-1][0]
         gate_up = shape.linear_groups_params[-2]
-        experts = (drawn * 2 * d * b, chunk * (3 * expert_f + 2 * d) * 4 + gate_up * b + 3 * expert_f * d * 4)
+        experts = (drawn * 2 * d * b, chunk * (3 * expert_f + 2 * d) * 4 + gate_up * b + 3 * expert_f * d * 4
+                   + hessian(d))
         return max((attention, experts), key=sum)
     return max((attention, mlp, down), key=sum)
 
 
 def plan_memory(shape: ModelShape, devices: int, device_memory: int, samples: int, tokens: int,
                 dtype_bytes: int = 2, asymmetric: bool = False, lazy: bool = False,
-                gradient_pass: bool = True, scale_search_tokens: int | None = None) -> dict[str, Any]:
+                gradient_pass: bool = True, scale_search_tokens: int | None = None,
+                scale_rescore: bool = False) -> dict[str, Any]:
     """Per-rank peak memory estimate (bytes) of a `tlq quantize` run and whether it fits. `gradient_pass`:
     whether the method runs the importance pass (TLQ, MBQ); `scale_search_tokens`: the scale search's
-    --scale-max-tokens when the method has one (AWQ, MBQ, TLQ), else None."""
+    --scale-max-tokens when the method has one (AWQ, MBQ, TLQ), else None; `scale_rescore`: whether it scores
+    candidates after GPTQ (--scale-rescore-top)."""
     if devices < 1 or samples < 1 or tokens < 1:
         raise TlqError("--devices, --samples and --tokens-per-sample must be >= 1")
     b, d, f, T = dtype_bytes, shape.hidden, shape.intermediate, tokens
@@ -202,7 +208,8 @@ def plan_memory(shape: ModelShape, devices: int, device_memory: int, samples: in
         weights = shape.total_params * b
     rescale = 0 if scale_search_tokens is None else \
         max(3 * hidden_cache, min(per_rank * T, scale_search_tokens) * f * b)
-    search_data, search_working = _scale_search_bytes(shape, per_rank * T, scale_search_tokens, b, sample_acts)
+    search_data, search_working = _scale_search_bytes(shape, per_rank * T, scale_search_tokens, b, sample_acts,
+                                                      scale_rescore)
     device_peak = max(device_peak, layer + search_data + search_working)
     host_peak = weights + LOADING_OVERHEAD + max(cache + rescale, gradient_store)
     return {
