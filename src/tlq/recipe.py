@@ -273,7 +273,8 @@ class Recipe:
     # method's default: every candidate for AWQ + GPTQ, off for the others. Chosen on the validation split
     # (benchmarks/results/qwen2_vl-large/scale_rescore): AWQ + GPTQ's answer KL was lower in every seed-cell
     # with all candidates rescored; TLQ's was lower in some and higher in others (its GPTQ weights each
-    # Linear's tokens by that Linear's own importance, which the rescoring's one Hessian does not).
+    # Linear's tokens by that Linear's own importance, which the rescoring's one Hessian does not). Cost: a
+    # GPTQ solve per candidate (AWQ + GPTQ at 2B widths on a CPU: 3.2x; benchmarks/results/cost/README.md).
     scale_rescore_top: int | None = knob(None, "scale search: score the K best candidates again after the "
                                                "method's GPTQ solve and keep the best of those (0 = off; "
                                                "default: every candidate for awq_gptq, off otherwise)", TLQ_GROUP)
