@@ -245,8 +245,9 @@ def _scale_rescore(method: str) -> bool:
     """Whether the method's default scale search scores candidates after its GPTQ solve."""
     from tlq.recipe import Recipe
 
-    return _scale_search_tokens(method) is not None and Recipe(method=method).scale_rescore_top_resolved > 0 \
-        and Recipe(method=method).plan().solver == "gptq"
+    recipe = Recipe(method=method)
+    return _scale_search_tokens(method) is not None and recipe.plan().solver == "gptq" \
+        and recipe.scale_rescore_top_resolved > 0
 
 
 def _runs_gradient_pass(method: str) -> bool:

@@ -271,9 +271,10 @@ class Recipe:
     # Round to nearest only shortlists when k > 0: the k best candidates are scored again with the targets
     # solved by the method's weight solver (GPTQ) on the scored rows' Hessian; no effect with RTN. None = the
     # method's default: every candidate for AWQ + GPTQ, off for the others. Chosen on the validation split
-    # (benchmarks/results/qwen2_vl-large/scale_rescore): AWQ + GPTQ's answer KL was lower in every seed-cell
-    # with all candidates rescored; TLQ's was lower in some and higher in others (its GPTQ weights each
-    # Linear's tokens by that Linear's own importance, which the rescoring's one Hessian does not). Cost: a
+    # (benchmarks/results/qwen2_vl-large/scale_rescore): AWQ + GPTQ's answer KL was lower in 10 of 12
+    # seed-cells with all candidates rescored (a shortlist of 4: 5 of 8); TLQ's in 2-4 of 8, higher in the
+    # others (likely because its GPTQ weights each Linear's tokens by that Linear's own importance, which the
+    # rescoring's one Hessian does not). Cost: a
     # GPTQ solve per candidate (AWQ + GPTQ at 2B widths on a CPU: 3.2x; benchmarks/results/cost/README.md).
     scale_rescore_top: int | None = knob(None, "scale search: score the K best candidates again after the "
                                                "method's GPTQ solve and keep the best of those (0 = off; "
