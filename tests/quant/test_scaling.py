@@ -100,3 +100,17 @@ def test_folding_into_a_norm_with_a_weight_offset_preserves_the_function():
     for a, b in zip(before, after):
         assert torch.allclose(a, b, atol=1e-5)
     assert not torch.allclose(plain.weight, norm.weight, atol=1e-3)
+
+
+def test_a_solver_that_reads_inputs_without_solve_given_is_refused_in_one_line():
+    import pytest
+
+    from tlq.errors import TlqError
+    from tlq.quant.base import LinearSolver
+    from tlq.recipe import parse_scheme
+
+    class Statistics(LinearSolver):  # reads inputs, cannot solve from a Hessian
+        pass
+
+    with pytest.raises(TlqError, match="--scale-rescore-top 0"):
+        Statistics.solve_given(torch.zeros(4, 8), torch.eye(8), parse_scheme("W4A16"))

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import torch
 
+from tlq.errors import TlqError
 from tlq.quant.primitives import QuantizedWeight
 from tlq.recipe import RunConfig, Scheme
 
@@ -59,7 +60,8 @@ class LinearSolver:
         what the scale search asks when it scores a candidate with the solver the Linear will get. An
         algorithm that reads no inputs ignores the Hessian."""
         if cls.needs_inputs:
-            raise NotImplementedError(f"{cls.__name__} cannot solve from a Hessian")
+            raise TlqError(f"the {cls.__name__} solver cannot score scale candidates from a Hessian (no "
+                           "solve_given): use --scale-rescore-top 0")
         return cls(weight, scheme, config).solve()
 
 
