@@ -69,13 +69,10 @@ def interpreter_baseline_mib() -> float:
 
 
 def planned_mib(model: Path, samples: int, tokens: int, method: str) -> float:
-    from tlq.plan import model_shape, plan_memory
-
-    from tlq.cli import _scale_rescore, _scale_search_tokens
+    from tlq.plan import method_plan_inputs, model_shape, plan_memory
 
     plan = plan_memory(model_shape(model), 1, 1 << 40, samples, tokens, dtype_bytes=4,
-                       gradient_pass=method in ("tlq", "mbq"), scale_search_tokens=_scale_search_tokens(method),
-                       scale_rescore=_scale_rescore(method))
+                       **method_plan_inputs(method))
     host, device = plan["host_gib"], plan["device_gib"]
     # One CPU process: the host's weights and caches plus the working set of the larger of the solve and the
     # scale search (the layer is the host's copy, and the search's captured rows are in the host's capture

@@ -60,11 +60,13 @@ def test_shards_are_contiguous_and_balanced():
 
 
 @pytest.mark.parametrize(("method", "scheme", "extra"), [("gptq", "W4A16-g32", []), ("tlq", "W4A8", []),
-                                                        ("awq", "W4A16-g32", ["--scale-max-tokens", "100"])])
+                                                        ("awq", "W4A16-g32", ["--scale-max-tokens", "100"]),
+                                                        ("awq_gptq", "W3A16-g32", ["--scale-max-tokens", "100"])])
 def test_quantized_weights_do_not_depend_on_world_size(method, scheme, extra, tiny_checkpoints, calib_split,
                                                        tmp_path):
     """1, 2 and 3 ranks: same weights, grids and scales (TLQ W4A8 = importance + scale search + GPTQ; AWQ
-    scoring a 100-token draw over every rank's tokens)."""
+    scoring a 100-token draw over every rank's tokens; AWQ + GPTQ rescoring its candidates on that draw's
+    Hessian, summed over the ranks)."""
     path, images = calib_split
     outputs = {}
     for world in WORLD_SIZES:

@@ -65,12 +65,12 @@ def test_lazy_plan_holds_one_layer_on_the_host(shapes):
 
 
 def test_the_gradient_pass_is_planned_only_for_the_methods_that_run_it(shapes):
-    from tlq.cli import _runs_gradient_pass
-    from tlq.plan import LOADING_OVERHEAD
+    from tlq.plan import LOADING_OVERHEAD, method_plan_inputs
 
     shape = shapes["qwen2-vl-7b-instruct"]
-    assert _runs_gradient_pass("tlq") and _runs_gradient_pass("mbq")
-    assert not any(_runs_gradient_pass(m) for m in ("rtn", "gptq", "awq", "awq_gptq", "smoothquant_gptq"))
+    assert all(method_plan_inputs(m)["gradient_pass"] for m in ("tlq", "mbq"))
+    assert not any(method_plan_inputs(m)["gradient_pass"]
+                   for m in ("rtn", "gptq", "awq", "awq_gptq", "smoothquant_gptq"))
     gptq = plan_memory(shape, 1, parse_size("24GiB"), 512, 1024, gradient_pass=False)
     tlq = plan_memory(shape, 1, parse_size("24GiB"), 512, 1024, gradient_pass=True)
     host = gptq["host_gib"]
@@ -96,10 +96,13 @@ def test_moe_plan_names_every_expert(tiny_checkpoints):
 def test_the_scale_search_capture_is_planned_for_the_methods_that_search(shapes):
     """One group at a time: the larger of the attention group's three token streams and the MLP down
     projection's input on the token draw; nothing for GPTQ."""
-    from tlq.cli import _scale_search_tokens
+    from tlq.plan import method_plan_inputs
 
-    assert _scale_search_tokens("gptq") is None and _scale_search_tokens("smoothquant") is None
-    assert _scale_search_tokens("tlq") == _scale_search_tokens("awq") == 16384
+    def draw(method):
+        return method_plan_inputs(method)["scale_search_tokens"]
+
+    assert draw("gptq") is None and draw("smoothquant") is None
+    assert draw("tlq") == draw("awq") == 16384
     shape = shapes["qwen2-vl-2b-instruct"]
     gptq = plan_memory(shape, 1, parse_size("24GiB"), 128, 280, dtype_bytes=4, gradient_pass=False)
     awq = plan_memory(shape, 1, parse_size("24GiB"), 128, 280, dtype_bytes=4, gradient_pass=False,
@@ -132,10 +135,10 @@ def test_the_scale_search_device_phase_grows_with_the_draw_and_the_chunk_not_the
 def test_rescoring_after_gptq_adds_the_widest_groups_hessian_to_the_search(shapes):
     """--scale-rescore-top (AWQ + GPTQ's default): the search also holds the down projection's input Hessian
     (intermediate^2) while it builds it and solves each candidate; the other methods' plans are unchanged."""
-    from tlq.cli import _scale_rescore
+    from tlq.plan import method_plan_inputs
 
-    assert _scale_rescore("awq_gptq") and not _scale_rescore("tlq") and not _scale_rescore("awq")
-    assert not _scale_rescore("gptq")
+    rescores = {m for m in ("awq_gptq", "tlq", "awq", "gptq", "mbq") if method_plan_inputs(m)["scale_rescore"]}
+    assert rescores == {"awq_gptq"}
     shape = shapes["qwen2-vl-2b-instruct"]
 
     def search(rescore):

@@ -212,7 +212,7 @@ def _cmd_stress(args: argparse.Namespace) -> int:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from tlq.models import adapter_for, read_model_type
-    from tlq.plan import format_plan, model_shape, parse_size, plan_memory
+    from tlq.plan import format_plan, method_plan_inputs, model_shape, parse_size, plan_memory
     from tlq.recipe import parse_scheme
     from tlq.serving import check_tp, serving_lines, serving_shape
 
@@ -223,40 +223,11 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     check_tp(scheme, in_features, row_parallel, _tp_sizes(args.tp))
     plan = plan_memory(model_shape(args.model_dir), args.devices, parse_size(args.device_memory), args.samples,
                        args.tokens_per_sample, dtype_bytes=2 if args.dtype in ("bfloat16", "float16") else 4,
-                       asymmetric=args.target == "asymmetric", lazy=args.lazy,
-                       gradient_pass=_runs_gradient_pass(args.method),
-                       scale_search_tokens=_scale_search_tokens(args.method),
-                       scale_rescore=_scale_rescore(args.method))
+                       asymmetric=args.target == "asymmetric", lazy=args.lazy, **method_plan_inputs(args.method))
     plan["serving"] = {"runs": line, "warnings": warnings}
     print(json.dumps(plan, indent=2) if args.json else "\n".join([format_plan(plan), line] + [
         f"warning: {w}" for w in warnings]))
     return 0
-
-
-def _scale_search_tokens(method: str) -> int | None:
-    """The scale search's token draw (the Recipe default) when the method rescales with a search, else None."""
-    from tlq.recipe import BASELINE_PLANS, Recipe
-
-    plan = BASELINE_PLANS[method] if method in BASELINE_PLANS else Recipe(method=method).plan()
-    return Recipe().scale_max_tokens if plan.transform == "scale_search" else None
-
-
-def _scale_rescore(method: str) -> bool:
-    """Whether the method's default scale search scores candidates after its GPTQ solve."""
-    from tlq.recipe import Recipe
-
-    recipe = Recipe(method=method)
-    return _scale_search_tokens(method) is not None and recipe.plan().solver == "gptq" \
-        and recipe.scale_rescore_top_resolved > 0
-
-
-def _runs_gradient_pass(method: str) -> bool:
-    """Whether the method weights tokens from the gradient pass (TLQ, MBQ: not a uniform baseline plan)."""
-    from tlq.recipe import BASELINE_PLANS
-
-    if method not in METHODS:
-        raise TlqError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
-    return method not in BASELINE_PLANS or BASELINE_PLANS[method].weighting != "uniform"
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -152,8 +152,8 @@ def _scale_search_bytes(shape: ModelShape, tokens: int, max_tokens: int | None, 
     outputs on them), plus what scoring one candidate on a chunk of rows allocates: the chunk's
     intermediates (three MLP-wide tensors at once in the gated MLP) and the scaled, fake-quantized copies of
     the targets' weights (about three weight-sized float32 tensors each). With `rescore` (candidates scored
-    after GPTQ) the group's input Hessian too: its float64 sum and float32 result while it is built, then it
-    and the solve's workspace (12 x in^2 bytes). (0, 0) without a scale search."""
+    after GPTQ) the group's input Hessian too: its float64 upper-block sums and float32 result while it is
+    built (about 8 x in^2 bytes), then it, a candidate's rescaled copy and the solve's workspace (12 x in^2). (0, 0) without a scale search."""
     if max_tokens is None:
         return 0, 0
     from tlq.rescale import CHUNK
@@ -173,6 +173,24 @@ def _scale_search_bytes(shape: ModelShape, tokens: int, max_tokens: int | None, 
                    + hessian(d))
         return max((attention, experts), key=sum)
     return max((attention, mlp, down), key=sum)
+
+
+def method_plan_inputs(method: str) -> dict[str, Any]:
+    """What `method` (at its Recipe defaults) makes plan_memory count: `gradient_pass` (the importance pass
+    weights tokens: TLQ, MBQ), `scale_search_tokens` (the scale search's token draw, None without a search)
+    and `scale_rescore` (the search scores candidates after its GPTQ solve: AWQ + GPTQ)."""
+    from tlq.recipe import BASELINE_PLANS, METHODS, Recipe
+
+    if method not in METHODS:
+        raise TlqError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+    # A baseline's plan without a Recipe for it: a Recipe checks the method against its scheme (the default
+    # W4A16 is refused for SmoothQuant), which the plan does not need.
+    plan = BASELINE_PLANS[method] if method in BASELINE_PLANS else Recipe(method=method).plan()
+    searches = plan.transform == "scale_search"
+    return {"gradient_pass": plan.weighting != "uniform",
+            "scale_search_tokens": Recipe().scale_max_tokens if searches else None,
+            "scale_rescore": searches and plan.solver == "gptq"
+            and Recipe(method=method).scale_rescore_top_resolved > 0}
 
 
 def plan_memory(shape: ModelShape, devices: int, device_memory: int, samples: int, tokens: int,

@@ -34,6 +34,7 @@ from tlq.distributed import Ranks
 from tlq.models import ModelAdapter, ScalingGroup
 from tlq.measure import return_freed_memory
 from tlq.quant.base import LinearSolver, solver_class
+from tlq.quant.gptq import add_gram_upper, assemble_gram, gram_blocks
 from tlq.quant.primitives import fake_quant_activation, fake_quant_weight
 from tlq.quant.scaling import (apply_scales, channel_magnitude, group_applies, search_scales, smoothquant_scales,
                                weight_magnitude, weighted_error)
@@ -161,16 +162,18 @@ def _solved_by(solver: type[LinearSolver], config, scheme: Scheme, hessian: torc
 
 
 def _input_hessian(x: torch.Tensor, weights: torch.Tensor | None, ranks: Ranks) -> torch.Tensor:
-    """sum_t w_t x_t x_t^T / sum_t w_t over every rank's rows (float64 sums, float32 result), in row chunks."""
+    """sum_t w_t x_t x_t^T / sum_t w_t over every rank's rows, in row chunks: GPTQ's upper-block float64
+    Gram sums (half the products and half the float64 memory of the full x^T x), float32 result."""
     width = x.shape[-1]
-    total = torch.zeros(width, width, dtype=torch.float64, device=x.device)
+    gram = [torch.zeros(stop - start, width - start, dtype=torch.float64, device=x.device)
+            for start, stop in gram_blocks(width)]
     for start in range(0, len(x), CHUNK):
         rows = x[start:start + CHUNK].float()
-        weighted = rows if weights is None else rows * weights[start:start + CHUNK].to(rows)[:, None]
-        total += weighted.t() @ rows
+        root = None if weights is None else weights[start:start + CHUNK].to(rows).clamp_min(0).sqrt()[:, None]
+        add_gram_upper(gram, rows if root is None else rows * root)
     count = torch.tensor(float(len(x)) if weights is None else float(weights.double().sum()), dtype=torch.float64)
-    total, count = ranks.sum(total), ranks.sum(count.to(x.device))
-    return (total / count.clamp_min(1e-30)).float()
+    gram = [ranks.sum(block) for block in gram]
+    return assemble_gram(gram, 1.0, ranks.sum(count.to(x.device)).clamp_min(1e-30))
 
 
 @contextmanager
