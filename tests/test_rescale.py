@@ -9,6 +9,7 @@ import torch
 from tlq.activations import LayerStreams, capture_layer_inputs, install_activation_quant, layer_output, run_layer
 from tlq.api import prepare_samples
 from tlq.models import load_model
+from tlq.models.moe import routed_rows
 from tlq.models.processing import load_processor
 from tlq.quant.primitives import fake_quant_weight
 from tlq.recipe import Recipe
@@ -38,9 +39,18 @@ def _block_error(layer, inputs, group, scheme, fp_outputs, weights=None):
 
 
 def _block_outputs(layer, inputs, group):
+    """The block's output per sample, one row per token: an expert's routed rows are put back at their
+    tokens' positions (zero elsewhere), so the error lines up with per-token weights."""
     outputs = []
-    handle = layer.get_submodule(group.block).register_forward_hook(
-        lambda m, a, out: outputs.append(layer_output(out).reshape(-1, layer_output(out).shape[-1]).float()))
+
+    def hook(module, args, out):
+        out = layer_output(out).reshape(-1, layer_output(out).shape[-1]).float()
+        routing = routed_rows(module)
+        if routing is not None:
+            out = torch.zeros(routing[1], out.shape[-1]).index_copy_(0, routing[0], out)
+        outputs.append(out)
+
+    handle = layer.get_submodule(group.block).register_forward_hook(hook)
     with torch.no_grad():
         for _ in run_layer(layer, inputs, CPU):
             pass
@@ -53,7 +63,8 @@ def _block_outputs(layer, inputs, group):
                                                     ("qwen3_vl_moe", "W3A16-g32", True), ("qwen3_vl_moe", "W4A8", False)])
 def test_chosen_scales_lower_the_deployed_block_error_by_the_reported_ratio(tiny_checkpoints, calib_split,
                                                                             family, scheme, weighted):
-    """For the MoE family the norm -> router + experts group is scored on the routed block's output."""
+    """For the MoE family the norm -> router + experts group is scored on the routed block's output, and
+    each expert's up -> down group on its down projection over the tokens routed to it."""
     recipe = Recipe(method="awq", scheme=scheme, num_samples=4)
     model, adapter = load_model(tiny_checkpoints[family])
     apply_outliers(model, adapter, "weight" if scheme.endswith("g32") else "activation", 16.0, 2, seed=0)
@@ -68,13 +79,19 @@ def test_chosen_scales_lower_the_deployed_block_error_by_the_reported_ratio(tiny
     token_weights = (lambda index, name, sample: table[sample]) if weighted else None
     weights = [table[i] for i in range(len(samples))] if weighted else None
     resolved = recipe.resolved_scheme()
-    chosen = []
+    chosen, experts = [], 0
+    recipe = dataclasses.replace(recipe, expert_min_tokens=16)  # the tiny model routes few tokens per expert
     for group in adapter.scaling_groups:  # one group at a time, so that no later fold touches its targets
         single = dataclasses.replace(adapter, scaling_groups=(group,))
         scaled_layer = copy.deepcopy(layer)
         records = rescale_layer(scaled_layer, 0, LayerStreams(inputs), RunContext.of(recipe, single, CPU, token_weights=token_weights))
         if not records:
             continue  # the group does not apply (v -> o under GQA)
+        if "skipped" in records[0]:  # an expert routed too few tokens keeps its weights unscaled
+            assert group.routed and records[0]["tokens"] < 16
+            assert torch.equal(scaled_layer.get_submodule(group.source).weight, layer.get_submodule(group.source).weight)
+            continue
+        experts += group.routed
         chosen.append(records[0]["alpha"])
         fp = _block_outputs(layer, inputs, group)
         unscaled = _block_error(layer, inputs, group, resolved, fp, weights)
@@ -86,8 +103,9 @@ def test_chosen_scales_lower_the_deployed_block_error_by_the_reported_ratio(tiny
     assert any(alpha > 0 for alpha in chosen)
     if adapter.experts is None:
         assert len(chosen) >= 3
-    else:  # the attention's norm group and the MoE block's (v -> o does not apply under GQA)
-        assert adapter.scaling_groups[-1].block == "mlp" and len(chosen) == 2
+    else:  # the attention's norm group, the MoE block's and the experts' (v -> o does not apply under GQA)
+        assert [g.block for g in adapter.scaling_groups if not g.routed][-1] == "mlp"
+        assert experts >= 4 and len(chosen) == 2 + experts
 
 
 def test_token_wise_groups_capture_the_drawn_rows_in_the_draws_order(tiny_checkpoints, calib_split):

@@ -32,6 +32,7 @@ from tlq.activations import LayerInputs, LayerStreams, layer_output, run_with_ho
 from tlq.context import RunContext
 from tlq.distributed import Ranks
 from tlq.models import ModelAdapter, ScalingGroup
+from tlq.models.moe import routed_rows
 from tlq.measure import return_freed_memory
 from tlq.quant.base import LinearSolver, solver_class
 from tlq.quant.gptq import add_gram_upper, assemble_gram, gram_blocks
@@ -140,6 +141,41 @@ def _capture(layer: nn.Module, group: ScalingGroup, inputs: LayerInputs, device:
     run_with_hooks(layer, inputs, device, hooks, lambda i: current.__setitem__(0, i),
                    stop_after=[] if blocks else [target])
     return store
+
+
+def _capture_routed(layer: nn.Module, group: ScalingGroup, inputs: LayerInputs, device: torch.device,
+                    weights: list[torch.Tensor | None], max_tokens: int, seed: int, index: int,
+                    ranks: Ranks) -> tuple[_Captured, list[torch.Tensor | None]]:
+    """A routed group's data (an expert's up -> down): the rows its target received, each weighted by its
+    token's weight (`weights[i]` over sample i's tokens; rows of weight 0 dropped), then the draw of at most
+    `max_tokens` of them over every rank. Returns the data and the kept rows' weights per call. Every row is
+    held until the draw: an expert sees about top_k / experts of the tokens."""
+    target = layer.get_submodule(group.targets[0])
+    rows, kept, current = [], [], [0]
+
+    def target_input(module, args):
+        x = args[0].reshape(-1, args[0].shape[-1])
+        w = weights[current[0]]
+        if w is not None:
+            w = w.reshape(-1)[routed_rows(module)[0].to(w.device)]
+            keep = (w > 0).nonzero().squeeze(1)
+            x, w = x[keep.to(x.device)], w[keep]
+        rows.append(x.cpu())
+        kept.append(w)
+
+    run_with_hooks(layer, inputs, device, [target.register_forward_pre_hook(target_input)],
+                   lambda i: current.__setitem__(0, i), stop_after=[target])
+    x = _concatenated(rows)
+    w = None if weights[0] is None else torch.cat(kept)
+    store = _Captured(x=[x], sample=_plan_subsample([len(x)], max_tokens, seed, index, ranks))
+    store.magnitude_sums = torch.zeros(x.shape[-1], dtype=torch.float64)
+    for start in range(0, len(x), CHUNK):
+        absolute = x[start:start + CHUNK].float().abs().double()
+        store.magnitude_sums += absolute.sum(0) if w is None else \
+            (absolute * w[start:start + CHUNK].double()[:, None]).sum(0)
+    if store.sample.local is not None:
+        store.x = [x[store.sample.local]]
+    return store, [w]
 
 
 WeightQuantizer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (W s, s) -> Q(W s)
@@ -305,6 +341,12 @@ def _search_group(ctx: _GroupContext, group: ScalingGroup, data: _Captured, fp_d
     """The scale search on the block the group feeds; returns the scales and the group's record."""
     layer, search, device, ranks = ctx.layer, ctx.config.scale_search, ctx.device, ctx.ranks
     targets = [layer.get_submodule(t) for t in group.targets]
+    if group.routed and data.tokens < max(1, ctx.config.loop.expert_min_tokens):
+        # an expert with too few routed tokens to measure is left unscaled (its Linears are rounded to
+        # nearest for the same reason: tlq.engine)
+        return torch.ones(targets[0].in_features, device=device), {
+            "source": group.source, "block": group.block, "alpha": None, "loss_ratio": None,
+            "tokens": data.tokens, "skipped": f"fewer than {max(1, ctx.config.loop.expert_min_tokens)} routed tokens"}
     weights = None if not kept or kept[0] is None else torch.cat(kept).to(device)
     block = layer.get_submodule(group.block)
     if group.mixes_tokens:
@@ -375,11 +417,15 @@ def _group_data(layer: nn.Module, group: ScalingGroup, streams: LayerStreams, ru
     same rows) and its kept token weights per sample."""
     hidden = streams.quantized.hidden
     weights = [_token_weights(run.token_weights, index, group, i) for i in range(len(hidden))]
+    part = getattr(run.config, transform.subsample_config)
+    if group.routed:  # the asymmetric target is refused for routed experts (tlq.engine)
+        data, kept = _capture_routed(layer, group, streams.quantized, run.device, weights, part.max_tokens,
+                                     part.seed, index, run.ranks)
+        return data, None, kept if transform.token_weighted else [None]
     rows = [None if w is None else (w > 0).nonzero().squeeze(1) for w in weights]
     kept = [None if w is None else w[w > 0] for w in weights]
     counts = [token_rows(hidden, i) if r is None else len(r) for i, r in enumerate(rows)]
     blocks = transform.captures_blocks and group.mixes_tokens  # scored on whole samples, every kept row
-    part = getattr(run.config, transform.subsample_config)
     sample = _plan_subsample(counts, 1 << 62 if blocks else part.max_tokens, part.seed, index, run.ranks)
     return_freed_memory()  # what the previous group's search left in heap holes (benchmarks/results/cost/README.md)
     data = _capture(layer, group, streams.quantized, run.device, rows, blocks, None if blocks else sample, kept)

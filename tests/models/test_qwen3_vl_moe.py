@@ -90,7 +90,7 @@ def test_the_moe_block_scales_fold_into_the_router_too(tiny_checkpoints, calib_s
 
     folder = tiny_checkpoints["qwen3_vl_moe"]
     model, adapter = load_model(folder)
-    group = adapter.scaling_groups[-1]
+    group = next(g for g in adapter.scaling_groups if g.block == "mlp")
     assert group.source == "post_attention_layernorm" and group.folded_fp == ("mlp.gate",)
     assert len(group.targets) == 2 * model.config.text_config.num_experts
     samples = prepare_samples(model, adapter, load_processor(folder), *calib_split, Recipe(num_samples=2))
@@ -115,6 +115,65 @@ def test_the_moe_block_scales_fold_into_the_router_too(tiny_checkpoints, calib_s
         same = all(torch.equal(a, b) for a, b in zip(routes, got_routes)) and \
             all(torch.allclose(a, b, rtol=0, atol=1e-4) for a, b in zip(want, got))
         assert same == (folded == group.folded)
+
+
+def test_each_expert_rescales_its_down_input_on_its_routed_tokens(starved, calib_split, tmp_path):
+    """Every expert has an up -> down scaling group scored on the rows routed to it, weighted by those
+    tokens' importance. The captured rows are exactly the expert's routed inputs; an expert routed too few
+    tokens (the dead ones: none) is left unscaled, and its Linears rounded to nearest of the FP weights;
+    the others are searched; the run exports and reloads computing what tlq simulated."""
+    from tlq.activations import capture_layer_inputs
+    from tlq.rescale import _capture_routed
+
+    model, adapter = load_model(starved)
+    count = model.config.text_config.num_experts
+    routed = [g for g in adapter.scaling_groups if g.routed]
+    assert [(g.source, g.targets) for g in routed] == [
+        (f"mlp.experts.{e}.up_proj", (f"mlp.experts.{e}.down_proj",)) for e in range(count)]
+    recipe = Recipe(method="tlq", scheme="W4A16-g32", num_samples=3, expert_min_tokens=8)
+    samples = prepare_samples(model, adapter, load_processor(starved), *calib_split, recipe)
+    # the capture: expert 1's down inputs, each row weighted by its token's weight (zeros dropped)
+    layer = adapter.layers(model)[0]
+    inputs = capture_layer_inputs(model, adapter, samples, torch.device("cpu"))
+    generator = torch.Generator().manual_seed(0)
+    weights = [torch.rand(s.num_tokens, generator=generator) * (torch.rand(s.num_tokens, generator=generator) > 0.3)
+               for s in samples]
+    seen = []
+    handle = layer.mlp.experts[1].down_proj.register_forward_pre_hook(
+        lambda m, args: seen.append((args[0].reshape(-1, args[0].shape[-1]).clone(), routed_rows(m)[0].clone())))
+    with torch.no_grad():
+        for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
+            layer(hidden, **kwargs)
+    handle.remove()
+    want_w = torch.cat([w[rows] for w, (_, rows) in zip(weights, seen)])
+    want_x = torch.cat([x for x, _ in seen])[want_w > 0]
+    from tlq.distributed import SINGLE
+
+    data, kept = _capture_routed(layer, routed[1], inputs, torch.device("cpu"), weights, 1 << 30, 0, 0, SINGLE)
+    assert torch.equal(data.x[0], want_x) and torch.equal(kept[0], want_w[want_w > 0]) and data.tokens == len(want_x) > 0
+    # the run: dead experts skipped and rounded to nearest, live ones searched; export and reload
+    from tlq.weighting import token_weights
+
+    fp = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    importance = token_weights(compute_importance(model, adapter, samples))
+    result = quantize_layers(model, adapter, samples, recipe, token_weights=importance, progress=False)
+    rescaled = [r for report in result.layers for r in report.rescaled if ".experts." in r["source"]]
+    assert len(rescaled) == count * len(result.layers)
+    for r in rescaled:
+        dead = int(r["source"].split(".")[2]) in DEAD
+        assert ("skipped" in r) == (r["tokens"] < 8) and (not dead or (r["tokens"] == 0 and "skipped" in r))
+    assert sum("skipped" not in r for r in rescaled) >= 4 and any(r.get("alpha") for r in rescaled)
+    scheme = recipe.resolved_scheme()
+    for e in DEAD:
+        name = f"{adapter.decoder_layers}.0.mlp.experts.{e}.down_proj"
+        assert torch.equal(result.quantized[name].weight, fake_quant_weight(fp[name], scheme).weight)
+    with torch.no_grad():
+        expected = [model(**s.inputs).logits for s in samples]
+    out = export_compressed(model, adapter, scheme, result.quantized, tmp_path / "out", source_dir=starved)
+    reloaded = load_quantized(out).eval()
+    with torch.no_grad():
+        for sample, want in zip(samples, expected):
+            assert float((reloaded(**sample.inputs).logits - want).norm() / want.norm()) < 1e-3
 
 
 def test_tlq_scores_the_moe_block_output(tiny_checkpoints, calib_split):

@@ -69,6 +69,9 @@ class ScalingGroup:
     # The block reads [batch, tokens, hidden] and nothing flatter (an MoE block): token-wise chunks are
     # handed to it as a batch of one.
     block_takes_batch: bool = False
+    # The targets see only the tokens routed to them (an MoE expert): their input rows are those tokens, in
+    # the order the expert received them, and each row's token weight is its token's (tlq.models.moe).
+    routed: bool = False
 
     @property
     def folded(self) -> tuple[str, ...]:
@@ -127,7 +130,7 @@ class ModelAdapter:
         return dataclasses.replace(
             self, linear_groups=attention + (gate_up, down),
             blocks=(self.blocks[0], Block("mlp", block, gate_up + down, output=down)),
-            scaling_groups=self.scaling_groups + (experts_group,),
+            scaling_groups=self.scaling_groups + (experts_group,) + self.experts.down_groups(self.experts.count(config)),
             row_parallel=tuple(n for n in self.row_parallel if not n.startswith("mlp.")) + down,
             experts=self.experts)
 

@@ -49,6 +49,16 @@ class ExpertLayout:
         first = tuple(f"{self.module}.{e}.{name}" for e in range(count) for name in (gate, up))
         return first, tuple(f"{self.module}.{e}.{down}" for e in range(count))
 
+    def down_groups(self, count: int) -> tuple:
+        """Each expert's up -> down scaling group (the dense MLP's up -> down, per expert): scored on the
+        expert's down projection over the tokens routed to it."""
+        from tlq.models.base import ScalingGroup
+
+        _, up, down = self.linears
+        return tuple(ScalingGroup(f"{self.module}.{e}.{up}", (f"{self.module}.{e}.{down}",),
+                                  block=f"{self.module}.{e}.{down}", output_linear=f"{self.module}.{e}.{down}",
+                                  routed=True) for e in range(count))
+
 
 class ExpertMLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int, act_fn, dtype=None, device=None) -> None:
