@@ -184,3 +184,80 @@ def test_rescoring_the_shortlist_after_gptq_never_leaves_gptq_a_worse_block(tiny
         assert rescored_pick <= rtn_pick * (1 + 1e-4), (group.source, rescored_pick, rtn_pick)
         improved += rescored_pick < rtn_pick * 0.99
     assert improved >= 1  # on this model the round-to-nearest pick is not GPTQ's best for some group
+
+
+def test_rescoring_solves_each_target_on_its_own_token_weights(tiny_checkpoints, calib_split):
+    """Under TLQ each Linear's GPTQ weights its tokens by that Linear's importance, so the rescoring solves
+    each target on the scored rows weighted by the target's own token weights: the weights it reads are
+    those, and its pick is never worse after such solves than the round-to-nearest pick."""
+    from tlq.rescale import TRANSFORMS, _group_data
+    from tlq.quant.gptq import gptq_quantize
+
+    model, adapter = load_model(tiny_checkpoints["qwen2_vl"])
+    apply_outliers(model, adapter, "weight", 16.0, 2, seed=0)
+    base = Recipe(method="tlq", scheme="W3A16-g32", num_samples=4, scale_max_tokens=1 << 20)
+    samples = prepare_samples(model, adapter, load_processor(tiny_checkpoints["qwen2_vl"]), *calib_split, base)
+    inputs = capture_layer_inputs(model, adapter, samples, CPU)
+    layer = adapter.layers(model)[0]
+    generator = torch.Generator().manual_seed(3)
+    table = {}
+
+    def token_weights(index, name, sample):
+        if (name, sample) not in table:
+            n = samples[sample].num_tokens
+            table[name, sample] = torch.rand(n, generator=generator) * (torch.rand(n, generator=generator) > 0.3)
+        return table[name, sample]
+
+    group = adapter.scaling_groups[0]  # the attention's norm -> q, k, v, weighted by o_proj's importance
+    single = dataclasses.replace(adapter, scaling_groups=(group,))
+
+    def run(k):
+        return RunContext.of(dataclasses.replace(base, scale_rescore_top=k), single, CPU, token_weights=token_weights)
+
+    data, _, kept = _group_data(layer, group, LayerStreams(inputs), run(100), 0, TRANSFORMS.get("scale_search"))
+    rows = [(token_weights(0, group.output_linear, i) > 0).nonzero().squeeze(1) for i in range(len(samples))]
+    for target, got in zip(group.targets, data.target_weights):
+        assert torch.equal(got, torch.cat([token_weights(0, target, i)[r] for i, r in enumerate(rows)]))
+    assert not torch.equal(data.target_weights[0], data.target_weights[1])
+    # the rescoring's solve of target p is GPTQ on H_p / (s s^T), H_p = sum_t w_p,t x_t x_t^T over the scored rows
+    from tlq.distributed import SINGLE
+    from tlq.rescale import _BlockObjective, _GroupContext, _solver_rescore
+
+    scheme = base.resolved_scheme()
+    x = torch.cat(data.x).float()
+    targets = [layer.get_submodule(t) for t in group.targets]
+    ctx = _GroupContext(layer, 0, run(100).config, scheme, CPU, SINGLE)
+    objective = _BlockObjective(layer.get_submodule(group.block), targets, [], scheme, "mse", CPU, SINGLE)
+    rescored = _solver_rescore(ctx, objective, x, torch.cat(kept), data.target_weights)
+    scales = torch.rand(x.shape[1], generator=generator) + 0.5
+    for position, (target, w) in enumerate(zip(targets, data.target_weights)):
+        scaled = target.weight.data * scales[None, :]
+        hessian = ((x * w[:, None]).t() @ x) / (scales[:, None] * scales[None, :])
+        want = gptq_quantize(scaled, hessian, scheme, act_order=base.act_order_resolved).weight
+        assert torch.allclose(rescored.quantize(scaled, scales, position), want, atol=1e-5), target
+
+    def solved_error(scaled_layer):
+        scaled_layer = copy.deepcopy(scaled_layer)
+        seen = []
+        handle = scaled_layer.get_submodule(group.targets[0]).register_forward_pre_hook(
+            lambda m, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
+        with torch.no_grad():
+            for _ in run_layer(scaled_layer, inputs, CPU):
+                pass
+        handle.remove()
+        x = torch.cat([s[r] for s, r in zip(seen, rows)]).float()
+        for target in group.targets:
+            w = torch.cat([token_weights(0, target, i)[r] for i, r in enumerate(rows)])
+            linear = scaled_layer.get_submodule(target)
+            linear.weight.data = gptq_quantize(linear.weight.data, (x * w[:, None]).t() @ x, base.resolved_scheme(),
+                                               act_order=base.act_order_resolved).weight.to(linear.weight.dtype)
+        outputs = _block_outputs(scaled_layer, inputs, group)
+        return sum(float(((o - f)[r].pow(2).mean(-1) * token_weights(0, group.output_linear, i)[r]).sum())
+                   for i, (o, f, r) in enumerate(zip(outputs, fp, rows)))
+
+    fp = _block_outputs(layer, inputs, group)
+    picks = {}
+    for k in (0, 100):
+        picks[k] = copy.deepcopy(layer)
+        rescale_layer(picks[k], 0, LayerStreams(inputs), run(k))
+    assert solved_error(picks[100]) <= solved_error(picks[0]) * (1 + 1e-4)

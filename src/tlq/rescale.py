@@ -60,6 +60,9 @@ class _Captured:
     outputs: list[torch.Tensor] = field(default_factory=list)  # token-mixing blocks: FP output, kept rows
     magnitude_sums: torch.Tensor | None = None  # token-wise: sum over kept rows of w |x| per channel (float64)
     sample: "_Subsample | None" = None  # the rows scored (token-wise), and how many over all ranks
+    # Each target's own token weights on this rank's kept rows, before the draw (None: the group's weights
+    # serve every target): what that target's GPTQ weights its tokens by, for the rescoring's Hessians.
+    target_weights: list[torch.Tensor] | None = None
 
     @property
     def tokens(self) -> int:
@@ -68,6 +71,10 @@ class _Captured:
 
 def _token_weights(token_weights, index: int, group: ScalingGroup, sample: int) -> torch.Tensor | None:
     return None if token_weights is None else token_weights(index, group.output_linear, sample)
+
+
+def _token_weights_of(token_weights, index: int, linear: str, sample: int) -> torch.Tensor:
+    return token_weights(index, linear, sample).reshape(-1)
 
 
 @dataclass
@@ -178,18 +185,21 @@ def _capture_routed(layer: nn.Module, group: ScalingGroup, inputs: LayerInputs, 
     return store, [w]
 
 
-WeightQuantizer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (W s, s) -> Q(W s)
+# (W s, s, the target's position in the group) -> Q(W s)
+WeightQuantizer = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
 def _round_to_nearest(scheme: Scheme) -> WeightQuantizer:
-    return lambda scaled, scales: fake_quant_weight(scaled, scheme).weight
+    return lambda scaled, scales, position: fake_quant_weight(scaled, scheme).weight
 
 
-def _solved_by(solver: type[LinearSolver], config, scheme: Scheme, hessian: torch.Tensor) -> WeightQuantizer:
-    """Q(W s) as the Linear's solver makes it for the scaled inputs x / s, whose Hessian is H / (s s^T).
-    Under W*A8 the Hessian is the unquantized inputs' (the per-token activation rounding depends on s in
-    a way a rescaled H cannot follow); the scoring itself runs the deployed activations."""
-    def quantize(scaled: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def _solved_by(solver: type[LinearSolver], config, scheme: Scheme, hessians: list[torch.Tensor]) -> WeightQuantizer:
+    """Q(W s) as the Linear's solver makes it for the scaled inputs x / s, whose Hessian is H / (s s^T)
+    (`hessians[position]`: each target's own). Under W*A8 the Hessian is the unquantized inputs' (the
+    per-token activation rounding depends on s in a way a rescaled H cannot follow); the scoring itself
+    runs the deployed activations."""
+    def quantize(scaled: torch.Tensor, scales: torch.Tensor, position: int) -> torch.Tensor:
+        hessian = hessians[position]
         inverse = 1.0 / scales.to(hessian).float()
         # one new in x in matrix, which the solve takes as its workspace (a builder, not a tensor it copies)
         rescaled = lambda: torch.mul(hessian, inverse[:, None]).mul_(inverse[None, :])  # noqa: E731
@@ -224,10 +234,10 @@ def _scaled_and_quantized(targets: list[nn.Linear], scales: torch.Tensor, scheme
 
     handles = []
     try:
-        for target in targets:
+        for position, target in enumerate(targets):
             w = target.weight.data
             scaled = (w.float() * scales.to(w.device)[None, :]).to(w.dtype)
-            target.weight.data = quantize(scaled, scales.to(w.device)).to(w.dtype)
+            target.weight.data = quantize(scaled, scales.to(w.device), position).to(w.dtype)
             handles.append(target.register_forward_pre_hook(scaled_input))
         yield
     finally:
@@ -363,7 +373,10 @@ def _search_group(ctx: _GroupContext, group: ScalingGroup, data: _Captured, fp_d
             weights = weights[data.sample.local.to(device)]
         items = _token_wise_items(block, x, target_x, weights, group.block_takes_batch)
     objective = _BlockObjective(block, targets, items, ctx.scheme, search.loss, device, ranks)
-    rescore = _solver_rescore(ctx, objective, x, weights)
+    target_weights = data.target_weights
+    if target_weights is not None and data.sample is not None and data.sample.local is not None:
+        target_weights = [w[data.sample.local] for w in target_weights]
+    rescore = _solver_rescore(ctx, objective, x, weights, target_weights)
     weight = weight_magnitude(targets, ctx.scheme.group_size) if search.form != "activation" else None
     scales, choice, ratio = search_scales(magnitude, objective, search.grid, weight, search.form,
                                           search.alpha_one, rescore, search.rescore_top)
@@ -371,17 +384,22 @@ def _search_group(ctx: _GroupContext, group: ScalingGroup, data: _Captured, fp_d
                     "tokens": data.tokens}
 
 
-def _solver_rescore(ctx: _GroupContext, objective: _BlockObjective, x: torch.Tensor,
-                    weights: torch.Tensor | None) -> _BlockObjective | None:
+def _solver_rescore(ctx: _GroupContext, objective: _BlockObjective, x: torch.Tensor, weights: torch.Tensor | None,
+                    target_weights: list[torch.Tensor] | None) -> _BlockObjective | None:
     """With --scale-rescore-top k and a solver that reads inputs (GPTQ): the block error with the targets
-    solved by it, on the Hessian of the rows the search scores (the same token weights; one Hessian for
-    every target, the group's shared input). Round to nearest alone picks among near-equal candidates
-    without regard to what GPTQ then makes of them (benchmarks/results/qwen2_vl-large/scale_grid)."""
+    solved by it, each on the Hessian of the rows the search scores weighted as its own solve weights them
+    (`target_weights`: each target's token weights, as TLQ's GPTQ weights each Linear's tokens by that
+    Linear's importance; None: the search's weights, one Hessian shared by every target). Round to nearest
+    alone picks among near-equal candidates without regard to what GPTQ then makes of them
+    (benchmarks/results/qwen2_vl-large/scale_grid)."""
     solver = solver_class(ctx.config.plan.solver)
     if ctx.config.scale_search.rescore_top <= 0 or not solver.needs_inputs:
         return None
-    hessian = _input_hessian(x, weights, ctx.ranks)
-    return objective.with_quantizer(_solved_by(solver, solver.config_of(ctx.config), ctx.scheme, hessian))
+    if target_weights is None:
+        hessians = [_input_hessian(x, weights, ctx.ranks)] * len(objective.targets)
+    else:
+        hessians = [_input_hessian(x, w.to(x.device), ctx.ranks) for w in target_weights]
+    return objective.with_quantizer(_solved_by(solver, solver.config_of(ctx.config), ctx.scheme, hessians))
 
 
 @dataclass(frozen=True)
@@ -430,6 +448,9 @@ def _group_data(layer: nn.Module, group: ScalingGroup, streams: LayerStreams, ru
     return_freed_memory()  # what the previous group's search left in heap holes (benchmarks/results/cost/README.md)
     data = _capture(layer, group, streams.quantized, run.device, rows, blocks, None if blocks else sample, kept)
     data.sample = sample
+    if run.token_weights is not None and transform.token_weighted and run.config.scale_search.rescore_top > 0:
+        data.target_weights = [torch.cat([_token_weights_of(run.token_weights, index, t, i)[r]
+                                          for i, r in enumerate(rows)]) for t in group.targets]
     fp_data = None
     if run.config.loop.target == "asymmetric" and streams.mode == "separate":
         fp_data = _capture(layer, group, streams.fp, run.device, rows, blocks, None if blocks else sample, kept)
