@@ -113,7 +113,7 @@ def test_token_wise_groups_capture_the_drawn_rows_in_the_draws_order(tiny_checkp
     rows in the same order, and the channel magnitude of all kept rows."""
     from tlq.distributed import SINGLE
     from tlq.quant.scaling import channel_magnitude
-    from tlq.rescale import _capture, _concatenated, _magnitude, _plan_subsample
+    from tlq.group_data import capture, concatenated, kept_magnitude, plan_subsample
 
     recipe = Recipe(method="awq", scheme="W4A16-g32", num_samples=4)
     model, adapter = load_model(tiny_checkpoints["qwen2_vl"])
@@ -126,14 +126,14 @@ def test_token_wise_groups_capture_the_drawn_rows_in_the_draws_order(tiny_checkp
     rows = [(w > 0).nonzero().squeeze(1) for w in weights]
     kept = [w[w > 0] for w in weights]
     counts = [len(r) for r in rows]
-    everything = _plan_subsample(counts, 10**9, seed=0, index=0, ranks=SINGLE)
-    full = _concatenated(_capture(layer, group, inputs, CPU, rows, False, everything, kept).x)
-    plan = _plan_subsample(counts, 37, seed=0, index=0, ranks=SINGLE)
-    drawn = _capture(layer, group, inputs, CPU, rows, False, plan, kept)
+    everything = plan_subsample(counts, 10**9, seed=0, index=0, ranks=SINGLE)
+    full = concatenated(capture(layer, group, inputs, CPU, rows, False, everything, kept).x)
+    plan = plan_subsample(counts, 37, seed=0, index=0, ranks=SINGLE)
+    drawn = capture(layer, group, inputs, CPU, rows, False, plan, kept)
     drawn.sample = plan
     assert len(full) == sum(counts) > 37 and plan.tokens == 37
     assert torch.equal(drawn.x[0], full[plan.local])  # the drawn rows, in the draw's order
-    assert torch.equal(_magnitude(drawn, torch.cat(kept), SINGLE), channel_magnitude(full, torch.cat(kept)))
+    assert torch.equal(kept_magnitude(drawn, torch.cat(kept), SINGLE), channel_magnitude(full, torch.cat(kept)))
 
 
 def _solved_block_error(layer, inputs, group, recipe, fp_outputs):
@@ -190,7 +190,8 @@ def test_rescoring_solves_each_target_on_its_own_token_weights(tiny_checkpoints,
     """Under TLQ each Linear's GPTQ weights its tokens by that Linear's importance, so the rescoring solves
     each target on the scored rows weighted by the target's own token weights: the weights it reads are
     those, and its pick is never worse after such solves than the round-to-nearest pick."""
-    from tlq.rescale import TRANSFORMS, _group_data
+    from tlq.group_data import group_data
+    from tlq.rescale import TRANSFORMS
     from tlq.quant.gptq import gptq_quantize
 
     model, adapter = load_model(tiny_checkpoints["qwen2_vl"])
@@ -214,7 +215,7 @@ def test_rescoring_solves_each_target_on_its_own_token_weights(tiny_checkpoints,
     def run(k):
         return RunContext.of(dataclasses.replace(base, scale_rescore_top=k), single, CPU, token_weights=token_weights)
 
-    data, _, kept = _group_data(layer, group, LayerStreams(inputs), run(100), 0, TRANSFORMS.get("scale_search"))
+    data, _, kept = group_data(layer, group, LayerStreams(inputs), run(100), 0, TRANSFORMS.get("scale_search"))
     rows = [(token_weights(0, group.output_linear, i) > 0).nonzero().squeeze(1) for i in range(len(samples))]
     for target, got in zip(group.targets, data.target_weights):
         assert torch.equal(got, torch.cat([token_weights(0, target, i)[r] for i, r in enumerate(rows)]))

@@ -156,7 +156,7 @@ def _scale_search_bytes(shape: ModelShape, tokens: int, max_tokens: int | None, 
     built (about 8 x in^2 bytes), then it, a candidate's rescaled copy and the solve's workspace (12 x in^2). (0, 0) without a scale search."""
     if max_tokens is None:
         return 0, 0
-    from tlq.rescale import CHUNK
+    from tlq.group_data import CHUNK
 
     d, f = shape.hidden, shape.intermediate
     drawn = min(tokens, max_tokens)

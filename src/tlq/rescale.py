@@ -3,7 +3,7 @@
 For each scaling group that applies (norm -> Linears, and Linear -> Linear where the shapes match), a
 run of the layer on the quantized-path inputs captures the targets' shared input (only the tokens the
 token weights keep) and, for a block that mixes tokens (attention), the block's own call and FP output
-per sample. The scale search then scores every candidate by the error of the block's output with the
+per sample (tlq.group_data). The scale search then scores every candidate by the error of the block's output with the
 targets scaled and fake-quantized as deployed (weights, and for W*A8 the per-token activations),
 weighted per token by the importance of the block's output Linear.
 
@@ -22,17 +22,16 @@ made the attention output worse than no scaling (benchmarks/results/qwen2_vl-sma
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
-from tlq.activations import LayerInputs, LayerStreams, layer_output, run_with_hooks, to_device, token_rows
+from tlq.activations import LayerStreams, layer_output, to_device
 from tlq.context import RunContext
 from tlq.distributed import Ranks
 from tlq.models import ModelAdapter, ScalingGroup
-from tlq.models.moe import routed_rows
 from tlq.measure import return_freed_memory
 from tlq.quant.base import LinearSolver, solver_class
 from tlq.quant.gptq import add_gram_upper, assemble_gram, gram_blocks
@@ -41,151 +40,10 @@ from tlq.quant.scaling import (apply_scales, channel_magnitude, group_applies, s
                                weight_magnitude, weighted_error)
 from tlq.recipe import RunConfig, Scheme
 from tlq.registry import Registry
-
-CHUNK = 4096  # tokens per forward of a token-wise block during the search
-
-
-@dataclass
-class _Captured:
-    """One scaling group's calibration data on this rank.
-
-    A token-mixing block (attention) is scored on whole samples: its targets' input rows, the block's calls
-    and FP outputs per sample. A token-wise group is scored on at most `max_tokens` of the kept tokens of
-    every rank (`_Subsample`): only those rows are kept, in the subsample's order, with the token-weighted
-    channel magnitude of all kept rows summed on the way (float64, as `channel_magnitude` sums)."""
-
-    x: list[torch.Tensor] = field(default_factory=list)  # the targets' input rows, per sample (or the subsample)
-    rows: list[torch.Tensor | None] = field(default_factory=list)  # kept token positions per sample (None: all)
-    calls: list[tuple] = field(default_factory=list)  # token-mixing blocks: the block's (args, kwargs)
-    outputs: list[torch.Tensor] = field(default_factory=list)  # token-mixing blocks: FP output, kept rows
-    magnitude_sums: torch.Tensor | None = None  # token-wise: sum over kept rows of w |x| per channel (float64)
-    sample: "_Subsample | None" = None  # the rows scored (token-wise), and how many over all ranks
-    # Each target's own token weights on this rank's kept rows, before the draw (None: the group's weights
-    # serve every target): what that target's GPTQ weights its tokens by, for the rescoring's Hessians.
-    target_weights: list[torch.Tensor] | None = None
-
-    @property
-    def tokens(self) -> int:
-        return self.sample.tokens if self.sample is not None else 0
+from tlq.group_data import CHUNK, Captured, concatenated, group_data, kept_magnitude
 
 
-def _token_weights(token_weights, index: int, group: ScalingGroup, sample: int) -> torch.Tensor | None:
-    return None if token_weights is None else token_weights(index, group.output_linear, sample)
 
-
-def _token_weights_of(token_weights, index: int, linear: str, sample: int) -> torch.Tensor:
-    return token_weights(index, linear, sample).reshape(-1)
-
-
-@dataclass
-class _Subsample:
-    """Which of this rank's kept rows a token-wise group keeps: a random draw of at most `max_tokens` over
-    every rank's kept tokens (rank order = sample order, so the same set whatever the number of ranks).
-    `select[i]` indexes sample i's kept rows (in row order) and `slots[i]` says where each goes in the draw's
-    order. None of them when everything is kept."""
-
-    tokens: int  # over all ranks, after the draw
-    kept: int = 0  # this rank's kept rows, before the draw
-    local: torch.Tensor | None = None  # positions in this rank's concatenated kept rows, in the draw's order
-    select: list[torch.Tensor] | None = None
-    slots: list[torch.Tensor] | None = None
-
-
-def _plan_subsample(counts: list[int], max_tokens: int, seed: int, index: int, ranks: Ranks) -> _Subsample:
-    per_rank = ranks.gather_objects(sum(counts))
-    offset, total = sum(per_rank[:ranks.rank]), sum(per_rank)
-    if total <= max_tokens:
-        return _Subsample(total, sum(counts))
-    generator = torch.Generator().manual_seed(seed * 100_003 + index)
-    pick = torch.randperm(total, generator=generator)[:max_tokens]
-    local = pick[(pick >= offset) & (pick < offset + sum(counts))] - offset
-    ordered, slot = local.sort()  # the k-th kept row in row order is the slot[k]-th of the draw
-    bounds = torch.tensor([0] + counts).cumsum(0).tolist()
-    spans = [((ordered >= a) & (ordered < b)).nonzero().squeeze(1) for a, b in zip(bounds[:-1], bounds[1:])]
-    return _Subsample(max_tokens, sum(counts), local, [ordered[k] - a for k, a in zip(spans, bounds)],
-                      [slot[k] for k in spans])
-
-
-def _capture(layer: nn.Module, group: ScalingGroup, inputs: LayerInputs, device: torch.device, rows: list,
-             blocks: bool, sample: _Subsample | None, weights: list[torch.Tensor | None]) -> _Captured:
-    """Runs of the layer that capture the group's targets' input rows (`rows[i]`: the kept positions of
-    sample i, None = all); with `blocks` the token-mixing block's calls and outputs; with `sample` (a
-    token-wise group) only the subsample's rows, and the weighted channel magnitude of all kept rows."""
-    store, current = _Captured(rows=list(rows), sample=sample), [0]
-    target = layer.get_submodule(group.input_at or group.targets[0])
-
-    def kept(tensor: torch.Tensor) -> torch.Tensor:
-        flat, row = tensor.reshape(-1, tensor.shape[-1]), rows[current[0]]
-        return flat if row is None else flat[row.to(flat.device)]
-
-    def target_input(module, args):
-        x = kept(args[0])
-        if sample is None:
-            store.x.append(x.cpu())
-            return
-        w = weights[current[0]]
-        absolute = x.float().abs().double()
-        sums = absolute.sum(0) if w is None else (absolute * w.to(x.device).double()[:, None]).sum(0)
-        store.magnitude_sums = sums if store.magnitude_sums is None else store.magnitude_sums + sums
-        if sample.select is None:
-            store.x.append(x.cpu())
-            return
-        if not store.x:  # the draw, filled in place in its order: never a second copy of it
-            store.x.append(torch.empty(len(sample.local), x.shape[-1], dtype=x.dtype))
-        store.x[0][sample.slots[current[0]]] = x[sample.select[current[0]].to(x.device)].cpu()
-
-    hooks = [target.register_forward_pre_hook(target_input)]
-    if blocks:
-        def block_call(module, args, kwargs):
-            store.calls.append(to_device((args, kwargs), torch.device("cpu")))
-
-        def block_output(module, args, output):
-            store.outputs.append(kept(layer_output(output)).cpu())
-
-        block = layer.get_submodule(group.block)
-        hooks += [block.register_forward_pre_hook(block_call, with_kwargs=True), block.register_forward_hook(block_output)]
-    # A token-wise group needs nothing past its targets' input: each sample's forward stops there.
-    run_with_hooks(layer, inputs, device, hooks, lambda i: current.__setitem__(0, i),
-                   stop_after=[] if blocks else [target])
-    return store
-
-
-def _capture_routed(layer: nn.Module, group: ScalingGroup, inputs: LayerInputs, device: torch.device,
-                    weights: list[torch.Tensor | None], max_tokens: int, seed: int, index: int,
-                    ranks: Ranks) -> tuple[_Captured, list[torch.Tensor | None]]:
-    """A routed group's data (an expert's up -> down): the rows its target received, each weighted by its
-    token's weight (`weights[i]` over sample i's tokens; rows of weight 0 dropped), then the draw of at most
-    `max_tokens` of them over every rank. Returns the data and the kept rows' weights per call. Every row is
-    held until the draw: an expert sees about top_k / experts of the tokens."""
-    target = layer.get_submodule(group.targets[0])
-    rows, kept, current = [], [], [0]
-
-    def target_input(module, args):
-        x = args[0].reshape(-1, args[0].shape[-1])
-        w = weights[current[0]]
-        if w is not None:
-            w = w.reshape(-1)[routed_rows(module)[0].to(w.device)]
-            keep = (w > 0).nonzero().squeeze(1)
-            x, w = x[keep.to(x.device)], w[keep]
-        rows.append(x.cpu())
-        kept.append(w)
-
-    run_with_hooks(layer, inputs, device, [target.register_forward_pre_hook(target_input)],
-                   lambda i: current.__setitem__(0, i), stop_after=[target])
-    x = _concatenated(rows)
-    w = None if weights[0] is None else torch.cat(kept)
-    store = _Captured(x=[x], sample=_plan_subsample([len(x)], max_tokens, seed, index, ranks))
-    store.magnitude_sums = torch.zeros(x.shape[-1], dtype=torch.float64)
-    for start in range(0, len(x), CHUNK):
-        absolute = x[start:start + CHUNK].float().abs().double()
-        store.magnitude_sums += absolute.sum(0) if w is None else \
-            (absolute * w[start:start + CHUNK].double()[:, None]).sum(0)
-    if store.sample.local is not None:
-        store.x = [x[store.sample.local]]
-    return store, [w]
-
-
-# (W s, s, the target's position in the group) -> Q(W s)
 WeightQuantizer = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
@@ -291,28 +149,6 @@ def _token_wise_items(block: nn.Module, x: torch.Tensor, target_x: torch.Tensor 
     return items
 
 
-def _concatenated(parts: list[torch.Tensor]) -> torch.Tensor:
-    """torch.cat of the per-sample rows, emptying the list as it goes (never two copies of them alive)."""
-    if not parts:
-        return torch.empty(0)
-    out = torch.empty(sum(len(p) for p in parts), parts[0].shape[-1], dtype=parts[0].dtype, device=parts[0].device)
-    start = 0
-    while parts:
-        part = parts.pop(0)
-        out[start:start + len(part)] = part
-        start += len(part)
-    return out
-
-
-def _magnitude(data: _Captured, weights: torch.Tensor | None, ranks: Ranks) -> torch.Tensor:
-    """channel_magnitude of every kept row of every rank, from the sums _capture took."""
-    count = torch.tensor([float(data.sample.kept)], dtype=torch.float64) if weights is None else \
-        weights.double().sum()[None].cpu()
-    sums = data.magnitude_sums.cpu() if data.magnitude_sums is not None else torch.zeros(0, dtype=torch.float64)
-    totals = ranks.sum(torch.cat([sums, count]))
-    return (totals[:-1] / totals[-1].clamp_min(1e-30)).float().clamp_min(1e-8)
-
-
 @dataclass
 class _GroupContext:
     """What every group's step of one layer shares."""
@@ -337,16 +173,16 @@ def _applicable_groups(layer: nn.Module, adapter: ModelAdapter, transform: "Tran
     return groups
 
 
-def _smooth_group(ctx: _GroupContext, group: ScalingGroup, data: _Captured, fp_data: _Captured | None,
+def _smooth_group(ctx: _GroupContext, group: ScalingGroup, data: Captured, fp_data: Captured | None,
                   kept: list[torch.Tensor | None]) -> tuple[torch.Tensor, dict]:
     """SmoothQuant: s = max|x|^a / max|W|^(1-a); no search."""
     targets = [ctx.layer.get_submodule(t) for t in group.targets]
     alpha = ctx.config.smoothquant.alpha
-    scales = smoothquant_scales(_concatenated(data.x).to(ctx.device), targets, alpha, ctx.ranks)
+    scales = smoothquant_scales(concatenated(data.x).to(ctx.device), targets, alpha, ctx.ranks)
     return scales, {"source": group.source, "alpha": alpha, "loss_ratio": None, "tokens": data.tokens}
 
 
-def _search_group(ctx: _GroupContext, group: ScalingGroup, data: _Captured, fp_data: _Captured | None,
+def _search_group(ctx: _GroupContext, group: ScalingGroup, data: Captured, fp_data: Captured | None,
                   kept: list[torch.Tensor | None]) -> tuple[torch.Tensor, dict]:
     """The scale search on the block the group feeds; returns the scales and the group's record."""
     layer, search, device, ranks = ctx.layer, ctx.config.scale_search, ctx.device, ctx.ranks
@@ -360,15 +196,15 @@ def _search_group(ctx: _GroupContext, group: ScalingGroup, data: _Captured, fp_d
     weights = None if not kept or kept[0] is None else torch.cat(kept).to(device)
     block = layer.get_submodule(group.block)
     if group.mixes_tokens:
-        x = _concatenated(data.x).to(device)
+        x = concatenated(data.x).to(device)
         magnitude = channel_magnitude(x, weights, ranks)
         references = fp_data.outputs if fp_data is not None else data.outputs
         items = [(args, kwargs, rows, ref, w) for (args, kwargs), rows, ref, w
                  in zip(data.calls, data.rows, references, kept)]
-    else:  # captured as the subsample, with the magnitude of every kept row (_capture)
-        magnitude = _magnitude(data, weights, ranks)
-        x = _concatenated(data.x).to(device)
-        target_x = _concatenated(fp_data.x).to(device) if fp_data is not None else None
+    else:  # captured as the subsample, with the magnitude of every kept row (group_data.capture)
+        magnitude = kept_magnitude(data, weights, ranks)
+        x = concatenated(data.x).to(device)
+        target_x = concatenated(fp_data.x).to(device) if fp_data is not None else None
         if weights is not None and data.sample.local is not None:
             weights = weights[data.sample.local.to(device)]
         items = _token_wise_items(block, x, target_x, weights, group.block_takes_batch)
@@ -429,34 +265,6 @@ register_transform(Transform("smoothquant", _smooth_group, captures_blocks=False
                              token_weighted=False, subsample_config="smoothquant"))
 
 
-def _group_data(layer: nn.Module, group: ScalingGroup, streams: LayerStreams, run: RunContext, index: int,
-                transform: Transform) -> tuple[_Captured, _Captured | None, list[torch.Tensor | None]]:
-    """One group's captured inputs on the quantized path (and the FP path for the asymmetric target, on the
-    same rows) and its kept token weights per sample."""
-    hidden = streams.quantized.hidden
-    weights = [_token_weights(run.token_weights, index, group, i) for i in range(len(hidden))]
-    part = getattr(run.config, transform.subsample_config)
-    if group.routed:  # the asymmetric target is refused for routed experts (tlq.engine)
-        data, kept = _capture_routed(layer, group, streams.quantized, run.device, weights, part.max_tokens,
-                                     part.seed, index, run.ranks)
-        return data, None, kept if transform.token_weighted else [None]
-    rows = [None if w is None else (w > 0).nonzero().squeeze(1) for w in weights]
-    kept = [None if w is None else w[w > 0] for w in weights]
-    counts = [token_rows(hidden, i) if r is None else len(r) for i, r in enumerate(rows)]
-    blocks = transform.captures_blocks and group.mixes_tokens  # scored on whole samples, every kept row
-    sample = _plan_subsample(counts, 1 << 62 if blocks else part.max_tokens, part.seed, index, run.ranks)
-    return_freed_memory()  # what the previous group's search left in heap holes (benchmarks/results/cost/README.md)
-    data = _capture(layer, group, streams.quantized, run.device, rows, blocks, None if blocks else sample, kept)
-    data.sample = sample
-    if run.token_weights is not None and transform.token_weighted and run.config.scale_search.rescore_top > 0:
-        data.target_weights = [torch.cat([_token_weights_of(run.token_weights, index, t, i)[r]
-                                          for i, r in enumerate(rows)]) for t in group.targets]
-    fp_data = None
-    if run.config.loop.target == "asymmetric" and streams.mode == "separate":
-        fp_data = _capture(layer, group, streams.fp, run.device, rows, blocks, None if blocks else sample, kept)
-    return data, fp_data, kept if transform.token_weighted else [None] * len(hidden)
-
-
 @torch.no_grad()
 def rescale_layer(layer: nn.Module, index: int, streams: LayerStreams, run: RunContext) -> list[dict]:
     """Find (or compute) the scales of every applicable group with the recipe's transform, one group at a
@@ -466,7 +274,7 @@ def rescale_layer(layer: nn.Module, index: int, streams: LayerStreams, run: RunC
     ctx = _GroupContext(layer, index, run.config, run.config.scheme, run.device, run.ranks)
     records, folds = [], []
     for group in groups:
-        data, fp_data, kept = _group_data(layer, group, streams, run, index, transform)
+        data, fp_data, kept = group_data(layer, group, streams, run, index, transform)
         scales, record = transform.step(ctx, group, data, fp_data, kept)
         del data, fp_data  # this group's inputs and block calls, before the next group's capture
         records.append(record)

@@ -123,7 +123,7 @@ def test_each_expert_rescales_its_down_input_on_its_routed_tokens(starved, calib
     tokens (the dead ones: none) is left unscaled, and its Linears rounded to nearest of the FP weights;
     the others are searched; the run exports and reloads computing what tlq simulated."""
     from tlq.activations import capture_layer_inputs
-    from tlq.rescale import _capture_routed
+    from tlq.group_data import capture_routed
 
     model, adapter = load_model(starved)
     count = model.config.text_config.num_experts
@@ -149,7 +149,7 @@ def test_each_expert_rescales_its_down_input_on_its_routed_tokens(starved, calib
     want_x = torch.cat([x for x, _ in seen])[want_w > 0]
     from tlq.distributed import SINGLE
 
-    data, kept = _capture_routed(layer, routed[1], inputs, torch.device("cpu"), weights, 1 << 30, 0, 0, SINGLE)
+    data, kept = capture_routed(layer, routed[1], inputs, torch.device("cpu"), weights, 1 << 30, 0, 0, SINGLE)
     assert torch.equal(data.x[0], want_x) and torch.equal(kept[0], want_w[want_w > 0]) and data.tokens == len(want_x) > 0
     # the run: dead experts skipped and rounded to nearest, live ones searched; export and reload
     from tlq.weighting import token_weights
