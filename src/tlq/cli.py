@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from tlq.errors import RankFailure, TlqError
-from tlq.recipe import METHODS, Recipe
+from tlq.recipe import Recipe
 
 
 _FLAG_TYPES = {"int": int, "int | None": int, "float": float, "float | None": float, "str": str}

@@ -132,8 +132,8 @@ def capture(layer: nn.Module, group: ScalingGroup, inputs: LayerInputs, device: 
 
 
 def capture_routed(layer: nn.Module, group: ScalingGroup, inputs: LayerInputs, device: torch.device,
-                    weights: list[torch.Tensor | None], max_tokens: int, seed: int, index: int,
-                    ranks: Ranks) -> tuple[Captured, list[torch.Tensor | None]]:
+                   weights: list[torch.Tensor | None], max_tokens: int, seed: int, index: int,
+                   ranks: Ranks) -> tuple[Captured, list[torch.Tensor | None]]:
     """A routed group's data (an expert's up -> down): the rows its target received, each weighted by its
     token's weight (`weights[i]` over sample i's tokens; rows of weight 0 dropped), then the draw of at most
     `max_tokens` of them over every rank. Returns the data and the kept rows' weights per call. Every row is
@@ -166,7 +166,6 @@ def capture_routed(layer: nn.Module, group: ScalingGroup, inputs: LayerInputs, d
     return store, [w]
 
 
-# (W s, s, the target's position in the group) -> Q(W s)
 def concatenated(parts: list[torch.Tensor]) -> torch.Tensor:
     """torch.cat of the per-sample rows, emptying the list as it goes (never two copies of them alive)."""
     if not parts:
@@ -190,7 +189,7 @@ def kept_magnitude(data: Captured, weights: torch.Tensor | None, ranks: Ranks) -
 
 
 def group_data(layer: nn.Module, group: ScalingGroup, streams: LayerStreams, run: RunContext, index: int,
-                transform) -> tuple[Captured, Captured | None, list[torch.Tensor | None]]:
+               transform) -> tuple[Captured, Captured | None, list[torch.Tensor | None]]:
     """One group's captured inputs on the quantized path (and the FP path for the asymmetric target, on the
     same rows) and its kept token weights per sample."""
     hidden = streams.quantized.hidden
@@ -198,7 +197,7 @@ def group_data(layer: nn.Module, group: ScalingGroup, streams: LayerStreams, run
     part = getattr(run.config, transform.subsample_config)
     if group.routed:  # the asymmetric target is refused for routed experts (tlq.engine)
         data, kept = capture_routed(layer, group, streams.quantized, run.device, weights, part.max_tokens,
-                                     part.seed, index, run.ranks)
+                                    part.seed, index, run.ranks)
         return data, None, kept if transform.token_weighted else [None]
     rows = [None if w is None else (w > 0).nonzero().squeeze(1) for w in weights]
     kept = [None if w is None else w[w > 0] for w in weights]

@@ -31,6 +31,7 @@ from torch import nn
 from tlq.activations import LayerStreams, layer_output, to_device
 from tlq.context import RunContext
 from tlq.distributed import Ranks
+from tlq.group_data import CHUNK, Captured, concatenated, group_data, kept_magnitude
 from tlq.models import ModelAdapter, ScalingGroup
 from tlq.measure import return_freed_memory
 from tlq.quant.base import LinearSolver, solver_class
@@ -40,10 +41,9 @@ from tlq.quant.scaling import (apply_scales, channel_magnitude, group_applies, s
                                weight_magnitude, weighted_error)
 from tlq.recipe import RunConfig, Scheme
 from tlq.registry import Registry
-from tlq.group_data import CHUNK, Captured, concatenated, group_data, kept_magnitude
 
 
-
+# (W s, s, the target's position in the group) -> Q(W s)
 WeightQuantizer = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
