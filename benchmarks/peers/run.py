@@ -37,6 +37,7 @@ from tlq.stats import averaged, paired_bootstrap, verdict
 ROOT = Path(__file__).resolve().parents[2]
 LLMC_PYTHON = ROOT / ".venv-llmc" / "bin" / "python"
 AUTOROUND_PYTHON = ROOT / ".venv-autoround" / "bin" / "python"
+TLQ_BIN = ROOT / ".venv" / "bin" / "tlq"
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json",
                    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "chat_template.json")
@@ -113,7 +114,7 @@ def quantize_command(method: str, args, scheme, seed: int, samples: Path, family
     if method.startswith("llmc:"):
         return llmc_command(method, args.model, samples, scheme, family, layer_class, out)
     name, *options = method.split("+")
-    cmd = [str(ROOT / ".venv" / "bin" / "tlq"), "quantize", args.model, "--calib", args.calib, "--images", args.images,
+    cmd = [str(TLQ_BIN), "quantize", args.model, "--calib", args.calib, "--images", args.images,
            "--method", name, "--scheme", label, "--num-samples", str(args.num_samples),
            "--seed", str(seed), "--out", str(out), "--quiet", "--no-resume", "--overwrite"]
     for option in options:
@@ -213,6 +214,9 @@ def main() -> int:
         raise SystemExit(f"{LLMC_PYTHON} missing: run benchmarks/peers/build_venvs.sh llmc")
     if "autoround" in methods and not AUTOROUND_PYTHON.exists():
         raise SystemExit(f"{AUTOROUND_PYTHON} missing: run benchmarks/peers/build_venvs.sh autoround")
+    if any(not is_peer(m) for m in methods) and not TLQ_BIN.exists():
+        # otherwise every tlq cell would fail to start and, with --add, replace its saved result
+        raise SystemExit(f"{TLQ_BIN} missing: run `make venv` in {ROOT} (or link its .venv there)")
     fp_model = _load_checked(args.model).eval()
     layer_class = type(adapter_for(read_model_type(args.model)).layers(fp_model)[0]).__name__
     processor = load_processor(args.model)
