@@ -2,7 +2,7 @@
 layers, the fitted growth of each, and `tlq plan`'s estimate against the measured peak.
 
     .venv/bin/python benchmarks/cost_curves.py [--methods gptq,tlq] [--sweeps samples,tokens,hidden,layers] \
-        [--values samples=64,128,256] [--out benchmarks/results/cost/curves]
+        [--values samples=64,128,256] [--base hidden=512] [--out benchmarks/results/cost/curves]
 
 Every point is a random-weight Qwen2VLForConditionalGeneration (benchmarks/cost.py builds it) quantized to
 W4A16 by one `tlq quantize` child process at a time (tlq.measure: wall, own peak RSS; tlq_recipe.json:
@@ -228,8 +228,16 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cost" / "curves")
     parser.add_argument("--values", action="append", default=[], metavar="SWEEP=X,Y",
                         help="measure only these points of a sweep (e.g. samples=64,128,256), repeatable")
+    parser.add_argument("--base", action="append", default=[], metavar="KEY=X",
+                        help=f"move the base point (keys {', '.join(BASE)}), e.g. hidden=512 for cheaper sweeps; "
+                             "use a new --out, since rows are matched on the point")
     parser.add_argument("--replot", action="store_true", help="only rewrite table.md and chart.png from results.json")
     args = parser.parse_args()
+    for item in args.base:
+        key, _, value = item.partition("=")
+        if key not in BASE or not value.isdigit():
+            raise SystemExit(f"--base {item!r}: write KEY=X with KEY one of {', '.join(BASE)}")
+        BASE[key] = int(value)
     if args.replot:
         saved = json.loads((args.out / "results.json").read_text())
         write(args.out, saved["rows"], saved["interpreter_baseline_mib"])
