@@ -167,9 +167,13 @@ def capture_routed(layer: nn.Module, group: ScalingGroup, inputs: LayerInputs, d
 
 
 def concatenated(parts: list[torch.Tensor]) -> torch.Tensor:
-    """torch.cat of the per-sample rows, emptying the list as it goes (never two copies of them alive)."""
+    """torch.cat of the per-sample rows, emptying the list as it goes (never two copies of them alive). One
+    part (a token-wise group's draw, filled in place) is returned as it is: copying it would hold the
+    group's largest capture twice (the down projection's input, tokens x intermediate)."""
     if not parts:
         return torch.empty(0)
+    if len(parts) == 1:
+        return parts.pop()
     out = torch.empty(sum(len(p) for p in parts), parts[0].shape[-1], dtype=parts[0].dtype, device=parts[0].device)
     start = 0
     while parts:
