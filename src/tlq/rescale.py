@@ -3,9 +3,9 @@
 For each scaling group that applies (norm -> Linears, and Linear -> Linear where the shapes match), a
 run of the layer on the quantized-path inputs captures the targets' shared input (only the tokens the
 token weights keep) and, for a block that mixes tokens (attention), the block's own call and FP output
-per sample (tlq.group_data). The scale search then scores every candidate by the error of the block's output with the
-targets scaled and fake-quantized as deployed (weights, and for W*A8 the per-token activations),
-weighted per token by the importance of the block's output Linear.
+per sample (tlq.group_data). The scale search then scores every candidate by the error of the block's
+output with the targets scaled and fake-quantized as deployed (weights, and for W*A8 the per-token
+activations), weighted per token by the importance of the block's output Linear.
 
 One group at a time: capture, search, free, so host memory holds one group's data, not every group's at
 once; and a token-wise group (the MLP, a lone Linear) keeps only the rows its search scores, a draw of at
