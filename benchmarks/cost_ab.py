@@ -78,6 +78,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--collect", action="store_true", help="only collect the run folders under --out/runs")
     args = parser.parse_args()
+    args.out = args.out.resolve()  # the runs work in their worktrees: a relative --out would land there
     commits = args.commits.split(",")
     if len(commits) != 2:
         raise SystemExit("--commits takes two commits, A,B")
