@@ -156,16 +156,21 @@ def _solved_block_error(layer, inputs, group, recipe, fp_outputs):
     return sum(float((out - ref).pow(2).mean(-1).sum()) for out, ref in zip(_block_outputs(layer, inputs, group), fp_outputs))
 
 
+def _weight_outlier_layer(tiny_checkpoints, calib_split, method):
+    """The tiny Qwen2-VL with weight outliers, W3A16 g32, every token scored: (adapter, recipe, samples, layer-0
+    inputs, layer 0)."""
+    model, adapter = load_model(tiny_checkpoints["qwen2_vl"])
+    apply_outliers(model, adapter, "weight", 16.0, 2, seed=0)
+    base = Recipe(method=method, scheme="W3A16-g32", num_samples=4, scale_max_tokens=1 << 20)
+    samples = prepare_samples(model, adapter, load_processor(tiny_checkpoints["qwen2_vl"]), *calib_split, base)
+    return adapter, base, samples, capture_layer_inputs(model, adapter, samples, CPU), adapter.layers(model)[0]
+
+
 def test_rescoring_the_shortlist_after_gptq_never_leaves_gptq_a_worse_block(tiny_checkpoints, calib_split):
     """--scale-rescore-top k: the k candidates of least round-to-nearest error are scored again with the
     targets solved by GPTQ. With every candidate on the shortlist the pick's block error after GPTQ is at
     most that of the round-to-nearest pick (which is on it); with k = 1 the pick is the round-to-nearest one."""
-    model, adapter = load_model(tiny_checkpoints["qwen2_vl"])
-    apply_outliers(model, adapter, "weight", 16.0, 2, seed=0)
-    base = Recipe(method="awq_gptq", scheme="W3A16-g32", num_samples=4, scale_max_tokens=1 << 20)
-    samples = prepare_samples(model, adapter, load_processor(tiny_checkpoints["qwen2_vl"]), *calib_split, base)
-    inputs = capture_layer_inputs(model, adapter, samples, CPU)
-    layer = adapter.layers(model)[0]
+    adapter, base, samples, inputs, layer = _weight_outlier_layer(tiny_checkpoints, calib_split, "awq_gptq")
     improved = 0
     for group in adapter.scaling_groups:
         single = dataclasses.replace(adapter, scaling_groups=(group,))
@@ -194,12 +199,7 @@ def test_rescoring_solves_each_target_on_its_own_token_weights(tiny_checkpoints,
     from tlq.rescale import TRANSFORMS
     from tlq.quant.gptq import gptq_quantize
 
-    model, adapter = load_model(tiny_checkpoints["qwen2_vl"])
-    apply_outliers(model, adapter, "weight", 16.0, 2, seed=0)
-    base = Recipe(method="tlq", scheme="W3A16-g32", num_samples=4, scale_max_tokens=1 << 20)
-    samples = prepare_samples(model, adapter, load_processor(tiny_checkpoints["qwen2_vl"]), *calib_split, base)
-    inputs = capture_layer_inputs(model, adapter, samples, CPU)
-    layer = adapter.layers(model)[0]
+    adapter, base, samples, inputs, layer = _weight_outlier_layer(tiny_checkpoints, calib_split, "tlq")
     generator = torch.Generator().manual_seed(3)
     table = {}
 
