@@ -54,8 +54,10 @@ def group_token_weights(token_weights, index: int, group: ScalingGroup, sample: 
     return None if token_weights is None else token_weights(index, group.output_linear, sample)
 
 
-def token_weights_of(token_weights, index: int, linear: str, sample: int) -> torch.Tensor:
-    return token_weights(index, linear, sample).reshape(-1)
+def weighted_abs_sums(x: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """sum over rows of w |x| per channel, in float64 (as `channel_magnitude` sums)."""
+    absolute = x.float().abs().double()
+    return absolute.sum(0) if weights is None else (absolute * weights.to(x.device).double()[:, None]).sum(0)
 
 
 @dataclass
@@ -84,11 +86,11 @@ def plan_subsample(counts: list[int], max_tokens: int, seed: int, index: int, ra
     bounds = torch.tensor([0] + counts).cumsum(0).tolist()
     spans = [((ordered >= a) & (ordered < b)).nonzero().squeeze(1) for a, b in zip(bounds[:-1], bounds[1:])]
     return Subsample(max_tokens, sum(counts), local, [ordered[k] - a for k, a in zip(spans, bounds)],
-                      [slot[k] for k in spans])
+                     [slot[k] for k in spans])
 
 
 def capture(layer: nn.Module, group: ScalingGroup, inputs: LayerInputs, device: torch.device, rows: list,
-             blocks: bool, sample: Subsample | None, weights: list[torch.Tensor | None]) -> Captured:
+            blocks: bool, sample: Subsample | None, weights: list[torch.Tensor | None]) -> Captured:
     """Runs of the layer that capture the group's targets' input rows (`rows[i]`: the kept positions of
     sample i, None = all); with `blocks` the token-mixing block's calls and outputs; with `sample` (a
     token-wise group) only the subsample's rows, and the weighted channel magnitude of all kept rows."""
@@ -104,9 +106,7 @@ def capture(layer: nn.Module, group: ScalingGroup, inputs: LayerInputs, device: 
         if sample is None:
             store.x.append(x.cpu())
             return
-        w = weights[current[0]]
-        absolute = x.float().abs().double()
-        sums = absolute.sum(0) if w is None else (absolute * w.to(x.device).double()[:, None]).sum(0)
+        sums = weighted_abs_sums(x, weights[current[0]])
         store.magnitude_sums = sums if store.magnitude_sums is None else store.magnitude_sums + sums
         if sample.select is None:
             store.x.append(x.cpu())
@@ -158,9 +158,7 @@ def capture_routed(layer: nn.Module, group: ScalingGroup, inputs: LayerInputs, d
     store = Captured(x=[x], sample=plan_subsample([len(x)], max_tokens, seed, index, ranks))
     store.magnitude_sums = torch.zeros(x.shape[-1], dtype=torch.float64)
     for start in range(0, len(x), CHUNK):
-        absolute = x[start:start + CHUNK].float().abs().double()
-        store.magnitude_sums += absolute.sum(0) if w is None else \
-            (absolute * w[start:start + CHUNK].double()[:, None]).sum(0)
+        store.magnitude_sums += weighted_abs_sums(x[start:start + CHUNK], None if w is None else w[start:start + CHUNK])
     if store.sample.local is not None:
         store.x = [x[store.sample.local]]
     return store, [w]
@@ -212,8 +210,8 @@ def group_data(layer: nn.Module, group: ScalingGroup, streams: LayerStreams, run
     data = capture(layer, group, streams.quantized, run.device, rows, blocks, None if blocks else sample, kept)
     data.sample = sample
     if run.token_weights is not None and transform.token_weighted and run.config.scale_search.rescore_top > 0:
-        data.target_weights = [torch.cat([token_weights_of(run.token_weights, index, t, i)[r]
-                                          for i, r in enumerate(rows)]) for t in group.targets]
+        data.target_weights = [torch.cat([run.token_weights(index, t, i).reshape(-1)[r] for i, r in enumerate(rows)])
+                               for t in group.targets]
     fp_data = None
     if run.config.loop.target == "asymmetric" and streams.mode == "separate":
         fp_data = capture(layer, group, streams.fp, run.device, rows, blocks, None if blocks else sample, kept)
