@@ -23,12 +23,13 @@ host
                             FP stream (asymmetric target); --offload-dir moves it to disk
     gradient pass           (L + 1) x s x T x d x b (each layer's stored inputs; freed before calibration),
                             only for the methods that run it (TLQ, MBQ)
-    scale-search capture    one scaling group's data at a time (tlq.rescale), during calibration: the
-                            attention group's input, the attention's input and its output (3 x s x T x d x b),
-                            or the MLP down projection's input on a draw of at most --scale-max-tokens rows
-                            (min(s x T, max) x intermediate x b), the larger; only for methods with a scale search
-                            (an MoE block: the router's input on the draw, and every expert's gate/up weights
-                            fake-quantized at once while a candidate is scored)
+    scale-search capture    one scaling group's data at a time (tlq.rescale), during calibration, the same
+                            rows the device's scale-search phase counts: the attention group's input, the
+                            attention's input and its output (3 x s x T x d x b), or a token-wise group's draw of
+                            at most --scale-max-tokens rows with the FP block's outputs on them (the MLP down
+                            projection: min(s x T, max) x (intermediate + d) x b), the larger; only for methods
+                            with a scale search (an MoE block: the router's input on the draw, and every
+                            expert's gate/up weights fake-quantized at once while a candidate is scored)
 The samples' pixel values are released once layer 0's inputs are captured, so they are not counted.
 """
 
@@ -147,9 +148,9 @@ LOADING_OVERHEAD = 128 * 2**20
 def _scale_search_bytes(shape: ModelShape, tokens: int, max_tokens: int | None, b: int,
                         sample_acts: int, rescore: bool = False) -> tuple[int, int]:
     """(data, working) on the device while the scale search runs its most expensive group (tlq.rescale): the
-    attention group's inputs of every token (its block runs one sample at a time), or a token-wise group's
-    draw of at most `max_tokens` rows (the MLP's input and the down projection's, with the FP block's
-    outputs on them), plus what scoring one candidate on a chunk of rows allocates: the chunk's
+    attention group's captured calls, target rows and FP outputs, every token's (its block runs one sample
+    at a time), or a token-wise group's draw of at most `max_tokens` rows (the MLP's input and the down
+    projection's, with the FP block's outputs on them), plus what scoring one candidate on a chunk of rows allocates: the chunk's
     intermediates (three MLP-wide tensors at once in the gated MLP) and the scaled, fake-quantized copies of
     the targets' weights (about three weight-sized float32 tensors each). With `rescore` (candidates scored
     after GPTQ) the group's input Hessian too: its float64 upper-block sums and float32 result while it is
@@ -163,7 +164,7 @@ def _scale_search_bytes(shape: ModelShape, tokens: int, max_tokens: int | None, 
     chunk = min(CHUNK, drawn)
     weights = 3 * d * f * 4
     hessian = (lambda width: 12 * width * width) if rescore else (lambda width: 0)
-    attention = (tokens * d * b, sample_acts + hessian(d))
+    attention = (3 * tokens * d * b, sample_acts + hessian(d))
     mlp = (drawn * 2 * d * b, chunk * (3 * f + 2 * d) * 4 + 2 * weights + hessian(d))
     down = (drawn * (f + d) * b, chunk * (f + 2 * d) * 4 + weights + hessian(f))
     if shape.routed_experts:  # the MoE block's group: every expert's gate/up, scaled and fake-quantized at once
@@ -224,10 +225,9 @@ def plan_memory(shape: ModelShape, devices: int, device_memory: int, samples: in
         weights = (shape.total_params - shape.num_layers * shape.layer_params + 2 * shape.layer_params) * b
     else:
         weights = shape.total_params * b
-    rescale = 0 if scale_search_tokens is None else \
-        max(3 * hidden_cache, min(per_rank * T, scale_search_tokens) * f * b)
     search_data, search_working = _scale_search_bytes(shape, per_rank * T, scale_search_tokens, b, sample_acts,
                                                       scale_rescore)
+    rescale = search_data  # captured on the host, then copied to the device for the search (one copy on a CPU)
     device_peak = max(device_peak, layer + search_data + search_working)
     host_peak = weights + LOADING_OVERHEAD + max(cache + rescale, gradient_store)
     return {
