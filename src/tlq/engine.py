@@ -364,6 +364,7 @@ def quantize_layers(model: nn.Module, adapter: ModelAdapter, samples: list[Sampl
                disable=not progress or not ranks.main, initial=begin.first, total=len(layers))
     clock.show = bar.set_postfix_str  # the bar says which phase of the layer is running
     streams = begin.streams
+    del begin  # it would hold the first layer's inputs (one s x T x d cache) through every later layer
     for index in bar:
         for callback in callbacks:
             callback.layer_starting(index, streams)

@@ -78,11 +78,15 @@ def grid_params(w: torch.Tensor, bits: int, symmetric: bool, out_dtype: torch.dt
 
 
 def quant_dequant(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """Round `w` onto the grid (scale, zero) and map back to real values, in float32."""
+    """Round `w` onto the grid (scale, zero) and map back to real values, in float32.
+
+    One float32 copy of `w` is made and worked on in place: the scale search calls this for every target
+    of every candidate, where each temporary would be a weight-sized allocation (same values as the
+    out-of-place expression)."""
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     scale = scale.float()
-    q = torch.clamp(torch.round(w.float() / scale + zero), qmin, qmax)
-    return (q - zero) * scale
+    q = w.to(torch.float32, copy=True).div_(scale).add_(zero).round_().clamp_(qmin, qmax)
+    return q.sub_(zero).mul_(scale)
 
 
 def fake_quant_weight(weight: torch.Tensor, scheme: Scheme) -> QuantizedWeight:
