@@ -86,6 +86,30 @@ def test_callbacks_hear_every_layer_in_order_and_can_move_the_start(tiny_checkpo
     assert torch.equal(adapter.layers(model)[0].self_attn.q_proj.weight, before)
 
 
+class _FirstInputsWatch(LayerCallback):
+    """Holds weak references to the first layer's inputs and notes, as layer 1 starts, how many are alive."""
+
+    def resume(self, start, layers, result):
+        import weakref
+
+        self.first = [weakref.ref(h) for h in start.streams.quantized.hidden]
+        return start
+
+    def layer_starting(self, index, streams):
+        if index == 1:
+            self.alive_at_layer_1 = sum(ref() is not None for ref in self.first)
+
+
+def test_the_loop_lets_go_of_each_layers_inputs_once_the_next_layer_starts(tiny_checkpoints, calib_split):
+    """Only the current layer's inputs stay alive: the first layer's are freed once layer 1 starts (they were
+    held through the whole loop once, one s x T x d cache of memory)."""
+    recipe = Recipe(method="rtn", scheme="W4A16-g32", num_samples=2)
+    model, adapter, samples = _setup(tiny_checkpoints["qwen2_vl"], calib_split, recipe)
+    watch = _FirstInputsWatch()
+    quantize_layers(model, adapter, samples, recipe, progress=False, callbacks=[watch])
+    assert len(watch.first) == 2 and watch.alive_at_layer_1 == 0
+
+
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision"])
 @pytest.mark.parametrize("scheme", ["W3A16-g32", "W4A8"])
 def test_gptq_has_lower_layer_error_than_rtn_on_the_same_inputs(tiny_checkpoints, calib_split, family, scheme):

@@ -150,11 +150,12 @@ def _scale_search_bytes(shape: ModelShape, tokens: int, max_tokens: int | None, 
     """(data, working) on the device while the scale search runs its most expensive group (tlq.rescale): the
     attention group's captured calls, target rows and FP outputs, every token's (its block runs one sample
     at a time), or a token-wise group's draw of at most `max_tokens` rows (the MLP's input and the down
-    projection's, with the FP block's outputs on them), plus what scoring one candidate on a chunk of rows allocates: the chunk's
-    intermediates (three MLP-wide tensors at once in the gated MLP) and the scaled, fake-quantized copies of
-    the targets' weights (about three weight-sized float32 tensors each). With `rescore` (candidates scored
-    after GPTQ) the group's input Hessian too: its float64 upper-block sums and float32 result while it is
-    built (about 8 x in^2 bytes), then it, a candidate's rescaled copy and the solve's workspace (12 x in^2). (0, 0) without a scale search."""
+    projection's, with the FP block's outputs on them), plus what scoring one candidate on a chunk of rows
+    allocates: the chunk's intermediates (three MLP-wide tensors at once in the gated MLP) and the scaled,
+    fake-quantized copies of the targets' weights (about three weight-sized float32 tensors each). With
+    `rescore` (candidates scored after GPTQ) the group's input Hessian too: its float64 upper-block sums and
+    float32 result while it is built (about 8 x in^2 bytes), then it, a candidate's rescaled copy and the
+    solve's workspace (12 x in^2). (0, 0) without a scale search."""
     if max_tokens is None:
         return 0, 0
     from tlq.group_data import CHUNK
