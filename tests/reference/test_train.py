@@ -2,7 +2,16 @@ import torch
 
 from tlq.data.synthetic import vocabulary
 from tlq.reference.checkpoint import build_model_and_processor
-from tlq.reference.train import TRAIN_SCENES, ZOOMED_SCENES, _BatchSource, make_optimizer, size_for
+import pytest
+
+from tlq.reference.train import (
+    TRAIN_SCENES,
+    ZOOMED_SCENES,
+    _BatchSource,
+    deepen_state,
+    make_optimizer,
+    size_for,
+)
 
 
 def test_background_batches_equal_inline_batches():
@@ -38,3 +47,41 @@ def test_vision_tower_gets_its_own_learning_rate_scale():
         assert tower_ids <= {id(p) for p in vision["params"]}
         assert not tower_ids & {id(p) for p in text["params"]}
         assert {id(p) for p in model.lm_head.parameters()} <= {id(p) for p in text["params"]}
+
+
+def _text_logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_growing_a_model_deeper_keeps_its_function_where_the_layers_write_nothing():
+    # deepen_state copies each shallow layer k times and divides its residual writes by k. Where the
+    # writes are zero, every copy is an identity, so the deep model must compute the shallow one exactly;
+    # with them, the k copies' writes must add up to the shallow layer's.
+    from dataclasses import replace
+
+    size = size_for("qwen2_vl", "deep")
+    shallow, _ = build_model_and_processor("qwen2_vl", vocabulary(), replace(size, layers=2), seed=1)
+    deep, _ = build_model_and_processor("qwen2_vl", vocabulary(), size, seed=2)
+    state = shallow.state_dict()
+    grown = deepen_state(state, 2, 6)
+    assert grown.keys() == deep.state_dict().keys()
+    prefix = "model.language_model.layers"
+    for j in range(6):
+        assert torch.equal(grown[f"{prefix}.{j}.self_attn.q_proj.weight"], state[f"{prefix}.{j // 3}.self_attn.q_proj.weight"])
+    written = sum(grown[f"{prefix}.{j}.mlp.down_proj.weight"] for j in (3, 4, 5))
+    assert torch.allclose(written, state[f"{prefix}.1.mlp.down_proj.weight"])
+    assert torch.equal(grown["lm_head.weight"], state["lm_head.weight"])
+
+    for name in list(state):
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            state[name] = torch.zeros_like(state[name])
+    shallow.load_state_dict(state)
+    deep.load_state_dict(deepen_state(state, 2, 6))
+    ids = torch.randint(0, 40, (2, 9))
+    assert torch.equal(_text_logits(shallow.eval(), ids), _text_logits(deep.eval(), ids))
+
+
+def test_growing_needs_a_divisor_of_the_depth():
+    with pytest.raises(ValueError, match="divisor"):
+        deepen_state({}, 4, 6)

@@ -5,7 +5,8 @@
 Fresh examples are drawn every step (no epoch, no overfitting), up to five questions per image, loss on the
 answers only. The run stops at the time budget or the step limit, keeps the checkpoint with the best
 validation accuracy (teacher-forced answer token, on a split from another seed), and writes
-`training.json` with the seed, command, time and accuracy.
+`training.json` with the seed, command, time and accuracy. `--grow-from N` trains N text layers first and
+grows them to the scale's depth part-way through (`deepen_state`; models/reference/attempts/README.md).
 """
 
 from __future__ import annotations
@@ -59,6 +60,11 @@ ZOOMED_SHARE = 0.5
 # type), the other half stays the normal mix so the other skills are not forgotten.
 FOCUS_SHARE = 0.5
 VALIDATION_SEED = 999
+# Growing a shallow model deeper (--grow-from): the projections that write into the residual stream. Each
+# shallow layer becomes k consecutive copies whose writes are divided by k, so the deep model starts as k
+# smaller steps along each shallow layer's update (close to the shallow model's function, not equal: the
+# copies see slightly different inputs), with every weight at a trained magnitude.
+RESIDUAL_WRITERS = ("self_attn.o_proj.", "mlp.down_proj.")
 # Parameter names of the vision tower and its projector (Qwen2-VL / Qwen2.5-VL, LLaVA-OneVision).
 VISION_MODULES = ("visual.", "vision_tower.", "multi_modal_projector.")
 
@@ -155,13 +161,52 @@ def make_optimizer(model: torch.nn.Module, lr: float, vision_lr_scale: float = 1
     return torch.optim.AdamW(groups, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
 
 
+def deepen_state(state: dict, from_layers: int, to_layers: int) -> dict:
+    """The state dict of a `to_layers`-deep text model grown from a `from_layers`-deep one: deep layer j is
+    a copy of shallow layer j * from_layers // to_layers, its residual writes scaled by from/to."""
+    if to_layers % from_layers:
+        raise ValueError(f"cannot grow {from_layers} layers into {to_layers}: use a divisor of {to_layers}")
+    copies = to_layers // from_layers
+    grown = {}
+    for name, tensor in state.items():
+        head, sep, tail = name.partition(".layers.")
+        if not sep or not head.endswith("language_model"):  # not a text decoder layer
+            grown[name] = tensor
+            continue
+        index, _, rest = tail.partition(".")
+        for copy in range(copies):
+            value = tensor.clone()
+            if rest.startswith(RESIDUAL_WRITERS):
+                value /= copies
+            grown[f"{head}.layers.{int(index) * copies + copy}.{rest}"] = value
+    return grown
+
+
+def _grown(model, family: str, size: ModelSize, seed: int, from_layers: int):
+    """The `size`-deep model grown from the trained shallow `model` (deepen_state), in training mode."""
+    deep, _ = build_model_and_processor(family, vocabulary(), size, seed=seed)
+    deep.load_state_dict(deepen_state(model.state_dict(), from_layers, size.layers))
+    return deep.train()
+
+
+def _validate(model, batches) -> float:
+    model.eval()
+    accuracy = answer_accuracy(model, batches)
+    model.train()
+    return accuracy
+
+
 def train(family: str, scale: str, out_dir: Path, minutes: float, max_steps: int, batch_size: int, lr: float,
           seed: int, threads: int, init: Path | None = None, focus: tuple[str, ...] = (),
-          focus_after: float = 0.0, data_workers: int = 0, vision_lr_scale: float = 1.0) -> dict:
+          focus_after: float = 0.0, data_workers: int = 0, vision_lr_scale: float = 1.0,
+          grow_from: int = 0, grow_at: float = 0.0) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     size = size_for(family, scale)
-    model, processor = build_model_and_processor(family, vocabulary(), size, seed=seed)
+    if grow_from and init is not None:
+        raise ValueError("--grow-from trains from scratch; it cannot start from --init")
+    start_size = replace(size, layers=grow_from) if grow_from else size
+    model, processor = build_model_and_processor(family, vocabulary(), start_size, seed=seed)
     if init is not None:  # continue from an earlier stage (same family and scale)
         from tlq.models import load_model
 
@@ -179,7 +224,7 @@ def train(family: str, scale: str, out_dir: Path, minutes: float, max_steps: int
     budget = minutes * 60
     start = time.perf_counter()
     best, best_step, step, history = -1.0, 0, 0, []
-    warmup = 100
+    warmup, warmup_start, grown_at_step = 100, 0, None
 
     def scenes_for(progress: float) -> list[SceneConfig]:
         scenes = [ZOOMED_SCENES if rng.random() < ZOOMED_SHARE else TRAIN_SCENES for _ in range(batch_size)]
@@ -191,7 +236,15 @@ def train(family: str, scale: str, out_dir: Path, minutes: float, max_steps: int
     scenes = scenes_for(0.0)
     while step < max_steps and time.perf_counter() - start < budget:
         progress = min(1.0, max((time.perf_counter() - start) / budget, step / max_steps))
-        scale_lr = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * progress))
+        if grow_from and grown_at_step is None and progress >= grow_at:
+            model = _grown(model, family, size, seed, grow_from)
+            optimizer = make_optimizer(model, lr, vision_lr_scale)  # fresh moments for the new layers
+            # Only the deep model's checkpoints count; a warm-up again, as the moments restart from zero.
+            best, warmup_start, grown_at_step = -1.0, step, step
+            history.append({"step": step, "grown_to_layers": size.layers,
+                            "val_answer_token_accuracy": round(_validate(model, val_batches), 4)})
+            print(json.dumps(history[-1]), flush=True)
+        scale_lr = min(1.0, (step - warmup_start + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * progress))
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"] * max(scale_lr, 0.02)
         # The next step's scenes are chosen now (with this step's progress) so a background process can
@@ -229,6 +282,8 @@ def train(family: str, scale: str, out_dir: Path, minutes: float, max_steps: int
         "val_answer_token_accuracy": round(best, 4), "validation_seed": VALIDATION_SEED,
         "init": str(init) if init else None, "focus": list(focus), "focus_after": focus_after,
         "data_workers": data_workers, "vision_lr_scale": vision_lr_scale,
+        "grow_from_layers": grow_from or None, "grow_at": grow_at if grow_from else None,
+        "grown_at_step": grown_at_step,
         "torch": torch.__version__,
         "command": " ".join(["python -m tlq.reference.train", *sys.argv[1:]]),
         "history": history,
@@ -258,12 +313,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="1: draw the next batch in a background process while this step computes")
     parser.add_argument("--vision-lr-scale", type=float, default=1.0,
                         help="the vision tower's learning rate as a multiple of --lr (default 1)")
+    parser.add_argument("--grow-from", type=int, default=0,
+                        help="train this many text layers first, then grow to the scale's depth (default: off)")
+    parser.add_argument("--grow-at", type=float, default=0.35,
+                        help="with --grow-from: grow once this share of the budget is spent (default 0.35)")
     args = parser.parse_args(argv)
     focus = tuple(t for t in args.focus.split(",") if t)
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.scale]
     info = train(args.family, args.scale, args.out, args.minutes, args.max_steps, args.batch_size, lr,
                  args.seed, args.threads, args.init, focus, args.focus_after, args.data_workers,
-                 args.vision_lr_scale)
+                 args.vision_lr_scale, args.grow_from, args.grow_at)
     print(f"done: {info['steps']} steps in {info['training_seconds']} s, best val accuracy "
           f"{info['val_answer_token_accuracy']} at step {info['best_step']}")
 
