@@ -78,3 +78,25 @@ def test_serving_rerun_replaces_cells_in_place_and_adds_new_ones_after_their_mod
     merged = serve._merged(saved, rows)
     assert [(r["model"], r["scheme"], r["v"]) for r in merged] == [
         ("a", "FP", 0), ("a", "W4A8", 1), ("a", "W8A8", 1), ("b", "FP", 0), ("b", "W4A8", 0), ("c", "FP", 1)]
+
+
+def _bench_cell(method, scheme, seed, exact, kl):
+    return {"status": "done", "method": method, "scheme": scheme, "seed": seed, "accuracy": sum(exact) / len(exact),
+            "retention": 1.0, "answer_kl": sum(kl) / len(kl), "calibration_seconds": 1.0, "peak_rss_mib": 1.0,
+            "per_question": {"exact": exact, "kl": kl, "tokens": [1] * len(kl)}}
+
+
+def test_pair_table_compares_the_named_pairs_per_scheme_and_refuses_unknown_methods(tmp_path, capsys):
+    pairs = _module("pair_table")
+    n = 200
+    low, high = [0.001] * n, [0.004] * n  # B's answers carry four times A's KL on every question
+    cells = {f"{m}|{s}|{seed}": _bench_cell(m, s, seed, [1] * n, kl)
+             for seed in (0, 1) for s, m, kl in (("W4A8", "a", low), ("W4A8", "b", high), ("W8A8", "a", low))}
+    (tmp_path / "results.json").write_text(json.dumps({"cells": cells, "fp": {}, "config": {}}))
+    assert pairs.main([str(tmp_path), "--pair", "a:b"]) == 0
+    saved = json.loads((tmp_path / "pairs.json").read_text())
+    assert [e["scheme"] for e in saved] == ["W4A8"]  # W8A8 has no b: no row
+    assert saved[0]["kl_ratio"] == pytest.approx([0.25, 0.25]) and saved[0]["verdict"] == "better"
+    with pytest.raises(SystemExit):
+        pairs.main([str(tmp_path), "--pair", "a:c"])
+    assert "c not in" in capsys.readouterr().err

@@ -114,6 +114,8 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
                 _atomic_write(results_path, json.dumps(results, indent=1) + "\n")
                 if not cfg.keep_checkpoints:
                     shutil.rmtree(checkpoint, ignore_errors=True)
+    if not cfg.keep_checkpoints and (out_dir / "checkpoints").is_dir() and not any((out_dir / "checkpoints").iterdir()):
+        (out_dir / "checkpoints").rmdir()  # each cell removed its own; an empty folder would say otherwise
     table = markdown_table(results)
     _atomic_write(out_dir / "table.md", table)
     chart(results, out_dir / "chart.png")

@@ -203,11 +203,9 @@ def train(family: str, scale: str, out_dir: Path, minutes: float, max_steps: int
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     size = size_for(family, scale)
-    if grow_from and init is not None:
-        raise ValueError("--grow-from trains from scratch; it cannot start from --init")
     start_size = replace(size, layers=grow_from) if grow_from else size
     model, processor = build_model_and_processor(family, vocabulary(), start_size, seed=seed)
-    if init is not None:  # continue from an earlier stage (same family and scale)
+    if init is not None:  # continue from an earlier stage (same family and scale; with --grow-from, that depth)
         from tlq.models import load_model
 
         model.load_state_dict(load_model(init, dtype="float32")[0].state_dict())
@@ -316,7 +314,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--grow-from", type=int, default=0,
                         help="train this many text layers first, then grow to the scale's depth (default: off)")
     parser.add_argument("--grow-at", type=float, default=0.35,
-                        help="with --grow-from: grow once this share of the budget is spent (default 0.35)")
+                        help="with --grow-from: grow once this share of the budget is spent (default 0.35; 0 grows "
+                        "an --init model of that depth at once)")
     args = parser.parse_args(argv)
     focus = tuple(t for t in args.focus.split(",") if t)
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.scale]
