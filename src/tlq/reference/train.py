@@ -211,7 +211,6 @@ def train(family: str, scale: str, out_dir: Path, minutes: float, max_steps: int
         model.load_state_dict(load_model(init, dtype="float32")[0].state_dict())
     pad_id = processor.tokenizer.pad_token_id
     model.train()
-    params = sum(p.numel() for p in model.parameters())
     rng = np.random.default_rng(seed)
     val_rng = np.random.default_rng(VALIDATION_SEED)
     val_batches = [collate([_sample(val_rng, processor, TRAIN_SCENES) for _ in range(32)], pad_id) for _ in range(4)]
@@ -273,6 +272,7 @@ def train(family: str, scale: str, out_dir: Path, minutes: float, max_steps: int
                 model.train()
     source.close()
     seconds = time.perf_counter() - start
+    params = sum(p.numel() for p in model.parameters())  # after any growth: the saved model's count
     info = {
         "family": family, "scale": scale, "size": asdict(size), "parameters": params, "seed": seed,
         "steps": step, "best_step": best_step, "batch_size": batch_size, "learning_rate": lr,
