@@ -34,7 +34,8 @@ def compare(rows: list[dict], first: str, second: str) -> list[dict]:
 
 
 def markdown(entries: list[dict]) -> str:
-    lines = ["| scheme | A | B | answer KL A / B (mean of seeds) | accuracy A - B, 95% CI | KL A / B, 95% CI | A vs B |",
+    lines = ["| scheme | A | B | answer KL A / B (mean of seeds) | accuracy A - B, 95% CI | KL A / B, 95% CI "
+             "| A vs B |",
              "|---|---|---|---|---|---|---|"]
     for e in entries:
         (acc_low, acc_high), (kl_low, kl_high) = e["accuracy_diff"], e["kl_ratio"]

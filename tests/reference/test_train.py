@@ -68,7 +68,8 @@ def test_growing_a_model_deeper_keeps_its_function_where_the_layers_write_nothin
     assert grown.keys() == deep.state_dict().keys()
     prefix = "model.language_model.layers"
     for j in range(6):
-        assert torch.equal(grown[f"{prefix}.{j}.self_attn.q_proj.weight"], state[f"{prefix}.{j // 3}.self_attn.q_proj.weight"])
+        query = "self_attn.q_proj.weight"
+        assert torch.equal(grown[f"{prefix}.{j}.{query}"], state[f"{prefix}.{j // 3}.{query}"])
     written = sum(grown[f"{prefix}.{j}.mlp.down_proj.weight"] for j in (3, 4, 5))
     assert torch.allclose(written, state[f"{prefix}.1.mlp.down_proj.weight"])
     assert torch.equal(grown["lm_head.weight"], state["lm_head.weight"])

@@ -199,7 +199,7 @@ def _validate(model, batches) -> float:
 def train(family: str, scale: str, out_dir: Path, minutes: float, max_steps: int, batch_size: int, lr: float,
           seed: int, threads: int, init: Path | None = None, focus: tuple[str, ...] = (),
           focus_after: float = 0.0, data_workers: int = 0, vision_lr_scale: float = 1.0,
-          grow_from: int = 0, grow_at: float = 0.0) -> dict:
+          grow_from: int = 0, grow_at: float = 0.35) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     size = size_for(family, scale)
