@@ -1,6 +1,7 @@
 import torch
 
 from tlq.data.synthetic import vocabulary
+from tlq.models import adapter_for
 from tlq.reference.checkpoint import build_model_and_processor
 import pytest
 
@@ -64,7 +65,8 @@ def test_growing_a_model_deeper_keeps_its_function_where_the_layers_write_nothin
     shallow, _ = build_model_and_processor("qwen2_vl", vocabulary(), replace(size, layers=2), seed=1)
     deep, _ = build_model_and_processor("qwen2_vl", vocabulary(), size, seed=2)
     state = shallow.state_dict()
-    grown = deepen_state(state, 2, 6)
+    adapter = adapter_for("qwen2_vl")
+    grown = deepen_state(state, adapter, 2, 6)
     assert grown.keys() == deep.state_dict().keys()
     prefix = "model.language_model.layers"
     for j in range(6):
@@ -78,11 +80,11 @@ def test_growing_a_model_deeper_keeps_its_function_where_the_layers_write_nothin
         if name.endswith(("o_proj.weight", "down_proj.weight")):
             state[name] = torch.zeros_like(state[name])
     shallow.load_state_dict(state)
-    deep.load_state_dict(deepen_state(state, 2, 6))
+    deep.load_state_dict(deepen_state(state, adapter, 2, 6))
     ids = torch.randint(0, 40, (2, 9))
     assert torch.equal(_text_logits(shallow.eval(), ids), _text_logits(deep.eval(), ids))
 
 
 def test_growing_needs_a_divisor_of_the_depth():
     with pytest.raises(ValueError, match="divisor"):
-        deepen_state({}, 4, 6)
+        deepen_state({}, adapter_for("qwen2_vl"), 4, 6)

@@ -60,11 +60,6 @@ ZOOMED_SHARE = 0.5
 # type), the other half stays the normal mix so the other skills are not forgotten.
 FOCUS_SHARE = 0.5
 VALIDATION_SEED = 999
-# Growing a shallow model deeper (--grow-from): the projections that write into the residual stream. Each
-# shallow layer becomes k consecutive copies whose writes are divided by k, so the deep model starts as k
-# smaller steps along each shallow layer's update (close to the shallow model's function, not equal: the
-# copies see slightly different inputs), with every weight at a trained magnitude.
-RESIDUAL_WRITERS = ("self_attn.o_proj.", "mlp.down_proj.")
 # Parameter names of the vision tower and its projector (Qwen2-VL / Qwen2.5-VL, LLaVA-OneVision).
 VISION_MODULES = ("visual.", "vision_tower.", "multi_modal_projector.")
 
@@ -161,31 +156,38 @@ def make_optimizer(model: torch.nn.Module, lr: float, vision_lr_scale: float = 1
     return torch.optim.AdamW(groups, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
 
 
-def deepen_state(state: dict, from_layers: int, to_layers: int) -> dict:
+def deepen_state(state: dict, adapter, from_layers: int, to_layers: int) -> dict:
     """The state dict of a `to_layers`-deep text model grown from a `from_layers`-deep one: deep layer j is
-    a copy of shallow layer j * from_layers // to_layers, its residual writes scaled by from/to."""
+    a copy of shallow layer j * from_layers // to_layers. The Linears that write into the residual stream
+    (each of the adapter's blocks' output) are divided by the number of copies, so the deep model starts as
+    k smaller steps along each shallow layer's update: close to the shallow model's function, not equal (the
+    copies see slightly different inputs), with every weight at a trained magnitude."""
     if to_layers % from_layers:
         raise ValueError(f"cannot grow {from_layers} layers into {to_layers}: use a divisor of {to_layers}")
     copies = to_layers // from_layers
+    prefix = adapter.decoder_layers + "."
+    writers = tuple(block.output + "." for block in adapter.blocks)
     grown = {}
     for name, tensor in state.items():
-        head, sep, tail = name.partition(".layers.")
-        if not sep or not head.endswith("language_model"):  # not a text decoder layer
+        if not name.startswith(prefix):  # not a text decoder layer
             grown[name] = tensor
             continue
-        index, _, rest = tail.partition(".")
+        index, _, rest = name[len(prefix):].partition(".")
         for copy in range(copies):
             value = tensor.clone()
-            if rest.startswith(RESIDUAL_WRITERS):
+            if rest.startswith(writers):
                 value /= copies
-            grown[f"{head}.layers.{int(index) * copies + copy}.{rest}"] = value
+            grown[f"{prefix}{int(index) * copies + copy}.{rest}"] = value
     return grown
 
 
 def _grown(model, family: str, size: ModelSize, seed: int, from_layers: int):
     """The `size`-deep model grown from the trained shallow `model` (deepen_state), in training mode."""
+    from tlq.models import adapter_for
+
     deep, _ = build_model_and_processor(family, vocabulary(), size, seed=seed)
-    deep.load_state_dict(deepen_state(model.state_dict(), from_layers, size.layers))
+    adapter = adapter_for(deep.config.model_type)
+    deep.load_state_dict(deepen_state(model.state_dict(), adapter, from_layers, size.layers))
     return deep.train()
 
 
