@@ -100,3 +100,27 @@ def test_pair_table_compares_the_named_pairs_per_scheme_and_refuses_unknown_meth
     with pytest.raises(SystemExit):
         pairs.main([str(tmp_path), "--pair", "a:c"])
     assert "c not in" in capsys.readouterr().err
+
+
+def test_layer_drift_is_zero_for_a_freshly_grown_model_and_sees_a_changed_copy(tmp_path):
+    import torch
+    from dataclasses import replace
+
+    from tlq.data.synthetic import vocabulary
+    from tlq.models import adapter_for
+    from tlq.reference.checkpoint import build_model_and_processor, save_checkpoint
+    from tlq.reference.train import deepen_state, size_for
+
+    drift = _module("layer_drift")
+    size = size_for("qwen2_vl", "deep")
+    shallow, _ = build_model_and_processor("qwen2_vl", vocabulary(), replace(size, layers=2))
+    deep, processor = build_model_and_processor("qwen2_vl", vocabulary(), size)
+    deep.load_state_dict(deepen_state(shallow.state_dict(), adapter_for("qwen2_vl"), 2, 6))
+    save_checkpoint(deep, processor, tmp_path / "grown")
+    assert all(d == 0 for values in drift.drift(tmp_path / "grown", 3).values() for d in values)
+    with torch.no_grad():
+        deep.model.language_model.layers[4].mlp.up_proj.weight.mul_(2)  # the second copy of layer 1
+    save_checkpoint(deep, processor, tmp_path / "changed")
+    changed = drift.drift(tmp_path / "changed", 3)
+    assert changed["mlp.up_proj"] == [0, 0, 1.0, 0]
+    assert all(d == 0 for role, values in changed.items() if role != "mlp.up_proj" for d in values)
