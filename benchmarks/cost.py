@@ -27,6 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks" / "peers"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 CONFIGS = {"2b": "qwen2-vl-2b-instruct", "7b": "qwen2-vl-7b-instruct"}
 
 
@@ -75,12 +76,18 @@ def main() -> int:
     parser.add_argument("--methods", default="gptq,tlq,awq,llmc:gptq,llmc:awq_gptq")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "cost")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cost")
+    parser.add_argument("--plans-only", action="store_true",
+                        help="run nothing: add tlq plan's estimate beside the rows --out already holds")
     args = parser.parse_args()
     from samples import write_samples
 
     from tlq.bench import run_measured
     from tlq.data.synthetic import write_split
 
+    if args.plans_only:  # the folder's own run settings, so the rewritten table describes the same runs
+        saved_run = json.loads((args.out / "results.json").read_text())
+        args.shape, args.samples, args.repeats = saved_run["shape"], saved_run["samples"], saved_run["repeats"]
+        args.layers = saved_run["model"]["layers"]
     layers = args.layers or 28
     work = args.work / f"{args.shape}-{layers}l"
     checkpoint, data = work / "model", work / "data"
@@ -94,9 +101,9 @@ def main() -> int:
                             work / f"samples-{args.samples}.safetensors")
     # Rows of methods not run now are kept, so one method can be rerun into a table beside the others.
     saved = args.out / "results.json"
-    requested = set(args.methods.split(","))
+    requested = set() if args.plans_only else set(args.methods.split(","))
     rows = [r for r in json.loads(saved.read_text())["rows"] if r["method"] not in requested] if saved.exists() else []
-    for repeat in range(args.repeats):
+    for repeat in range(0 if args.plans_only else args.repeats):
         for method in args.methods.split(","):
             out = work / f"out-{method.replace(':', '-')}"
             shutil.rmtree(out, ignore_errors=True)
@@ -114,7 +121,30 @@ def main() -> int:
             print(json.dumps(row), flush=True)
             shutil.rmtree(out, ignore_errors=True)
             write(args, shape, rows)  # after every job, so an interrupted run keeps what it measured
+    if add_plans(rows, checkpoint, samples, args.samples):  # after the timed jobs: it runs a process of its own
+        write(args, shape, rows)
     return 0
+
+
+def add_plans(rows: list[dict], checkpoint: Path, samples: Path, count: int) -> bool:
+    """`tlq plan`'s estimate for one CPU process (+ the interpreter's own peak, which the plan leaves out)
+    beside each tlq row that has none: its measured peak against it (benchmarks/cost_curves.py counts the
+    same terms). A method with knobs is left out: the plan reads the method's defaults."""
+    from cost_curves import interpreter_baseline_mib, planned_mib
+    from safetensors import safe_open
+
+    from tlq.recipe import METHODS
+
+    missing = [r for r in rows if r["method"] in METHODS and "planned_mib" not in r]
+    if not missing:
+        return False
+    with safe_open(str(samples), "pt") as stored:
+        tokens = sum(stored.get_slice(k).get_shape()[-1] for k in stored.keys() if k.endswith("/input_ids"))
+    baseline = interpreter_baseline_mib()
+    for row in missing:
+        row["planned_mib"] = round(planned_mib(checkpoint, count, round(tokens / count), row["method"]) + baseline, 1)
+        row["interpreter_mib"] = baseline
+    return True
 
 
 def write(args, shape: dict, rows: list[dict]) -> None:
@@ -126,6 +156,8 @@ def write(args, shape: dict, rows: list[dict]) -> None:
     wall = {m: statistics.median(r["wall_seconds"] for r in rows if r["method"] == m) for m in methods}
     repeats = {m: sum(r["method"] == m for r in rows) for m in methods}
     rss = {m: max(r["peak_rss_mib"] for r in rows if r["method"] == m) for m in methods}
+    plans = {m: max(r["planned_mib"] for r in rows if r["method"] == m) for m in methods
+             if all("planned_mib" in r for r in rows if r["method"] == m)}
     calib = {m: statistics.median(r["calibration_seconds"] for r in rows if r["method"] == m)
              for m in methods if all(r.get("calibration_seconds") for r in rows if r["method"] == m)}
     peers = {"gptq": "llmc:gptq", "tlq": "llmc:awq_gptq", "awq": "llmc:awq_gptq"}
@@ -133,15 +165,17 @@ def write(args, shape: dict, rows: list[dict]) -> None:
              f"{shape['layers']} layers), {args.samples} samples of ~280 tokens, W4A16, median of the repeats run; "
              f"{os.cpu_count()} CPUs.", "",
              "| method | repeats | wall s | calibration s | peak RSS MiB | wall vs llm-compressor | "
-             "calibration vs llm-compressor | RSS vs llm-compressor |", "|---|---|---|---|---|---|---|---|"]
+             "calibration vs llm-compressor | RSS vs llm-compressor | tlq plan MiB (+ interpreter) | "
+             "plan / peak |", "|---|---|---|---|---|---|---|---|---|---|"]
     for m in methods:
         peer = peers.get(m)
         ratio = f"{wall[m] / wall[peer]:.2f}x {peer}" if peer in wall else ""
         rss_ratio = f"{rss[m] / rss[peer]:.2f}x" if peer in rss else ""
         calib_ratio = f"{calib[m] / calib[peer]:.2f}x" if m in calib and peer in calib else ""
         calib_cell = f"{calib[m]:.1f}" if m in calib else "n/a"
+        plan_cells = f"{plans[m]:.0f} | {plans[m] / rss[m]:.2f}" if m in plans else " | "
         lines.append(f"| {m} | {repeats[m]} | {wall[m]:.1f} | {calib_cell} | {rss[m]:.0f} | {ratio} | {calib_ratio} | "
-                     f"{rss_ratio} |")
+                     f"{rss_ratio} | {plan_cells} |")
     phases = ["load", "samples", "capture", "importance", "reference", "rescale", "observe", "solve", "propagate",
               "save", "export"]
     lines += ["", "Where tlq's time goes (seconds, median over repeats; tlq_recipe.json phase_seconds):", "",

@@ -124,3 +124,19 @@ def test_layer_drift_is_zero_for_a_freshly_grown_model_and_sees_a_changed_copy(t
     changed = drift.drift(tmp_path / "changed", 3)
     assert changed["mlp.up_proj"] == [0, 0, 1.0, 0]
     assert all(d == 0 for role, values in changed.items() if role != "mlp.up_proj" for d in values)
+
+
+def test_cost_table_puts_the_plan_beside_the_largest_measured_peak(tmp_path):
+    cost = _module("cost")
+    rows = [{"method": "gptq", "repeat": r, "wall_seconds": 10.0 + r, "calibration_seconds": 9.0, "peak_rss_mib": peak,
+             "planned_mib": 900.0} for r, peak in enumerate((950.0, 1000.0))]
+    rows.append({"method": "llmc:gptq", "repeat": 0, "wall_seconds": 12.0, "calibration_seconds": 10.0,
+                 "peak_rss_mib": 1250.0})
+    args = type("Args", (), {"out": tmp_path, "shape": "2b", "samples": 8, "repeats": 2})()
+    cost.write(args, {"hidden": 64, "intermediate": 128, "layers": 1}, rows)
+    table = (tmp_path / "table.md").read_text().splitlines()
+    gptq = next(line for line in table if line.startswith("| gptq |"))
+    peer = next(line for line in table if line.startswith("| llmc:gptq |"))
+    assert gptq.rstrip(" |").endswith("900 | 0.90")  # against the larger of the two peaks
+    assert "0.80x" in gptq  # RSS: 1000 / 1250
+    assert peer.endswith("|  |  |")  # no plan for a peer
