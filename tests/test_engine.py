@@ -230,3 +230,31 @@ def test_gptq_runs_the_whole_layer_twice_per_sample(tiny_checkpoints, calib_spli
     calibrate_layer(layer, 0, LayerStreams(inputs), RunContext.of(recipe, adapter))
     handle.remove()
     assert len(calls) == 2 * len(samples)
+
+
+@pytest.mark.parametrize("scheme", ["W4A16-g32", "W4A8"])
+def test_the_reference_pass_runs_to_the_end_only_for_the_samples_it_keeps(tiny_checkpoints, calib_split,
+                                                                          scheme, monkeypatch):
+    """Past the error report's samples, the FP reference pass stops at the first group's Linears: the
+    layer's last Linear runs kept + N times, and the weights and next-layer inputs are exactly those of a
+    run that takes every sample's reference to the end."""
+    import tlq.engine
+
+    recipe = Recipe(method="gptq", scheme=scheme, num_samples=4)
+    model, adapter, samples = _setup(tiny_checkpoints["qwen2_vl"], calib_split, recipe)
+    inputs = capture_layer_inputs(model, adapter, samples, torch.device("cpu"))
+    results = {}
+    for kept in (1, len(samples)):
+        monkeypatch.setattr(tlq.engine, "REPORT_SAMPLES", kept)
+        layer = copy.deepcopy(adapter.layers(model)[0])
+        calls = []
+        last = layer.get_submodule(adapter.linear_groups[-1][-1])
+        handle = last.register_forward_hook(lambda module, args, output: calls.append(1))
+        quantized, outputs, _, _ = calibrate_layer(layer, 0, LayerStreams(inputs), RunContext.of(recipe, adapter))
+        handle.remove()
+        assert len(calls) == kept + len(samples)
+        results[kept] = (quantized, outputs.hidden)
+    (few, few_out), (every, every_out) = results[1], results[len(samples)]
+    assert few.keys() == every.keys()
+    assert all(torch.equal(few[name].weight, every[name].weight) for name in few)
+    assert all(torch.equal(a, b) for a, b in zip(few_out, every_out))

@@ -353,36 +353,48 @@ class _Stopper:
     def __init__(self, modules: list[nn.Module]) -> None:
         self.all = {id(m) for m in modules}
         self.pending: set[int] = set()
+        self.active = True
         self.handles = [m.register_forward_pre_hook(self._seen) for m in modules]
 
     def _seen(self, module: nn.Module, args: tuple) -> None:
         self.pending.discard(id(module))
-        if not self.pending:
+        if self.active and not self.pending:
             raise _StopForward
 
-    def reset(self) -> None:
-        self.pending = set(self.all)
+    def reset(self, active: bool = True) -> None:
+        """Arm for the next sample; an inactive stopper lets that sample's forward run to the end."""
+        self.pending, self.active = set(self.all), active
 
 
 def run_with_hooks(layer: nn.Module, inputs: LayerInputs, device: torch.device, handles: list,
-                   before_sample: Callable[[int], None] | None = None, stop_after: list[nn.Module] = ()) -> None:
+                   before_sample: Callable[[int], None] | None = None, stop_after: list[nn.Module] = (),
+                   outputs_of: int | None = 0) -> list | SpilledActivations:
     """Run `layer` over every sample for its hooks' side effects, then remove the hooks (also on error).
 
     With `stop_after`, each sample's forward stops once those modules have been called; their hooks in
-    `handles` (registered earlier, so run first) have seen their inputs by then.
+    `handles` (registered earlier, so run first) have seen their inputs by then. The first `outputs_of`
+    samples (every sample if None) run to the end all the same, and their outputs are returned (CPU): a
+    pass that observes every sample but keeps only a few outputs runs the rest of the layer only for those.
     """
     stopper = _Stopper(list(stop_after)) if stop_after else None
     handles = list(handles) + (stopper.handles if stopper is not None else [])
+    outputs = activation_list() if outputs_of != 0 else []
     try:
         for i, (hidden, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs)):
+            keep = outputs_of is None or i < outputs_of
+            if not keep and stopper is None and not handles:
+                break  # nothing reads the remaining samples
             if before_sample is not None:
                 before_sample(i)
             if stopper is not None:
-                stopper.reset()
+                stopper.reset(active=not keep)
             try:
-                layer(hidden.to(device), **to_device(kwargs, device))
+                output = layer(hidden.to(device), **to_device(kwargs, device))
             except _StopForward:
-                pass
+                continue
+            if keep:
+                outputs.append(layer_output(output).cpu())
     finally:
         for handle in handles:
             handle.remove()
+    return outputs

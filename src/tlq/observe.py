@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tlq.activations import activation_list, capture_linear_inputs, run_layer, run_with_hooks
+from tlq.activations import capture_linear_inputs, run_with_hooks
 from tlq.models.moe import routed_rows
 from tlq.quant import fake_quant_activation
 
@@ -95,23 +95,16 @@ def observe(run, solvers: dict, act_bits: int | None = None, keep_outputs: bool 
             obs.sample = i
 
     handles = [run.linears[name].register_forward_pre_hook(obs) for name, obs in observers.items()]
-    outputs = None
-    if keep_outputs:
-        try:
-            kept = run.references_kept
-            outputs = activation_list(out.cpu() for i, out in run_layer(run.layer, run.inputs, run.device, set_sample)
-                                      if kept is None or i < kept)
-        finally:
-            for handle in handles:
-                handle.remove()
-    elif observed:
-        run_with_hooks(run.layer, run.inputs, run.device, handles, set_sample,
-                       stop_after=[run.linears[name] for name in observed])
+    # Samples past the kept references stop at the observed Linears: the rest of the layer would compute
+    # outputs nobody reads (at 2B widths, 128 samples and 16 kept, most of a layer forward per layer).
+    outputs = run_with_hooks(run.layer, run.inputs, run.device, handles, set_sample,
+                             stop_after=[run.linears[name] for name in observed],
+                             outputs_of=run.references_kept if keep_outputs else 0)
     for name, obs in observers.items():
         obs.flush()
         if routed_rows(run.linears[name]) is not None:
             run.routed_tokens[name] = obs.tokens_seen
-    return outputs
+    return outputs if keep_outputs else None
 
 
 __all__ = ["Observer", "fp_view", "observe"]
