@@ -382,7 +382,7 @@ def run_with_hooks(layer: nn.Module, inputs: LayerInputs, device: torch.device, 
     try:
         for i, (hidden, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs)):
             keep = outputs_of is None or i < outputs_of
-            if not keep and stopper is None and not handles:
+            if not keep and not handles:  # (a stopper's own hooks are among the handles)
                 break  # nothing reads the remaining samples
             if before_sample is not None:
                 before_sample(i)
