@@ -258,3 +258,35 @@ def test_the_reference_pass_runs_to_the_end_only_for_the_samples_it_keeps(tiny_c
     assert few.keys() == every.keys()
     assert all(torch.equal(few[name].weight, every[name].weight) for name in few)
     assert all(torch.equal(a, b) for a, b in zip(few_out, every_out))
+
+
+def test_a_scaled_method_runs_the_reference_only_for_the_samples_it_keeps(tiny_checkpoints, calib_split,
+                                                                           monkeypatch):
+    """AWQ's reference pass observes nothing, so samples past the error report's never enter it: keeping one
+    reference instead of all saves N-1 calls of the layer's first and last Linears, and the weights and
+    next-layer inputs are exactly those of a run that keeps every reference."""
+    import tlq.engine
+
+    recipe = Recipe(method="awq", scheme="W4A16-g32", num_samples=4)
+    model, adapter, samples = _setup(tiny_checkpoints["qwen2_vl"], calib_split, recipe)
+    inputs = capture_layer_inputs(model, adapter, samples, torch.device("cpu"))
+    results, calls = {}, {}
+    for kept in (1, len(samples)):
+        monkeypatch.setattr(tlq.engine, "REPORT_SAMPLES", kept)
+        layer = copy.deepcopy(adapter.layers(model)[0])
+        counted = {"first": adapter.linear_groups[0][0], "last": adapter.linear_groups[-1][-1]}
+        calls[kept] = dict.fromkeys(counted, 0)
+        handles = [layer.get_submodule(name).register_forward_hook(
+                       lambda module, args, output, which=which: calls[kept].__setitem__(which, calls[kept][which] + 1))
+                   for which, name in counted.items()]
+        quantized, outputs, _, _ = calibrate_layer(layer, 0, LayerStreams(inputs), RunContext.of(recipe, adapter))
+        for handle in handles:
+            handle.remove()
+        results[kept] = (quantized, outputs.hidden)
+    skipped = len(samples) - 1
+    assert calls[len(samples)]["first"] - calls[1]["first"] == skipped
+    assert calls[len(samples)]["last"] - calls[1]["last"] == skipped
+    (few, few_out), (every, every_out) = results[1], results[len(samples)]
+    assert few.keys() == every.keys()
+    assert all(torch.equal(few[name].weight, every[name].weight) for name in few)
+    assert all(torch.equal(a, b) for a, b in zip(few_out, every_out))
