@@ -26,8 +26,10 @@ def _env() -> dict[str, str]:
 
 
 def _torchrun(nproc: int, argv: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-port", str(_free_port()), "-m", "tlq", *argv]
+    # The c10d rendezvous on port 0 lets the OS assign the port when it binds: a port picked here and
+    # released before torchrun binds it can be taken by another process meanwhile.
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--nnodes", "1",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "-m", "tlq", *argv]
     return subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
