@@ -232,32 +232,49 @@ def test_gptq_runs_the_whole_layer_twice_per_sample(tiny_checkpoints, calib_spli
     assert len(calls) == 2 * len(samples)
 
 
+def _calibrate_keeping(kept: int, recipe, checkpoint, calib_split, monkeypatch):
+    """Layer 0 calibrated with `kept` FP references run to the end: (weights, next-layer inputs, calls of
+    the layer's first and last Linears)."""
+    import tlq.engine
+
+    model, adapter, samples = _setup(checkpoint, calib_split, recipe)
+    inputs = capture_layer_inputs(model, adapter, samples, torch.device("cpu"))
+    monkeypatch.setattr(tlq.engine, "REPORT_SAMPLES", kept)
+    layer = adapter.layers(model)[0]
+    calls = {"first": 0, "last": 0}
+
+    def counter(which):
+        def count(module, args, output):
+            calls[which] += 1
+        return count
+
+    handles = [layer.get_submodule(adapter.linear_groups[0][0]).register_forward_hook(counter("first")),
+               layer.get_submodule(adapter.linear_groups[-1][-1]).register_forward_hook(counter("last"))]
+    quantized, outputs, _, _ = calibrate_layer(layer, 0, LayerStreams(inputs), RunContext.of(recipe, adapter))
+    for handle in handles:
+        handle.remove()
+    return quantized, outputs.hidden, calls
+
+
+def _assert_same_results(few, every) -> None:
+    (few_weights, few_out, _), (every_weights, every_out, _) = few, every
+    assert few_weights.keys() == every_weights.keys()
+    assert all(torch.equal(few_weights[name].weight, every_weights[name].weight) for name in few_weights)
+    assert all(torch.equal(a, b) for a, b in zip(few_out, every_out))
+
+
 @pytest.mark.parametrize("scheme", ["W4A16-g32", "W4A8"])
 def test_the_reference_pass_runs_to_the_end_only_for_the_samples_it_keeps(tiny_checkpoints, calib_split,
                                                                           scheme, monkeypatch):
     """Past the error report's samples, the FP reference pass stops at the first group's Linears: the
     layer's last Linear runs kept + N times, and the weights and next-layer inputs are exactly those of a
     run that takes every sample's reference to the end."""
-    import tlq.engine
-
     recipe = Recipe(method="gptq", scheme=scheme, num_samples=4)
-    model, adapter, samples = _setup(tiny_checkpoints["qwen2_vl"], calib_split, recipe)
-    inputs = capture_layer_inputs(model, adapter, samples, torch.device("cpu"))
-    results = {}
-    for kept in (1, len(samples)):
-        monkeypatch.setattr(tlq.engine, "REPORT_SAMPLES", kept)
-        layer = copy.deepcopy(adapter.layers(model)[0])
-        calls = []
-        last = layer.get_submodule(adapter.linear_groups[-1][-1])
-        handle = last.register_forward_hook(lambda module, args, output: calls.append(1))
-        quantized, outputs, _, _ = calibrate_layer(layer, 0, LayerStreams(inputs), RunContext.of(recipe, adapter))
-        handle.remove()
-        assert len(calls) == kept + len(samples)
-        results[kept] = (quantized, outputs.hidden)
-    (few, few_out), (every, every_out) = results[1], results[len(samples)]
-    assert few.keys() == every.keys()
-    assert all(torch.equal(few[name].weight, every[name].weight) for name in few)
-    assert all(torch.equal(a, b) for a, b in zip(few_out, every_out))
+    results = {kept: _calibrate_keeping(kept, recipe, tiny_checkpoints["qwen2_vl"], calib_split, monkeypatch)
+               for kept in (1, 4)}
+    for kept, (_, hidden, calls) in results.items():
+        assert calls["last"] == kept + len(hidden)
+    _assert_same_results(results[1], results[4])
 
 
 def test_a_scaled_method_runs_the_reference_only_for_the_samples_it_keeps(tiny_checkpoints, calib_split,
@@ -265,28 +282,10 @@ def test_a_scaled_method_runs_the_reference_only_for_the_samples_it_keeps(tiny_c
     """AWQ's reference pass observes nothing, so samples past the error report's never enter it: keeping one
     reference instead of all saves N-1 calls of the layer's first and last Linears, and the weights and
     next-layer inputs are exactly those of a run that keeps every reference."""
-    import tlq.engine
-
     recipe = Recipe(method="awq", scheme="W4A16-g32", num_samples=4)
-    model, adapter, samples = _setup(tiny_checkpoints["qwen2_vl"], calib_split, recipe)
-    inputs = capture_layer_inputs(model, adapter, samples, torch.device("cpu"))
-    results, calls = {}, {}
-    for kept in (1, len(samples)):
-        monkeypatch.setattr(tlq.engine, "REPORT_SAMPLES", kept)
-        layer = copy.deepcopy(adapter.layers(model)[0])
-        counted = {"first": adapter.linear_groups[0][0], "last": adapter.linear_groups[-1][-1]}
-        calls[kept] = dict.fromkeys(counted, 0)
-        handles = [layer.get_submodule(name).register_forward_hook(
-                       lambda module, args, output, which=which: calls[kept].__setitem__(which, calls[kept][which] + 1))
-                   for which, name in counted.items()]
-        quantized, outputs, _, _ = calibrate_layer(layer, 0, LayerStreams(inputs), RunContext.of(recipe, adapter))
-        for handle in handles:
-            handle.remove()
-        results[kept] = (quantized, outputs.hidden)
-    skipped = len(samples) - 1
-    assert calls[len(samples)]["first"] - calls[1]["first"] == skipped
-    assert calls[len(samples)]["last"] - calls[1]["last"] == skipped
-    (few, few_out), (every, every_out) = results[1], results[len(samples)]
-    assert few.keys() == every.keys()
-    assert all(torch.equal(few[name].weight, every[name].weight) for name in few)
-    assert all(torch.equal(a, b) for a, b in zip(few_out, every_out))
+    few, every = (_calibrate_keeping(kept, recipe, tiny_checkpoints["qwen2_vl"], calib_split, monkeypatch)
+                  for kept in (1, 4))
+    skipped = len(every[1]) - 1
+    assert every[2]["first"] - few[2]["first"] == skipped
+    assert every[2]["last"] - few[2]["last"] == skipped
+    _assert_same_results(few, every)
