@@ -289,3 +289,41 @@ def test_a_scaled_method_runs_the_reference_only_for_the_samples_it_keeps(tiny_c
     assert every[2]["first"] - few[2]["first"] == skipped
     assert every[2]["last"] - few[2]["last"] == skipped
     _assert_same_results(few, every)
+
+
+@pytest.mark.parametrize(("method", "scheme", "target"), [
+    ("gptq", "W4A16-g32", "symmetric"), ("gptq", "W4A8", "symmetric"), ("tlq", "W3A16-g32", "asymmetric")])
+def test_a_solved_attention_is_replayed_not_recomputed(tiny_checkpoints, calib_split, method, scheme, target,
+                                                       monkeypatch):
+    """Once q, k, v and o are solved, the pass observing gate/up records the attention's output and the two
+    passes after it (down_proj observed, the layer propagated) replay it: the layer's first Linear runs 2N
+    fewer times, its last as often, and the weights and next-layer inputs are exactly those of a run that
+    recomputes the attention on every pass."""
+    from tlq.api import build_token_weights
+    from tlq.replay import BlockReplay
+
+    recipe = Recipe(method=method, scheme=scheme, num_samples=4, target=target)
+
+    def calibrate():
+        model, adapter, samples = _setup(tiny_checkpoints["qwen2_vl"], calib_split, recipe)
+        weights, _ = build_token_weights(model, adapter, samples, recipe)
+        inputs = capture_layer_inputs(model, adapter, samples, torch.device("cpu"))
+        layer = adapter.layers(model)[0]
+        calls = {"first": 0, "last": 0}
+        handles = [layer.get_submodule(name).register_forward_hook(
+            lambda module, args, output, which=which: calls.__setitem__(which, calls[which] + 1))
+            for which, name in (("first", adapter.linear_groups[0][0]), ("last", adapter.linear_groups[-1][-1]))]
+        fp = LayerInputs([h + 0.01 for h in inputs.hidden], inputs.kwargs) if target == "asymmetric" else None
+        quantized, outputs, _, _ = calibrate_layer(layer, 0, LayerStreams(inputs, fp),
+                                                   RunContext.of(recipe, adapter, token_weights=weights))
+        for handle in handles:
+            handle.remove()
+        return quantized, outputs.hidden, calls, len(samples)
+
+    replayed = calibrate()
+    monkeypatch.setattr(BlockReplay, "handles", lambda self, device, record=True: [])
+    recomputed = calibrate()
+    samples = replayed[3]
+    assert recomputed[2]["first"] - replayed[2]["first"] == 2 * samples
+    assert recomputed[2]["last"] == replayed[2]["last"]
+    _assert_same_results(replayed[:3], recomputed[:3])

@@ -46,6 +46,7 @@ from tlq.quant import QuantizedWeight, solver_factory
 from tlq.observe import fp_view
 from tlq.observe import observe as _observe
 from tlq.recipe import Recipe, RunConfig
+from tlq.replay import BlockReplay
 from tlq.rescale import rescale_layer
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,7 @@ class _LayerRun:
     references_kept: int | None = None  # samples whose FP outputs the reference pass keeps (None: all)
     routed_tokens: dict[str, int] = field(default_factory=dict)  # expert Linear -> tokens routed to it
     rounded: list[str] = field(default_factory=list)  # expert Linears rounded to nearest (too few tokens)
+    replay: BlockReplay | None = None  # solved blocks' outputs, replayed on later passes (tlq.replay)
 
     @property
     def inputs(self) -> LayerInputs:  # x~: the quantized path
@@ -174,13 +176,21 @@ def _propagate(run: _LayerRun, reference_outputs):
     """The quantized layer's outputs (the next layer's calibration inputs) and the squared error and norm
     against the FP layer's outputs on the same inputs (the samples whose reference was kept)."""
     outputs, error_sq, norm_sq = activation_list(), 0.0, 0.0
-    for i, out in run_layer(run.layer, run.inputs, run.device):
-        check_finite(out, f"after decoder layer {run.index}")
-        if i < len(reference_outputs):
-            ref = reference_outputs[i].to(run.device)
-            error_sq += float((out.float() - ref.float()).pow(2).sum())
-            norm_sq += float(ref.float().pow(2).sum())
-        outputs.append(out.cpu())
+    replay = run.replay
+    handles = replay.handles(run.device, record=False) if replay is not None else []
+    try:
+        for i, out in run_layer(run.layer, run.inputs, run.device, replay.set_sample if replay else None):
+            check_finite(out, f"after decoder layer {run.index}")
+            if replay is not None:
+                replay.release(i)
+            if i < len(reference_outputs):
+                ref = reference_outputs[i].to(run.device)
+                error_sq += float((out.float() - ref.float()).pow(2).sum())
+                norm_sq += float(ref.float().pow(2).sum())
+            outputs.append(out.cpu())
+    finally:
+        for handle in handles:
+            handle.remove()
     return outputs, error_sq, norm_sq
 
 
@@ -234,6 +244,7 @@ def _solve_groups(run: _LayerRun, groups, config: RunConfig, ranks: Ranks, clock
                 solved = _solve_group(solvers, ranks)
             del solvers  # their statistics (Hessians) are no longer needed
             quantized.update(_write_back(run, solved))
+            run.replay.solved(solved)
             del solved
     except BaseException:
         for handle in act_hooks:
@@ -270,6 +281,7 @@ def calibrate_layer(layer: nn.Module, index: int, streams: LayerStreams, ctx: Ru
         # The asymmetric target needs the FP-path inputs of each Linear, through FP weights scaled like `layer`.
         run.fp_scaled = fp_view(layer)
     run.linears = {name: layer.get_submodule(name) for name in ctx.adapter.linear_names}
+    run.replay = BlockReplay(layer, ctx.adapter.blocks, len(inputs.hidden))
     groups = ctx.adapter.linear_groups if config.loop.true_sequential else (ctx.adapter.linear_names,)
     quantized, reference_outputs, act_hooks = _solve_groups(run, groups, config, ranks, clock,
                                                             reference_outputs)

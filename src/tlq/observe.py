@@ -1,7 +1,8 @@
 """Observing a decoder layer: its Linears' inputs handed to their solvers, and the FP view of a layer.
 
 Split from tlq.engine (the loop); `run` is the engine's per-layer record (`_LayerRun`: layer, streams,
-context, chunk, Linears, FP view, the reference samples kept, the tokens routed to each expert).
+context, chunk, Linears, FP view, the reference samples kept, the tokens routed to each expert, the solved
+blocks' recorded outputs).
 """
 
 from __future__ import annotations
@@ -90,16 +91,24 @@ def observe(run, solvers: dict, act_bits: int | None = None, keep_outputs: bool 
     observers = {name: Observer(solvers[name], run, name, fp_linear_inputs.get(name), act_bits)
                  for name in observed}
 
+    replay = run.replay if observers else None  # (a pass that observes nothing runs no sample at all)
+
     def set_sample(i: int) -> None:
         for obs in observers.values():
             obs.sample = i
+        if replay is not None:
+            replay.set_sample(i)
 
     handles = [run.linears[name].register_forward_pre_hook(obs) for name, obs in observers.items()]
+    if replay is not None:
+        handles += replay.handles(run.device)
     # Samples past the kept references stop at the observed Linears: the rest of the layer would compute
     # outputs nobody reads (at 2B widths, 128 samples and 16 kept, most of a layer forward per layer).
     outputs = run_with_hooks(run.layer, run.inputs, run.device, handles, set_sample,
                              stop_after=[run.linears[name] for name in observed],
                              outputs_of=run.references_kept if keep_outputs else 0)
+    if replay is not None:
+        replay.pass_finished()
     for name, obs in observers.items():
         obs.flush()
         if routed_rows(run.linears[name]) is not None:

@@ -1,0 +1,113 @@
+"""Replaying a solved block's outputs instead of recomputing them on the layer's later passes.
+
+Once every Linear of a block (the adapter's `Block`: the attention) is solved and written back, and every
+Linear before it in the forward is too (solve groups follow the forward), the block computes the same output
+for a sample on every later pass of the layer: the next group's observe pass records it, and the passes after
+that (the MLP's down projection observed, the quantized layer propagated) return the record instead of
+running the block. At Qwen2-VL 2B widths that is the attention's four projections and the attention itself,
+two passes per layer out of a forward of every sample, for one more stream of s x T x d activations while the
+last groups are solved (the layer's outputs, which `tlq plan` counts beside its inputs, do not exist yet
+then, and propagation frees each record as it reads it). Outputs are byte-identical: the record is what
+the recomputation would return.
+
+A block whose output carries tensors beyond its first (attention weights) is never replayed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from tlq.activations import SpilledActivations, activation_list
+from tlq.models.base import Block
+
+
+class _Replaying:
+    """A handle (like a hook's) that makes `module` return sample `current()`'s record until removed."""
+
+    def __init__(self, module: nn.Module, outputs, rest: tuple, current: Callable[[], int],
+                 device: torch.device) -> None:
+        def forward(*args: Any, **kwargs: Any):
+            output = outputs[current()].to(device)
+            return (output, *rest) if rest is not None else output
+
+        self.module = module
+        module.forward = forward  # an instance attribute: nn.Module.__call__ runs it instead of the class's
+
+    def remove(self) -> None:
+        if "forward" in self.module.__dict__:
+            del self.module.forward
+
+
+class BlockReplay:
+    """The recorded outputs of a decoder layer's solved blocks, per sample, and the hooks that record
+    and replay them on a pass over the layer's samples."""
+
+    def __init__(self, layer: nn.Module, blocks: tuple[Block, ...], samples: int) -> None:
+        self.layer, self.samples = layer, samples
+        self.pending = [b for b in blocks if b.role == "attention"]  # blocks not yet solved
+        self.solved_linears: set[str] = set()
+        self.recording: dict[str, Any] = {}  # block module -> its outputs so far on the pass under way
+        self.records: dict[str, tuple[Any, tuple | None]] = {}  # block module -> (outputs, the rest of its output)
+        self.refused: set[str] = set()  # blocks whose output holds more tensors than the first
+        self.sample = 0
+
+    def solved(self, linears) -> None:
+        """Linears just solved and written back: a block whose Linears are now all solved is recorded on the
+        next pass."""
+        self.solved_linears.update(linears)
+
+    def _ready(self) -> list[Block]:
+        return [b for b in self.pending if set(b.linears) <= self.solved_linears and b.module not in self.refused]
+
+    def set_sample(self, index: int) -> None:
+        self.sample = index
+
+    def handles(self, device: torch.device, record: bool = True) -> list:
+        """Hooks for one pass over the samples: the recorded blocks replay, and (with `record`) the blocks
+        solved since the last pass record their outputs."""
+        handles = [_Replaying(self.layer.get_submodule(name), outputs, rest, lambda: self.sample, device)
+                   for name, (outputs, rest) in self.records.items()]
+        if record:
+            for block in self._ready():
+                self.recording[block.module] = [activation_list(), None]
+                handles.append(self.layer.get_submodule(block.module).register_forward_hook(self._recorder(block.module)))
+        return handles
+
+    def _recorder(self, name: str):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            state = self.recording.get(name)
+            if state is None:
+                return
+            outputs, _ = state
+            rest = tuple(output[1:]) if isinstance(output, (tuple, list)) else None
+            if rest and any(isinstance(r, torch.Tensor) for r in rest):
+                self.recording.pop(name)  # not replayable: always recomputed
+                self.refused.add(name)
+                return
+            if len(outputs) != self.sample:  # a sample's forward stopped before the block: not this pass
+                self.recording.pop(name)
+                return
+            outputs.append((output[0] if rest is not None else output).detach().cpu())
+            state[1] = rest
+        return hook
+
+    def pass_finished(self) -> None:
+        """Keep the records that hold every sample; the others are dropped (their blocks record again on
+        the next pass)."""
+        for name, (outputs, rest) in self.recording.items():
+            if len(outputs) == self.samples:
+                self.records[name] = (outputs, rest)
+                self.pending = [b for b in self.pending if b.module != name]
+        self.recording = {}
+
+    def release(self, index: int) -> None:
+        """Sample `index`'s records are read for the last time (propagation): free them."""
+        for outputs, _ in self.records.values():
+            if not isinstance(outputs, SpilledActivations):
+                outputs[index] = None
+
+
+__all__ = ["BlockReplay"]
