@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from tlq.activations import (LayerInputs, LayerStreams, activation_list, capture_layer_inputs, check_finite,
-                             install_activation_quant, next_layer_inputs, resolve_device, run_layer)
+                             install_activation_quant, next_layer_inputs, resolve_device, run_layer, token_rows)
 from tlq.callbacks import FinishedLayer, LayerCallback, LoopStart
 from tlq.context import RunContext, TokenWeights
 from tlq import faults
@@ -281,7 +281,8 @@ def calibrate_layer(layer: nn.Module, index: int, streams: LayerStreams, ctx: Ru
         # The asymmetric target needs the FP-path inputs of each Linear, through FP weights scaled like `layer`.
         run.fp_scaled = fp_view(layer)
     run.linears = {name: layer.get_submodule(name) for name in ctx.adapter.linear_names}
-    run.replay = BlockReplay(layer, ctx.adapter.blocks, len(inputs.hidden))
+    run.replay = BlockReplay(layer, ctx.adapter.blocks, [token_rows(inputs.hidden, i)
+                                                         for i in range(len(inputs.hidden))])
     groups = ctx.adapter.linear_groups if config.loop.true_sequential else (ctx.adapter.linear_names,)
     quantized, reference_outputs, act_hooks = _solve_groups(run, groups, config, ranks, clock,
                                                             reference_outputs)

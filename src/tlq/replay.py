@@ -41,12 +41,71 @@ class _Replaying:
             del self.module.forward
 
 
+# Samples share a record buffer until it holds this many bytes: glibc maps an allocation above 32 MiB on its
+# own and unmaps it when freed, where per-sample tensors of a few MB land in the heap among the pass's
+# transient allocations (and one buffer per few dozen samples is freed as propagation moves on).
+BUFFER_BYTES = 64 * 2**20
+
+
+class PackedOutputs:
+    """Per-sample outputs copied into a few large buffers, each freed once all of its samples are released.
+
+    `rows[i]` is sample i's token count (the layer input's), fixed up front; the buffers are laid out at the
+    first append, from the outputs' width and dtype."""
+
+    def __init__(self, rows: list[int]) -> None:
+        self.rows, self.shapes = rows, []
+        self.buffer_of: list[int] = []  # sample -> its buffer
+        self.offsets: list[int] = []  # sample -> its first row in that buffer
+        self.buffers: dict[int, torch.Tensor] = {}
+        self.released: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def _lay_out(self, row_bytes: int) -> None:
+        buffer, filled = 0, 0
+        for rows in self.rows:
+            if filled and filled + rows * row_bytes > BUFFER_BYTES:
+                buffer, filled = buffer + 1, 0
+            self.buffer_of.append(buffer)
+            self.offsets.append(filled // row_bytes)
+            filled += rows * row_bytes
+
+    def append(self, tensor: torch.Tensor) -> None:
+        index, width = len(self.shapes), tensor.shape[-1]
+        flat = tensor.reshape(-1, width)
+        if index >= len(self.rows) or flat.shape[0] != self.rows[index]:
+            raise ValueError(f"sample {index}: {flat.shape[0]} output rows where the layer input has "
+                             f"{self.rows[index] if index < len(self.rows) else 'none'}")
+        if not self.buffer_of:
+            self._lay_out(width * tensor.element_size())
+        buffer = self.buffer_of[index]
+        if buffer not in self.buffers:
+            rows = sum(r for r, b in zip(self.rows, self.buffer_of) if b == buffer)
+            self.buffers[buffer] = torch.empty(rows, width, dtype=tensor.dtype)
+        start = self.offsets[index]
+        self.buffers[buffer][start:start + flat.shape[0]].copy_(flat)
+        self.shapes.append(tensor.shape)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        start = self.offsets[index]
+        return self.buffers[self.buffer_of[index]][start:start + self.rows[index]].view(self.shapes[index])
+
+    def release(self, index: int) -> None:
+        """Sample `index` is read for the last time: its buffer goes once every sample in it has."""
+        self.released.add(index)
+        buffer = self.buffer_of[index]
+        if all(i in self.released for i, b in enumerate(self.buffer_of) if b == buffer):
+            self.buffers.pop(buffer, None)
+
+
 class BlockReplay:
     """The recorded outputs of a decoder layer's solved blocks, per sample, and the hooks that record
     and replay them on a pass over the layer's samples."""
 
-    def __init__(self, layer: nn.Module, blocks: tuple[Block, ...], samples: int) -> None:
-        self.layer, self.samples = layer, samples
+    def __init__(self, layer: nn.Module, blocks: tuple[Block, ...], rows: list[int]) -> None:
+        self.layer, self.rows, self.samples = layer, rows, len(rows)  # rows: each sample's token count
         self.pending = [b for b in blocks if b.role == "attention"]  # blocks not yet solved
         self.solved_linears: set[str] = set()
         self.recording: dict[str, Any] = {}  # block module -> its outputs so far on the pass under way
@@ -72,7 +131,9 @@ class BlockReplay:
                    for name, (outputs, rest) in self.records.items()]
         if record:
             for block in self._ready():
-                self.recording[block.module] = [activation_list(), None]
+                spilled = activation_list()  # under --offload-dir, on disk; else packed in memory
+                store = spilled if isinstance(spilled, SpilledActivations) else PackedOutputs(self.rows)
+                self.recording[block.module] = [store, None]
                 handles.append(self.layer.get_submodule(block.module).register_forward_hook(self._recorder(block.module)))
         return handles
 
@@ -90,7 +151,12 @@ class BlockReplay:
             if len(outputs) != self.sample:  # a sample's forward stopped before the block: not this pass
                 self.recording.pop(name)
                 return
-            outputs.append((output[0] if rest is not None else output).detach().cpu())
+            try:
+                outputs.append((output[0] if rest is not None else output).detach())
+            except ValueError:  # an output of another length than the layer's input: not replayable
+                self.recording.pop(name)
+                self.refused.add(name)
+                return
             state[1] = rest
         return hook
 
@@ -106,8 +172,8 @@ class BlockReplay:
     def release(self, index: int) -> None:
         """Sample `index`'s records are read for the last time (propagation): free them."""
         for outputs, _ in self.records.values():
-            if not isinstance(outputs, SpilledActivations):
-                outputs[index] = None
+            if isinstance(outputs, PackedOutputs):
+                outputs.release(index)
 
 
 __all__ = ["BlockReplay"]
