@@ -18,7 +18,9 @@ host
     model weights           the whole checkpoint; with --lazy only what is outside the decoder + one layer
     loading overhead        what loading a checkpoint leaves resident above its parameters (a measured
                             constant: benchmarks/results/cost/rss_probe)
-    layer-input cache       2 x s x T x d x b (the layer's inputs and its outputs) + the FP layer's outputs
+    layer-input cache       2 x s x T x d x b (the layer's inputs, and beside them the solved attention's
+                            outputs recorded for replay (tlq.replay), which propagation frees as it fills
+                            the layer's outputs) + the FP layer's outputs
                             on at most 16 samples (the error report, engine.REPORT_SAMPLES), + 2 x for an
                             FP stream (asymmetric target); --offload-dir moves it to disk
     gradient pass           (L + 1) x s x T x d x b (each layer's stored inputs; freed before calibration),
