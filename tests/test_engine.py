@@ -295,10 +295,12 @@ def test_a_scaled_method_runs_the_reference_only_for_the_samples_it_keeps(tiny_c
     ("gptq", "W4A16-g32", "symmetric"), ("gptq", "W4A8", "symmetric"), ("tlq", "W3A16-g32", "asymmetric")])
 def test_a_solved_attention_is_replayed_not_recomputed(tiny_checkpoints, calib_split, method, scheme, target,
                                                        monkeypatch):
-    """Once q, k, v and o are solved, the pass observing gate/up records the attention's output and the two
-    passes after it (down_proj observed, the layer propagated) replay it: the layer's first Linear runs 2N
-    fewer times, its last as often, and the weights and next-layer inputs are exactly those of a run that
-    recomputes the attention on every pass."""
+    """Once q, k and v are solved, the pass observing o records o's inputs, and the pass observing gate/up
+    computes the attention as o applied to them (running it in full for its first sample only, to check);
+    once o is solved too, that pass records the attention's output and the two passes after it (down_proj
+    observed, the layer propagated) replay it. So the layer's first Linear runs 3N - 1 fewer times, its
+    last as often, and the weights and next-layer inputs are exactly those of a run that recomputes the
+    attention on every pass."""
     from tlq.api import build_token_weights
     from tlq.replay import BlockReplay
 
@@ -324,6 +326,6 @@ def test_a_solved_attention_is_replayed_not_recomputed(tiny_checkpoints, calib_s
     monkeypatch.setattr(BlockReplay, "handles", lambda self, device, record=True: [])
     recomputed = calibrate()
     samples = replayed[3]
-    assert recomputed[2]["first"] - replayed[2]["first"] == 2 * samples
+    assert recomputed[2]["first"] - replayed[2]["first"] == 3 * samples - 1
     assert recomputed[2]["last"] == replayed[2]["last"]
     _assert_same_results(replayed[:3], recomputed[:3])

@@ -31,3 +31,69 @@ def test_packed_outputs_refuse_an_output_whose_length_is_not_the_layer_inputs():
     packed.append(torch.zeros(1, 3, 4))
     with pytest.raises(ValueError, match="sample 1: 5 output rows where the layer input has 2"):
         packed.append(torch.zeros(1, 5, 4))
+
+
+def test_a_replayed_block_gets_back_the_forward_it_had():
+    """Replay swaps the block's `forward` for the pass; removing it restores what was there, including an
+    instance-level wrapper another library installed (accelerate's dispatch hooks do)."""
+    from tlq.models.base import Block
+    from tlq.replay import BlockReplay
+
+    layer = torch.nn.Module()
+    layer.self_attn = torch.nn.Linear(4, 4)
+    wrapped = layer.self_attn.forward
+    layer.self_attn.forward = lambda x: wrapped(x) * 2  # a wrapper installed before calibration
+    installed = layer.self_attn.forward
+    replay = BlockReplay(layer, (Block("attention", "self_attn", ("self_attn",), "self_attn"),), [3])
+    replay.solved(["self_attn"])
+    for handle in replay.handles(torch.device("cpu")):  # records
+        layer.self_attn(torch.randn(1, 3, 4))
+        handle.remove()
+    replay.pass_finished()
+    handles = replay.handles(torch.device("cpu"))
+    assert layer.self_attn.forward is not installed
+    for handle in handles:
+        handle.remove()
+    assert layer.self_attn.forward is installed
+
+
+class _Attention(torch.nn.Module):
+    """A block whose output is its output Linear's (`scale` 1) or something after it (`scale` 2)."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.inner, self.out, self.scale, self.calls = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), scale, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.out(self.inner(x)) * self.scale, None
+
+
+@pytest.mark.parametrize(("scale", "full_runs"), [(1.0, 1), (2.0, 3)])
+def test_a_block_is_computed_through_its_output_linear_only_where_that_is_exact(scale, full_runs):
+    """With every Linear of a block but its output Linear solved, one pass records that Linear's inputs and
+    the next computes the block as the Linear applied to them, after checking on its first sample that this
+    equals the block's own output. Where it does not (the block scales its output), the block runs in full on
+    every sample. Either way each sample gets exactly the block's output."""
+    from tlq.models.base import Block
+    from tlq.replay import BlockReplay
+
+    layer = torch.nn.Module()
+    layer.self_attn = _Attention(scale)
+    xs = [torch.randn(1, 2 + i, 4) for i in range(3)]
+    replay = BlockReplay(layer, (Block("attention", "self_attn", ("self_attn.inner", "self_attn.out"),
+                                       "self_attn.out"),), [x.shape[1] for x in xs])
+    replay.solved(["self_attn.inner"])
+    with torch.no_grad():
+        for record in (True, False):
+            handles = replay.handles(torch.device("cpu"), record=record)
+            layer.self_attn.calls = 0
+            outputs = []
+            for i, x in enumerate(xs):
+                replay.set_sample(i)
+                outputs.append(layer.self_attn(x)[0])
+            for handle in handles:
+                handle.remove()
+            replay.pass_finished()
+        assert layer.self_attn.calls == full_runs
+        assert all(torch.equal(out, _Attention.forward(layer.self_attn, x)[0]) for out, x in zip(outputs, xs))

@@ -77,6 +77,11 @@ def offload_activations(folder: str | Path | None):
         _offload_dir = previous
 
 
+def activations_offloaded() -> bool:
+    """Whether activation lists created now live on disk (inside `offload_activations`)."""
+    return _offload_dir is not None
+
+
 def token_rows(values: list | SpilledActivations, index: int) -> int:
     """How many token rows sample `index`'s activation has (all dimensions but the last), without loading a
     spilled one."""

@@ -4,13 +4,16 @@ Once every Linear of a block (the adapter's `Block`: the attention) is solved an
 Linear before it in the forward is too (solve groups follow the forward), the block computes the same output
 for a sample on every later pass of the layer: the next group's observe pass records it, and the passes after
 that (the MLP's down projection observed, the quantized layer propagated) return the record instead of
-running the block. At Qwen2-VL 2B widths that is the attention's four projections and the attention itself,
-two passes per layer out of a forward of every sample, for one more stream of s x T x d activations while the
-last groups are solved (the layer's outputs, which `tlq plan` counts beside its inputs, do not exist yet
-then, and propagation frees each record as it reads it). Outputs are byte-identical: the record is what
-the recomputation would return.
+running the block. One step earlier, once every Linear of the block but its output Linear (o_proj) is solved,
+that Linear's input no longer changes: the pass observing it records it, and the next pass computes the
+block as the output Linear applied to the record (checked equal to the block's own output on the pass's
+first sample). At Qwen2-VL 2B widths that is the attention's projections and the attention itself in three
+passes per layer, for one more stream of s x T x d activations while the later groups are solved (the
+layer's outputs, which `tlq plan` counts beside its inputs, do not exist yet then; each record is freed as
+its last reader moves on). Outputs are byte-identical: the record is what the recomputation would return.
 
-A block whose output carries tensors beyond its first (attention weights) is never replayed.
+A block whose output carries tensors beyond its first (attention weights), or other rows than the layer's
+input, is never replayed.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from tlq.activations import SpilledActivations, activation_list
+from tlq.activations import SpilledActivations, activation_list, activations_offloaded
 from tlq.models.base import Block
 
 
@@ -34,11 +37,13 @@ class _Replaying:
             return (output, *rest) if rest is not None else output
 
         self.module = module
-        module.forward = forward  # an instance attribute: nn.Module.__call__ runs it instead of the class's
+        # An instance attribute: nn.Module.__call__ runs it instead of the class's. One may be there already
+        # (accelerate's dispatch hooks wrap `forward` so): it is put back on removal.
+        self.previous = module.__dict__.get("forward")
+        module.forward = forward
 
     def remove(self) -> None:
-        if "forward" in self.module.__dict__:
-            del self.module.forward
+        _restore_forward(self.module, self.previous)
 
 
 # Samples share a record buffer until it holds this many bytes: glibc maps an allocation above 32 MiB on its
@@ -100,42 +105,127 @@ class PackedOutputs:
             self.buffers.pop(buffer, None)
 
 
+class _ThroughOutput:
+    """A handle that makes a block compute its output as its output Linear applied to that Linear's recorded
+    input, once the first sample of the pass has shown (by running the block itself) that this is exact."""
+
+    UNKNOWN = object()
+
+    def __init__(self, module: nn.Module, linear: nn.Module, inputs: "PackedOutputs", replay: "BlockReplay",
+                 name: str, device: torch.device) -> None:
+        self.module, self.linear, self.inputs, self.replay, self.name = module, linear, inputs, replay, name
+        self.previous = module.__dict__.get("forward")
+        original = self.previous if self.previous is not None else type(module).forward.__get__(module)
+        self.rest: Any = self.UNKNOWN
+
+        def forward(*args: Any, **kwargs: Any):
+            index = replay.sample
+            if name in replay.refused:
+                return original(*args, **kwargs)
+            x = inputs[index].to(device)
+            if self.rest is self.UNKNOWN:
+                output = original(*args, **kwargs)
+                self.rest = _verified_rest(output, linear(x))
+                if self.rest is self.UNKNOWN:
+                    replay.refused.add(name)
+                inputs.release(index)
+                return output
+            inputs.release(index)
+            result = linear(x)
+            return (result, *self.rest) if self.rest is not None else result
+
+        module.forward = forward
+
+    def remove(self) -> None:
+        _restore_forward(self.module, self.previous)
+
+
+def _verified_rest(output: Any, recomputed: torch.Tensor) -> Any:
+    """The part of a block's output beyond its first tensor (None when it returns one tensor), if the first
+    equals `recomputed` exactly and the rest holds no tensor; else _ThroughOutput.UNKNOWN."""
+    first, rest = (output[0], tuple(output[1:])) if isinstance(output, (tuple, list)) else (output, None)
+    if rest and any(isinstance(r, torch.Tensor) for r in rest):
+        return _ThroughOutput.UNKNOWN
+    return rest if torch.equal(first, recomputed) else _ThroughOutput.UNKNOWN
+
+
+def _restore_forward(module: nn.Module, previous) -> None:
+    if previous is not None:
+        module.forward = previous
+    elif "forward" in module.__dict__:
+        del module.forward
+
+
 class BlockReplay:
-    """The recorded outputs of a decoder layer's solved blocks, per sample, and the hooks that record
-    and replay them on a pass over the layer's samples."""
+    """The recorded outputs of a decoder layer's solved blocks (and their output Linears' inputs), per
+    sample, and the hooks that record and replay them on a pass over the layer's samples."""
 
     def __init__(self, layer: nn.Module, blocks: tuple[Block, ...], rows: list[int]) -> None:
         self.layer, self.rows, self.samples = layer, rows, len(rows)  # rows: each sample's token count
-        self.pending = [b for b in blocks if b.role == "attention"]  # blocks not yet solved
+        self.pending = [b for b in blocks if b.role == "attention"]  # blocks not yet recorded
         self.solved_linears: set[str] = set()
         self.recording: dict[str, Any] = {}  # block module -> its outputs so far on the pass under way
         self.records: dict[str, tuple[Any, tuple | None]] = {}  # block module -> (outputs, the rest of its output)
-        self.refused: set[str] = set()  # blocks whose output holds more tensors than the first
+        self.inputs_recording: dict[str, PackedOutputs] = {}  # block module -> its output Linear's inputs so far
+        self.output_inputs: dict[str, PackedOutputs] = {}  # ... recorded on every sample, for the next pass
+        self.refused: set[str] = set()  # blocks that are recomputed (see the module's docstring)
         self.sample = 0
 
     def solved(self, linears) -> None:
         """Linears just solved and written back: a block whose Linears are now all solved is recorded on the
-        next pass."""
+        next pass; one whose Linears but its output Linear are, records that Linear's inputs."""
         self.solved_linears.update(linears)
 
     def _ready(self) -> list[Block]:
         return [b for b in self.pending if set(b.linears) <= self.solved_linears and b.module not in self.refused]
+
+    def _ready_for_inputs(self) -> list[Block]:
+        return [b for b in self.pending if isinstance(b.output, str) and b.output in b.linears
+                and b.output not in self.solved_linears and set(b.linears) - {b.output} <= self.solved_linears
+                and b.module not in self.refused and b.module not in self.output_inputs]
 
     def set_sample(self, index: int) -> None:
         self.sample = index
 
     def handles(self, device: torch.device, record: bool = True) -> list:
         """Hooks for one pass over the samples: the recorded blocks replay, and (with `record`) the blocks
-        solved since the last pass record their outputs."""
-        handles = [_Replaying(self.layer.get_submodule(name), outputs, rest, lambda: self.sample, device)
-                   for name, (outputs, rest) in self.records.items()]
+        solved since the last pass record their outputs (or their output Linear's inputs)."""
+        handles: list = [_Replaying(self.layer.get_submodule(name), outputs, rest, lambda: self.sample, device)
+                         for name, (outputs, rest) in self.records.items()]
+        for name, inputs in self.output_inputs.items():
+            block = next(b for b in self.pending if b.module == name)
+            handles.append(_ThroughOutput(self.layer.get_submodule(name), self.layer.get_submodule(block.output),
+                                          inputs, self, name, device))
+        self.output_inputs = {}  # read by this pass only: each sample's input is freed once used
         if record:
             for block in self._ready():
                 spilled = activation_list()  # under --offload-dir, on disk; else packed in memory
                 store = spilled if isinstance(spilled, SpilledActivations) else PackedOutputs(self.rows)
                 self.recording[block.module] = [store, None]
-                handles.append(self.layer.get_submodule(block.module).register_forward_hook(self._recorder(block.module)))
+                module = self.layer.get_submodule(block.module)
+                handles.append(module.register_forward_hook(self._recorder(block.module)))
+            if not activations_offloaded():
+                for block in self._ready_for_inputs():
+                    self.inputs_recording[block.module] = PackedOutputs(self.rows)
+                    # Before the activation fake-quant hook: the replay calls the Linear, which applies it.
+                    handles.append(self.layer.get_submodule(block.output).register_forward_pre_hook(
+                        self._input_recorder(block.module), prepend=True))
         return handles
+
+    def _input_recorder(self, name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            inputs = self.inputs_recording.get(name)
+            if inputs is None:
+                return
+            try:
+                if len(inputs) != self.sample:
+                    raise ValueError("a sample's forward stopped before the Linear")
+                if not args[0].is_contiguous():  # replayed from a contiguous copy, the product could round apart
+                    raise ValueError("a strided input")
+                inputs.append(args[0].detach())
+            except ValueError:
+                self.inputs_recording.pop(name)
+        return hook
 
     def _recorder(self, name: str):
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
@@ -167,7 +257,10 @@ class BlockReplay:
             if len(outputs) == self.samples:
                 self.records[name] = (outputs, rest)
                 self.pending = [b for b in self.pending if b.module != name]
-        self.recording = {}
+        for name, inputs in self.inputs_recording.items():
+            if len(inputs) == self.samples:
+                self.output_inputs[name] = inputs
+        self.recording, self.inputs_recording = {}, {}
 
     def release(self, index: int) -> None:
         """Sample `index`'s records are read for the last time (propagation): free them."""
@@ -176,4 +269,4 @@ class BlockReplay:
                 outputs.release(index)
 
 
-__all__ = ["BlockReplay"]
+__all__ = ["BlockReplay", "PackedOutputs"]
