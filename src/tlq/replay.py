@@ -113,24 +113,23 @@ class _ThroughOutput:
 
     def __init__(self, module: nn.Module, linear: nn.Module, inputs: "PackedOutputs", replay: "BlockReplay",
                  name: str, device: torch.device) -> None:
-        self.module, self.linear, self.inputs, self.replay, self.name = module, linear, inputs, replay, name
-        self.previous = module.__dict__.get("forward")
+        self.module, self.previous = module, module.__dict__.get("forward")
         original = self.previous if self.previous is not None else type(module).forward.__get__(module)
         self.rest: Any = self.UNKNOWN
 
         def forward(*args: Any, **kwargs: Any):
             index = replay.sample
             if name in replay.refused:
+                inputs.release(index)
                 return original(*args, **kwargs)
             x = inputs[index].to(device)
+            inputs.release(index)
             if self.rest is self.UNKNOWN:
                 output = original(*args, **kwargs)
                 self.rest = _verified_rest(output, linear(x))
                 if self.rest is self.UNKNOWN:
                     replay.refused.add(name)
-                inputs.release(index)
                 return output
-            inputs.release(index)
             result = linear(x)
             return (result, *self.rest) if self.rest is not None else result
 
