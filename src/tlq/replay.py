@@ -18,22 +18,22 @@ input, is never replayed.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from tlq.activations import SpilledActivations, activation_list, activations_offloaded
+from tlq.activations import activation_list, activations_offloaded
 from tlq.models.base import Block
 
 
 class _Replaying:
-    """A handle (like a hook's) that makes `module` return sample `current()`'s record until removed."""
+    """A handle (like a hook's) that makes `module` return the record of the replay's sample until removed."""
 
-    def __init__(self, module: nn.Module, outputs, rest: tuple, current: Callable[[], int],
+    def __init__(self, module: nn.Module, outputs, rest: tuple | None, replay: "BlockReplay",
                  device: torch.device) -> None:
         def forward(*args: Any, **kwargs: Any):
-            output = outputs[current()].to(device)
+            output = outputs[replay.sample].to(device)
             return (output, *rest) if rest is not None else output
 
         self.module = module
@@ -139,13 +139,18 @@ class _ThroughOutput:
         _restore_forward(self.module, self.previous)
 
 
-def _verified_rest(output: Any, recomputed: torch.Tensor) -> Any:
-    """The part of a block's output beyond its first tensor (None when it returns one tensor), if the first
-    equals `recomputed` exactly and the rest holds no tensor; else _ThroughOutput.UNKNOWN."""
+def _split(output: Any) -> tuple[torch.Tensor, tuple | None, bool]:
+    """A block's output as (its first tensor, the rest or None when it returns one tensor, whether a record
+    of the first can stand for it: the rest holds no tensor)."""
     first, rest = (output[0], tuple(output[1:])) if isinstance(output, (tuple, list)) else (output, None)
-    if rest and any(isinstance(r, torch.Tensor) for r in rest):
-        return _ThroughOutput.UNKNOWN
-    return rest if torch.equal(first, recomputed) else _ThroughOutput.UNKNOWN
+    return first, rest, not (rest and any(isinstance(r, torch.Tensor) for r in rest))
+
+
+def _verified_rest(output: Any, recomputed: torch.Tensor) -> Any:
+    """The rest of a block's output (see _split) if its first tensor equals `recomputed` exactly and it is
+    replayable; else _ThroughOutput.UNKNOWN."""
+    first, rest, replayable = _split(output)
+    return rest if replayable and torch.equal(first, recomputed) else _ThroughOutput.UNKNOWN
 
 
 def _restore_forward(module: nn.Module, previous) -> None:
@@ -189,7 +194,7 @@ class BlockReplay:
     def handles(self, device: torch.device, record: bool = True) -> list:
         """Hooks for one pass over the samples: the recorded blocks replay, and (with `record`) the blocks
         solved since the last pass record their outputs (or their output Linear's inputs)."""
-        handles: list = [_Replaying(self.layer.get_submodule(name), outputs, rest, lambda: self.sample, device)
+        handles: list = [_Replaying(self.layer.get_submodule(name), outputs, rest, self, device)
                          for name, (outputs, rest) in self.records.items()]
         for name, inputs in self.output_inputs.items():
             block = next(b for b in self.pending if b.module == name)
@@ -198,8 +203,8 @@ class BlockReplay:
         self.output_inputs = {}  # read by this pass only: each sample's input is freed once used
         if record:
             for block in self._ready():
-                spilled = activation_list()  # under --offload-dir, on disk; else packed in memory
-                store = spilled if isinstance(spilled, SpilledActivations) else PackedOutputs(self.rows)
+                # under --offload-dir, on disk; else packed in memory
+                store = activation_list() if activations_offloaded() else PackedOutputs(self.rows)
                 self.recording[block.module] = [store, None]
                 module = self.layer.get_submodule(block.module)
                 handles.append(module.register_forward_hook(self._recorder(block.module)))
@@ -232,16 +237,16 @@ class BlockReplay:
             if state is None:
                 return
             outputs, _ = state
-            rest = tuple(output[1:]) if isinstance(output, (tuple, list)) else None
-            if rest and any(isinstance(r, torch.Tensor) for r in rest):
-                self.recording.pop(name)  # not replayable: always recomputed
+            first, rest, replayable = _split(output)
+            if not replayable:
+                self.recording.pop(name)  # always recomputed
                 self.refused.add(name)
                 return
             if len(outputs) != self.sample:  # a sample's forward stopped before the block: not this pass
                 self.recording.pop(name)
                 return
             try:
-                outputs.append((output[0] if rest is not None else output).detach())
+                outputs.append(first.detach())
             except ValueError:  # an output of another length than the layer's input: not replayable
                 self.recording.pop(name)
                 self.refused.add(name)
