@@ -115,6 +115,9 @@ def main() -> int:
                 row["phase_seconds"] = saved.get("phase_seconds")
                 row["calibration_seconds"] = saved.get("calibration_seconds")
                 row["phase_peak_rss_mib"] = saved.get("phase_peak_rss_mib")
+                groups = [g for layer in saved.get("rescaled_groups", []) for g in layer if "block_runs" in g]
+                if groups:  # the scale search's block forwards, run and of full scoring (its bound's saving)
+                    row["block_runs"] = [sum(g["block_runs"] for g in groups), sum(g["block_runs_full"] for g in groups)]
             elif peer.exists():
                 row["calibration_seconds"] = json.loads(peer.read_text()).get("calibration_seconds")
             rows.append(row)

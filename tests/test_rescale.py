@@ -166,6 +166,11 @@ def _weight_outlier_layer(tiny_checkpoints, calib_split, method):
     return adapter, base, samples, capture_layer_inputs(model, adapter, samples, CPU), adapter.layers(model)[0]
 
 
+def _picks(records):
+    """The records without the count of block forwards run (rescoring k = 1 runs its one candidate again)."""
+    return [{k: v for k, v in r.items() if not k.startswith("block_runs")} for r in records]
+
+
 def test_rescoring_the_shortlist_after_gptq_never_leaves_gptq_a_worse_block(tiny_checkpoints, calib_split):
     """--scale-rescore-top k: the k candidates of least round-to-nearest error are scored again with the
     targets solved by GPTQ. With every candidate on the shortlist the pick's block error after GPTQ is at
@@ -181,7 +186,7 @@ def test_rescoring_the_shortlist_after_gptq_never_leaves_gptq_a_worse_block(tiny
             records[k] = rescale_layer(layers[k], 0, LayerStreams(inputs), run)
         if not records[0]:
             continue  # v -> o under GQA
-        assert records[1] == records[0] and all(torch.equal(a, b) for a, b in
+        assert _picks(records[1]) == _picks(records[0]) and all(torch.equal(a, b) for a, b in
                                                  zip(layers[1].state_dict().values(), layers[0].state_dict().values()))
         fp = _block_outputs(layer, inputs, group)
         rtn_pick = _solved_block_error(layers[0], inputs, group, base, fp)
@@ -262,3 +267,35 @@ def test_rescoring_solves_each_target_on_its_own_token_weights(tiny_checkpoints,
         picks[k] = copy.deepcopy(layer)
         rescale_layer(picks[k], 0, LayerStreams(inputs), run(k))
     assert solved_error(picks[100]) <= solved_error(picks[0]) * (1 + 1e-4)
+
+
+@pytest.mark.parametrize("method,rescore_top,weighted", [("awq", None, False), ("tlq", None, True),
+                                                         ("awq_gptq", None, False), ("awq_gptq", 3, False)])
+def test_a_candidate_stops_once_it_cannot_win_and_the_layer_is_the_same(tiny_checkpoints, calib_split, monkeypatch,
+                                                                        method, rescore_top, weighted):
+    """The search stops a candidate's per-sample sum once it is past the shortlist's bound: the folded layer
+    is bit for bit the one full scoring gives (and so are the picks), with fewer block forwards."""
+    import tlq.rescale as rescale
+
+    adapter, base, samples, inputs, layer = _weight_outlier_layer(tiny_checkpoints, calib_split, method)
+    recipe = dataclasses.replace(base, scale_rescore_top=rescore_top, scale_max_tokens=64)  # token-wise: chunks
+    generator = torch.Generator().manual_seed(5)
+    table = {i: torch.rand(s.num_tokens, generator=generator) * (torch.rand(s.num_tokens, generator=generator) > 0.3)
+             for i, s in enumerate(samples)}
+    token_weights = (lambda index, name, sample: table[sample]) if weighted else None
+    monkeypatch.setattr(rescale, "CHUNK", 16)  # several chunks per token-wise block, so those can stop early too
+
+    def rescaled():
+        scaled = copy.deepcopy(layer)
+        run = RunContext.of(recipe, adapter, CPU, token_weights=token_weights)
+        return scaled, rescale_layer(scaled, 0, LayerStreams(inputs), run)
+
+    bounded_layer, bounded = rescaled()
+    full_score = rescale._BlockObjective.bounded
+    monkeypatch.setattr(rescale._BlockObjective, "bounded", lambda self, scales, above: full_score(self, scales, None))
+    full_layer, full = rescaled()
+    assert _picks(bounded) == _picks(full) and len(full) >= 3
+    assert all(torch.equal(a, b) for a, b in zip(bounded_layer.state_dict().values(), full_layer.state_dict().values()))
+    assert all(r["block_runs_full"] == f["block_runs_full"] == f["block_runs"] for r, f in zip(bounded, full))
+    assert all(r["block_runs"] <= r["block_runs_full"] for r in bounded)
+    assert sum(r["block_runs"] for r in bounded) < sum(r["block_runs_full"] for r in bounded)

@@ -105,25 +105,48 @@ def _scaled_and_quantized(targets: list[nn.Linear], scales: torch.Tensor, scheme
             target.weight.data = original
 
 
+@dataclass
+class BlockRuns:
+    """How many of a search's block forwards ran, of those scoring every candidate in full would run
+    (a candidate's sum stops once it cannot make the shortlist: tlq.quant.scaling.search_scales)."""
+
+    run: int = 0
+    of: int = 0
+
+    def record(self) -> dict:
+        return {"block_runs": self.run, "block_runs_full": self.of}
+
+
 class _BlockObjective:
     """error(scales): the token-weighted error of the block's output with the targets scaled and quantized.
 
     items are (args, kwargs, kept rows or None, FP reference rows, token weights or None); the sum is
     taken over every rank's tokens. `quantize` makes the targets' weights (round to nearest by default).
+    `bounded(scales, above)` stops adding items once the sum passes `above` (its parts are never negative:
+    the kept tokens' weights are > 0). One process only: with ranks, every rank must reach the same
+    all-reduce, and a rank's own share says nothing of the total.
     """
 
     def __init__(self, block: nn.Module, targets: list[nn.Linear], items: list[tuple], scheme: Scheme,
-                 loss: str, device: torch.device, ranks: Ranks, quantize: WeightQuantizer | None = None) -> None:
+                 loss: str, device: torch.device, ranks: Ranks, quantize: WeightQuantizer | None = None,
+                 runs: BlockRuns | None = None) -> None:
         self.block, self.targets, self.items = block, targets, items
         self.scheme, self.loss, self.device, self.ranks = scheme, loss, device, ranks
         self.quantize = quantize or _round_to_nearest(scheme)
+        self.runs = runs if runs is not None else BlockRuns()
 
     def with_quantizer(self, quantize: WeightQuantizer) -> "_BlockObjective":
         return _BlockObjective(self.block, self.targets, self.items, self.scheme, self.loss, self.device,
-                               self.ranks, quantize)
+                               self.ranks, quantize, self.runs)
 
     def __call__(self, scales: torch.Tensor) -> float:
+        return self.bounded(scales, None)
+
+    def bounded(self, scales: torch.Tensor, above: float | None) -> float:
+        if self.ranks.distributed:
+            above = None
         total = 0.0
+        self.runs.of += len(self.items)
         with _scaled_and_quantized(self.targets, scales, self.scheme, self.quantize):
             for args, kwargs, rows, reference, weights in self.items:
                 out = layer_output(self.block(*to_device(args, self.device), **to_device(kwargs, self.device)))
@@ -131,6 +154,9 @@ class _BlockObjective:
                 out = out if rows is None else out[rows.to(out.device)]
                 diff = out.float() - reference.to(out.device).float()
                 total += float(weighted_error(diff, None if weights is None else weights.to(out.device), self.loss))
+                self.runs.run += 1
+                if above is not None and total > above:
+                    break  # out of the running: the rest of the sum can only add to it
         return_freed_memory()  # the small blocks a candidate's pass left in heap holes (the threshold is 1 MiB)
         return float(self.ranks.sum(torch.tensor(total, dtype=torch.float64)))
 
@@ -217,7 +243,7 @@ def _search_group(ctx: _GroupContext, group: ScalingGroup, data: Captured, fp_da
     scales, choice, ratio = search_scales(magnitude, objective, search.grid, weight, search.form,
                                           search.alpha_one, rescore, search.rescore_top)
     return scales, {"source": group.source, "block": group.block, **choice, "loss_ratio": ratio,
-                    "tokens": data.tokens}
+                    "tokens": data.tokens, **objective.runs.record()}
 
 
 def _solver_rescore(ctx: _GroupContext, objective: _BlockObjective, x: torch.Tensor, weights: torch.Tensor | None,

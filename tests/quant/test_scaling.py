@@ -114,3 +114,89 @@ def test_a_solver_that_reads_inputs_without_solve_given_is_refused_in_one_line()
 
     with pytest.raises(TlqError, match="--scale-rescore-top 0"):
         Statistics.solve_given(torch.zeros(4, 8), torch.eye(8), parse_scheme("W4A16"))
+
+
+class _ItemErrors:
+    """An error that is a sum of per-item parts (as the block objective's per-sample sum), with the
+    `bounded` form the search uses: it stops adding once past `above` and counts the items it added."""
+
+    def __init__(self, table: dict, bounded: bool = True) -> None:
+        self.table, self.added = table, 0
+        if not bounded:
+            self.bounded = None
+
+    def parts(self, scales: torch.Tensor) -> list[float]:
+        return self.table[round(float(scales[0]), 6)]
+
+    def __call__(self, scales: torch.Tensor) -> float:
+        return self.bounded_sum(scales, None)
+
+    def bounded(self, scales: torch.Tensor, above: float | None) -> float:
+        return self.bounded_sum(scales, above)
+
+    def bounded_sum(self, scales, above):
+        total = 0.0
+        for part in self.parts(scales):
+            total += part
+            self.added += 1
+            if above is not None and total > above:
+                break
+        return total
+
+
+def _full_search(magnitude, error, grid, weight, form, rescore=None, rescore_top=0):
+    """The search spelled out: every candidate scored in full, sorted (ties: the earlier), the k best
+    rescored in their order (ties: the earlier), the winner's error over no scaling's."""
+    from tlq.quant.scaling import _trial_scales, _trials
+
+    trials = _trials(grid, form, False)
+    scored = sorted((error(_trial_scales(magnitude, a, k, weight)), i) for i, (a, k) in enumerate(trials))
+    best = scored[0]
+    if rescore is not None and rescore_top > 0:
+        shortlist = sorted(scored[:rescore_top], key=lambda t: t[1])
+        again = [rescore(_trial_scales(magnitude, *trials[i], weight)) for _, i in shortlist]
+        best = shortlist[min(range(len(shortlist)), key=lambda j: (again[j], j))]
+    baseline = next(e for e, i in scored if i == 0)
+    alpha, kind = trials[best[1]]
+    return _trial_scales(magnitude, alpha, kind, weight), {"alpha": alpha, "form": kind}, best[0] / max(baseline, 1e-30)
+
+
+def test_bounded_scoring_picks_what_full_scoring_picks_with_fewer_items():
+    """A candidate's sum may stop once it cannot make the shortlist, and with every candidate rescored only
+    no scaling and the winner are scored by round to nearest: the winner, the ratio and the shortlist are
+    those of scoring every candidate in full, ties included."""
+    magnitude = torch.tensor([0.3, 1.0, 2.5, 7.0])
+    weight = torch.tensor([0.5, 0.9, 0.2, 0.7])
+    generator = torch.Generator().manual_seed(0)
+    saved = 0
+    for trial in range(40):
+        for form in ("activation", "duo", "both"):
+            keys = [round(float(_first(magnitude, a, k, weight)), 6) for a, k in _candidates(20, form)]
+            parts = {}  # U-shaped errors over the grid, noisy parts, and exact ties in every fifth trial
+            for position, key in enumerate(keys):
+                level = 1.0 + 4.0 * ((position / len(keys)) - torch.rand((), generator=generator).item() * 0.6) ** 2
+                if trial % 5 == 0 and position % 7 == 3:
+                    level = 1.0
+                parts[key] = [level / 8] * 8 if trial % 5 == 0 else (torch.rand(8, generator=generator) * level / 4).tolist()
+            again = {key: torch.rand(8, generator=generator).tolist() for key in keys}
+            for top in (0, 3, 100):
+                bounded, full = _ItemErrors(parts), _ItemErrors(parts, bounded=False)
+                got = search_scales(magnitude, bounded, 20, weight, form, rescore=_ItemErrors(again) if top else None,
+                                    rescore_top=top)
+                want = _full_search(magnitude, full, 20, weight, form, _ItemErrors(again, False) if top else None, top)
+                assert torch.equal(got[0], want[0]) and got[1] == want[1] and got[2] == want[2], (trial, form, top)
+                assert bounded.added <= full.added
+                if top == 100:  # every candidate rescored: round to nearest only for no scaling and the winner
+                    assert bounded.added <= 2 * 8
+                saved += full.added - bounded.added
+    assert saved > 0
+
+
+def _candidates(grid, form):
+    from tlq.quant.scaling import _trials
+    return _trials(grid, form, False)
+
+
+def _first(magnitude, alpha, kind, weight):
+    from tlq.quant.scaling import _trial_scales
+    return _trial_scales(magnitude, alpha, kind, weight)[0]

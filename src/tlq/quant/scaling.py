@@ -90,30 +90,63 @@ def search_scales(magnitude: torch.Tensor, error: Callable[[torch.Tensor], float
 
     With `rescore` and `rescore_top` = k > 0, the k candidates of least `error` are scored again by
     `rescore` (a dearer, closer measure: the error after the weight solver the Linears will get) and the
-    least of those wins; `error` then only shortlists.
+    least of those wins; `error` then only shortlists (and when k covers every candidate, it is computed
+    only for no scaling and the winner, the two the returned ratio needs).
+
+    An error function with a `bounded(scales, above)` method (tlq.rescale's block objective) is called
+    through it with the least value that can still make the shortlist: it may stop summing once past it
+    and return what it has, which is then larger than `above` too, so the candidate is out either way and
+    the pick is the one full scoring makes (exactly: the sums are the same additions in the same order).
 
     Returns (scales, {"alpha", "form"} of the winner, its `error` / the `error` without scaling); ties keep the
     earlier candidate.
     """
     if form not in SCALE_FORMS:
         raise ValueError(f"unknown scale form {form!r}: use one of {SCALE_FORMS}")
+    trials = _trials(grid, form, alpha_one)
+    shortlisting = rescore is not None and rescore_top > 0
+    scales = [lambda trial=trial: _trial_scales(magnitude, *trial, weight) for trial in trials]
+    if shortlisting and rescore_top >= len(trials):
+        errors = {0: _bounded_score(error, scales[0](), None)}  # every candidate goes on: nothing to shortlist
+        shortlist = list(range(len(trials)))
+    else:
+        errors = _least_errors(error, scales, rescore_top if shortlisting else 1)
+        shortlist = sorted(errors, key=lambda i: (errors[i], i))[:rescore_top if shortlisting else 1]
+    if shortlisting:
+        rescored = _least_errors(rescore, [scales[i] for i in sorted(shortlist)], 1)
+        best = sorted(shortlist)[min(rescored, key=lambda i: (rescored[i], i))]
+        if best not in errors:
+            errors[best] = _bounded_score(error, scales[best](), None)
+    else:
+        best = shortlist[0]
+    alpha, kind = trials[best]
+    return scales[best](), {"alpha": alpha, "form": kind}, errors[best] / max(errors[0], 1e-30)
+
+
+def _trials(grid: int, form: str, alpha_one: bool) -> list[tuple[float, str]]:
+    """The candidates in their order (ties go to the earlier one): no scaling, then each form's alphas."""
     trials = [(0.0, "none")]
     last = grid + 1 if alpha_one else grid
     if form in ("activation", "both"):
         trials += [(step / grid, "activation") for step in range(1, last)]
     if form in ("duo", "both"):
         trials += [(step / grid, "duo") for step in range(last)]
-    scored = []  # (error, order, alpha, form): the scales are recomputed for the few that are kept
-    for order, (alpha, kind) in enumerate(trials):
-        scored.append((error(_trial_scales(magnitude, alpha, kind, weight)), order, alpha, kind))
-    baseline = scored[0][0]
-    ranked = sorted(scored)
-    if rescore is not None and rescore_top > 0:
-        shortlist = sorted(ranked[:rescore_top], key=lambda trial: trial[1])  # ties keep the earlier candidate
-        rescored = [rescore(_trial_scales(magnitude, alpha, kind, weight)) for _, _, alpha, kind in shortlist]
-        ranked = [shortlist[min(range(len(shortlist)), key=lambda i: (rescored[i], i))]]
-    best, _, alpha, kind = ranked[0]
-    return _trial_scales(magnitude, alpha, kind, weight), {"alpha": alpha, "form": kind}, best / max(baseline, 1e-30)
+    return trials
+
+
+def _least_errors(error: Callable, scales: list[Callable[[], torch.Tensor]], keep: int) -> dict[int, float]:
+    """Every candidate's error, in order, each bounded by the keep-th least so far: a candidate past it
+    cannot be among the `keep` least (its value is then only a lower bound, larger than that one)."""
+    errors: dict[int, float] = {}
+    for index, make in enumerate(scales):
+        bound = sorted(errors.values())[keep - 1] if len(errors) >= keep else None
+        errors[index] = _bounded_score(error, make(), bound)
+    return errors
+
+
+def _bounded_score(error: Callable, scales: torch.Tensor, above: float | None) -> float:
+    bounded = getattr(error, "bounded", None)
+    return float(bounded(scales, above)) if bounded is not None else float(error(scales))
 
 
 def _trial_scales(magnitude: torch.Tensor, alpha: float, kind: str, weight: torch.Tensor | None) -> torch.Tensor:
