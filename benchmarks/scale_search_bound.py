@@ -3,7 +3,8 @@ twice in this process, once as shipped (a candidate's per-sample sum stops once 
 shortlist: tlq.quant.scaling.search_scales) and once with every candidate scored in full, and the two
 outputs are compared byte for byte.
 
-    .venv/bin/python benchmarks/scale_search_bound.py --out benchmarks/results/scale_search_bound
+    .venv/bin/python benchmarks/scale_search_bound.py --out benchmarks/results/scale_search_bound/coarse_to_fine
+    .venv/bin/python benchmarks/scale_search_bound.py --grid-order --out benchmarks/results/scale_search_bound/grid_order
 
 Models: the trained reference VLMs with the outliers their tables use (`tlq stress`: weight outliers s = 32
 for weight-only schemes, activation outliers s = 256 for W4A8; 4 channels), calibrated on 128 records of
@@ -113,8 +114,13 @@ def main() -> int:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--schemes", default=",".join(SCHEMES))
+    parser.add_argument("--grid-order", action="store_true",
+                        help="score the candidates in the grid's order instead of coarse to fine (for comparison)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    if args.grid_order:
+        import tlq.quant.scaling as scaling
+        scaling._coarse_to_fine = lambda trials: list(range(len(trials)))
     if not (DATA / "calib.json").exists():
         tlq("synth", "--out", str(DATA), "--calib", "512", "--test", "1000")
     rows = []
@@ -127,7 +133,8 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     import torch
-    (out / "results.json").write_text(json.dumps({"cells": rows, "torch": torch.__version__}, indent=1) + "\n")
+    (out / "results.json").write_text(json.dumps({"cells": rows, "order": "grid" if args.grid_order else "coarse to fine",
+                                                  "torch": torch.__version__}, indent=1) + "\n")
     (out / "table.md").write_text(table(rows))
     print(table(rows))
     return 0 if all(r["identical"] for r in rows) else 1
