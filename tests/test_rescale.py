@@ -299,3 +299,21 @@ def test_a_candidate_stops_once_it_cannot_win_and_the_layer_is_the_same(tiny_che
     assert all(r["block_runs_full"] == f["block_runs_full"] == f["block_runs"] for r, f in zip(bounded, full))
     assert all(r["block_runs"] <= r["block_runs_full"] for r in bounded)
     assert sum(r["block_runs"] for r in bounded) < sum(r["block_runs_full"] for r in bounded)
+
+
+def test_no_tensor_of_the_search_outlives_it(tiny_checkpoints, calib_split):
+    """After a layer's rescaling with the bounded search (candidates stopped part-way), no tensor it made
+    is left alive: the live tensors are those of before, plus none."""
+    import gc
+
+    adapter, base, samples, inputs, layer = _weight_outlier_layer(tiny_checkpoints, calib_split, "tlq")
+    scaled = copy.deepcopy(layer)
+
+    def live_bytes():
+        gc.collect()
+        return sum(t.numel() * t.element_size() for t in gc.get_objects() if torch.is_tensor(t))
+
+    before = live_bytes()
+    records = rescale_layer(scaled, 0, LayerStreams(inputs), RunContext.of(base, adapter, CPU))
+    assert sum(r["block_runs"] for r in records) < sum(r["block_runs_full"] for r in records)  # it did stop early
+    assert live_bytes() == before

@@ -115,12 +115,13 @@ def search_scales(magnitude: torch.Tensor, error: Callable[[torch.Tensor], float
     else:
         errors = _least_errors(error, scales, order, rescore_top if shortlisting else 1)
         shortlist = set(sorted(errors, key=lambda i: (errors[i], i))[:rescore_top if shortlisting else 1])
-    best = min(shortlist)
     if shortlisting:
         rescored = _least_errors(rescore, scales, [i for i in order if i in shortlist], 1)
         best = min(rescored, key=lambda i: (rescored[i], i))
         if best not in errors:
             errors[best] = _bounded_score(error, scales[best](), None)
+    else:
+        (best,) = shortlist
     alpha, kind = trials[best]
     return scales[best](), {"alpha": alpha, "form": kind}, errors[best] / max(errors[0], 1e-30)
 
