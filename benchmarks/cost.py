@@ -1,7 +1,7 @@
 """Calibration cost at real Qwen2-VL widths, tlq and llm-compressor side by side, one job at a time.
 
     .venv/bin/python benchmarks/cost.py --shape 2b [--layers 28] [--samples 128] [--repeats 3] \
-        [--methods gptq,tlq,awq,llmc:gptq,llmc:awq_gptq] [--out benchmarks/results/cost]
+        [--methods gptq,tlq,awq,llmc:gptq,llmc:awq_gptq] [--out benchmarks/results/cost/2b-28l-128]
     (a tlq method may carry knobs as in tlq bench: tlq+scale-rescore-top=4)
 
 Builds a random-weight Qwen2VLForConditionalGeneration with the text widths of the published config
@@ -75,10 +75,14 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--methods", default="gptq,tlq,awq,llmc:gptq,llmc:awq_gptq")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "cost")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cost")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results folder (default: benchmarks/results/cost/<shape>-<layers>l-<samples>; the "
+                             "folder above holds benchmarks/cost_summary.py's table of the runs that count)")
     parser.add_argument("--plans-only", action="store_true",
                         help="run nothing: add tlq plan's estimate beside the rows --out already holds")
     args = parser.parse_args()
+    if args.out is None:
+        args.out = ROOT / "benchmarks" / "results" / "cost" / f"{args.shape}-{args.layers or 28}l-{args.samples}"
     from samples import write_samples
 
     from tlq.bench import run_measured

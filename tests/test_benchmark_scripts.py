@@ -140,3 +140,39 @@ def test_cost_table_puts_the_plan_beside_the_largest_measured_peak(tmp_path):
     assert gptq.rstrip(" |").endswith("900 | 0.90")  # against the larger of the two peaks
     assert "0.80x" in gptq  # RSS: 1000 / 1250
     assert peer.endswith("|  |  |")  # no plan for a peer
+
+
+def test_cost_summary_pairs_repeats_by_index_and_judges_the_goal_by_medians():
+    summary = _module("cost_summary")
+    rows = [{"method": m, "repeat": r, "calibration_seconds": s, "peak_rss_mib": p, **extra}
+            for m, r, s, p, extra in (("tlq", 0, 300.0, 900.0, {"planned_mib": 950.0}),
+                                      ("llmc:awq_gptq", 0, 100.0, 1000.0, {}),
+                                      ("tlq", 1, 150.0, 1100.0, {"planned_mib": 950.0}),
+                                      ("llmc:awq_gptq", 1, 200.0, 1200.0, {}),
+                                      ("tlq", 2, 190.0, 800.0, {"planned_mib": 950.0}),
+                                      ("llmc:awq_gptq", 2, 100.0, 900.0, {}),
+                                      ("gptq", 0, 50.0, 500.0, {}))]  # no peer in this run: no pair
+    saved = {"shape": "2b", "model": {"layers": 1}, "samples": 8, "rows": rows}
+    [entry] = summary.pairs(summary.Run("x", "abc1234", "interleaved"), saved)
+    assert entry["calibration_seconds"] == {"tlq": 190.0, "peer": 100.0}
+    assert entry["time_ratio"] == 1.9 and entry["repeat_time_ratios"] == [3.0, 0.75, 1.9]
+    assert entry["rss_ratio"] == 1100.0 / 1200.0 and entry["plan_over_peak"] == 950.0 / 1100.0
+    assert entry["goal_met"] is True  # 1.9x <= 2x at lower memory, though one repeat took 3x
+    slower = [dict(r, calibration_seconds=r["calibration_seconds"] * 1.1) if r["method"] == "tlq" else r
+              for r in rows]
+    [entry] = summary.pairs(summary.Run("x", "abc1234", "interleaved"), dict(saved, rows=slower))
+    assert entry["goal_met"] is False
+
+
+def test_the_committed_cost_summary_is_what_the_script_makes_of_the_committed_runs(tmp_path, monkeypatch):
+    summary = _module("cost_summary")
+    for run in summary.RUNS:
+        (tmp_path / run.folder).mkdir()
+        (tmp_path / run.folder / "results.json").write_text((summary.RESULTS / run.folder / "results.json").read_text())
+    monkeypatch.setattr("sys.argv", ["cost_summary.py", "--results", str(tmp_path)])
+    summary.main()
+    for name in ("results.json", "table.md"):
+        assert (tmp_path / name).read_text() == (summary.RESULTS / name).read_text(), name
+    (tmp_path / summary.RUNS[0].folder / "results.json").unlink()
+    with pytest.raises(SystemExit, match="is missing; rerun its command"):
+        summary.main()

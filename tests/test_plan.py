@@ -152,3 +152,21 @@ def test_rescoring_after_gptq_adds_the_widest_groups_hessian_to_the_search(shape
     assert search(False)["scale_search_working"] < hessian <= search(True)["scale_search_working"]
     # the down projection's group (data + working) becomes the largest, at least its Hessian above before
     assert search(True)["scale_search"] - search(False)["scale_search"] >= hessian - search(False)["scale_search_working"]
+
+
+def test_gptq_buffers_are_planned_only_for_the_methods_that_solve_with_gptq(shapes):
+    """AWQ, RTN and SmoothQuant round to nearest: no Gram sums or solve buffers (an AWQ run at 2B widths
+    peaked at 0.74x what the plan said when it counted them: benchmarks/results/cost/2b-1l-128-awq-repeats)."""
+    from tlq.plan import method_plan_inputs
+
+    assert all(method_plan_inputs(m)["gptq_solve"] for m in ("gptq", "tlq", "awq_gptq", "smoothquant_gptq"))
+    assert not any(method_plan_inputs(m)["gptq_solve"] for m in ("rtn", "awq", "smoothquant"))
+    shape = shapes["qwen2-vl-2b-instruct"]
+    kwargs = dict(dtype_bytes=4, gradient_pass=False, scale_search_tokens=16384)
+    gptq = plan_memory(shape, 1, parse_size("24GiB"), 128, 280, **kwargs)
+    rounded = plan_memory(shape, 1, parse_size("24GiB"), 128, 280, gptq_solve=False, **kwargs)
+    assert rounded["device_gib"]["hessians_largest_group"] == rounded["device_gib"]["solve_buffers"] == 0
+    solve = max(gptq["device_gib"]["hessians_largest_group"], gptq["device_gib"]["solve_buffers"])
+    assert solve > 0.3  # the down projection's 8960-wide H and its work copy
+    assert rounded["device_gib"]["calibrate"] == pytest.approx(gptq["device_gib"]["calibrate"] - solve, abs=0.002)
+    assert rounded["host_gib"] == gptq["host_gib"]

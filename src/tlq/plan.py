@@ -13,7 +13,7 @@ device (the peak of the phases)
                 layer's outputs are taken before the solves, so no FP copy is kept; the asymmetric
                 target keeps one), the larger of GPTQ's observe peak (float64 upper-block Gram sums of
                 the group, one block product, a chunk of inputs) and its solve peak (float32 H, one
-                work copy, half-size retry rows), one sample's activations
+                work copy, half-size retry rows; none for a method that rounds to nearest), one sample's activations
 host
     model weights           the whole checkpoint; with --lazy only what is outside the decoder + one layer
     loading overhead        what loading a checkpoint leaves resident above its parameters (a measured
@@ -182,7 +182,8 @@ def _scale_search_bytes(shape: ModelShape, tokens: int, max_tokens: int | None, 
 def method_plan_inputs(method: str) -> dict[str, Any]:
     """What `method` (at its Recipe defaults) makes plan_memory count: `gradient_pass` (the importance pass
     weights tokens: TLQ, MBQ), `scale_search_tokens` (the scale search's token draw, None without a search)
-    and `scale_rescore` (the search scores candidates after its GPTQ solve: AWQ + GPTQ)."""
+    `scale_rescore` (the search scores candidates after its GPTQ solve: AWQ + GPTQ) and `gptq_solve` (the
+    weights are solved by GPTQ, whose Gram sums and solve buffers a round-to-nearest method never holds)."""
     from tlq.recipe import BASELINE_PLANS, METHODS, Recipe
 
     if method not in METHODS:
@@ -194,17 +195,19 @@ def method_plan_inputs(method: str) -> dict[str, Any]:
     return {"gradient_pass": plan.weighting != "uniform",
             "scale_search_tokens": Recipe().scale_max_tokens if searches else None,
             "scale_rescore": searches and plan.solver == "gptq"
-            and Recipe(method=method).scale_rescore_top_resolved > 0}
+            and Recipe(method=method).scale_rescore_top_resolved > 0,
+            "gptq_solve": plan.solver == "gptq"}
 
 
 def plan_memory(shape: ModelShape, devices: int, device_memory: int, samples: int, tokens: int,
                 dtype_bytes: int = 2, asymmetric: bool = False, lazy: bool = False,
                 gradient_pass: bool = True, scale_search_tokens: int | None = None,
-                scale_rescore: bool = False) -> dict[str, Any]:
+                scale_rescore: bool = False, gptq_solve: bool = True) -> dict[str, Any]:
     """Per-rank peak memory estimate (bytes) of a `tlq quantize` run and whether it fits. `gradient_pass`:
     whether the method runs the importance pass (TLQ, MBQ); `scale_search_tokens`: the scale search's
     --scale-max-tokens when the method has one (AWQ, MBQ, TLQ), else None; `scale_rescore`: whether it scores
-    candidates after GPTQ (--scale-rescore-top)."""
+    candidates after GPTQ (--scale-rescore-top); `gptq_solve`: whether the weights are solved by GPTQ (not
+    round to nearest: RTN, AWQ, SmoothQuant), which is what holds Gram sums and solve buffers."""
     if devices < 1 or samples < 1 or tokens < 1:
         raise TlqError("--devices, --samples and --tokens-per-sample must be >= 1")
     b, d, f, T = dtype_bytes, shape.hidden, shape.intermediate, tokens
@@ -212,7 +215,8 @@ def plan_memory(shape: ModelShape, devices: int, device_memory: int, samples: in
     layer = shape.layer_params * b
     # One sample through a layer: residual, normed input, q/k/v/o, MLP gate/up/act (float32 where upcast).
     sample_acts = T * (6 * d + 3 * f) * 4 + shape.heads * T * T * 4
-    group_stats, solve = _solver_bytes(shape.linear_groups_in, samples_per_chunk(samples) * T, b)
+    group_stats, solve = (_solver_bytes(shape.linear_groups_in, samples_per_chunk(samples) * T, b) if gptq_solve
+                          else (0, 0))
     replaced = max(shape.linear_groups_params) * b  # a group's old weights while its solved ones are bound
     calibrate = (2 if asymmetric else 1) * layer + replaced + max(group_stats, solve) + sample_acts
     head = shape.head_params * b + 3 * T * shape.vocab * 4  # logits, log-softmax, gradient (float32)

@@ -1,0 +1,121 @@
+"""The cost benchmark's headline: every saved run that put a tlq method beside its llm-compressor peer, in one table.
+
+    .venv/bin/python benchmarks/cost_summary.py
+
+Reads the `results.json` that `benchmarks/cost.py` saved under benchmarks/results/cost/<run>/ for the runs named
+in RUNS below (which runs count, and the tlq commit each measured, are facts from the results README, kept here
+as data) and writes benchmarks/results/cost/results.json and table.md: per run and method pair the median
+calibration seconds, their ratio, the range of the per-repeat ratios (repeat i of tlq against repeat i of the
+peer: the jobs of one repeat ran back to back), the largest peak RSS of each and their ratio, and `tlq plan`
+against tlq's largest peak. The goals are the issue's: tlq GPTQ <= 1.0x llm-compressor GPTQ's calibration
+time, TLQ <= 2x its AWQ + GPTQ, each at equal or lower peak memory; `tlq plan` within 15% of the peak. AWQ
+has no goal ratio; its row is there to be read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import NamedTuple
+
+RESULTS = Path(__file__).resolve().parent / "results" / "cost"
+PEERS = {"gptq": "llmc:gptq", "tlq": "llmc:awq_gptq", "awq": "llmc:awq"}
+GOALS = {"gptq": 1.0, "tlq": 2.0}  # calibration time against the peer; memory: <= 1.0 for both
+PLAN_TOLERANCE = 0.15
+
+
+class Run(NamedTuple):
+    folder: str
+    commit: str  # the tlq code it measured (the README's command line)
+    order: str  # how the jobs ran: "interleaved" repeats, or which tool went first
+
+
+RUNS = (
+    Run("2b-28l-128-gptq", "4ae77c3", "tlq first"),
+    Run("2b-28l-128-gptq-llmc-first", "00d1385", "llm-compressor first"),
+    Run("2b-4l-128-repeats", "0bdc011", "interleaved"),
+    Run("7b-2l-128-gptq", "f61997d", "tlq first"),
+    Run("2b-2l-128-scaled", "f61997d", "tlq first"),
+    Run("2b-1l-128-tlq-pair", "61d280f", "tlq first"),
+    Run("2b-1l-128-tlq-pair-llmc-first", "61d280f", "llm-compressor first"),
+    Run("2b-1l-128-tlq-repeats", "a4a7f30", "interleaved"),
+    Run("2b-1l-128-awq-repeats", "b875fee", "interleaved"),
+)
+
+
+def pairs(run: Run, saved: dict) -> list[dict]:
+    """One entry per tlq method whose llm-compressor peer ran in the same invocation."""
+    rows = saved["rows"]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    return [_pair(run, saved, method, PEERS[method]) for method in methods
+            if PEERS.get(method) in methods and _timed(rows, method) and _timed(rows, PEERS[method])]
+
+
+def _timed(rows: list[dict], method: str) -> list[dict]:
+    return [r for r in rows if r["method"] == method and r.get("calibration_seconds")]
+
+
+def _pair(run: Run, saved: dict, method: str, peer: str) -> dict:
+    ours, theirs = _timed(saved["rows"], method), _timed(saved["rows"], peer)
+    time = {side: statistics.median(r["calibration_seconds"] for r in rows) for side, rows in
+            (("tlq", ours), ("peer", theirs))}
+    peak = {side: max(r["peak_rss_mib"] for r in rows) for side, rows in (("tlq", ours), ("peer", theirs))}
+    by_repeat = {r["repeat"]: r for r in theirs}
+    repeat_ratios = [r["calibration_seconds"] / by_repeat[r["repeat"]]["calibration_seconds"]
+                     for r in ours if r["repeat"] in by_repeat]
+    planned = [r["planned_mib"] for r in ours if "planned_mib" in r]  # cost.py adds the interpreter's own peak
+    entry = {"run": run.folder, "commit": run.commit, "order": run.order, "shape": saved["shape"],
+             "layers": saved["model"]["layers"], "samples": saved["samples"], "method": method, "peer": peer,
+             "repeats": min(len(ours), len(theirs)), "calibration_seconds": time, "peak_rss_mib": peak,
+             "time_ratio": time["tlq"] / time["peer"],
+             "repeat_time_ratios": [round(x, 4) for x in repeat_ratios],
+             "rss_ratio": peak["tlq"] / peak["peer"],
+             "plan_over_peak": max(planned) / peak["tlq"] if planned else None}
+    goal = GOALS.get(method)
+    entry["goal_met"] = None if goal is None else entry["time_ratio"] <= goal and entry["rss_ratio"] <= 1.0
+    return entry
+
+
+def markdown(entries: list[dict]) -> str:
+    lines = ["| run | tlq commit | jobs | layers | method vs llm-compressor 0.14 | repeats | calibration s, tlq / peer "
+             "(median) | time ratio | per-repeat ratios | peak RSS MiB, tlq / peer (largest) | RSS ratio | "
+             "`tlq plan` / peak | goal |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for e in entries:
+        goal = GOALS.get(e["method"])
+        verdict = "-" if goal is None else f"<= {goal:.1f}x, RSS <= 1: **{'met' if e['goal_met'] else 'not met'}**"
+        plan = "-" if e["plan_over_peak"] is None else f"{e['plan_over_peak']:.2f}"
+        per_repeat = " / ".join(f"{x:.2f}" for x in e["repeat_time_ratios"]) if e["repeats"] > 1 else "-"
+        lines.append(f"| `{e['run']}/` | {e['commit']} | {e['order']} | {e['layers']} ({e['shape']}) | "
+                     f"{e['method']} vs {e['peer']} | {e['repeats']} | {e['calibration_seconds']['tlq']:.1f} / "
+                     f"{e['calibration_seconds']['peer']:.1f} | **{e['time_ratio']:.2f}x** | {per_repeat} | "
+                     f"{e['peak_rss_mib']['tlq']:.0f} / {e['peak_rss_mib']['peer']:.0f} | "
+                     f"**{e['rss_ratio']:.2f}x** | {plan} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    entries = []
+    for run in RUNS:
+        path = args.results / run.folder / "results.json"
+        if not path.is_file():
+            raise SystemExit(f"error: {path} is missing; rerun its command from {args.results / 'README.md'} "
+                             f"or drop {run.folder!r} from RUNS")
+        entries += pairs(run, json.loads(path.read_text()))
+    (args.results / "results.json").write_text(json.dumps({"runs": entries}, indent=1) + "\n")
+    head = ("Every saved run with a tlq method and its llm-compressor 0.14 peer in one invocation of "
+            "`benchmarks/cost.py` (Qwen2-VL text widths, random weights, 128 samples of ~280 tokens, W4A16, "
+            "the 2-core CPU box, each job alone). Written by `benchmarks/cost_summary.py`; each run's README "
+            "section says what changed and why.\n\n")
+    (args.results / "table.md").write_text(head + markdown(entries))
+    print(head + markdown(entries))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
