@@ -176,3 +176,28 @@ def test_the_committed_cost_summary_is_what_the_script_makes_of_the_committed_ru
     (tmp_path / summary.RUNS[0].folder / "results.json").unlink()
     with pytest.raises(SystemExit, match="is missing; rerun its command"):
         summary.main()
+
+
+def test_moe_load_check_plants_its_control_and_judges_layout_by_slot_and_bf16_rounding(tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    check = _module("moe_load_check", "serve")
+    prefix = "model.language_model.layers"
+    tensors = {f"{prefix}.{layer}.mlp.experts.{e}.{p}_proj.weight_packed": torch.full((2,), 10 * e + i, dtype=torch.int32)
+               for layer in (0, 1) for e in range(3) for i, p in enumerate(("gate", "up", "down"))}
+    (tmp_path / "ckpt").mkdir()
+    save_file(tensors, str(tmp_path / "ckpt" / "model.safetensors"))
+    planted = load_file(str(check.plant_layout_error(tmp_path / "ckpt") / "model.safetensors"))
+    value = {k: int(v[0]) for k, v in planted.items()}
+    assert value[f"{prefix}.0.mlp.experts.0.down_proj.weight_packed"] == 12  # expert 1's, under expert 0's name
+    assert value[f"{prefix}.0.mlp.experts.1.gate_proj.weight_packed"] == 0
+    assert value[f"{prefix}.1.mlp.experts.2.gate_proj.weight_packed"] == 21  # layer 1, expert 2: up as gate
+    assert value[f"{prefix}.1.mlp.experts.2.down_proj.weight_packed"] == 22
+    assert value[f"{prefix}.1.mlp.experts.0.gate_proj.weight_packed"] == 0  # the rest untouched
+    row = {"slot_is_expert": True, "max_abs_diff": {"gate": 4.5e-4, "up": 4.6e-4, "down": 4.1e-4},
+           "largest_weight": 0.106, "router_max_abs_diff": 0.0}
+    assert check.layout_ok(row)
+    assert not check.layout_ok({**row, "slot_is_expert": False})
+    assert not check.layout_ok({**row, "max_abs_diff": {**row["max_abs_diff"], "up": 0.12}})  # gate/up traded
+    assert not check.layout_ok({**row, "router_max_abs_diff": 0.01})

@@ -1,0 +1,248 @@
+"""Do vLLM's own MoE loader and dequantizer read tlq's quantized experts as the weights tlq calibrated?
+
+    .venv/bin/python benchmarks/serve/moe_load_check.py [--scheme W4A16] [--asymmetric] [--control] [--dtype float32]
+
+vLLM 0.32 has no CPU kernel for int4 MoE layers without AMX (docs/serving.md), so the serving check cannot
+run tlq's quantized Qwen3-VL-MoE experts here. This check runs every vLLM step before the kernel:
+1. tlq venv: a tiny random Qwen3-VL-MoE (benchmarks/serve/serve_check.py's `tiny-qwen3_vl_moe`) is quantized
+   by `tlq quantize` as a user would; plain transformers 5.24 with compressed-tensors (`tlq.compat.load_quantized`,
+   the reload tlq's tests compare logits on) gives each expert Linear's dequantized weight: what tlq meant.
+2. vLLM venv: `vllm.LLM` builds Qwen3VLMoeForConditionalGeneration from that checkpoint with its
+   compressed-tensors config, its weight loader maps each `mlp.experts.{e}.{gate,up,down}_proj.weight_packed`
+   / `weight_scale` / `weight_shape` into the fused w13 / w2 buffers, and its WNA16 MoE method converts them
+   with the EMULATION backend's dequantization (`_process_weights_emulation_gptq`: int4 -> bf16, vLLM's
+   code). Two patches, both announced in the output: the emulation backend is allowed on the CPU platform
+   (it is CUDA-only because its matmuls are Triton), and the run stops right after the weights are
+   converted, before any forward (there the Triton kernel would be needed).
+3. Every expert's vLLM w13[e] = [gate; up] and w2[e] = down are compared with tlq's, and the routers
+   (`mlp.gate`, FP, in `ignore`) with the checkpoint's.
+What it does not check: vLLM's MoE kernels (Marlin on a GPU, CPUExpertsInt4 on an AMX CPU) computing with
+those weights. Writes results.json and table.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+TLQ_PY = ROOT / ".venv" / "bin" / "python"
+VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
+MODEL = "tiny-qwen3_vl_moe"
+
+# Step 1, in tlq's venv: the expert and router weights as transformers + compressed-tensors reload them.
+_TLQ_SIDE = r"""
+import sys, re, torch
+from safetensors.torch import save_file
+from compressed_tensors.compressors.base import decompress_module
+from tlq.compat import load_quantized
+model = load_quantized(sys.argv[1], dtype=torch.float32)
+out = {}
+for name, module in model.named_modules():
+    m = re.search(r"layers\.(\d+)\.mlp\.(experts\.\d+\.(?:gate|up|down)_proj|gate)$", name)
+    if m is None:
+        continue
+    decompress_module(module, leave_decompressed=False)  # compressed-tensors' unpacking, as its forward does
+    weight = module.weight
+    if weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise SystemExit(f"{name}: weight is {weight.dtype}; expected a dequantized float weight")
+    out[f"{m.group(1)}.{m.group(2)}"] = weight.detach().float().contiguous()
+save_file(out, sys.argv[2])
+print(len(out))
+"""
+
+# Step 2, in the vLLM venv.
+_VLLM_SIDE = r"""
+import json, os, re, sys
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process, so the patches apply
+import torch
+from safetensors.torch import load_file
+from vllm.model_executor.layers.fused_moe.oracle import int_wna16
+from vllm.model_executor.layers.fused_moe.experts import int4_emulation_moe
+from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe import (
+    compressed_tensors_moe_wna16 as wna16)
+
+PATCHES = ["WNA16 MoE backend order on CPU: [EMULATION] (was [ZEN_CPU, CPU])",
+           "Int4EmulationTritonExperts._supports_current_device: True on CPU",
+           "CompressedTensorsWNA16MoEMethod.process_weights_after_loading: vLLM's own conversion, then the "
+           "converted w13 / w2 are kept and the run stops before any forward"]
+int_wna16._get_priority_backends = lambda: [int_wna16.WNA16MoEBackend.EMULATION]
+int4_emulation_moe.Int4EmulationTritonExperts._supports_current_device = staticmethod(lambda: True)
+converted, backends = [], []
+original = wna16.CompressedTensorsWNA16MoEMethod.process_weights_after_loading
+
+class Converted(Exception):
+    pass
+
+def keep(self, layer):
+    backends.append(self.wna16_backend.value)
+    w13, w2 = layer.w13_weight_packed, layer.w2_weight_packed
+    from vllm.model_executor.layers.fused_moe.oracle.int_wna16 import convert_to_wna16_moe_kernel_format
+    out = convert_to_wna16_moe_kernel_format(backend=self.wna16_backend, layer=layer, quant_config=self.weight_quant,
+        input_dtype=self.input_dtype, w13=w13, w2=w2, w13_scale=layer.w13_weight_scale,
+        w2_scale=layer.w2_weight_scale, w13_qzeros=getattr(layer, "w13_weight_zero_point", None),
+        w2_qzeros=getattr(layer, "w2_weight_zero_point", None), w13_bias=None, w2_bias=None)
+    zero_points = getattr(layer, "w13_weight_zero_point", None) is not None
+    converted.append((layer.layer_name, out[0].float(), out[1].float(), zero_points))
+
+wna16.CompressedTensorsWNA16MoEMethod.process_weights_after_loading = keep
+routers = {}
+from vllm.model_executor.model_loader import base_loader
+original_load = base_loader.BaseModelLoader.load_model
+
+def load_then_stop(self, vllm_config, model_config, prefix=""):
+    loader_load_weights = self.load_weights
+
+    def load_weights(model, model_config):  # the routers as loaded (the CPU's processing may repack them after)
+        loader_load_weights(model, model_config)
+        for name, param in model.named_parameters():
+            m = re.search(r"layers\.(\d+)\.mlp\.gate\.weight$", name)
+            if m:
+                routers[m.group(1)] = param.detach().float().clone()
+
+    self.load_weights = load_weights
+    original_load(self, vllm_config, model_config, prefix)  # create, load_weights, process (patched above)
+    raise Converted()
+
+base_loader.BaseModelLoader.load_model = load_then_stop
+from vllm import LLM
+try:
+    LLM(model=sys.argv[1], dtype=sys.argv[3], max_model_len=1024, enforce_eager=True, seed=0,
+        limit_mm_per_prompt={"image": 1}, gpu_memory_utilization=0.25)  # generate.py's settings
+    raise SystemExit("the engine started: the stop after conversion did not happen")
+except Converted:
+    pass
+tlq = load_file(sys.argv[2])
+experts = sorted({int(k.split(".")[2]) for k in tlq if ".experts." in k})
+rows = []
+for layer_name, w13, w2, hasattr_zp in converted:
+    layer = re.search(r"layers\.(\d+)\.", layer_name).group(1)
+    inter = tlq[f"{layer}.experts.0.gate_proj"].shape[0]
+    diffs = {"gate": [], "up": [], "down": []}
+    rounded = []  # vLLM's emulation dequantizes to bfloat16: against tlq's weights rounded once to bfloat16
+    for e in experts:
+        for part, ours in (("gate", w13[e, :inter]), ("up", w13[e, inter:]), ("down", w2[e])):
+            theirs = tlq[f"{layer}.experts.{e}.{part}_proj"]
+            diffs[part].append((ours - theirs).abs().max().item())
+            rounded.append((ours - theirs.bfloat16().float()).abs().max().item())
+    scale = max(tlq[f"{layer}.experts.{e}.{p}_proj"].abs().max().item() for e in experts for p in ("gate", "up", "down"))
+    # The expert a vLLM slot holds, found by nearest tlq weight: a mix-up of experts shows as slot != expert.
+    slots = [min(experts, key=lambda j: (w2[e] - tlq[f"{layer}.experts.{j}.down_proj"]).abs().max().item())
+             for e in experts]
+    rows.append({"layer": int(layer), "zero_points": hasattr_zp, "experts": len(experts), "w13": list(w13.shape), "w2": list(w2.shape),
+                 "max_abs_diff": {k: max(v) for k, v in diffs.items()}, "largest_weight": scale,
+                 "max_abs_diff_to_bf16_rounded": max(rounded),
+                 "slot_is_expert": slots == experts,
+                 "router_max_abs_diff": (routers[layer] - tlq[f"{layer}.gate"]).abs().max().item()})
+print(json.dumps({"patches": PATCHES, "backends": sorted(set(backends)), "layers": rows}))
+"""
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scheme", default="W4A16", help="tlq quantize --scheme (vLLM's WNA16 MoE path: W4A16)")
+    parser.add_argument("--asymmetric", action="store_true", help="tlq quantize --no-symmetric (zero points)")
+    parser.add_argument("--dtype", default="float32",
+                        help="vLLM's model dtype: float32 compares exactly; bfloat16 (what serving uses) rounds")
+    parser.add_argument("--control", action="store_true",
+                        help="check a copy of the checkpoint with a planted layout error instead (layer 0: experts 0 "
+                             "and 1 trade names; layer 1: expert 2's gate and up trade names): the check must fail")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: benchmarks/results/serve/moe_load/<scheme>[-control]")
+    args = parser.parse_args()
+    for python in (TLQ_PY, VLLM_PY):
+        if not python.is_file():
+            raise SystemExit(f"error: {python} is missing; run `make venv` and "
+                             "`bash benchmarks/serve/build_vllm_venv.sh .venv-vllm` first")
+    sys.path.insert(0, str(HERE))
+    import serve_check
+
+    fp = serve_check.model_dir(MODEL)
+    options = ["--scheme", args.scheme] + (["--no-symmetric"] if args.asymmetric else [])
+    label = args.scheme + (" asymmetric" if args.asymmetric else "")
+    out = serve_check.WORK / MODEL / ("moe-load-" + label.lower().replace(" ", "-"))
+    info = serve_check._quantize(MODEL, label, options, out)
+    if not info["quantized"]:
+        raise SystemExit(f"error: tlq quantize failed: {info.get('error')}")
+    reference = out.parent / f"{out.name}.tlq-weights.safetensors"
+    subprocess.run([str(TLQ_PY), "-c", _TLQ_SIDE, str(out), str(reference)], check=True, timeout=600)
+    if args.control:
+        out = plant_layout_error(out)
+        label += " (control: planted layout error)"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
+    proc = subprocess.run([str(VLLM_PY), "-c", _VLLM_SIDE, str(out), str(reference), args.dtype], capture_output=True,
+                          text=True, timeout=900, env=env)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"error: the vLLM side failed (exit {proc.returncode})")
+    result = {"model": MODEL, "scheme": label, "vllm_dtype": args.dtype, "checkpoint": str(out.relative_to(ROOT)),
+              **json.loads(proc.stdout.strip().splitlines()[-1])}
+    slug = label.lower().split(" (")[0].replace(" ", "-") + ("-control" if args.control else "")
+    args.out = args.out or ROOT / "benchmarks" / "results" / "serve" / "moe_load" / slug
+    result["layout_ok"] = all(layout_ok(row) for row in result["layers"])
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    (args.out / "table.md").write_text(markdown(result))
+    print(markdown(result))
+    if result["layout_ok"] == args.control:  # a control that passes means the check cannot see a layout error
+        print(f"error: layout_ok is {result['layout_ok']} {'with' if args.control else 'without'} the planted error",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+BF16_TOLERANCE = 2.0**-7  # vLLM's emulation dequantizes in bfloat16 (scales rounded, then the product): two roundings
+
+
+def layout_ok(row: dict) -> bool:
+    """Every expert in its own slot, each weight within bfloat16 rounding of tlq's, the router unchanged
+    (exact when vLLM's dtype is float32, the default; bfloat16 rounding otherwise)."""
+    tolerance = BF16_TOLERANCE * row["largest_weight"]
+    return (row["slot_is_expert"] and max(row["max_abs_diff"].values()) <= tolerance
+            and row["router_max_abs_diff"] <= tolerance)
+
+
+def plant_layout_error(checkpoint: Path) -> Path:
+    """A copy of `checkpoint` whose tensors carry wrong names: what a layout bug in the export would write."""
+    from safetensors.torch import load_file, save_file
+
+    copy = checkpoint.parent / f"{checkpoint.name}-control"
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(checkpoint, copy)
+    tensors = load_file(str(copy / "model.safetensors"))
+    renames = {}
+    for key in tensors:
+        if ".layers.0.mlp.experts.0." in key or ".layers.0.mlp.experts.1." in key:
+            renames[key] = key.replace("experts.0.", "experts.@.").replace("experts.1.", "experts.0.").replace(
+                "experts.@.", "experts.1.")
+        elif ".layers.1.mlp.experts.2." in key and ("gate_proj" in key or "up_proj" in key):
+            renames[key] = key.replace("gate_proj", "@").replace("up_proj", "gate_proj").replace("@", "up_proj")
+    save_file({renames.get(k, k): v for k, v in tensors.items()}, str(copy / "model.safetensors"),
+              metadata={"format": "pt"})
+    return copy
+
+
+def markdown(result: dict) -> str:
+    lines = [f"{result['model']} quantized by tlq ({result['scheme']}), loaded and dequantized by vLLM's own MoE "
+             f"code (backend {', '.join(result['backends'])}, model dtype {result['vllm_dtype']}), against tlq's reload in transformers "
+             "(max |difference|, float32).", "", "Patches: " + "; ".join(result["patches"]) + ".", "",
+             "| layer | experts | zero points loaded | vLLM w13 / w2 | gate | up | down | largest weight | all, against tlq's rounded to "
+             "bfloat16 | slot e holds expert e | router (FP) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in result["layers"]:
+        d = row["max_abs_diff"]
+        lines.append(f"| {row['layer']} | {row['experts']} | {'yes' if row['zero_points'] else 'no'} | {row['w13']} / {row['w2']} | {d['gate']:.3g} | "
+                     f"{d['up']:.3g} | {d['down']:.3g} | {row['largest_weight']:.3g} | "
+                     f"{row['max_abs_diff_to_bf16_rounded']:.3g} | "
+                     f"{'yes' if row['slot_is_expert'] else 'NO'} | {row['router_max_abs_diff']:.3g} |")
+    verdict = "**layout as tlq meant it**" if result["layout_ok"] else "**layout error**"
+    return "\n".join(lines) + f"\n\nVerdict (each weight within 2^-7 of the largest, every expert in its slot): {verdict}\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
