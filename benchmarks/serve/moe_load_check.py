@@ -1,6 +1,7 @@
 """Do vLLM's own MoE loader and dequantizer read tlq's quantized experts as the weights tlq calibrated?
 
     .venv/bin/python benchmarks/serve/moe_load_check.py [--scheme W4A16] [--asymmetric] [--control] [--dtype float32]
+    .venv/bin/python benchmarks/serve/moe_load_check.py --serve 16 [--asymmetric] [--control]
 
 vLLM 0.32 has no CPU kernel for int4 MoE layers without AMX (docs/serving.md), so the serving check cannot
 run tlq's quantized Qwen3-VL-MoE experts here. This check runs every vLLM step before the kernel:
@@ -16,8 +17,13 @@ run tlq's quantized Qwen3-VL-MoE experts here. This check runs every vLLM step b
    converted, before any forward (there the Triton kernel would be needed).
 3. Every expert's vLLM w13[e] = [gate; up] and w2[e] = down are compared with tlq's, and the routers
    (`mlp.gate`, FP, in `ignore`) with the checkpoint's.
-What it does not check: vLLM's MoE kernels (Marlin on a GPU, CPUExpertsInt4 on an AMX CPU) computing with
-those weights. Writes results.json and table.md.
+`--serve N` goes on to answers: the dequantized bfloat16 experts are handed to vLLM's unquantized MoE method
+(its CPU experts kernel; what the emulation backend does on a GPU with Triton), benchmarks/serve/generate.py
+runs vLLM's greedy generation on N held-out questions in the same process, and the answers and per-prompt-
+position top-1 tokens are compared with plain transformers on the same checkpoint (serve_check.py's run),
+beside the two engines' agreement on the FP checkpoint. `--control` serves the planted layout error instead.
+What it does not check: vLLM's int4 MoE kernels (Marlin on a GPU, CPUExpertsInt4 on an AMX CPU) computing
+with those weights. Writes results.json and table.md.
 """
 
 from __future__ import annotations
@@ -57,39 +63,43 @@ save_file(out, sys.argv[2])
 print(len(out))
 """
 
-# Step 2, in the vLLM venv.
-_VLLM_SIDE = r"""
+# Step 2, in the vLLM venv: what both modes patch, and vLLM's own dequantization of one MoE layer.
+_VLLM_EMULATION = r"""
 import json, os, re, sys
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process, so the patches apply
 import torch
-from safetensors.torch import load_file
 from vllm.model_executor.layers.fused_moe.oracle import int_wna16
 from vllm.model_executor.layers.fused_moe.experts import int4_emulation_moe
 from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe import (
     compressed_tensors_moe_wna16 as wna16)
 
 PATCHES = ["WNA16 MoE backend order on CPU: [EMULATION] (was [ZEN_CPU, CPU])",
-           "Int4EmulationTritonExperts._supports_current_device: True on CPU",
-           "CompressedTensorsWNA16MoEMethod.process_weights_after_loading: vLLM's own conversion, then the "
-           "converted w13 / w2 are kept and the run stops before any forward"]
+           "Int4EmulationTritonExperts._supports_current_device: True on CPU"]
 int_wna16._get_priority_backends = lambda: [int_wna16.WNA16MoEBackend.EMULATION]
 int4_emulation_moe.Int4EmulationTritonExperts._supports_current_device = staticmethod(lambda: True)
 converted, backends = [], []
-original = wna16.CompressedTensorsWNA16MoEMethod.process_weights_after_loading
+
+def dequantized(method, layer):
+    backends.append(method.wna16_backend.value)
+    out = int_wna16.convert_to_wna16_moe_kernel_format(backend=method.wna16_backend, layer=layer,
+        quant_config=method.weight_quant, input_dtype=method.input_dtype, w13=layer.w13_weight_packed,
+        w2=layer.w2_weight_packed, w13_scale=layer.w13_weight_scale, w2_scale=layer.w2_weight_scale,
+        w13_qzeros=getattr(layer, "w13_weight_zero_point", None),
+        w2_qzeros=getattr(layer, "w2_weight_zero_point", None), w13_bias=None, w2_bias=None)
+    return out[0], out[1], getattr(layer, "w13_weight_zero_point", None) is not None
+"""
+
+_VLLM_SIDE = _VLLM_EMULATION + r"""
+from safetensors.torch import load_file
+PATCHES.append("CompressedTensorsWNA16MoEMethod.process_weights_after_loading: vLLM's own conversion, then the "
+               "converted w13 / w2 are kept and the run stops before any forward")
 
 class Converted(Exception):
     pass
 
 def keep(self, layer):
-    backends.append(self.wna16_backend.value)
-    w13, w2 = layer.w13_weight_packed, layer.w2_weight_packed
-    from vllm.model_executor.layers.fused_moe.oracle.int_wna16 import convert_to_wna16_moe_kernel_format
-    out = convert_to_wna16_moe_kernel_format(backend=self.wna16_backend, layer=layer, quant_config=self.weight_quant,
-        input_dtype=self.input_dtype, w13=w13, w2=w2, w13_scale=layer.w13_weight_scale,
-        w2_scale=layer.w2_weight_scale, w13_qzeros=getattr(layer, "w13_weight_zero_point", None),
-        w2_qzeros=getattr(layer, "w2_weight_zero_point", None), w13_bias=None, w2_bias=None)
-    zero_points = getattr(layer, "w13_weight_zero_point", None) is not None
-    converted.append((layer.layer_name, out[0].float(), out[1].float(), zero_points))
+    w13, w2, zero_points = dequantized(self, layer)
+    converted.append((layer.layer_name, w13.float(), w2.float(), zero_points))
 
 wna16.CompressedTensorsWNA16MoEMethod.process_weights_after_loading = keep
 routers = {}
@@ -144,6 +154,71 @@ print(json.dumps({"patches": PATCHES, "backends": sorted(set(backends)), "layers
 """
 
 
+# Serve mode, in the vLLM venv: the dequantized experts handed to vLLM's unquantized MoE method (its CPU
+# experts kernel), then benchmarks/serve/generate.py's vLLM run in this process.
+_VLLM_SERVE = _VLLM_EMULATION + r"""
+import runpy
+from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
+PATCHES.append("CompressedTensorsWNA16MoEMethod.process_weights_after_loading: vLLM's own conversion, then the "
+               "bfloat16 experts are served by vLLM's UnquantizedFusedMoEMethod (as its emulation backend "
+               "serves them with Triton on a GPU)")
+
+def serve_dequantized(self, layer):
+    w13, w2, _ = dequantized(self, layer)
+    for name in [n for n, _ in layer.named_parameters(recurse=False) if n.startswith(("w13_", "w2_"))]:
+        delattr(layer, name)
+    layer.register_parameter("w13_weight", torch.nn.Parameter(w13.to(torch.bfloat16), requires_grad=False))
+    layer.register_parameter("w2_weight", torch.nn.Parameter(w2.to(torch.bfloat16), requires_grad=False))
+    unquantized = UnquantizedFusedMoEMethod(layer.moe_config)
+    layer._replace_quant_method(unquantized)
+    unquantized.process_weights_after_loading(layer)
+
+wna16.CompressedTensorsWNA16MoEMethod.process_weights_after_loading = serve_dequantized
+generate = sys.argv[1]
+sys.argv = [generate, *sys.argv[2:]]
+try:
+    runpy.run_path(generate, run_name="__main__")
+except SystemExit as exit:
+    if exit.code not in (0, None):
+        raise
+print(json.dumps({"patches": PATCHES, "backends": sorted(set(backends))}))
+"""
+
+
+def serve(out: Path, label: str, fp: Path, num: int, control: bool = False) -> dict:
+    """vLLM (dequantized experts) and transformers on the same checkpoint; the FP checkpoint in vLLM. With
+    `control`, vLLM serves the copy with the planted layout error and transformers the checkpoint itself."""
+    import serve_check
+
+    work = serve_check.WORK / MODEL
+    served = plant_layout_error(out) if control else out
+    answers = work / f"{served.name}.vllm-emulated.json"  # bfloat16: vLLM's CPU WNA16 Linears have no float32
+    if not answers.is_file():
+        proc = subprocess.run([str(VLLM_PY), "-c", _VLLM_SERVE, str(serve_check.GENERATE), "vllm", str(served), "--data",
+                               str(serve_check.DATA / "test.json"), "--images", str(serve_check.DATA), "--num",
+                               str(num), "--json", str(answers), "--prompt-top1"], capture_output=True, text=True,
+                              timeout=1800, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        if proc.returncode != 0 or not answers.is_file():
+            sys.stderr.write(proc.stderr[-4000:])
+            raise SystemExit(f"error: the vLLM serve side failed (exit {proc.returncode})")
+        patches = json.loads(proc.stdout.strip().splitlines()[-1])
+        record = json.loads(answers.read_text())
+        answers.write_text(json.dumps({**record, **patches}, indent=1) + "\n")
+    record = json.loads(answers.read_text())
+    if not record.get("loaded"):
+        raise SystemExit(f"error: vLLM did not serve the dequantized experts: {record.get('error')}")
+    transformers = serve_check._run_engine("transformers", out, num, work / f"{out.name}.transformers.json", True)
+    fp_vllm = serve_check._run_engine("vllm", fp, num, work / "fp.vllm.json", True)
+    fp_transformers = serve_check._run_engine("transformers", fp, num, work / "fp.transformers.json", True)
+    return {"model": MODEL, "scheme": label + (" (control: vLLM serves the planted layout error)" if control else ""),
+            "questions": num, "patches": record["patches"],
+            "backends": record["backends"], "vllm_dtype": "bfloat16",
+            "vllm_vs_transformers": serve_check._engines_agree(answers, work / f"{out.name}.transformers.json"),
+            "fp_vllm_vs_fp_transformers": serve_check._engines_agree(work / "fp.vllm.json", work / "fp.transformers.json"),
+            "vllm_agrees_with_fp": serve_check._agreement(record, fp_vllm).get("agrees_with_fp"),
+            "transformers_agrees_with_fp": serve_check._agreement(transformers, fp_transformers).get("agrees_with_fp")}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scheme", default="W4A16", help="tlq quantize --scheme (vLLM's WNA16 MoE path: W4A16)")
@@ -153,6 +228,10 @@ def main() -> int:
     parser.add_argument("--control", action="store_true",
                         help="check a copy of the checkpoint with a planted layout error instead (layer 0: experts 0 "
                              "and 1 trade names; layer 1: expert 2's gate and up trade names): the check must fail")
+    parser.add_argument("--serve", type=int, default=0, metavar="N",
+                        help="instead: serve N held-out questions in vLLM with the experts as its emulation backend "
+                             "dequantizes them (run by its unquantized CPU MoE method) and in transformers, and "
+                             "compare answers and prompt positions")
     parser.add_argument("--out", type=Path, default=None,
                         help="default: benchmarks/results/serve/moe_load/<scheme>[-control]")
     args = parser.parse_args()
@@ -172,6 +251,15 @@ def main() -> int:
         raise SystemExit(f"error: tlq quantize failed: {info.get('error')}")
     reference = out.parent / f"{out.name}.tlq-weights.safetensors"
     subprocess.run([str(TLQ_PY), "-c", _TLQ_SIDE, str(out), str(reference)], check=True, timeout=600)
+    if args.serve:
+        result = serve(out, label, fp, args.serve, args.control)
+        args.out = args.out or ROOT / "benchmarks" / "results" / "serve" / "moe_load" / (
+            label.lower().replace(" ", "-") + "-served" + ("-control" if args.control else ""))
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+        (args.out / "table.md").write_text(served_markdown(result))
+        print(served_markdown(result))
+        return 0
     if args.control:
         out = plant_layout_error(out)
         label += " (control: planted layout error)"
@@ -226,6 +314,21 @@ def plant_layout_error(checkpoint: Path) -> Path:
     save_file({renames.get(k, k): v for k, v in tensors.items()}, str(copy / "model.safetensors"),
               metadata={"format": "pt"})
     return copy
+
+
+def served_markdown(result: dict) -> str:
+    same, fp = result["vllm_vs_transformers"], result["fp_vllm_vs_fp_transformers"]
+    return "\n".join([
+        f"{result['model']} quantized by tlq ({result['scheme']}), {result['questions']} held-out questions, greedy: "
+        "vLLM CPU (bfloat16) with the experts as vLLM's emulation backend dequantizes them, run by its "
+        "unquantized MoE method, against plain transformers (float32) on the same checkpoint.", "",
+        "Patches: " + "; ".join(result["patches"]) + ".", "",
+        "| checkpoint | answers equal, vLLM = transformers | prompt positions with equal top-1 | vLLM = FP | "
+        "transformers = FP |", "|---|---|---|---|---|",
+        f"| {result['scheme']} | {same['answers']:.3f} | {same['prompt_top1']:.3f} ({same['prompt_positions']}) | "
+        f"{result['vllm_agrees_with_fp']:.3f} | {result['transformers_agrees_with_fp']:.3f} |",
+        f"| FP (the same two engines) | {fp['answers']:.3f} | {fp['prompt_top1']:.3f} ({fp['prompt_positions']}) | "
+        "1 | 1 |"]) + "\n"
 
 
 def markdown(result: dict) -> str:
