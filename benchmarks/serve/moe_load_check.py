@@ -131,21 +131,22 @@ except Converted:
 tlq = load_file(sys.argv[2])
 experts = sorted({int(k.split(".")[2]) for k in tlq if ".experts." in k})
 rows = []
-for layer_name, w13, w2, hasattr_zp in converted:
+for layer_name, w13, w2, zero_points in converted:
     layer = re.search(r"layers\.(\d+)\.", layer_name).group(1)
     inter = tlq[f"{layer}.experts.0.gate_proj"].shape[0]
     diffs = {"gate": [], "up": [], "down": []}
     rounded = []  # vLLM's emulation dequantizes to bfloat16: against tlq's weights rounded once to bfloat16
     for e in experts:
-        for part, ours in (("gate", w13[e, :inter]), ("up", w13[e, inter:]), ("down", w2[e])):
-            theirs = tlq[f"{layer}.experts.{e}.{part}_proj"]
-            diffs[part].append((ours - theirs).abs().max().item())
-            rounded.append((ours - theirs.bfloat16().float()).abs().max().item())
+        for part, in_vllm in (("gate", w13[e, :inter]), ("up", w13[e, inter:]), ("down", w2[e])):
+            meant = tlq[f"{layer}.experts.{e}.{part}_proj"]
+            diffs[part].append((in_vllm - meant).abs().max().item())
+            rounded.append((in_vllm - meant.bfloat16().float()).abs().max().item())
     scale = max(tlq[f"{layer}.experts.{e}.{p}_proj"].abs().max().item() for e in experts for p in ("gate", "up", "down"))
     # The expert a vLLM slot holds, found by nearest tlq weight: a mix-up of experts shows as slot != expert.
     slots = [min(experts, key=lambda j: (w2[e] - tlq[f"{layer}.experts.{j}.down_proj"]).abs().max().item())
              for e in experts]
-    rows.append({"layer": int(layer), "zero_points": hasattr_zp, "experts": len(experts), "w13": list(w13.shape), "w2": list(w2.shape),
+    rows.append({"layer": int(layer), "zero_points": zero_points, "experts": len(experts), "w13": list(w13.shape),
+                 "w2": list(w2.shape),
                  "max_abs_diff": {k: max(v) for k, v in diffs.items()}, "largest_weight": scale,
                  "max_abs_diff_to_bf16_rounded": max(rounded),
                  "slot_is_expert": slots == experts,
