@@ -42,6 +42,7 @@ RUNS = (
     Run("2b-1l-128-tlq-pair-llmc-first", "61d280f", "llm-compressor first"),
     Run("2b-1l-128-tlq-repeats", "a4a7f30", "interleaved"),
     Run("2b-1l-128-tlq-bounded-repeats", "819ce6f", "interleaved"),
+    Run("2b-1l-128-tlq-bounded-repeats-3rd", "819ce6f", "tlq first"),
     Run("2b-1l-128-awq-repeats", "b875fee", "interleaved"),
 )
 
