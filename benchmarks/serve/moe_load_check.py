@@ -12,9 +12,9 @@ run tlq's quantized Qwen3-VL-MoE experts here. This check runs every vLLM step b
    compressed-tensors config, its weight loader maps each `mlp.experts.{e}.{gate,up,down}_proj.weight_packed`
    / `weight_scale` / `weight_shape` into the fused w13 / w2 buffers, and its WNA16 MoE method converts them
    with the EMULATION backend's dequantization (`_process_weights_emulation_gptq`: int4 -> bf16, vLLM's
-   code). Two patches, both announced in the output: the emulation backend is allowed on the CPU platform
-   (it is CUDA-only because its matmuls are Triton), and the run stops right after the weights are
-   converted, before any forward (there the Triton kernel would be needed).
+   code). The patches, all listed in the results: the emulation backend first in the CPU's backend order
+   and allowed on the CPU platform (it is CUDA-only because its matmuls are Triton), and the run stopped
+   right after the weights are converted, before any forward (there the Triton kernel would be needed).
 3. Every expert's vLLM w13[e] = [gate; up] and w2[e] = down are compared with tlq's, and the routers
    (`mlp.gate`, FP, in `ignore`) with the checkpoint's.
 `--serve N` goes on to answers: the dequantized bfloat16 experts are handed to vLLM's unquantized MoE method
@@ -225,7 +225,8 @@ def main() -> int:
     parser.add_argument("--scheme", default="W4A16", help="tlq quantize --scheme (vLLM's WNA16 MoE path: W4A16)")
     parser.add_argument("--asymmetric", action="store_true", help="tlq quantize --no-symmetric (zero points)")
     parser.add_argument("--dtype", default="float32",
-                        help="vLLM's model dtype: float32 compares exactly; bfloat16 (what serving uses) rounds")
+                        help="vLLM's model dtype: float32 keeps the routers exact; the experts are bfloat16 either way "
+                             "(the emulation backend dequantizes to bfloat16)")
     parser.add_argument("--control", action="store_true",
                         help="check a copy of the checkpoint with a planted layout error instead (layer 0: experts 0 "
                              "and 1 trade names; layer 1: expert 2's gate and up trade names): the check must fail")
