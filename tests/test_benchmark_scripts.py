@@ -80,6 +80,23 @@ def test_serving_rerun_replaces_cells_in_place_and_adds_new_ones_after_their_mod
         ("a", "FP", 0), ("a", "W4A8", 1), ("a", "W8A8", 1), ("b", "FP", 0), ("b", "W4A8", 0), ("c", "FP", 1)]
 
 
+def test_answers_part_at_the_first_differing_token_and_its_margin_is_ranked_among_all_steps(tmp_path):
+    serve = _module("serve_check", "serve")
+    vllm = {"answer_tokens": [[1, 2, 3], [4, 5, 6], [7, 8], [9]]}
+    transformers = {"answer_tokens": [[1, 2, 3], [4, 9, 6], [7, 8, 2], [9]],
+                    "answer_margins": [[5.0, 6.0, 7.0], [8.0, 0.5, 9.0], [4.0, 3.0, 1.0], [2.0]]}
+    for name, record in (("v", vllm), ("t", transformers)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(record))
+    found = serve._divergences(tmp_path / "v.json", tmp_path / "t.json")
+    # question 1 parts at step 1 (margin 0.5, the smallest of 10 steps); question 2 where vLLM stopped early
+    assert [(p["question"], p["step"], p["margin"], p["margin_rank"]) for p in found["parted"]] == [
+        (1, 1, 0.5, 0.0), (2, 2, 1.0, 0.1)]
+    assert found["steps"] == 10 and found["median_margin"] == 5.0
+    del transformers["answer_margins"]
+    (tmp_path / "t.json").write_text(json.dumps(transformers))
+    assert serve._divergences(tmp_path / "v.json", tmp_path / "t.json") is None
+
+
 def _bench_cell(method, scheme, seed, exact, kl):
     return {"status": "done", "method": method, "scheme": scheme, "seed": seed, "accuracy": sum(exact) / len(exact),
             "retention": 1.0, "answer_kl": sum(kl) / len(kl), "calibration_seconds": 1.0, "peak_rss_mib": 1.0,

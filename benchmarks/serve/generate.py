@@ -8,8 +8,9 @@ Runs in the vLLM venv (benchmarks/serve/build_vllm_venv.sh), where tlq is not in
 a quantized MoE output stores one Linear per expert, which transformers 5 cannot load into its fused expert
 parameters, so for such a folder the MoE blocks are built with per-expert Linears first (tlq.models.moe,
 imported from the repository's src/; the only tlq code on this side, and only for MoE outputs).
-Writes {"engine", "loaded", "error", "answers": [...], "references", "seconds"} (and "prompt_top1" with
---prompt-top1); a load failure is
+Writes {"engine", "loaded", "error", "answers": [...], "answer_tokens": [[ids]], "references", "seconds"} (and
+"prompt_top1" with --prompt-top1; transformers with --answer-margins: "answer_margins", each generated
+token's logit minus the runner-up's, which says whether two engines' answers parted on a near-tie); a load failure is
 recorded, not raised, so the table can say what failed and why (the kernels vLLM picked are read from
 its log by serve_check.py).
 """
@@ -38,8 +39,7 @@ def _prompt(processor, question: str) -> str:
     return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def run_vllm(model: Path, questions, prompt_top1: bool = False,
-             moe_backend: str = "auto") -> tuple[list[str], list[list[int]] | None]:
+def run_vllm(model: Path, questions, prompt_top1: bool = False, moe_backend: str = "auto") -> dict:
     from transformers import AutoProcessor
     from vllm import LLM, SamplingParams
 
@@ -54,29 +54,35 @@ def run_vllm(model: Path, questions, prompt_top1: bool = False,
     if prompt_top1:  # per prompt position i >= 1: the most likely token given positions < i
         top1 = [[next(t for t, lp in position.items() if lp.rank == 1) for position in o.prompt_logprobs[1:]]
                 for o in outputs]
-    return [o.outputs[0].text.strip() for o in outputs], top1
+    found = {"answers": [o.outputs[0].text.strip() for o in outputs],
+             "answer_tokens": [list(o.outputs[0].token_ids) for o in outputs]}
+    return {**found, "prompt_top1": top1} if prompt_top1 else found
 
 
-def run_transformers(model: Path, questions, prompt_top1: bool = False, moe_backend: str = "auto",
-                     causal_images: bool = False) -> tuple[list[str], list[list[int]] | None]:
+def run_transformers(model: Path, questions, prompt_top1: bool = False, causal_images: bool = False,
+                     answer_margins: bool = False) -> dict:
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     processor = AutoProcessor.from_pretrained(str(model))
     with _per_expert_linears(model):
         network = AutoModelForImageTextToText.from_pretrained(str(model), dtype=torch.float32).eval()
-    answers, top1 = [], []
+    found = {"answers": [], "answer_tokens": [], "prompt_top1": [], "answer_margins": []}
     with torch.no_grad():
         for question, image, _ in questions:
             inputs = processor(text=[_prompt(processor, question)], images=[image], return_tensors="pt")
             if causal_images:  # Gemma 3 attends bidirectionally within an image only where token types are given
                 inputs.pop("token_type_ids", None)
-            out = network.generate(**inputs, max_new_tokens=16, do_sample=False)
-            answers.append(processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:],
-                                                      skip_special_tokens=True).strip())
+            out = network.generate(**inputs, max_new_tokens=16, do_sample=False, output_scores=True,
+                                   return_dict_in_generate=True)
+            tokens = out.sequences[0, inputs["input_ids"].shape[1]:]
+            found["answers"].append(processor.tokenizer.decode(tokens, skip_special_tokens=True).strip())
+            found["answer_tokens"].append(tokens.tolist())
+            top2 = torch.stack(out.scores)[:, 0].float().topk(2, dim=-1).values  # [steps, 2]
+            found["answer_margins"].append([round(m, 4) for m in (top2[:, 0] - top2[:, 1]).tolist()])
             if prompt_top1:
-                top1.append(network(**inputs).logits[0, :-1].argmax(-1).tolist())
-    return answers, (top1 if prompt_top1 else None)
+                found["prompt_top1"].append(network(**inputs).logits[0, :-1].argmax(-1).tolist())
+    return {k: v for k, v in found.items() if (k != "prompt_top1" or prompt_top1) and (k != "answer_margins" or answer_margins)}
 
 
 def _per_expert_linears(model: Path):
@@ -114,6 +120,8 @@ def main() -> int:
     parser.add_argument("--prompt-top1", action="store_true",
                         help="also record, per prompt position, the most likely next token (a loader check that "
                              "does not depend on the generated answers)")
+    parser.add_argument("--answer-margins", action="store_true",
+                        help="transformers: also record each generated token's logit margin over the runner-up")
     parser.add_argument("--causal-images", action="store_true",
                         help="transformers: causal attention over image tokens too (no token types), as vLLM's CPU "
                              "attention backend computes Gemma 3, which has no bidirectional image attention")
@@ -126,12 +134,10 @@ def main() -> int:
     try:
         questions = list(_questions(args.data, args.images, args.num))
         if args.engine == "vllm":
-            record["answers"], top1 = run_vllm(args.model, questions, args.prompt_top1, args.moe_backend)
+            record.update(run_vllm(args.model, questions, args.prompt_top1, args.moe_backend))
         else:
-            record["answers"], top1 = run_transformers(args.model, questions, args.prompt_top1, args.moe_backend,
-                                                       args.causal_images)
-        if top1 is not None:
-            record["prompt_top1"] = top1
+            record.update(run_transformers(args.model, questions, args.prompt_top1, args.causal_images,
+                                           args.answer_margins))
         record["loaded"] = True
         record["references"] = [answer for _, _, answer in questions]
     except Exception as exc:  # noqa: BLE001 - the failure is the measurement
@@ -139,7 +145,7 @@ def main() -> int:
         record["error"] = f"{type(exc).__name__}: {lines[-1] if lines else ''}"[:400]
     record["seconds"] = round(time.perf_counter() - start, 1)
     args.json.write_text(json.dumps(record, indent=1) + "\n")
-    print(json.dumps({k: v for k, v in record.items() if k not in ("answers", "references", "prompt_top1")}))
+    print(json.dumps({k: v for k, v in record.items() if k not in ("answers", "answer_tokens", "references", "prompt_top1", "answer_margins")}))
     return 0
 
 

@@ -215,6 +215,8 @@ def serve(out: Path, label: str, fp: Path, num: int, control: bool = False) -> d
             "questions": num, "patches": record["patches"],
             "backends": record["backends"], "vllm_dtype": "bfloat16",
             "vllm_vs_transformers": serve_check._engines_agree(answers, work / f"{out.name}.transformers.json"),
+            "where_answers_part": serve_check._divergences(answers, work / f"{out.name}.transformers.json"),
+            "where_fp_answers_part": serve_check._divergences(work / "fp.vllm.json", work / "fp.transformers.json"),
             "fp_vllm_vs_fp_transformers": serve_check._engines_agree(work / "fp.vllm.json", work / "fp.transformers.json"),
             "vllm_agrees_with_fp": serve_check._agreement(record, fp_vllm).get("agrees_with_fp"),
             "transformers_agrees_with_fp": serve_check._agreement(transformers, fp_transformers).get("agrees_with_fp")}
@@ -330,7 +332,29 @@ def served_markdown(result: dict) -> str:
         f"| {result['scheme']} | {same['answers']:.3f} | {same['prompt_top1']:.3f} ({same['prompt_positions']}) | "
         f"{result['vllm_agrees_with_fp']:.3f} | {result['transformers_agrees_with_fp']:.3f} |",
         f"| FP (the same two engines) | {fp['answers']:.3f} | {fp['prompt_top1']:.3f} ({fp['prompt_positions']}) | "
-        "1 | 1 |"]) + "\n"
+        "1 | 1 |"] + parting_lines(result)) + "\n"
+
+
+def parting_lines(result: dict) -> list[str]:
+    """Where vLLM's and transformers' answers part, and how close transformers' choice was there."""
+    lines = []
+    for label, key in ((result["scheme"], "where_answers_part"), ("FP", "where_fp_answers_part")):
+        found = result.get(key)
+        if not found:
+            continue
+        if not lines:
+            lines = ["", "Where the answers part (first differing generated token; margin: transformers' chosen "
+                     "logit minus the runner-up's there; rank: the share of all its generated steps with a smaller "
+                     "margin):", "", "| checkpoint | answers that part | at step | margin there | rank of that margin | "
+                     "median margin, all steps |", "|---|---|---|---|---|---|"]
+        parted = found["parted"]
+
+        def cells(key: str, form: str) -> str:
+            return ", ".join(format(p[key], form) for p in parted) or "-"
+
+        lines.append(f"| {label} | {len(parted)} | {cells('step', 'd')} | {cells('margin', '.2f')} | "
+                     f"{cells('margin_rank', '.2f')} | {found['median_margin']:.2f} ({found['steps']} steps) |")
+    return lines
 
 
 def markdown(result: dict) -> str:

@@ -60,7 +60,10 @@ def _run_engine(engine: str, model: Path, num: int, answers: Path, prompt_top1: 
     """generate.py in the vLLM venv; the kernels vLLM chose come from its log."""
     if answers.exists():
         return json.loads(answers.read_text())
-    extra = (["--prompt-top1"] if prompt_top1 else []) + (["--moe-backend", MOE_BACKEND] if engine == "vllm" else [])
+    # Position-by-position runs (tiny models) also record transformers' answer margins, so that answers the two
+    # engines part on can be told apart from near-ties (`_divergences`).
+    extra = (["--prompt-top1"] + (["--answer-margins"] if engine == "transformers" else []) if prompt_top1 else [])
+    extra += ["--moe-backend", MOE_BACKEND] if engine == "vllm" else []
     extra += ["--causal-images"] if causal_images and engine == "transformers" else []
     proc = subprocess.run([str(VLLM_PY), str(GENERATE), engine, str(model), "--data", str(DATA / "test.json"),
                            "--images", str(DATA), "--num", str(num), "--json", str(answers), *extra],
@@ -262,6 +265,28 @@ def _engines_agree(vllm_json: Path, transformers_json: Path) -> dict | None:
         found["prompt_positions"] = len(pairs)
         found["prompts_of_equal_length"] = sum(len(p) == len(q) for p, q in zip(a["prompt_top1"], b["prompt_top1"]))
     return found
+
+
+def _divergences(vllm_json: Path, transformers_json: Path) -> dict | None:
+    """Where the two engines' greedy answers part: for each question whose generated tokens differ, the
+    first differing step and transformers' margin there (its chosen token's logit minus the runner-up's),
+    and where that margin ranks among all of transformers' generated steps. Answers that part only where
+    the margin is among the smallest are near-ties that bfloat16 against float32 can flip, not a loader fault."""
+    a, b = (json.loads(p.read_text()) for p in (vllm_json, transformers_json))
+    if not all("answer_tokens" in r for r in (a, b)) or "answer_margins" not in b:
+        return None
+    steps = sorted(m for margins in b["answer_margins"] for m in margins)
+    parted = []
+    for question, (x, y, margins) in enumerate(zip(a["answer_tokens"], b["answer_tokens"], b["answer_margins"])):
+        step = next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), None)
+        if step is None and len(x) != len(y):
+            step = min(len(x), len(y))  # one engine stopped (end of sequence) where the other went on
+        if step is not None and step < len(margins):
+            rank = sum(m < margins[step] for m in steps) / len(steps)
+            parted.append({"question": question, "step": step, "margin": margins[step], "margin_rank": round(rank, 3)})
+    ranks = sorted(p["margin_rank"] for p in parted)
+    return {"parted": parted, "steps": len(steps), "median_margin": steps[len(steps) // 2] if steps else None,
+            "median_margin_rank_where_parted": ranks[len(ranks) // 2] if ranks else None}
 
 
 def markdown(rows: list[dict]) -> str:
