@@ -35,6 +35,7 @@ class Run(NamedTuple):
 RUNS = (
     Run("2b-28l-128-gptq", "4ae77c3", "tlq first"),
     Run("2b-28l-128-gptq-llmc-first", "00d1385", "llm-compressor first"),
+    Run("2b-28l-128-gptq-3rd", "7f26f82", "tlq first"),
     Run("2b-4l-128-repeats", "0bdc011", "interleaved"),
     Run("7b-2l-128-gptq", "f61997d", "tlq first"),
     Run("2b-2l-128-scaled", "f61997d", "tlq first"),
