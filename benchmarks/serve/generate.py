@@ -82,7 +82,10 @@ def run_transformers(model: Path, questions, prompt_top1: bool = False, causal_i
             found["answer_margins"].append([round(m, 4) for m in (top2[:, 0] - top2[:, 1]).tolist()])
             if prompt_top1:
                 found["prompt_top1"].append(network(**inputs).logits[0, :-1].argmax(-1).tolist())
-    return {k: v for k, v in found.items() if (k != "prompt_top1" or prompt_top1) and (k != "answer_margins" or answer_margins)}
+    for key, asked in (("prompt_top1", prompt_top1), ("answer_margins", answer_margins)):
+        if not asked:
+            del found[key]
+    return found
 
 
 def _per_expert_linears(model: Path):

@@ -348,10 +348,7 @@ def parting_lines(result: dict) -> list[str]:
                      "margin):", "", "| checkpoint | answers that part | at step | margin there | rank of that margin | "
                      "median margin, all steps |", "|---|---|---|---|---|---|"]
         parted = found["parted"]
-
-        def cells(key: str, form: str) -> str:
-            return ", ".join(format(p[key], form) for p in parted) or "-"
-
+        cells = lambda key, form: ", ".join(format(p[key], form) for p in parted) or "-"  # noqa: E731
         lines.append(f"| {label} | {len(parted)} | {cells('step', 'd')} | {cells('margin', '.2f')} | "
                      f"{cells('margin_rank', '.2f')} | {found['median_margin']:.2f} ({found['steps']} steps) |")
     return lines
