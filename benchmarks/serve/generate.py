@@ -24,6 +24,10 @@ import time
 from pathlib import Path
 
 
+# The record's per-question lists: in the JSON file, not in the one-line summary printed for serve_check.py.
+PER_QUESTION = ("answers", "answer_tokens", "references", "prompt_top1", "answer_margins")
+
+
 def _questions(data: Path, images: Path, num: int):
     from PIL import Image
 
@@ -148,7 +152,7 @@ def main() -> int:
         record["error"] = f"{type(exc).__name__}: {lines[-1] if lines else ''}"[:400]
     record["seconds"] = round(time.perf_counter() - start, 1)
     args.json.write_text(json.dumps(record, indent=1) + "\n")
-    print(json.dumps({k: v for k, v in record.items() if k not in ("answers", "answer_tokens", "references", "prompt_top1", "answer_margins")}))
+    print(json.dumps({k: v for k, v in record.items() if k not in PER_QUESTION}))
     return 0
 
 
