@@ -75,8 +75,8 @@ def test_the_gradient_pass_is_planned_only_for_the_methods_that_run_it(shapes):
     tlq = plan_memory(shape, 1, parse_size("24GiB"), 512, 1024, gradient_pass=True)
     host = gptq["host_gib"]
     assert host["gradient_pass_inputs"] == 0
-    assert host["peak"] == pytest.approx(host["model_weights"] + LOADING_OVERHEAD / 2**30 + host["layer_input_cache"],
-                                         abs=0.02)
+    assert host["peak"] == pytest.approx(host["model_weights"] + LOADING_OVERHEAD / 2**30 + host["layer_input_cache"]
+                                         + host["layer_call_arguments"], abs=0.02)
     assert tlq["host_gib"]["peak"] > host["peak"]  # 29 layers' stored inputs outweigh the two streams
 
 
@@ -89,14 +89,13 @@ def test_moe_plan_names_every_expert(tiny_checkpoints):
     # The MoE block's scale search holds every expert's gate/up weights fake-quantized at once.
     from tlq.plan import _scale_search_bytes
 
-    data, working = _scale_search_bytes(shape, 16 * 128, 16384, 4, 0)
-    assert working >= shape.linear_groups_params[-2] * 4 > 0
+    host, device, working = _scale_search_bytes(shape, 16 * 128, 16384, 4, 0)
+    assert working >= shape.linear_groups_params[-2] * 4 > 0 and device >= working
 
 
 def test_the_scale_search_capture_is_planned_for_the_methods_that_search(shapes):
-    """One group at a time: the larger of the attention group's three token streams and the MLP down
-    projection's input with the FP outputs on the token draw (the rows the device phase counts); nothing
-    for GPTQ."""
+    """One group at a time: the larger of the attention group's two token streams (its calls and FP output
+    rows) and the MLP down projection's input with the FP outputs on the token draw; nothing for GPTQ."""
     from tlq.plan import method_plan_inputs
 
     def draw(method):
@@ -109,7 +108,7 @@ def test_the_scale_search_capture_is_planned_for_the_methods_that_search(shapes)
     awq = plan_memory(shape, 1, parse_size("24GiB"), 128, 280, dtype_bytes=4, gradient_pass=False,
                       scale_search_tokens=16384)
     drawn = 16384 * (shape.intermediate + shape.hidden) * 4  # 128 x 280 tokens > 16384: the draw's rows, FP outputs
-    attention = 3 * 128 * 280 * shape.hidden * 4
+    attention = 2 * 128 * 280 * shape.hidden * 4
     assert awq["host_gib"]["scale_search_capture"] == pytest.approx(max(drawn, attention) / 2**30, abs=0.01)
     assert awq["host_gib"]["peak"] - gptq["host_gib"]["peak"] == pytest.approx(max(drawn, attention) / 2**30,
                                                                               abs=0.02)
@@ -117,8 +116,10 @@ def test_the_scale_search_capture_is_planned_for_the_methods_that_search(shapes)
 
 
 def test_the_scale_search_device_phase_grows_with_the_draw_and_the_chunk_not_the_samples(shapes):
-    """The search holds one group's rows on the device: its working memory is per chunk of rows, so it stops
-    growing once the draw is full, and a larger draw adds its rows."""
+    """The search holds one token-wise group's rows on the device: its working memory is per chunk of rows,
+    so it stops growing once the draw is full, and a larger draw adds its rows. The attention group's rows
+    stay on the host (one sample is moved at a time), so many samples grow the host's capture, not the
+    device's search, unless the search rescores with GPTQ (its input rows go to the device for the Hessian)."""
     shape = shapes["qwen2-vl-2b-instruct"]
 
     def search(samples, max_tokens=16384):
@@ -128,10 +129,20 @@ def test_the_scale_search_device_phase_grows_with_the_draw_and_the_chunk_not_the
 
     # both past the draw (35840 and 71680 tokens > 16384)
     assert search(128)["scale_search_working"] == search(256)["scale_search_working"] > 0
-    # the token-wise groups stop at the draw; the attention group takes every token and leads past it
-    assert search(256)["scale_search"] == search(128)["scale_search"] < search(4096)["scale_search"]
+    # the token-wise groups stop at the draw; the attention group's every token is the host's
+    assert search(256)["scale_search"] == search(128)["scale_search"] == search(4096)["scale_search"]
     assert search(64, 4096)["scale_search"] < search(64, 16384)["scale_search"]
     assert search(512)["peak"] >= search(512)["scale_search"]
+
+    def host(samples, rescore=False):
+        return plan_memory(shape, 1, parse_size("80GiB"), samples, 280, dtype_bytes=2, gradient_pass=False,
+                           scale_search_tokens=16384, scale_rescore=rescore)
+
+    attention = 2 * 4096 * 280 * shape.hidden * 2 / 2**30
+    assert host(4096)["host_gib"]["scale_search_capture"] == pytest.approx(attention, abs=0.01)
+    rescored = host(4096, rescore=True)
+    assert rescored["host_gib"]["scale_search_capture"] == pytest.approx(attention * 1.5, abs=0.01)
+    assert rescored["device_gib"]["scale_search"] >= attention / 2  # the rows the Hessian is built from
 
 
 def test_rescoring_after_gptq_adds_the_widest_groups_hessian_to_the_search(shapes):
@@ -170,3 +181,18 @@ def test_gptq_buffers_are_planned_only_for_the_methods_that_solve_with_gptq(shap
     assert solve > 0.3  # the down projection's 8960-wide H and its work copy
     assert rounded["device_gib"]["calibrate"] == pytest.approx(gptq["device_gib"]["calibrate"] - solve, abs=0.002)
     assert rounded["host_gib"] == gptq["host_gib"]
+
+
+def test_every_samples_rotary_tables_are_planned_on_the_host(shapes, tiny_checkpoints):
+    """Each sample's layer calls carry its rotary tables (cos and sin, tokens x head width each) for the whole
+    run: the host holds them beside the layer-input cache, per kind of layer call (Gemma 3: two)."""
+    shape = shapes["qwen2-vl-7b-instruct"]
+    assert shape.head_dim == 128 and shape.call_kinds == 1
+    plans = {n: plan_memory(shape, 1, parse_size("24GiB"), n, 1024, gradient_pass=False) for n in (64, 128)}
+    tables = 2 * 1024 * 128 * 2 / 2**30
+    for n, plan in plans.items():
+        assert plan["host_gib"]["layer_call_arguments"] == pytest.approx(n * tables, abs=0.01)
+    assert plans[128]["host_gib"]["peak"] - plans[64]["host_gib"]["peak"] == pytest.approx(
+        plans[128]["host_gib"]["layer_input_cache"] - plans[64]["host_gib"]["layer_input_cache"] + 64 * tables,
+        abs=0.02)
+    assert model_shape(tiny_checkpoints["gemma3"]).call_kinds == 2

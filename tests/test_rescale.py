@@ -113,7 +113,7 @@ def test_token_wise_groups_capture_the_drawn_rows_in_the_draws_order(tiny_checkp
     rows in the same order, and the channel magnitude of all kept rows."""
     from tlq.distributed import SINGLE
     from tlq.quant.scaling import channel_magnitude
-    from tlq.group_data import capture, concatenated, kept_magnitude, plan_subsample
+    from tlq.group_data import Keep, capture, concatenated, kept_magnitude, plan_subsample
 
     recipe = Recipe(method="awq", scheme="W4A16-g32", num_samples=4)
     model, adapter = load_model(tiny_checkpoints["qwen2_vl"])
@@ -127,9 +127,9 @@ def test_token_wise_groups_capture_the_drawn_rows_in_the_draws_order(tiny_checkp
     kept = [w[w > 0] for w in weights]
     counts = [len(r) for r in rows]
     everything = plan_subsample(counts, 10**9, seed=0, index=0, ranks=SINGLE)
-    full = concatenated(capture(layer, group, inputs, CPU, rows, False, everything, kept).x)
+    full = concatenated(capture(layer, group, inputs, CPU, rows, Keep(), everything, kept).x)
     plan = plan_subsample(counts, 37, seed=0, index=0, ranks=SINGLE)
-    drawn = capture(layer, group, inputs, CPU, rows, False, plan, kept)
+    drawn = capture(layer, group, inputs, CPU, rows, Keep(), plan, kept)
     drawn.sample = plan
     assert len(full) == sum(counts) > 37 and plan.tokens == 37
     assert torch.equal(drawn.x[0], full[plan.local])  # the drawn rows, in the draw's order
@@ -267,6 +267,38 @@ def test_rescoring_solves_each_target_on_its_own_token_weights(tiny_checkpoints,
         picks[k] = copy.deepcopy(layer)
         rescale_layer(picks[k], 0, LayerStreams(inputs), run(k))
     assert solved_error(picks[100]) <= solved_error(picks[0]) * (1 + 1e-4)
+
+
+def test_the_attention_groups_input_rows_are_kept_only_for_the_rescoring(tiny_checkpoints, calib_split):
+    """The attention's search replays its calls and reads its targets' input rows only for their channel
+    magnitude (summed as they pass) and, with --scale-rescore-top, for the GPTQ rescoring's Hessians: without
+    the rescoring no row is kept (one copy of the layer's inputs less at the search's peak), and the
+    magnitude is that of the rows a rescoring capture keeps."""
+    from tlq.distributed import SINGLE
+    from tlq.group_data import group_data, kept_magnitude
+    from tlq.quant.scaling import channel_magnitude
+    from tlq.rescale import TRANSFORMS
+
+    adapter, base, samples, inputs, layer = _weight_outlier_layer(tiny_checkpoints, calib_split, "tlq")
+    generator = torch.Generator().manual_seed(5)
+    weights = {i: torch.rand(s.num_tokens, generator=generator) * (torch.rand(s.num_tokens, generator=generator) > 0.4)
+               for i, s in enumerate(samples)}
+    group = adapter.scaling_groups[0]
+    assert group.mixes_tokens
+
+    def captured(k):
+        run = RunContext.of(dataclasses.replace(base, scale_rescore_top=k), adapter, CPU,
+                            token_weights=lambda index, name, sample: weights[sample])
+        data, _, kept = group_data(layer, group, LayerStreams(inputs), run, 0, TRANSFORMS.get("scale_search"))
+        return data, torch.cat(kept)
+
+    plain, w = captured(0)
+    rescoring, _ = captured(4)
+    assert plain.x == [] and len(plain.calls) == len(plain.outputs) == len(samples)
+    rows = torch.cat(rescoring.x)
+    assert len(rows) == int((w > 0).sum()) < sum(s.num_tokens for s in samples)
+    assert torch.allclose(kept_magnitude(plain, w, SINGLE), channel_magnitude(rows, w), rtol=1e-6)
+    assert torch.equal(kept_magnitude(plain, w, SINGLE), kept_magnitude(rescoring, w, SINGLE))
 
 
 @pytest.mark.parametrize("method,rescore_top,weighted", [("awq", None, False), ("tlq", None, True),

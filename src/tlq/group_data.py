@@ -2,7 +2,9 @@
 the layer on the quantized-path inputs, and the token weights that go with them.
 
 Only the tokens the token weights keep (weight > 0) are captured. A block that mixes tokens (attention) is
-scored on whole samples: its targets' input rows, the block's own call and FP output per sample. A token-wise
+scored on whole samples: the block's own call and FP output per sample, with the token-weighted channel
+magnitude of its targets' input rows summed on the way (the rows themselves only when a rescoring solver
+reads them: they are the call's input again, one more copy of the layer's inputs). A token-wise
 group (the MLP, a lone Linear) keeps only the rows its search scores, a draw of at most `--scale-max-tokens`
 over every rank's kept tokens, taken in place as the rows pass, with the token-weighted channel magnitude
 of all kept rows summed on the way. A routed group (an MoE expert's up -> down) sees only its expert's
@@ -35,11 +37,12 @@ class Captured:
     every rank (`Subsample`): only those rows are kept, in the subsample's order, with the token-weighted
     channel magnitude of all kept rows summed on the way (float64, as `channel_magnitude` sums)."""
 
-    x: list[torch.Tensor] = field(default_factory=list)  # the targets' input rows, per sample (or the subsample)
+    # the targets' input rows, per sample (or the subsample; for a token-mixing block only when Keep.rows)
+    x: list[torch.Tensor] = field(default_factory=list)
     rows: list[torch.Tensor | None] = field(default_factory=list)  # kept token positions per sample (None: all)
     calls: list[tuple] = field(default_factory=list)  # token-mixing blocks: the block's (args, kwargs)
     outputs: list[torch.Tensor] = field(default_factory=list)  # token-mixing blocks: FP output, kept rows
-    magnitude_sums: torch.Tensor | None = None  # token-wise: sum over kept rows of w |x| per channel (float64)
+    magnitude_sums: torch.Tensor | None = None  # sum over kept rows of w |x| per channel (float64)
     sample: "Subsample | None" = None  # the rows scored (token-wise), and how many over all ranks
     # Each target's own token weights on this rank's kept rows, before the draw (None: the group's weights
     # serve every target): what that target's GPTQ weights its tokens by, for the rescoring's Hessians.
@@ -48,6 +51,25 @@ class Captured:
     @property
     def tokens(self) -> int:
         return self.sample.tokens if self.sample is not None else 0
+
+
+@dataclass(frozen=True)
+class Keep:
+    """What a capture keeps besides the channel magnitude of the kept rows: the targets' input rows
+    (`rows`), and for a token-mixing block its calls (`calls`: what the search replays, the quantized
+    path's) and its output rows (`outputs`: the reference)."""
+
+    rows: bool = True
+    calls: bool = False
+    outputs: bool = False
+
+
+def rescores(config) -> bool:
+    """Whether the scale search scores its shortlist again with the targets solved by a solver that reads
+    the group's input rows (--scale-rescore-top with GPTQ): only then are a block's input rows kept."""
+    from tlq.quant.base import solver_class
+
+    return config.scale_search.rescore_top > 0 and solver_class(config.plan.solver).needs_inputs
 
 
 def group_token_weights(token_weights, index: int, group: ScalingGroup, sample: int) -> torch.Tensor | None:
@@ -90,10 +112,10 @@ def plan_subsample(counts: list[int], max_tokens: int, seed: int, index: int, ra
 
 
 def capture(layer: nn.Module, group: ScalingGroup, inputs: LayerInputs, device: torch.device, rows: list,
-            blocks: bool, sample: Subsample | None, weights: list[torch.Tensor | None]) -> Captured:
-    """Runs of the layer that capture the group's targets' input rows (`rows[i]`: the kept positions of
-    sample i, None = all); with `blocks` the token-mixing block's calls and outputs; with `sample` (a
-    token-wise group) only the subsample's rows, and the weighted channel magnitude of all kept rows."""
+            keep: Keep, sample: Subsample | None, weights: list[torch.Tensor | None]) -> Captured:
+    """Runs of the layer that capture the weighted channel magnitude of the group's targets' input rows
+    (`rows[i]`: the kept positions of sample i, None = all) and what `keep` asks for; with `sample` (a
+    token-wise group) only the subsample's rows."""
     store, current = Captured(rows=list(rows), sample=sample), [0]
     target = layer.get_submodule(group.input_at or group.targets[0])
 
@@ -103,12 +125,11 @@ def capture(layer: nn.Module, group: ScalingGroup, inputs: LayerInputs, device: 
 
     def target_input(module, args):
         x = kept(args[0])
-        if sample is None:
-            store.x.append(x.cpu())
-            return
         sums = weighted_abs_sums(x, weights[current[0]])
         store.magnitude_sums = sums if store.magnitude_sums is None else store.magnitude_sums + sums
-        if sample.select is None:
+        if not keep.rows:
+            return
+        if sample is None or sample.select is None:
             store.x.append(x.cpu())
             return
         if not store.x:  # the draw, filled in place in its order: never a second copy of it
@@ -116,18 +137,17 @@ def capture(layer: nn.Module, group: ScalingGroup, inputs: LayerInputs, device: 
         store.x[0][sample.slots[current[0]]] = x[sample.select[current[0]].to(x.device)].cpu()
 
     hooks = [target.register_forward_pre_hook(target_input)]
-    if blocks:
-        def block_call(module, args, kwargs):
-            store.calls.append(to_device((args, kwargs), torch.device("cpu")))
-
-        def block_output(module, args, output):
-            store.outputs.append(kept(layer_output(output)).cpu())
-
-        block = layer.get_submodule(group.block)
-        hooks += [block.register_forward_pre_hook(block_call, with_kwargs=True), block.register_forward_hook(block_output)]
+    block = layer.get_submodule(group.block)
+    if keep.calls:
+        hooks.append(block.register_forward_pre_hook(
+            lambda module, args, kwargs: store.calls.append(to_device((args, kwargs), torch.device("cpu"))),
+            with_kwargs=True))
+    if keep.outputs:
+        hooks.append(block.register_forward_hook(
+            lambda module, args, output: store.outputs.append(kept(layer_output(output)).cpu())))
     # A token-wise group needs nothing past its targets' input: each sample's forward stops there.
     run_with_hooks(layer, inputs, device, hooks, lambda i: current.__setitem__(0, i),
-                   stop_after=[] if blocks else [target])
+                   stop_after=[] if keep.outputs else [target])
     return store
 
 
@@ -207,12 +227,15 @@ def group_data(layer: nn.Module, group: ScalingGroup, streams: LayerStreams, run
     blocks = transform.captures_blocks and group.mixes_tokens  # scored on whole samples, every kept row
     sample = plan_subsample(counts, 1 << 62 if blocks else part.max_tokens, part.seed, index, run.ranks)
     return_freed_memory()  # what the previous group's search left in heap holes (benchmarks/results/cost/README.md)
-    data = capture(layer, group, streams.quantized, run.device, rows, blocks, None if blocks else sample, kept)
+    keep = Keep(rows=rescores(run.config), calls=True, outputs=True) if blocks else Keep()
+    data = capture(layer, group, streams.quantized, run.device, rows, keep, None if blocks else sample, kept)
     data.sample = sample
     if run.token_weights is not None and transform.token_weighted and run.config.scale_search.rescore_top > 0:
         data.target_weights = [torch.cat([run.token_weights(index, t, i).reshape(-1)[r] for i, r in enumerate(rows)])
                                for t in group.targets]
     fp_data = None
     if run.config.loop.target == "asymmetric" and streams.mode == "separate":
-        fp_data = capture(layer, group, streams.fp, run.device, rows, blocks, None if blocks else sample, kept)
+        # the FP path gives a block only its reference outputs (the search replays the quantized path's calls)
+        fp_keep = Keep(rows=False, outputs=True) if blocks else Keep()
+        fp_data = capture(layer, group, streams.fp, run.device, rows, fp_keep, None if blocks else sample, kept)
     return data, fp_data, kept if transform.token_weighted else [None] * len(hidden)

@@ -18,6 +18,11 @@ host
     model weights           the whole checkpoint; with --lazy only what is outside the decoder + one layer
     loading overhead        what loading a checkpoint leaves resident above its parameters (a measured
                             constant: benchmarks/results/cost/rss_probe)
+    layer call arguments    s x K x 2 x T x h x b: each sample's rotary tables (cos, sin; h the head width), which
+                            every layer is called with, kept for the whole run; K the number of layer kinds that
+                            are called with their own (Gemma 3's sliding-window and global layers: 2). Masks are
+                            not counted (none is built for an unpadded single-sample call under SDPA), nor the
+                            DeepStack features Qwen3-VL adds to its first layers
     layer-input cache       2 x s x T x d x b (the layer's inputs, and beside them the solved attention's
                             outputs recorded for replay (tlq.replay), which propagation frees as it fills
                             the layer's outputs) + the FP layer's outputs
@@ -25,9 +30,10 @@ host
                             FP stream (asymmetric target); --offload-dir moves it to disk
     gradient pass           (L + 1) x s x T x d x b (each layer's stored inputs; freed before calibration),
                             only for the methods that run it (TLQ, MBQ)
-    scale-search capture    one scaling group's data at a time (tlq.rescale), during calibration, the same
-                            rows the device's scale-search phase counts: the attention group's input, the
-                            attention's input and its output (3 x s x T x d x b), or a token-wise group's draw of
+    scale-search capture    one scaling group's data at a time (tlq.rescale), during calibration: the
+                            attention's calls and its FP output rows (2 x s x T x d x b; its targets' input rows
+                            once more, as a third, only when the search rescores with GPTQ; on a GPU the calls
+                            also copy each sample's rotary tables to the host), or a token-wise group's draw of
                             at most --scale-max-tokens rows with the FP block's outputs on them (the MLP down
                             projection: min(s x T, max) x (intermediate + d) x b), the larger; only for methods
                             with a scale search (an MoE block: the router's input on the draw, and every
@@ -81,6 +87,8 @@ class ModelShape:
     row_parallel: tuple[str, ...] = ()  # the Linears whose inputs tensor parallelism splits
     routed_experts: bool = False  # an MoE model (tlq.models.moe)
     linear_groups_params: list[int] = field(default_factory=list)  # weight elements per solve group
+    head_dim: int = 0  # the width of the rotary tables every layer is called with
+    call_kinds: int = 1  # how many kinds of layer call, each with its own tables (Gemma 3: 2)
 
 
 def model_shape(model_dir: str | Path) -> ModelShape:
@@ -88,6 +96,7 @@ def model_shape(model_dir: str | Path) -> ModelShape:
     import torch
     from transformers import AutoModelForImageTextToText
 
+    from tlq.activations import layer_kinds
     from tlq.models import adapter_for, load_config, read_model_type, with_expert_linears
 
     adapter = adapter_for(read_model_type(model_dir))
@@ -115,6 +124,8 @@ def model_shape(model_dir: str | Path) -> ModelShape:
         routed_experts=adapter.experts is not None,
         linear_groups_params=[sum(layer.get_submodule(n).weight.numel() for n in group)
                               for group in adapter.linear_groups],
+        head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+        call_kinds=len(set(layer_kinds(model, len(layers)) or ("all",))),
     )
 
 
@@ -148,18 +159,20 @@ LOADING_OVERHEAD = 128 * 2**20
 
 
 def _scale_search_bytes(shape: ModelShape, tokens: int, max_tokens: int | None, b: int,
-                        sample_acts: int, rescore: bool = False) -> tuple[int, int]:
-    """(data, working) on the device while the scale search runs its most expensive group (tlq.rescale): the
-    attention group's captured calls, target rows and FP outputs, every token's (its block runs one sample
-    at a time), or a token-wise group's draw of at most `max_tokens` rows (the MLP's input and the down
-    projection's, with the FP block's outputs on them), plus what scoring one candidate on a chunk of rows
+                        sample_acts: int, rescore: bool = False) -> tuple[int, int, int]:
+    """(host data, device data + working, working) of the scale search's most expensive group (tlq.rescale),
+    each the largest over the groups. The attention group's captured calls and FP output rows, every
+    token's, stay on the host (its block runs one sample at a time, moved to the device as it runs); its
+    targets' input rows are kept, and moved to the device, only to rescore with GPTQ. A token-wise group's
+    draw of at most `max_tokens` rows (the MLP's input and the down projection's, with the FP block's
+    outputs on them) is on both. The working memory is what scoring one candidate on a chunk of rows
     allocates: the chunk's intermediates (three MLP-wide tensors at once in the gated MLP) and the scaled,
     fake-quantized copies of the targets' weights (about three weight-sized float32 tensors each). With
     `rescore` (candidates scored after GPTQ) the group's input Hessian too: its float64 upper-block sums and
     float32 result while it is built (about 8 x in^2 bytes), then it, a candidate's rescaled copy and the
-    solve's workspace (12 x in^2). (0, 0) without a scale search."""
+    solve's workspace (12 x in^2). Zeros without a scale search."""
     if max_tokens is None:
-        return 0, 0
+        return 0, 0, 0
     from tlq.group_data import CHUNK
 
     d, f = shape.hidden, shape.intermediate
@@ -167,16 +180,18 @@ def _scale_search_bytes(shape: ModelShape, tokens: int, max_tokens: int | None, 
     chunk = min(CHUNK, drawn)
     weights = 3 * d * f * 4
     hessian = (lambda width: 12 * width * width) if rescore else (lambda width: 0)
-    attention = (3 * tokens * d * b, sample_acts + hessian(d))
-    mlp = (drawn * 2 * d * b, chunk * (3 * f + 2 * d) * 4 + 2 * weights + hessian(d))
-    down = (drawn * (f + d) * b, chunk * (f + 2 * d) * 4 + weights + hessian(f))
+    rows = tokens * d * b if rescore else 0  # the attention's targets' input rows
+    groups = [(2 * tokens * d * b + rows, rows, sample_acts + hessian(d))]  # (host, device, working)
     if shape.routed_experts:  # the MoE block's group: every expert's gate/up, scaled and fake-quantized at once
         expert_f = shape.linear_groups_in[-1][0]
         gate_up = shape.linear_groups_params[-2]
-        experts = (drawn * 2 * d * b, chunk * (3 * expert_f + 2 * d) * 4 + gate_up * b + 3 * expert_f * d * 4
-                   + hessian(d))
-        return max((attention, experts), key=sum)
-    return max((attention, mlp, down), key=sum)
+        groups.append((drawn * 2 * d * b,) * 2 + (chunk * (3 * expert_f + 2 * d) * 4 + gate_up * b
+                                                 + 3 * expert_f * d * 4 + hessian(d),))
+    else:
+        groups.append((drawn * 2 * d * b,) * 2 + (chunk * (3 * f + 2 * d) * 4 + 2 * weights + hessian(d),))
+        groups.append((drawn * (f + d) * b,) * 2 + (chunk * (f + 2 * d) * 4 + weights + hessian(f),))
+    device = max(groups, key=lambda g: g[1] + g[2])
+    return max(g[0] for g in groups), device[1] + device[2], device[2]
 
 
 def method_plan_inputs(method: str) -> dict[str, Any]:
@@ -224,6 +239,7 @@ def plan_memory(shape: ModelShape, devices: int, device_memory: int, samples: in
     capture = (shape.vision_params + shape.embed_params) * b + 4 * T * d * 4
     device_peak = max(calibrate, gradient, capture)
     hidden_cache = per_rank * T * d * b
+    call_tables = per_rank * shape.call_kinds * 2 * T * shape.head_dim * b
     from tlq.engine import REPORT_SAMPLES
 
     cache = hidden_cache * (4 if asymmetric else 2) + min(per_rank, REPORT_SAMPLES) * T * d * b
@@ -232,11 +248,11 @@ def plan_memory(shape: ModelShape, devices: int, device_memory: int, samples: in
         weights = (shape.total_params - shape.num_layers * shape.layer_params + 2 * shape.layer_params) * b
     else:
         weights = shape.total_params * b
-    search_data, search_working = _scale_search_bytes(shape, per_rank * T, scale_search_tokens, b, sample_acts,
-                                                      scale_rescore)
-    rescale = search_data  # captured on the host, then copied to the device for the search (one copy on a CPU)
-    device_peak = max(device_peak, layer + search_data + search_working)
-    host_peak = weights + LOADING_OVERHEAD + max(cache + rescale, gradient_store)
+    # captured on the host; a token-wise group's draw is copied to the device for the search (one copy on a CPU)
+    rescale, search_device, search_working = _scale_search_bytes(shape, per_rank * T, scale_search_tokens, b,
+                                                                 sample_acts, scale_rescore)
+    device_peak = max(device_peak, layer + search_device)
+    host_peak = weights + LOADING_OVERHEAD + call_tables + max(cache + rescale, gradient_store)
     return {
         "model": shape.name, "model_type": shape.model_type, "params_b": round(shape.total_params / 1e9, 3),
         "devices": devices, "device_memory_gib": _gib(device_memory), "samples": samples, "lazy": lazy,
@@ -245,10 +261,10 @@ def plan_memory(shape: ModelShape, devices: int, device_memory: int, samples: in
                        "replaced_group_weights": _gib(replaced),
                        "hessians_largest_group": _gib(group_stats), "solve_buffers": _gib(solve),
                        "one_sample_activations": _gib(sample_acts), "gradient_pass": _gib(gradient),
-                       "capture": _gib(capture), "scale_search": _gib(layer + search_data + search_working),
+                       "capture": _gib(capture), "scale_search": _gib(layer + search_device),
                        "scale_search_working": _gib(search_working), "peak": _gib(device_peak)},
         "host_gib": {"model_weights": _gib(weights), "loading_overhead": _gib(LOADING_OVERHEAD),
-                     "layer_input_cache": _gib(cache),
+                     "layer_call_arguments": _gib(call_tables), "layer_input_cache": _gib(cache),
                      "gradient_pass_inputs": _gib(gradient_store), "scale_search_capture": _gib(rescale),
                      "peak": _gib(host_peak)},
         "fits": device_peak <= device_memory,
@@ -276,6 +292,7 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"| host: model weights ({'lazy: outside the decoder + one layer' if plan['lazy'] else 'whole model'}) | "
         f"{host['model_weights']} |",
         f"| host: checkpoint loading overhead | {host['loading_overhead']} |",
+        f"| host: layers' call arguments (rotary tables) | {host['layer_call_arguments']} |",
         f"| host: layer-input cache | {host['layer_input_cache']} |",
         f"| host: gradient-pass stored inputs | {host['gradient_pass_inputs']} |",
         f"| host: scale-search capture, largest group | {host['scale_search_capture']} |",

@@ -2,8 +2,8 @@
 
 For each scaling group that applies (norm -> Linears, and Linear -> Linear where the shapes match), a
 run of the layer on the quantized-path inputs captures the targets' shared input (only the tokens the
-token weights keep) and, for a block that mixes tokens (attention), the block's own call and FP output
-per sample (tlq.group_data). The scale search then scores every candidate by the error of the block's
+token weights keep; its channel magnitude alone for a block that mixes tokens, attention) and, for such a
+block, the block's own call and FP output per sample (tlq.group_data). The scale search then scores every candidate by the error of the block's
 output with the targets scaled and fake-quantized as deployed (weights, and for W*A8 the per-token
 activations), weighted per token by the importance of the block's output Linear.
 
@@ -31,13 +31,13 @@ from torch import nn
 from tlq.activations import LayerStreams, layer_output, to_device
 from tlq.context import RunContext
 from tlq.distributed import Ranks
-from tlq.group_data import CHUNK, Captured, concatenated, group_data, kept_magnitude
+from tlq.group_data import CHUNK, Captured, concatenated, group_data, kept_magnitude, rescores
 from tlq.models import ModelAdapter, ScalingGroup
 from tlq.measure import return_freed_memory
 from tlq.quant.base import LinearSolver, solver_class
 from tlq.quant.gptq import add_gram_upper, assemble_gram, gram_blocks
 from tlq.quant.primitives import fake_quant_activation, fake_quant_weight
-from tlq.quant.scaling import (apply_scales, channel_magnitude, group_applies, search_scales, smoothquant_scales,
+from tlq.quant.scaling import (apply_scales, group_applies, search_scales, smoothquant_scales,
                                weight_magnitude, weighted_error)
 from tlq.recipe import RunConfig, Scheme
 from tlq.registry import Registry
@@ -221,15 +221,13 @@ def _search_group(ctx: _GroupContext, group: ScalingGroup, data: Captured, fp_da
             "tokens": data.tokens, "skipped": f"fewer than {max(1, ctx.config.loop.expert_min_tokens)} routed tokens"}
     weights = None if not kept or kept[0] is None else torch.cat(kept).to(device)
     block = layer.get_submodule(group.block)
+    magnitude = kept_magnitude(data, weights, ranks)  # of every kept row, summed as they were captured
+    x = concatenated(data.x).to(device)  # a block's input rows are captured only for the rescoring
     if group.mixes_tokens:
-        x = concatenated(data.x).to(device)
-        magnitude = channel_magnitude(x, weights, ranks)
         references = fp_data.outputs if fp_data is not None else data.outputs
         items = [(args, kwargs, rows, ref, w) for (args, kwargs), rows, ref, w
                  in zip(data.calls, data.rows, references, kept)]
-    else:  # captured as the subsample, with the magnitude of every kept row (group_data.capture)
-        magnitude = kept_magnitude(data, weights, ranks)
-        x = concatenated(data.x).to(device)
+    else:  # captured as the subsample (group_data.capture)
         target_x = concatenated(fp_data.x).to(device) if fp_data is not None else None
         if weights is not None and data.sample.local is not None:
             weights = weights[data.sample.local.to(device)]
@@ -254,9 +252,9 @@ def _solver_rescore(ctx: _GroupContext, objective: _BlockObjective, x: torch.Ten
     Linear's importance; None: the search's weights, one Hessian shared by every target). Round to nearest
     alone picks among near-equal candidates without regard to what GPTQ then makes of them
     (benchmarks/results/qwen2_vl-large/scale_grid)."""
-    solver = solver_class(ctx.config.plan.solver)
-    if ctx.config.scale_search.rescore_top <= 0 or not solver.needs_inputs:
+    if not rescores(ctx.config):
         return None
+    solver = solver_class(ctx.config.plan.solver)
     if target_weights is None:
         hessians = [_input_hessian(x, weights, ctx.ranks)] * len(objective.targets)
     else:
