@@ -167,7 +167,8 @@ def write(args, shape: dict, rows: list[dict]) -> None:
              if all("planned_mib" in r for r in rows if r["method"] == m)}
     calib = {m: statistics.median(r["calibration_seconds"] for r in rows if r["method"] == m)
              for m in methods if all(r.get("calibration_seconds") for r in rows if r["method"] == m)}
-    peers = {"gptq": "llmc:gptq", "tlq": "llmc:awq_gptq", "awq": "llmc:awq"}  # the same algorithm in llm-compressor
+    # each tlq method's peer in llm-compressor (TLQ's is its nearest: AWQ + GPTQ)
+    peers = {"gptq": "llmc:gptq", "tlq": "llmc:awq_gptq", "awq": "llmc:awq", "awq_gptq": "llmc:awq_gptq"}
     lines = [f"Qwen2-VL {args.shape} text widths (hidden {shape['hidden']}, MLP {shape['intermediate']}, "
              f"{shape['layers']} layers), {args.samples} samples of ~280 tokens, W4A16, median of the repeats run; "
              f"{os.cpu_count()} CPUs.", "",

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cost"
-PEERS = {"gptq": "llmc:gptq", "tlq": "llmc:awq_gptq", "awq": "llmc:awq"}
+PEERS = {"gptq": "llmc:gptq", "tlq": "llmc:awq_gptq", "awq": "llmc:awq", "awq_gptq": "llmc:awq_gptq"}
 GOALS = {"gptq": 1.0, "tlq": 2.0}  # calibration time against the peer; memory: <= 1.0 for both
 PLAN_TOLERANCE = 0.15
 
