@@ -190,8 +190,8 @@ def _scale_search_bytes(shape: ModelShape, tokens: int, max_tokens: int | None, 
     else:
         groups.append((drawn * 2 * d * b,) * 2 + (chunk * (3 * f + 2 * d) * 4 + 2 * weights + hessian(d),))
         groups.append((drawn * (f + d) * b,) * 2 + (chunk * (f + 2 * d) * 4 + weights + hessian(f),))
-    device = max(groups, key=lambda g: g[1] + g[2])
-    return max(g[0] for g in groups), device[1] + device[2], device[2]
+    _, device_data, working = max(groups, key=lambda g: g[1] + g[2])  # the group of the largest device phase
+    return max(g[0] for g in groups), device_data + working, working
 
 
 def method_plan_inputs(method: str) -> dict[str, Any]:

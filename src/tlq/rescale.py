@@ -3,9 +3,10 @@
 For each scaling group that applies (norm -> Linears, and Linear -> Linear where the shapes match), a
 run of the layer on the quantized-path inputs captures the targets' shared input (only the tokens the
 token weights keep; its channel magnitude alone for a block that mixes tokens, attention) and, for such a
-block, the block's own call and FP output per sample (tlq.group_data). The scale search then scores every candidate by the error of the block's
-output with the targets scaled and fake-quantized as deployed (weights, and for W*A8 the per-token
-activations), weighted per token by the importance of the block's output Linear.
+block, the block's own call and FP output per sample (tlq.group_data). The scale search then scores every
+candidate by the error of the block's output with the targets scaled and fake-quantized as deployed
+(weights, and for W*A8 the per-token activations), weighted per token by the importance of the block's
+output Linear.
 
 One group at a time: capture, search, free, so host memory holds one group's data, not every group's at
 once; and a token-wise group (the MLP, a lone Linear) keeps only the rows its search scores, a draw of at
@@ -221,7 +222,9 @@ def _search_group(ctx: _GroupContext, group: ScalingGroup, data: Captured, fp_da
             "tokens": data.tokens, "skipped": f"fewer than {max(1, ctx.config.loop.expert_min_tokens)} routed tokens"}
     weights = None if not kept or kept[0] is None else torch.cat(kept).to(device)
     block = layer.get_submodule(group.block)
-    magnitude = kept_magnitude(data, weights, ranks)  # of every kept row, summed as they were captured
+    # of every kept row, summed as they were captured; returned on the host, moved to the layer's device
+    # where the duo form divides it by the weights' magnitude
+    magnitude = kept_magnitude(data, weights, ranks).to(device)
     x = concatenated(data.x).to(device)  # a block's input rows are captured only for the rescoring
     if group.mixes_tokens:
         references = fp_data.outputs if fp_data is not None else data.outputs
