@@ -227,10 +227,11 @@ def group_data(layer: nn.Module, group: ScalingGroup, streams: LayerStreams, run
     blocks = transform.captures_blocks and group.mixes_tokens  # scored on whole samples, every kept row
     sample = plan_subsample(counts, 1 << 62 if blocks else part.max_tokens, part.seed, index, run.ranks)
     return_freed_memory()  # what the previous group's search left in heap holes (benchmarks/results/cost/README.md)
-    keep = Keep(rows=rescores(run.config), calls=True, outputs=True) if blocks else Keep()
+    rescoring = rescores(run.config)
+    keep = Keep(rows=rescoring, calls=True, outputs=True) if blocks else Keep()
     data = capture(layer, group, streams.quantized, run.device, rows, keep, None if blocks else sample, kept)
     data.sample = sample
-    if run.token_weights is not None and transform.token_weighted and run.config.scale_search.rescore_top > 0:
+    if run.token_weights is not None and transform.token_weighted and rescoring:
         data.target_weights = [torch.cat([run.token_weights(index, t, i).reshape(-1)[r] for i, r in enumerate(rows)])
                                for t in group.targets]
     fp_data = None
