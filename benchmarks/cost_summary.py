@@ -7,7 +7,11 @@ in RUNS below (which runs count, and the tlq commit each measured, are facts fro
 as data) and writes benchmarks/results/cost/results.json and table.md: per run and method pair the median
 calibration seconds, their ratio, the range of the per-repeat ratios (repeat i of tlq against repeat i of the
 peer: the jobs of one repeat ran back to back), the largest peak RSS of each and their ratio, and `tlq plan`
-against tlq's largest peak. The goals are the issue's: tlq GPTQ <= 1.0x llm-compressor GPTQ's calibration
+against tlq's largest peak. POOLS below add, per shape and method, the runs of one tlq code made in separate
+invocations (the 28-layer runs take 40-60 minutes a job: three interleaved repeats in one invocation would take
+4.5 hours), each against every run of its peer (llm-compressor's code is pinned, so all its runs are of one
+code): the medians, their ratio, and the extremes of the ratio (tlq's slowest against the peer's fastest and
+the reverse). The goals are the issue's: tlq GPTQ <= 1.0x llm-compressor GPTQ's calibration
 time, TLQ <= 2x its AWQ + GPTQ, each at equal or lower peak memory; `tlq plan` within 15% of the peak. AWQ
 has no goal ratio; its row is there to be read.
 """
@@ -36,6 +40,7 @@ RUNS = (
     Run("2b-28l-128-gptq", "4ae77c3", "tlq first"),
     Run("2b-28l-128-gptq-llmc-first", "00d1385", "llm-compressor first"),
     Run("2b-28l-128-gptq-3rd", "7f26f82", "tlq first"),
+    Run("2b-28l-128-gptq-5th", "81f4275", "llm-compressor first"),
     Run("2b-4l-128-repeats", "0bdc011", "interleaved"),
     Run("7b-2l-128-gptq", "f61997d", "tlq first"),
     Run("2b-2l-128-scaled", "f61997d", "tlq first"),
@@ -47,6 +52,44 @@ RUNS = (
     Run("2b-1l-128-awq-repeats", "b875fee", "interleaved"),
     Run("2b-1l-128-awq-gptq-pair", "3d03287", "tlq first"),
 )
+
+
+class Pool(NamedTuple):
+    name: str
+    method: str
+    runs: tuple[str, ...]  # folders whose `method` rows measured one tlq code
+    peer_runs: tuple[str, ...]  # folders whose peer rows count
+    code: str  # why those runs are one code
+
+
+POOLS = (
+    Pool("2b-28l-128-gptq-pooled", "gptq",
+         ("2b-28l-128-gptq-3rd", "2b-28l-128-gptq-4th", "2b-28l-128-gptq-5th"),
+         ("2b-28l-128-gptq", "2b-28l-128-gptq-llmc-first", "2b-28l-128-gptq-3rd", "2b-28l-128-gptq-5th"),
+         "7f26f82, 3d03287, 81f4275: between them only tlq.group_data, tlq.rescale and tlq.plan changed, which a "
+         "GPTQ run does not execute"),
+)
+
+
+def pooled(pool: Pool, saved: dict[str, dict]) -> dict:
+    """The pool's runs of its method and of its peer, each side's median and largest peak, and the ratios."""
+    peer = PEERS[pool.method]
+    ours = [r for f in pool.runs for r in _timed(saved[f]["rows"], pool.method)]
+    theirs = [r for f in pool.peer_runs for r in _timed(saved[f]["rows"], peer)]
+    seconds = {"tlq": [r["calibration_seconds"] for r in ours], "peer": [r["calibration_seconds"] for r in theirs]}
+    time = {side: statistics.median(values) for side, values in seconds.items()}
+    peak = {"tlq": max(r["peak_rss_mib"] for r in ours), "peer": max(r["peak_rss_mib"] for r in theirs)}
+    planned = [r["planned_mib"] / r["peak_rss_mib"] for r in ours if "planned_mib" in r]
+    entry = {"pool": pool.name, "method": pool.method, "peer": peer, "runs": list(pool.runs),
+             "peer_runs": list(pool.peer_runs), "code": pool.code, "layers": saved[pool.runs[0]]["model"]["layers"],
+             "shape": saved[pool.runs[0]]["shape"], "calibration_seconds_each": seconds,
+             "calibration_seconds": time, "time_ratio": time["tlq"] / time["peer"],
+             "time_ratio_range": [min(seconds["tlq"]) / max(seconds["peer"]), max(seconds["tlq"]) / min(seconds["peer"])],
+             "peak_rss_mib": peak, "rss_ratio": peak["tlq"] / peak["peer"],
+             "plan_over_peak_range": [min(planned), max(planned)] if planned else None}
+    goal = GOALS.get(pool.method)
+    entry["goal_met"] = None if goal is None else entry["time_ratio"] <= goal and entry["rss_ratio"] <= 1.0
+    return entry
 
 
 def pairs(run: Run, saved: dict) -> list[dict]:
@@ -100,24 +143,50 @@ def markdown(entries: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def pooled_markdown(entries: list[dict]) -> str:
+    lines = ["| pool | layers | method vs llm-compressor 0.14 | runs, tlq / peer | calibration s each, tlq / peer | "
+             "median, tlq / peer | time ratio (range) | peak RSS MiB, tlq / peer (largest) | RSS ratio | "
+             "`tlq plan` / peak | goal |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for e in entries:
+        goal = GOALS.get(e["method"])
+        verdict = "-" if goal is None else f"<= {goal:.1f}x, RSS <= 1: **{'met' if e['goal_met'] else 'not met'}**"
+        each = {side: ", ".join(f"{x:.0f}" for x in values) for side, values in e["calibration_seconds_each"].items()}
+        low, high = e["time_ratio_range"]
+        plan = "-" if e["plan_over_peak_range"] is None else "-".join(f"{x:.2f}" for x in e["plan_over_peak_range"])
+        lines.append(f"| {e['pool']} | {e['layers']} ({e['shape']}) | {e['method']} vs {e['peer']} | "
+                     f"{len(e['runs'])} / {len(e['peer_runs'])} | {each['tlq']} / {each['peer']} | "
+                     f"{e['calibration_seconds']['tlq']:.1f} / {e['calibration_seconds']['peer']:.1f} | "
+                     f"**{e['time_ratio']:.2f}x** ({low:.2f}-{high:.2f}) | {e['peak_rss_mib']['tlq']:.0f} / "
+                     f"{e['peak_rss_mib']['peer']:.0f} | **{e['rss_ratio']:.2f}x** | {plan} | {verdict} |")
+    notes = [f"- {e['pool']}: tlq's runs {', '.join(e['runs'])} ({e['code']}); the peer's: {', '.join(e['peer_runs'])}."
+             for e in entries]
+    return "\n".join(lines + [""] + notes) + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
-    entries = []
-    for run in RUNS:
-        path = args.results / run.folder / "results.json"
+    saved = {}
+    for folder in dict.fromkeys([run.folder for run in RUNS] + [f for p in POOLS for f in p.runs + p.peer_runs]):
+        path = args.results / folder / "results.json"
         if not path.is_file():
             raise SystemExit(f"error: {path} is missing; rerun its command from {args.results / 'README.md'} "
-                             f"or drop {run.folder!r} from RUNS")
-        entries += pairs(run, json.loads(path.read_text()))
-    (args.results / "results.json").write_text(json.dumps({"runs": entries}, indent=1) + "\n")
+                             f"or drop {folder!r} from RUNS and POOLS")
+        saved[folder] = json.loads(path.read_text())
+    entries = [entry for run in RUNS for entry in pairs(run, saved[run.folder])]
+    pools = [pooled(pool, saved) for pool in POOLS]
+    (args.results / "results.json").write_text(json.dumps({"runs": entries, "pools": pools}, indent=1) + "\n")
     head = ("Every saved run with a tlq method and its llm-compressor 0.14 peer in one invocation of "
             "`benchmarks/cost.py` (Qwen2-VL text widths, random weights, 128 samples of ~280 tokens, W4A16, "
             "the 2-core CPU box, each job alone). Written by `benchmarks/cost_summary.py`; each run's README "
             "section says what changed and why.\n\n")
-    (args.results / "table.md").write_text(head + markdown(entries))
-    print(head + markdown(entries))
+    pools_head = ("\n## Runs of one tlq code pooled across invocations\n\nEach tlq run against every run of its "
+                  "peer (llm-compressor's code is pinned); the ratio is of the medians, the range is tlq's fastest "
+                  "over the peer's slowest to tlq's slowest over the peer's fastest.\n\n")
+    text = head + markdown(entries) + pools_head + pooled_markdown(pools)
+    (args.results / "table.md").write_text(text)
+    print(text)
     return 0
 
 

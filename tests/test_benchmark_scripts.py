@@ -181,11 +181,31 @@ def test_cost_summary_pairs_repeats_by_index_and_judges_the_goal_by_medians():
     assert entry["goal_met"] is False
 
 
+def test_a_pool_takes_every_run_of_one_code_against_every_peer_run():
+    summary = _module("cost_summary")
+    run = lambda method, seconds, peak, **extra: {"method": method, "repeat": 0, "calibration_seconds": seconds,  # noqa: E731
+                                                  "peak_rss_mib": peak, **extra}
+    saved = {"a": {"shape": "2b", "model": {"layers": 28}, "rows": [run("gptq", 300.0, 900.0, planned_mib=810.0),
+                                                                    run("llmc:gptq", 400.0, 1000.0)]},
+             "b": {"shape": "2b", "model": {"layers": 28}, "rows": [run("gptq", 200.0, 950.0, planned_mib=950.0)]},
+             "c": {"shape": "2b", "model": {"layers": 28}, "rows": [run("gptq", 999.0, 5000.0),  # not in the pool
+                                                                    run("llmc:gptq", 500.0, 1100.0)]}}
+    entry = summary.pooled(summary.Pool("p", "gptq", ("a", "b"), ("a", "c"), "same code"), saved)
+    assert entry["calibration_seconds_each"] == {"tlq": [300.0, 200.0], "peer": [400.0, 500.0]}
+    assert entry["calibration_seconds"] == {"tlq": 250.0, "peer": 450.0}
+    assert entry["time_ratio"] == 250.0 / 450.0 and entry["time_ratio_range"] == [200.0 / 500.0, 300.0 / 400.0]
+    assert entry["peak_rss_mib"] == {"tlq": 950.0, "peer": 1100.0} and entry["plan_over_peak_range"] == [0.9, 1.0]
+    assert entry["goal_met"] is True
+    slow = dict(saved, b=dict(saved["b"], rows=[run("gptq", 700.0, 950.0)]))  # median 500 > 450
+    assert summary.pooled(summary.Pool("p", "gptq", ("a", "b"), ("a", "c"), "same code"), slow)["goal_met"] is False
+
+
 def test_the_committed_cost_summary_is_what_the_script_makes_of_the_committed_runs(tmp_path, monkeypatch):
     summary = _module("cost_summary")
-    for run in summary.RUNS:
-        (tmp_path / run.folder).mkdir()
-        (tmp_path / run.folder / "results.json").write_text((summary.RESULTS / run.folder / "results.json").read_text())
+    folders = {run.folder for run in summary.RUNS} | {f for pool in summary.POOLS for f in pool.runs + pool.peer_runs}
+    for folder in folders:
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "results.json").write_text((summary.RESULTS / folder / "results.json").read_text())
     monkeypatch.setattr("sys.argv", ["cost_summary.py", "--results", str(tmp_path)])
     summary.main()
     for name in ("results.json", "table.md"):
