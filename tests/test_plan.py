@@ -163,6 +163,9 @@ def test_rescoring_after_gptq_adds_the_widest_groups_hessian_to_the_search(shape
     assert search(False)["scale_search_working"] < hessian <= search(True)["scale_search_working"]
     # the down projection's group (data + working) becomes the largest, at least its Hessian above before
     assert search(True)["scale_search"] - search(False)["scale_search"] >= hessian - search(False)["scale_search_working"]
+    # a candidate's solve and its forwards are not alive together: at these widths (the solve's 8 x f^2
+    # workspace above the forwards' chunk and weights) the working memory is the Hessian and the solve
+    assert search(True)["scale_search_working"] == pytest.approx(hessian, abs=0.01)
 
 
 def test_gptq_buffers_are_planned_only_for_the_methods_that_solve_with_gptq(shapes):

@@ -168,9 +168,11 @@ def _scale_search_bytes(shape: ModelShape, tokens: int, max_tokens: int | None, 
     outputs on them) is on both. The working memory is what scoring one candidate on a chunk of rows
     allocates: the chunk's intermediates (three MLP-wide tensors at once in the gated MLP) and the scaled,
     fake-quantized copies of the targets' weights (about three weight-sized float32 tensors each). With
-    `rescore` (candidates scored after GPTQ) the group's input Hessian too: its float64 upper-block sums and
-    float32 result while it is built (about 8 x in^2 bytes), then it, a candidate's rescaled copy and the
-    solve's workspace (12 x in^2). Zeros without a scale search."""
+    `rescore` (candidates scored after GPTQ) the group's input Hessian too (4 x in^2 bytes, float32), kept for
+    the whole search, and beside it either a candidate's solve (its rescaled copy, the solve's workspace: 8 x
+    in^2) or the candidate's forwards, never both: each candidate's weights are solved, and the solve's
+    buffers freed, before its block runs. The Hessian's build (float64 upper-block sums, float32 blocks and
+    result: about 10 x in^2) comes before any of them and is below their sum. Zeros without a scale search."""
     if max_tokens is None:
         return 0, 0, 0
     from tlq.group_data import CHUNK
@@ -179,17 +181,20 @@ def _scale_search_bytes(shape: ModelShape, tokens: int, max_tokens: int | None, 
     drawn = min(tokens, max_tokens)
     chunk = min(CHUNK, drawn)
     weights = 3 * d * f * 4
-    hessian = (lambda width: 12 * width * width) if rescore else (lambda width: 0)
+
+    def working(forwards: int, width: int) -> int:  # a candidate's forwards, or with `rescore` its solve
+        return 4 * width * width + max(forwards, 8 * width * width) if rescore else forwards
+
     rows = tokens * d * b if rescore else 0  # the attention's targets' input rows
-    groups = [(2 * tokens * d * b + rows, rows, sample_acts + hessian(d))]  # (host, device, working)
+    groups = [(2 * tokens * d * b + rows, rows, working(sample_acts, d))]  # (host, device, working)
     if shape.routed_experts:  # the MoE block's group: every expert's gate/up, scaled and fake-quantized at once
         expert_f = shape.linear_groups_in[-1][0]
         gate_up = shape.linear_groups_params[-2]
-        groups.append((drawn * 2 * d * b,) * 2 + (chunk * (3 * expert_f + 2 * d) * 4 + gate_up * b
-                                                 + 3 * expert_f * d * 4 + hessian(d),))
+        groups.append((drawn * 2 * d * b,) * 2 + (working(chunk * (3 * expert_f + 2 * d) * 4 + gate_up * b
+                                                          + 3 * expert_f * d * 4, d),))
     else:
-        groups.append((drawn * 2 * d * b,) * 2 + (chunk * (3 * f + 2 * d) * 4 + 2 * weights + hessian(d),))
-        groups.append((drawn * (f + d) * b,) * 2 + (chunk * (f + 2 * d) * 4 + weights + hessian(f),))
+        groups.append((drawn * 2 * d * b,) * 2 + (working(chunk * (3 * f + 2 * d) * 4 + 2 * weights, d),))
+        groups.append((drawn * (f + d) * b,) * 2 + (working(chunk * (f + 2 * d) * 4 + weights, f),))
     _, device_data, working = max(groups, key=lambda g: g[1] + g[2])  # the group of the largest device phase
     return max(g[0] for g in groups), device_data + working, working
 
