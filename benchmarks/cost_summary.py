@@ -66,7 +66,7 @@ POOLS = (
     Pool("2b-28l-128-gptq-pooled", "gptq",
          ("2b-28l-128-gptq-3rd", "2b-28l-128-gptq-4th", "2b-28l-128-gptq-5th"),
          ("2b-28l-128-gptq", "2b-28l-128-gptq-llmc-first", "2b-28l-128-gptq-3rd", "2b-28l-128-gptq-5th"),
-         "7f26f82, 3d03287, 81f4275: between them only tlq.group_data, tlq.rescale and tlq.plan changed, which a "
+         "7f26f82, 7e1b631, 81f4275: between them only tlq.group_data, tlq.rescale and tlq.plan changed, which a "
          "GPTQ run does not execute"),
 )
 
