@@ -238,3 +238,15 @@ def test_moe_load_check_plants_its_control_and_judges_layout_by_slot_and_bf16_ro
     assert not check.layout_ok({**row, "slot_is_expert": False})
     assert not check.layout_ok({**row, "max_abs_diff": {**row["max_abs_diff"], "up": 0.12}})  # gate/up traded
     assert not check.layout_ok({**row, "router_max_abs_diff": 0.01})
+
+
+def test_the_rescore_memory_probe_writes_each_pieces_peak_in_units_of_the_hessian(tmp_path, monkeypatch):
+    """A smoke run at a small width (its numbers are page-granular noise here; the committed ones are 8960 wide)."""
+    probe = _module("rescore_memory_probe")
+    monkeypatch.setattr("sys.argv", ["rescore_memory_probe.py", "--tokens", "256", "--width", "256", "--rows", "32",
+                                     "--repeats", "1", "--out", str(tmp_path)])
+    assert probe.main() == 0
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["unit_bytes"] == 256 * 256 * 4 and len(saved["repeats"]) == 1
+    assert len(saved["repeats"][0]["solves"]) == 2
+    assert "| 0 |" in (tmp_path / "table.md").read_text()
