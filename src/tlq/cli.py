@@ -15,7 +15,7 @@ import signal
 import sys
 from pathlib import Path
 
-from tlq.errors import RankFailure, TlqError
+from tlq.errors import RankFailure, TlqError, one_line
 from tlq.recipe import Recipe
 
 
@@ -408,8 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the last resort: a bug in tlq, still one line unless -v
         if args.verbose:
             raise
-        reason = (str(exc).splitlines() or [""])[0][:300]
-        print(f"tlq: internal error: {type(exc).__name__}: {reason} (a bug in tlq: rerun with -v for the "
+        print(f"tlq: internal error: {type(exc).__name__}: {one_line(exc)} (a bug in tlq: rerun with -v for the "
               f"traceback and report it)", file=sys.stderr)
         return 1
 

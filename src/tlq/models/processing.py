@@ -14,7 +14,7 @@ import json
 import types
 from pathlib import Path
 
-from tlq.errors import TlqError
+from tlq.errors import TlqError, one_line
 from tlq.models.video import VIDEO_STYLES, FramesVideoProcessor
 
 
@@ -139,8 +139,25 @@ def load_processor(model_dir: str | Path, trust_remote_code: bool = False):
     return processor
 
 
+def _image_processor(model_dir: str, config: dict):
+    """The checkpoint's image processor. transformers before 5.2x offers AutoImageProcessor only with
+    torchvision installed (without it the class is a placeholder that raises ImportError); its PIL-backed
+    classes (`<image_processor_type>Pil`) load without it, as AutoImageProcessor itself falls back to later."""
+    import transformers
+
+    try:
+        return transformers.AutoImageProcessor.from_pretrained(model_dir, local_files_only=True)
+    except ImportError:
+        settings = config.get("image_processor")
+        name = settings.get("image_processor_type") if isinstance(settings, dict) else None
+        pil = getattr(transformers, f"{name}Pil", None) if isinstance(name, str) and name.isidentifier() else None
+        if pil is None:
+            raise
+        return pil.from_pretrained(model_dir, local_files_only=True)
+
+
 def _load_processor(model_dir: str, trust_remote_code: bool):
-    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+    from transformers import AutoProcessor, AutoTokenizer
     from transformers.processing_utils import ProcessorMixin
 
     try:
@@ -164,14 +181,15 @@ def _load_processor(model_dir: str, trust_remote_code: bool):
     if stock is None or not isinstance(stock, type) or not issubclass(stock, ProcessorMixin):
         raise TlqError(f"unknown processor class {class_name!r} in {config_path}: restore it from the original checkpoint")
     try:
-        image_processor = AutoImageProcessor.from_pretrained(model_dir, local_files_only=True)
+        image_processor = _image_processor(model_dir, config)
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True,
                                                   trust_remote_code=trust_remote_code)
     except (KeyboardInterrupt, MemoryError):
         raise
     except Exception as exc:  # noqa: BLE001 - a missing or broken tokenizer raises many types
-        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
-        raise TlqError(f"cannot load the tokenizer or image processor of {model_dir}: {reason}") from None
+        # transformers' import errors begin with an empty line ("\nAutoImageProcessor requires the Torchvision
+        # library ...": transformers 5.17 without torchvision); one_line takes the first line with words
+        raise TlqError(f"cannot load the tokenizer or image processor of {model_dir}: {one_line(exc, 200)}") from None
     extra = {k: v for k, v in config.items() if k not in ("processor_class", "image_processor", "video_processor")}
     chat_template = None
     template_path = Path(model_dir) / "chat_template.jinja"
