@@ -172,7 +172,9 @@ def _scale_search_bytes(shape: ModelShape, tokens: int, max_tokens: int | None, 
     the whole search, and beside it either a candidate's solve (its rescaled copy, the solve's workspace: 8 x
     in^2) or the candidate's forwards, never both: each candidate's weights are solved, and the solve's
     buffers freed, before its block runs. The Hessian's build (float64 upper-block sums, float32 blocks and
-    result: about 10 x in^2) comes before any of them and is below their sum. Zeros without a scale search."""
+    result: about 11 x in^2) comes before any of them and is below their sum (measured at 8960 wide, the solve
+    with its weight-sized copies: 8.8 x in^2; benchmarks/results/cost/rescore_probe). Zeros without a scale
+    search."""
     if max_tokens is None:
         return 0, 0, 0
     from tlq.group_data import CHUNK
@@ -182,19 +184,19 @@ def _scale_search_bytes(shape: ModelShape, tokens: int, max_tokens: int | None, 
     chunk = min(CHUNK, drawn)
     weights = 3 * d * f * 4
 
-    def working(forwards: int, width: int) -> int:  # a candidate's forwards, or with `rescore` its solve
+    def candidate(forwards: int, width: int) -> int:  # a candidate's forwards, or with `rescore` its solve
         return 4 * width * width + max(forwards, 8 * width * width) if rescore else forwards
 
     rows = tokens * d * b if rescore else 0  # the attention's targets' input rows
-    groups = [(2 * tokens * d * b + rows, rows, working(sample_acts, d))]  # (host, device, working)
+    groups = [(2 * tokens * d * b + rows, rows, candidate(sample_acts, d))]  # (host, device, working)
     if shape.routed_experts:  # the MoE block's group: every expert's gate/up, scaled and fake-quantized at once
         expert_f = shape.linear_groups_in[-1][0]
         gate_up = shape.linear_groups_params[-2]
-        groups.append((drawn * 2 * d * b,) * 2 + (working(chunk * (3 * expert_f + 2 * d) * 4 + gate_up * b
+        groups.append((drawn * 2 * d * b,) * 2 + (candidate(chunk * (3 * expert_f + 2 * d) * 4 + gate_up * b
                                                           + 3 * expert_f * d * 4, d),))
     else:
-        groups.append((drawn * 2 * d * b,) * 2 + (working(chunk * (3 * f + 2 * d) * 4 + 2 * weights, d),))
-        groups.append((drawn * (f + d) * b,) * 2 + (working(chunk * (f + 2 * d) * 4 + weights, f),))
+        groups.append((drawn * 2 * d * b,) * 2 + (candidate(chunk * (3 * f + 2 * d) * 4 + 2 * weights, d),))
+        groups.append((drawn * (f + d) * b,) * 2 + (candidate(chunk * (f + 2 * d) * 4 + weights, f),))
     _, device_data, working = max(groups, key=lambda g: g[1] + g[2])  # the group of the largest device phase
     return max(g[0] for g in groups), device_data + working, working
 

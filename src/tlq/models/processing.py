@@ -140,9 +140,10 @@ def load_processor(model_dir: str | Path, trust_remote_code: bool = False):
 
 
 def _image_processor(model_dir: str, config: dict):
-    """The checkpoint's image processor. transformers before 5.2x offers AutoImageProcessor only with
-    torchvision installed (without it the class is a placeholder that raises ImportError); its PIL-backed
-    classes (`<image_processor_type>Pil`) load without it, as AutoImageProcessor itself falls back to later."""
+    """The checkpoint's image processor. Some transformers 5 releases (5.17: benchmarks/gpu_image_rehearsal.sh)
+    offer AutoImageProcessor only with torchvision installed (without it the class is a placeholder that
+    raises ImportError); their PIL-backed classes (`<image_processor_type>Pil`) load without it, as 5.24's
+    AutoImageProcessor does by itself."""
     import transformers
 
     try:
