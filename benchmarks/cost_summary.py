@@ -71,6 +71,11 @@ POOLS = (
 )
 
 
+def _goal_met(method: str, time_ratio: float, rss_ratio: float) -> bool | None:
+    goal = GOALS.get(method)
+    return None if goal is None else time_ratio <= goal and rss_ratio <= 1.0
+
+
 def pooled(pool: Pool, saved: dict[str, dict]) -> dict:
     """The pool's runs of its method and of its peer, each side's median and largest peak, and the ratios."""
     peer = PEERS[pool.method]
@@ -87,8 +92,7 @@ def pooled(pool: Pool, saved: dict[str, dict]) -> dict:
              "time_ratio_range": [min(seconds["tlq"]) / max(seconds["peer"]), max(seconds["tlq"]) / min(seconds["peer"])],
              "peak_rss_mib": peak, "rss_ratio": peak["tlq"] / peak["peer"],
              "plan_over_peak_range": [min(planned), max(planned)] if planned else None}
-    goal = GOALS.get(pool.method)
-    entry["goal_met"] = None if goal is None else entry["time_ratio"] <= goal and entry["rss_ratio"] <= 1.0
+    entry["goal_met"] = _goal_met(pool.method, entry["time_ratio"], entry["rss_ratio"])
     return entry
 
 
@@ -120,8 +124,7 @@ def _pair(run: Run, saved: dict, method: str, peer: str) -> dict:
              "repeat_time_ratios": [round(x, 4) for x in repeat_ratios],
              "rss_ratio": peak["tlq"] / peak["peer"],
              "plan_over_peak": max(planned) / peak["tlq"] if planned else None}
-    goal = GOALS.get(method)
-    entry["goal_met"] = None if goal is None else entry["time_ratio"] <= goal and entry["rss_ratio"] <= 1.0
+    entry["goal_met"] = _goal_met(method, entry["time_ratio"], entry["rss_ratio"])
     return entry
 
 
