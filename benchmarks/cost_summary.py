@@ -51,6 +51,7 @@ RUNS = (
     Run("2b-1l-128-tlq-bounded-repeats-3rd", "819ce6f", "tlq first"),
     Run("2b-1l-128-awq-repeats", "b875fee", "interleaved"),
     Run("2b-1l-128-awq-gptq-pair", "3d03287", "tlq first"),
+    Run("2b-4l-128-tlq-pair", "422966f", "tlq first"),
 )
 
 

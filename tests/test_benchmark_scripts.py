@@ -250,3 +250,18 @@ def test_the_rescore_memory_probe_writes_each_pieces_peak_in_units_of_the_hessia
     assert saved["unit_bytes"] == 256 * 256 * 4 and len(saved["repeats"]) == 1
     assert len(saved["repeats"][0]["solves"]) == 2
     assert "| 0 |" in (tmp_path / "table.md").read_text()
+
+
+def test_the_layer_memory_probe_reads_every_layers_start_end_and_peak(tmp_path, monkeypatch, tiny_checkpoints,
+                                                                         calib_split):
+    """Each layer gives a start and an end point; at the end its own peak, which no point of it can exceed."""
+    probe = _module("layer_memory_probe")
+    _, images = calib_split
+    monkeypatch.setattr("sys.argv", ["layer_memory_probe.py", str(tiny_checkpoints["qwen2_vl"]), "--calib", str(images),
+                                     "--method", "gptq", "--samples", "4", "--group-size", "32", "--out", str(tmp_path)])
+    assert probe.main() == 0
+    points = json.loads((tmp_path / "results.json").read_text())["points"]
+    assert [(p["layer"], p["at"]) for p in points] == [(0, "start"), (0, "end"), (1, "start"), (1, "end")]
+    for start, end in zip(points[::2], points[1::2]):
+        assert end["layer_peak_rss_mib"] >= max(start["rss_mib"], end["rss_mib"]) - 1
+        assert end["live_tensors_mib"] > 0 and end["largest_kinds"]
