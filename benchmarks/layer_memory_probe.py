@@ -4,8 +4,9 @@ start and end, in one `tlq quantize` process (the layer loop's own calibrate_lay
     .venv/bin/python benchmarks/layer_memory_probe.py runs/cost/2b-4l/model --calib runs/cost/2b-4l/data \
         --method tlq --samples 32 --out benchmarks/results/cost/layer_memory_probe
 
-At each point: RSS (MiB), at a layer's end the peak RSS within that layer (VmHWM, reset at its start), the bytes of every live tensor (each storage counted once), and the ten
-(dtype, shape) kinds holding the most. A kind that grows by the same amount at every layer end is
+At each point: RSS (MiB), the bytes of every live tensor (each storage counted once) and the ten (dtype,
+shape) kinds holding the most; at a layer's end also the peak RSS within that layer (VmHWM, reset at its
+start, so the run's own phase peaks in tlq_recipe.json are not meaningful here). A kind that grows by the same amount at every layer end is
 something the loop keeps per layer; RSS growing while live tensors stay flat is the allocator's.
 Writes results.json and table.md.
 """
@@ -25,10 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 
-def rss_mib(field: str = "VmRSS") -> float:
-    """Resident memory now (VmRSS), or its high-water mark since the last reset (VmHWM)."""
+def rss_mib() -> float:
+    """Resident memory now (VmRSS)."""
     for line in open("/proc/self/status"):
-        if line.startswith(field):
+        if line.startswith("VmRSS"):
             return round(int(line.split()[1]) / 1024, 1)
     return 0.0
 
@@ -52,7 +53,7 @@ def census() -> dict:
             if obj.device.type != "cpu":
                 continue
             storage = obj.untyped_storage()
-        except Exception:  # noqa: BLE001 - objects that fail isinstance or have no storage (meta, sparse)
+        except Exception:  # noqa: BLE001 - tensors without a storage (meta, sparse)
             continue
         if storage.data_ptr() in seen or storage.nbytes() == 0:
             continue
@@ -75,6 +76,7 @@ def main() -> int:
 
     import tlq.engine as engine
     from tlq.api import quantize
+    from tlq.measure import peak_rss_bytes
     from tlq.recipe import Recipe
 
     points: list[dict] = []
@@ -85,7 +87,7 @@ def main() -> int:
         points.append({"layer": index, "at": "start", "rss_mib": rss_mib(), **census()})
         reset_peak()
         result = original(layer, index, *rest, **kwargs)
-        peak = rss_mib("VmHWM")  # the layer's own peak, read before the census allocates anything
+        peak = round(peak_rss_bytes() / 2**20, 1)  # the layer's own peak, read before the census allocates
         gc.collect()
         points.append({"layer": index, "at": "end", "rss_mib": rss_mib(), "layer_peak_rss_mib": peak, **census()})
         print(json.dumps({k: v for k, v in points[-1].items() if k != "largest_kinds"}), flush=True)
