@@ -6,7 +6,10 @@ start and end, in one `tlq quantize` process (the layer loop's own calibrate_lay
 
 At each point: RSS (MiB), the bytes of every live tensor (each storage counted once) and the ten (dtype,
 shape) kinds holding the most; at a layer's end also the peak RSS within that layer (VmHWM, reset at its
-start, so the run's own phase peaks in tlq_recipe.json are not meaningful here). A kind that grows by the same amount at every layer end is
+start, so the run's own phase peaks in tlq_recipe.json are not meaningful here). With --phases, every
+phase of the layer loop (tlq.phases.PhaseClock) also gives its RSS at start and end and its own peak, which
+says whether a phase needs its memory only while it runs or leaves it resident for the next one.
+--stop-after N ends the run after N layers (nothing is written but the probe's results). A kind that grows by the same amount at every layer end is
 something the loop keeps per layer; RSS growing while live tensors stay flat is the allocator's.
 Writes results.json and table.md.
 """
@@ -71,6 +74,8 @@ def main() -> int:
     parser.add_argument("--method", default="tlq")
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--group-size", type=int, default=None, help="override the scheme's group (tiny models)")
+    parser.add_argument("--phases", action="store_true", help="also RSS at each phase's start and end and its peak")
+    parser.add_argument("--stop-after", type=int, default=None, metavar="N", help="stop after N layers")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cost" / "layer_memory_probe")
     args = parser.parse_args()
 
@@ -80,26 +85,44 @@ def main() -> int:
     from tlq.recipe import Recipe
 
     points: list[dict] = []
+    phase_points: list[dict] = []
+    layer_peak = [0]  # the layer's high-water mark carried across the phases' resets (bytes)
     original = engine.calibrate_layer
 
     def observed(layer, index, *rest, **kwargs):
         gc.collect()
         points.append({"layer": index, "at": "start", "rss_mib": rss_mib(), **census()})
         reset_peak()
+        layer_peak[0] = 0
         result = original(layer, index, *rest, **kwargs)
-        peak = round(peak_rss_bytes() / 2**20, 1)  # the layer's own peak, read before the census allocates
+        # the layer's own peak, read before the census allocates
+        peak = round(max(layer_peak[0], peak_rss_bytes()) / 2**20, 1)
         gc.collect()
         points.append({"layer": index, "at": "end", "rss_mib": rss_mib(), "layer_peak_rss_mib": peak, **census()})
         print(json.dumps({k: v for k, v in points[-1].items() if k != "largest_kinds"}), flush=True)
+        if args.stop_after is not None and index + 1 >= args.stop_after:
+            raise _Stopped
         return result
 
+    from tlq.phases import PhaseClock
+
+    timed = PhaseClock.__call__
     engine.calibrate_layer = observed
-    with tempfile.TemporaryDirectory() as tmp:
-        quantize(args.model, Path(tmp) / "out", args.calib / "calib.json", args.calib,
-                 recipe=Recipe(method=args.method, num_samples=args.samples, device="cpu", group_size=args.group_size),
-                 progress=False, resume=False)
+    if args.phases:
+        PhaseClock.__call__ = _observed_phases(timed, phase_points, layer_peak, points)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            quantize(args.model, Path(tmp) / "out", args.calib / "calib.json", args.calib,
+                     recipe=Recipe(method=args.method, num_samples=args.samples, device="cpu",
+                                   group_size=args.group_size),
+                     progress=False, resume=False)
+    except _Stopped:
+        pass
+    finally:  # the process may go on (the test suite): the loop's own functions back
+        engine.calibrate_layer, PhaseClock.__call__ = original, timed
     args.out.mkdir(parents=True, exist_ok=True)
-    record = {"model": str(args.model), "method": args.method, "samples": args.samples, "points": points}
+    record = {"model": str(args.model), "method": args.method, "samples": args.samples,
+              "stopped_after_layers": args.stop_after, "points": points, "phases": phase_points}
     (args.out / "results.json").write_text(json.dumps(record, indent=1) + "\n")
     lines = [f"{args.method}, {args.samples} samples, {args.model}", "",
              "| layer | at | RSS MiB | peak within the layer MiB | live tensors MiB | three largest kinds (dtype shape: MiB) |",
@@ -108,9 +131,44 @@ def main() -> int:
         kinds = "; ".join(f"{k['dtype']} {tuple(k['shape'])}: {k['mib']}" for k in p["largest_kinds"][:3])
         lines.append(f"| {p['layer']} | {p['at']} | {p['rss_mib']} | {p.get('layer_peak_rss_mib', '')} | "
                      f"{p['live_tensors_mib']} | {kinds} |")
+    if phase_points:
+        lines += ["", "| layer | phase | RSS at start MiB | RSS at end MiB | peak within the phase MiB | seconds |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {p['layer']} | {p['phase']} | {p['start_rss_mib']} | {p['end_rss_mib']} | {p['peak_rss_mib']} | "
+                  f"{p['seconds']} |" for p in phase_points]
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
+
+
+class _Stopped(BaseException):  # not an Exception: nothing in tlq may take it for a failure to report
+    """--stop-after reached: the run ends here, its output unwritten."""
+
+
+def _observed_phases(timed, phase_points: list[dict], layer_peak: list[int], points: list[dict]):
+    """PhaseClock.__call__ (`timed`) wrapped: each phase's RSS at its start and end and its own peak (VmHWM
+    reset at its start; the mark reached before the reset is carried into the layer's peak)."""
+    import time
+    from contextlib import contextmanager
+
+    from tlq.measure import peak_rss_bytes
+
+    @contextmanager
+    def observed(clock, name):
+        layer_peak[0] = max(layer_peak[0], peak_rss_bytes())
+        start_rss, start = rss_mib(), time.perf_counter()
+        reset_peak()
+        with timed(clock, name):
+            yield
+        peak = peak_rss_bytes()
+        layer_peak[0] = max(layer_peak[0], peak)
+        layer = points[-1]["layer"] if points and points[-1]["at"] == "start" else None
+        phase_points.append({"layer": layer, "phase": name, "start_rss_mib": start_rss, "end_rss_mib": rss_mib(),
+                             "peak_rss_mib": round(peak / 2**20, 1),
+                             "seconds": round(time.perf_counter() - start, 1)})
+        print(json.dumps(phase_points[-1]), flush=True)
+
+    return observed
 
 
 if __name__ == "__main__":

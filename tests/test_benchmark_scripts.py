@@ -265,3 +265,27 @@ def test_the_layer_memory_probe_reads_every_layers_start_end_and_peak(tmp_path, 
     for start, end in zip(points[::2], points[1::2]):
         assert end["layer_peak_rss_mib"] >= max(start["rss_mib"], end["rss_mib"]) - 1
         assert end["live_tensors_mib"] > 0 and end["largest_kinds"]
+
+
+def test_the_layer_memory_probe_reads_each_phase_and_stops_where_asked(tmp_path, monkeypatch, tiny_checkpoints,
+                                                                        calib_split):
+    """--phases: every phase of the first layer, each peak at least its start and end RSS and at most the
+    layer's; --stop-after 1 ends the run after that layer; the loop's own functions are back afterwards."""
+    import tlq.engine
+    from tlq.phases import PhaseClock
+
+    calibrate, timed = tlq.engine.calibrate_layer, PhaseClock.__call__
+    probe = _module("layer_memory_probe")
+    _, images = calib_split
+    monkeypatch.setattr("sys.argv", ["layer_memory_probe.py", str(tiny_checkpoints["qwen2_vl"]), "--calib", str(images),
+                                     "--method", "gptq", "--samples", "4", "--group-size", "32", "--phases",
+                                     "--stop-after", "1", "--out", str(tmp_path)])
+    assert probe.main() == 0
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert [(p["layer"], p["at"]) for p in record["points"]] == [(0, "start"), (0, "end")]
+    in_layer = [p for p in record["phases"] if p["layer"] == 0]
+    assert {"observe", "solve", "propagate"} <= {p["phase"] for p in in_layer}
+    layer_peak = record["points"][1]["layer_peak_rss_mib"]
+    for phase in in_layer:
+        assert max(phase["start_rss_mib"], phase["end_rss_mib"]) - 1 <= phase["peak_rss_mib"] <= layer_peak + 1
+    assert (tlq.engine.calibrate_layer, PhaseClock.__call__) == (calibrate, timed)
