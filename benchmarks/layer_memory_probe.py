@@ -37,6 +37,26 @@ def rss_mib() -> float:
     return 0.0
 
 
+def heap_mib() -> dict:
+    """glibc's own account (mallinfo2, all arenas): bytes in its heaps in use and free, and in blocks it
+    mapped on their own; {} elsewhere. RSS far above in-use + mapped is freed memory the heaps keep."""
+    import ctypes
+    import ctypes.util
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                         "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallinfo2.restype = MallInfo2
+        info = libc.mallinfo2()
+    except (OSError, AttributeError):
+        return {}
+    return {"heap_in_use_mib": round(info.uordblks / 2**20, 1), "heap_free_mib": round(info.fordblks / 2**20, 1),
+            "mapped_blocks_mib": round(info.hblkhd / 2**20, 1)}
+
+
 def reset_peak() -> None:
     """Start a new high-water mark (Linux: writing 5 to clear_refs resets VmHWM to the current RSS)."""
     Path("/proc/self/clear_refs").write_text("5")
@@ -74,6 +94,8 @@ def main() -> int:
     parser.add_argument("--method", default="tlq")
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--group-size", type=int, default=None, help="override the scheme's group (tiny models)")
+    parser.add_argument("--set", action="append", default=[], metavar="KNOB=VALUE",
+                        help="a Recipe knob beside the method's defaults, e.g. weighting=importance (repeatable)")
     parser.add_argument("--phases", action="store_true", help="also RSS at each phase's start and end and its peak")
     parser.add_argument("--stop-after", type=int, default=None, metavar="N", help="stop after N layers")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cost" / "layer_memory_probe")
@@ -114,17 +136,17 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as tmp:
             quantize(args.model, Path(tmp) / "out", args.calib / "calib.json", args.calib,
                      recipe=Recipe(method=args.method, num_samples=args.samples, device="cpu",
-                                   group_size=args.group_size),
+                                   group_size=args.group_size, **_knobs(args.set)),
                      progress=False, resume=False)
     except _Stopped:
         pass
     finally:  # the process may go on (the test suite): the loop's own functions back
         engine.calibrate_layer, PhaseClock.__call__ = original, timed
     args.out.mkdir(parents=True, exist_ok=True)
-    record = {"model": str(args.model), "method": args.method, "samples": args.samples,
+    record = {"model": str(args.model), "method": args.method, "knobs": _knobs(args.set), "samples": args.samples,
               "stopped_after_layers": args.stop_after, "points": points, "phases": phase_points}
     (args.out / "results.json").write_text(json.dumps(record, indent=1) + "\n")
-    lines = [f"{args.method}, {args.samples} samples, {args.model}", "",
+    lines = [f"{args.method} {' '.join(args.set)}, {args.samples} samples, {args.model}", "",
              "| layer | at | RSS MiB | peak within the layer MiB | live tensors MiB | three largest kinds (dtype shape: MiB) |",
              "|---|---|---|---|---|---|"]
     for p in points:
@@ -132,13 +154,26 @@ def main() -> int:
         lines.append(f"| {p['layer']} | {p['at']} | {p['rss_mib']} | {p.get('layer_peak_rss_mib', '')} | "
                      f"{p['live_tensors_mib']} | {kinds} |")
     if phase_points:
-        lines += ["", "| layer | phase | RSS at start MiB | RSS at end MiB | peak within the phase MiB | seconds |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["", "| layer | phase | RSS at start MiB | RSS at end MiB | peak within the phase MiB | seconds | "
+                  "heap in use / free MiB at the end | mapped blocks MiB |", "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {p['layer']} | {p['phase']} | {p['start_rss_mib']} | {p['end_rss_mib']} | {p['peak_rss_mib']} | "
-                  f"{p['seconds']} |" for p in phase_points]
+                  f"{p['seconds']} | {p.get('heap_in_use_mib', '')} / {p.get('heap_free_mib', '')} | "
+                  f"{p.get('mapped_blocks_mib', '')} |" for p in phase_points]
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
+
+
+def _knobs(settings: list[str]) -> dict:
+    """--set KNOB=VALUE pairs, each value read as JSON where it parses (numbers, true/false), else a string."""
+    knobs = {}
+    for setting in settings:
+        knob, _, value = setting.partition("=")
+        try:
+            knobs[knob] = json.loads(value)
+        except json.JSONDecodeError:
+            knobs[knob] = value
+    return knobs
 
 
 class _Stopped(BaseException):  # not an Exception: nothing in tlq may take it for a failure to report
@@ -165,7 +200,7 @@ def _observed_phases(timed, phase_points: list[dict], layer_peak: list[int], poi
         layer = points[-1]["layer"] if points and points[-1]["at"] == "start" else None
         phase_points.append({"layer": layer, "phase": name, "start_rss_mib": start_rss, "end_rss_mib": rss_mib(),
                              "peak_rss_mib": round(peak / 2**20, 1),
-                             "seconds": round(time.perf_counter() - start, 1)})
+                             "seconds": round(time.perf_counter() - start, 1), **heap_mib()})
         print(json.dumps(phase_points[-1]), flush=True)
 
     return observed

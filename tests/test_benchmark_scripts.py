@@ -278,7 +278,7 @@ def test_the_layer_memory_probe_reads_each_phase_and_stops_where_asked(tmp_path,
     probe = _module("layer_memory_probe")
     _, images = calib_split
     monkeypatch.setattr("sys.argv", ["layer_memory_probe.py", str(tiny_checkpoints["qwen2_vl"]), "--calib", str(images),
-                                     "--method", "gptq", "--samples", "4", "--group-size", "32", "--phases",
+                                     "--method", "gptq", "--samples", "4", "--group-size", "32", "--phases", "--set", "weighting=importance",
                                      "--stop-after", "1", "--out", str(tmp_path)])
     assert probe.main() == 0
     record = json.loads((tmp_path / "results.json").read_text())
@@ -288,4 +288,6 @@ def test_the_layer_memory_probe_reads_each_phase_and_stops_where_asked(tmp_path,
     layer_peak = record["points"][1]["layer_peak_rss_mib"]
     for phase in in_layer:
         assert max(phase["start_rss_mib"], phase["end_rss_mib"]) - 1 <= phase["peak_rss_mib"] <= layer_peak + 1
+    assert record["knobs"] == {"weighting": "importance"}
+    assert all(p["heap_in_use_mib"] > 0 for p in record["phases"])  # glibc's account (Linux)
     assert (tlq.engine.calibrate_layer, PhaseClock.__call__) == (calibrate, timed)

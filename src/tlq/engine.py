@@ -246,6 +246,10 @@ def _solve_groups(run: _LayerRun, groups, config: RunConfig, ranks: Ranks, clock
             quantized.update(_write_back(run, solved))
             run.replay.solved(solved)
             del solved
+            # The solve's work buffers under glibc's mmap threshold stay in the heap once freed: at 2B widths
+            # and 128 samples the down projection's solve left 690 MiB resident into the propagate phase
+            # (benchmarks/results/cost/README.md, "Where TLQ's memory goes within a layer").
+            return_freed_memory()
     except BaseException:
         for handle in act_hooks:
             handle.remove()
@@ -396,6 +400,7 @@ def quantize_layers(model: nn.Module, adapter: ModelAdapter, samples: list[Sampl
         del layer
         bar.set_postfix_str(f"rel_err={report.relative_error:.4f}")
         _layer_done(report)
+    return_freed_memory()  # what the last layer freed, before the export reads the checkpoint beside it
     result.seconds = time.perf_counter() - start
     result.phases, result.rss_peaks = clock.rounded(), clock.peaks
     return result

@@ -26,7 +26,7 @@ from tlq.activations import (activation_list, capture_layer_inputs, layer_output
                              run_layer, to_device)
 from tlq.data import Sample
 from tlq.distributed import SINGLE, Ranks
-from tlq.measure import return_freed_memory
+from tlq.measure import freed_memory_returned_promptly, return_freed_memory
 from tlq.recipe import IMPORTANCE_SCORES
 from tlq.errors import TlqError
 from tlq.models import TOKEN_KIND_NAMES, ModelAdapter
@@ -303,7 +303,12 @@ def compute_importance(model: nn.Module, adapter: ModelAdapter, samples: list[Sa
     model.eval()
     if layers is not None and layers.lazy and not streamed:
         raise TlqError("lazy layers need the streamed importance pass")
-    losses = backward(model, adapter, samples, recorder, torch.device(device), layers)
+    # Blocks of 1 MiB or more mapped on their own while the autograd graphs come and go: left to glibc's
+    # default, the pass grew the heap to 11 GB of free (trimmed) address space at 2B widths and 128 samples,
+    # from which every later large tensor was then carved, so that freed memory stayed resident until the
+    # next trim (benchmarks/results/cost/README.md, "The importance pass's heap").
+    with freed_memory_returned_promptly():
+        losses = backward(model, adapter, samples, recorder, torch.device(device), layers)
     model.train(was_training)
     for key, values in recorder.scores.items():
         if len(values) != len(samples):

@@ -113,3 +113,29 @@ def test_solving_from_wide_gram_sums_matches_solving_the_matrix():
     assert torch.equal(hessian, hessian.t())
     expected = gptq_quantize(w, hessian, recipe.resolved_scheme(), recipe.dampening, recipe.block_size)
     assert torch.equal(solver.solve().weight, expected.weight)
+
+
+def test_a_damping_retry_frees_the_failed_matrix_before_building_the_next():
+    """Handed over in a list, the first H is referenced by nobody once its factorisation fails, so a retry
+    never holds two in x in matrices; the factor is the one the retry's damping gives."""
+    import weakref
+
+    from tlq.quant.gptq import _inverse_cholesky
+
+    # Eigenvalues 0.975 and -0.025, mean diagonal 0.475: not positive definite at 1% damping (+0.00475),
+    # positive definite at 10% (+0.0475).
+    base = torch.tensor([[0.475, 0.5], [0.5, 0.475]], dtype=torch.float64)
+    first = base.clone()
+    alive_at_rebuild = []
+    first_ref = weakref.ref(first)
+    handed = [first]
+    del first
+
+    def rebuild():
+        alive_at_rebuild.append(first_ref() is not None)
+        return base.clone()
+
+    factor = _inverse_cholesky(handed, 0.01, rebuild=rebuild)
+    assert handed == [] and alive_at_rebuild == [False]
+    damped = base + 0.1 * 0.475 * torch.eye(2, dtype=torch.float64)
+    torch.testing.assert_close(factor.t() @ factor, torch.linalg.inv(damped))

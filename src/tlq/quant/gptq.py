@@ -157,8 +157,13 @@ def _inverse_cholesky(hessian: torch.Tensor, dampening: float, rebuild=None) -> 
     """Upper Cholesky factor of H^-1 after damping; retries with stronger damping if H is not PD.
 
     Works in place in `hessian` (returned as the factor), so at most one other in x in matrix is alive
-    at once; a retry takes a fresh H from `rebuild()` (by default a copy kept for the purpose).
+    at once; a retry takes a fresh H from `rebuild()` (by default a copy kept for the purpose). `hessian`
+    may also be a one-element list, which is emptied: the caller then holds no reference to the failed
+    attempt's matrix, which is freed before a retry builds the next one (else a retry held two or three
+    in x in matrices at once: 321 MB each at 8960 wide).
     """
+    if isinstance(hessian, list):
+        hessian = hessian.pop()
     original = hessian.diagonal().clone()
     mean_diag = torch.mean(original)
     if rebuild is None:
@@ -167,6 +172,7 @@ def _inverse_cholesky(hessian: torch.Tensor, dampening: float, rebuild=None) -> 
     info = torch.zeros((), dtype=torch.int32, device=hessian.device)
     for attempt in range(6):
         if attempt:
+            del hessian  # the failed attempt's matrix, before the next one is built
             hessian = rebuild()
         hessian.diagonal().copy_(original + dampening * (10 ** attempt) * mean_diag)
         torch.linalg.cholesky_ex(hessian, out=(hessian, info))
@@ -223,8 +229,10 @@ def gptq_quantize(weight: torch.Tensor, hessian, scheme: Scheme, dampening: floa
             scales[:, g:g + 1], zeros[:, g:g + 1] = grid_params(W[:, g * group:(g + 1) * group], bits,
                                                                 scheme.symmetric, weight.dtype, scheme.grid)
 
-    Hinv = _inverse_cholesky(_prepared(H, dead, perm), dampening, rebuild=lambda: _prepared(build(), dead, perm))
-    del H, build  # only H^-1's factor is used from here on (a Gram-sum builder frees the sums with it)
+    handed = [_prepared(H, dead, perm)]
+    del H  # handed over: a damping retry frees it before building the next H
+    Hinv = _inverse_cholesky(handed, dampening, rebuild=lambda: _prepared(build(), dead, perm))
+    del build  # only H^-1's factor is used from here on (a Gram-sum builder frees the sums with it)
     if perm is not None:
         W = W[:, perm]
     else:
