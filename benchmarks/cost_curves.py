@@ -73,12 +73,7 @@ def planned_mib(model: Path, samples: int, tokens: int, method: str) -> float:
 
     plan = plan_memory(model_shape(model), 1, 1 << 40, samples, tokens, dtype_bytes=4,
                        **method_plan_inputs(method))
-    host, device = plan["host_gib"], plan["device_gib"]
-    # One CPU process: the host's weights and caches plus the working set of the larger of the solve and the
-    # scale search (the layer is the host's copy, and the search's captured rows are in the host's capture
-    # term, so neither is counted twice). TLQ's gradient pass ends before.
-    working = max(device["calibrate"] - device["decoder_layer"], device["scale_search_working"])
-    return (host["peak"] + working) * 1024
+    return plan["one_process_gib"] * 1024  # host and device in one CPU process (tlq.plan._one_process_peak)
 
 
 def points_to_measure(rows: list[dict], sweeps: list[str], values: dict, methods: list[str]):

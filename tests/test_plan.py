@@ -199,3 +199,20 @@ def test_every_samples_rotary_tables_are_planned_on_the_host(shapes, tiny_checkp
         plans[128]["host_gib"]["layer_input_cache"] - plans[64]["host_gib"]["layer_input_cache"] + 64 * tables,
         abs=0.02)
     assert model_shape(tiny_checkpoints["gemma3"]).call_kinds == 2
+
+
+def test_one_process_peak_is_the_largest_stage_not_host_plus_device():
+    """On one CPU process the stages follow each other: the estimate is at most the host's peak plus the
+    device's, at least the host's weights and input cache plus the solve's working set, and for a method
+    without a scale search or gradient pass it is exactly that (GPTQ)."""
+    from tlq.plan import method_plan_inputs
+
+    shape = model_shape(CONFIGS / "qwen2-vl-2b-instruct")
+    for method in ("gptq", "awq", "tlq", "awq_gptq"):
+        plan = plan_memory(shape, 1, 1 << 40, 128, 280, dtype_bytes=4, **method_plan_inputs(method))
+        host, device = plan["host_gib"], plan["device_gib"]
+        solve_stage = (host["model_weights"] + host["loading_overhead"] + host["layer_call_arguments"]
+                       + host["layer_input_cache"] + device["calibrate"] - device["decoder_layer"])
+        assert solve_stage - 0.03 <= plan["one_process_gib"] <= host["peak"] + device["peak"]
+        if method == "gptq":
+            assert abs(plan["one_process_gib"] - solve_stage) <= 0.03

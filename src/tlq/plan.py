@@ -201,6 +201,21 @@ def _scale_search_bytes(shape: ModelShape, tokens: int, max_tokens: int | None, 
     return max(g[0] for g in groups), device_data + working, working
 
 
+def _one_process_peak(resident: int, cache: int, gradient_store: int, gradient_working: int, search: int,
+                      solve_working: int) -> int:
+    """The peak when host and device are one process (--device cpu): the stages follow each other, so the
+    largest stage, not the host's peak plus the device's. The gradient pass (its stored inputs, its
+    working set beyond the layer the host already holds), then per layer the scale search (its capture and
+    working set) and later the solves (the working set beyond the layer), each beside the layer-input cache.
+    The host's peak adds the search's capture to the cache and the device's adds the solve's buffers: on
+    one process that counted the capture twice over, measured at 4 layers of the 2B shape with TLQ
+    (benchmarks/results/cost/README.md, "The importance pass's heap")."""
+    stages = [cache + search, cache + solve_working]
+    if gradient_store:
+        stages.append(gradient_store + gradient_working)
+    return resident + max(stages)
+
+
 def method_plan_inputs(method: str) -> dict[str, Any]:
     """What `method` (at its Recipe defaults) makes plan_memory count: `gradient_pass` (the importance pass
     weights tokens: TLQ, MBQ), `scale_search_tokens` (the scale search's token draw, None without a search)
@@ -260,6 +275,9 @@ def plan_memory(shape: ModelShape, devices: int, device_memory: int, samples: in
                                                                  sample_acts, scale_rescore)
     device_peak = max(device_peak, layer + search_device)
     host_peak = weights + LOADING_OVERHEAD + call_tables + max(cache + rescale, gradient_store)
+    one_process = _one_process_peak(weights + LOADING_OVERHEAD + call_tables, cache, gradient_store,
+                                    max(2 * sample_acts, 3 * T * shape.vocab * 4),  # the device's, less weights
+                                    rescale + search_working, calibrate - layer)
     return {
         "model": shape.name, "model_type": shape.model_type, "params_b": round(shape.total_params / 1e9, 3),
         "devices": devices, "device_memory_gib": _gib(device_memory), "samples": samples, "lazy": lazy,
@@ -274,6 +292,7 @@ def plan_memory(shape: ModelShape, devices: int, device_memory: int, samples: in
                      "layer_call_arguments": _gib(call_tables), "layer_input_cache": _gib(cache),
                      "gradient_pass_inputs": _gib(gradient_store), "scale_search_capture": _gib(rescale),
                      "peak": _gib(host_peak)},
+        "one_process_gib": _gib(one_process),
         "fits": device_peak <= device_memory,
     }
 
@@ -304,6 +323,7 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"| host: gradient-pass stored inputs | {host['gradient_pass_inputs']} |",
         f"| host: scale-search capture, largest group | {host['scale_search_capture']} |",
         f"| **host peak** | **{host['peak']}** |",
+        f"| one process (--device cpu): host and device together | {plan['one_process_gib']} |",
         f"verdict: {verdict}",
     ])
 
