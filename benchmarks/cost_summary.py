@@ -70,7 +70,7 @@ POOLS = (
          "7f26f82, 7e1b631, 81f4275: between them only tlq.group_data, tlq.rescale and tlq.plan changed, which a "
          "GPTQ run does not execute"),
     Pool("2b-4l-128-tlq-heap-vs-the-pair's-peer", "tlq", ("2b-4l-128-tlq-heap",), ("2b-4l-128-tlq-pair",),
-         "5ca7a0c (the importance pass's heap fix) alone, against llm-compressor's run in the 4-layer pair "
+         "90ec041 (the importance pass's heap fix) alone, against llm-compressor's run in the 4-layer pair "
          "three and a half hours earlier (its code is pinned)"),
 )
 
