@@ -343,6 +343,7 @@ def _first_inputs(model, samples: list[Sample], ctx: RunContext, clock: PhaseClo
 
 
 def _layer_done(report: LayerReport) -> None:
+    return_freed_memory()  # what the layer freed: after the last one, before the export reads the checkpoint
     log.info("layer %d: relative output error %.5f (%.1f s)", report.index, report.relative_error, report.seconds)
     faults.reached(f"layer-{report.index}-saved")
 
@@ -400,7 +401,6 @@ def quantize_layers(model: nn.Module, adapter: ModelAdapter, samples: list[Sampl
         del layer
         bar.set_postfix_str(f"rel_err={report.relative_error:.4f}")
         _layer_done(report)
-    return_freed_memory()  # what the last layer freed, before the export reads the checkpoint beside it
     result.seconds = time.perf_counter() - start
     result.phases, result.rss_peaks = clock.rounded(), clock.peaks
     return result
