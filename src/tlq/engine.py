@@ -246,9 +246,9 @@ def _solve_groups(run: _LayerRun, groups, config: RunConfig, ranks: Ranks, clock
             quantized.update(_write_back(run, solved))
             run.replay.solved(solved)
             del solved
-            # The solve's work buffers under glibc's mmap threshold stay in the heap once freed: at 2B widths
-            # and 128 samples the down projection's solve left 690 MiB resident into the propagate phase
-            # (benchmarks/results/cost/README.md, "Where TLQ's memory goes within a layer").
+            # What the observe and solve freed stays in the heap until trimmed: at 2B widths and 128 samples,
+            # before the importance pass's heap fix, 2.4 GB entered the propagate phase untrimmed
+            # (benchmarks/results/cost/layer_memory_probe-phases/tlq-*).
             return_freed_memory()
     except BaseException:
         for handle in act_hooks:
