@@ -72,9 +72,10 @@ POOLS = (
     Pool("2b-4l-128-tlq-heap-vs-the-pair's-peer", "tlq", ("2b-4l-128-tlq-heap",), ("2b-4l-128-tlq-pair",),
          "90ec041 (the importance pass's heap fix) alone, against llm-compressor's run in the 4-layer pair "
          "three and a half hours earlier (its code is pinned)"),
-    Pool("2b-1l-128-tlq-heap-vs-the-bounded-repeats'-peer", "tlq", ("2b-1l-128-tlq-heap",),
+    Pool("2b-1l-128-tlq-heap-vs-the-bounded-repeats'-peer", "tlq", ("2b-1l-128-tlq-heap", "2b-1l-128-tlq-heap-2"),
          ("2b-1l-128-tlq-bounded-repeats", "2b-1l-128-tlq-bounded-repeats-3rd"),
-         "d921efd's snapshot + the summary (the same tlq code as 90ec041 but for tlq.plan) alone, against "
+         "6188b24 (the tlq code of 90ec041 but for tlq.plan) and fc265eb (+ a trim as each layer is done), each "
+         "alone, against "
          "llm-compressor's four 1-layer AWQ + GPTQ runs of 2026-12-03 (its code is pinned)"),
 )
 
