@@ -9,8 +9,9 @@ shape) kinds holding the most; at a layer's end also the peak RSS within that la
 start, so the run's own phase peaks in tlq_recipe.json are not meaningful here). With --phases, every
 phase of the layer loop (tlq.phases.PhaseClock) also gives its RSS at start and end and its own peak, which
 says whether a phase needs its memory only while it runs or leaves it resident for the next one.
---stop-after N ends the run after N layers (nothing is written but the probe's results). A kind that grows by the same amount at every layer end is
-something the loop keeps per layer; RSS growing while live tensors stay flat is the allocator's.
+--stop-after N ends the run after N layers (nothing is written but the probe's results). A kind that grows
+by the same amount at every layer end is something the loop keeps per layer; RSS growing while live
+tensors stay flat is the allocator's.
 Writes results.json and table.md.
 """
 

@@ -278,8 +278,8 @@ def test_the_layer_memory_probe_reads_each_phase_and_stops_where_asked(tmp_path,
     probe = _module("layer_memory_probe")
     _, images = calib_split
     monkeypatch.setattr("sys.argv", ["layer_memory_probe.py", str(tiny_checkpoints["qwen2_vl"]), "--calib", str(images),
-                                     "--method", "gptq", "--samples", "4", "--group-size", "32", "--phases", "--set", "weighting=importance",
-                                     "--stop-after", "1", "--out", str(tmp_path)])
+                                     "--method", "gptq", "--samples", "4", "--group-size", "32", "--phases",
+                                     "--set", "weighting=importance", "--stop-after", "1", "--out", str(tmp_path)])
     assert probe.main() == 0
     record = json.loads((tmp_path / "results.json").read_text())
     assert [(p["layer"], p["at"]) for p in record["points"]] == [(0, "start"), (0, "end")]
