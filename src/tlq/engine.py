@@ -383,10 +383,10 @@ def quantize_layers(model: nn.Module, adapter: ModelAdapter, samples: list[Sampl
     clock.show = bar.set_postfix_str  # the bar says which phase of the layer is running
     streams = begin.streams
     del begin  # it would hold the first layer's inputs (one s x T x d cache) through every later layer
+    return_freed_memory()  # what the gradient pass, the capture and a resume freed; each layer trims as it is done
     for index in bar:
         for callback in callbacks:
             callback.layer_starting(index, streams)
-        return_freed_memory()  # what the gradient pass and the last layer freed, before this layer's peak
         layer = layers.load(index, ctx.device)
         quantized, outputs, fp_outputs, report = calibrate_layer(
             layer, index, streams, ctx, f"{adapter.decoder_layers}.{index}.", clock)
