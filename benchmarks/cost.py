@@ -154,10 +154,22 @@ def add_plans(rows: list[dict], checkpoint: Path, samples: Path, count: int) -> 
     return True
 
 
+def cpu_model() -> str:
+    """The processor's name and its matrix extensions (AMX), from /proc/cpuinfo: timings are comparable
+    only between runs on the same kind of processor (the sessions' machines have differed)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    name = next((line.partition(":")[2].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = next((line.split(":")[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    return f"{name} ({'AMX' if 'amx_tile' in flags else 'no AMX'})"
+
+
 def write(args, shape: dict, rows: list[dict]) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"shape": args.shape, "model": shape, "samples": args.samples, "repeats": args.repeats,
-              "cpus": os.cpu_count(), "rows": rows}
+              "cpus": os.cpu_count(), "cpu": cpu_model(), "rows": rows}
     (args.out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
     methods = list(dict.fromkeys(r["method"] for r in rows))
     wall = {m: statistics.median(r["wall_seconds"] for r in rows if r["method"] == m) for m in methods}
@@ -171,7 +183,7 @@ def write(args, shape: dict, rows: list[dict]) -> None:
     peers = {"gptq": "llmc:gptq", "tlq": "llmc:awq_gptq", "awq": "llmc:awq", "awq_gptq": "llmc:awq_gptq"}
     lines = [f"Qwen2-VL {args.shape} text widths (hidden {shape['hidden']}, MLP {shape['intermediate']}, "
              f"{shape['layers']} layers), {args.samples} samples of ~280 tokens, W4A16, median of the repeats run; "
-             f"{os.cpu_count()} CPUs.", "",
+             f"{os.cpu_count()} CPUs, {cpu_model()}.", "",
              "| method | repeats | wall s | calibration s | peak RSS MiB | wall vs llm-compressor | "
              "calibration vs llm-compressor | RSS vs llm-compressor | tlq plan MiB (+ interpreter) | "
              "plan / peak |", "|---|---|---|---|---|---|---|---|---|---|"]

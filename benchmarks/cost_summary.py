@@ -28,6 +28,9 @@ RESULTS = Path(__file__).resolve().parent / "results" / "cost"
 PEERS = {"gptq": "llmc:gptq", "tlq": "llmc:awq_gptq", "awq": "llmc:awq", "awq_gptq": "llmc:awq_gptq"}
 GOALS = {"gptq": 1.0, "tlq": 2.0}  # calibration time against the peer; memory: <= 1.0 for both
 PLAN_TOLERANCE = 0.15
+# Runs saved before cost.py recorded the processor: every session up to 2026-12-03 ran on one machine kept
+# between sessions, an AMD EPYC without AMX (docs/serving.md). Timings compare only on one processor.
+UNRECORDED_CPU = "AMD EPYC (no AMX; not recorded by the run)"
 
 
 class Run(NamedTuple):
@@ -52,6 +55,7 @@ RUNS = (
     Run("2b-1l-128-awq-repeats", "b875fee", "interleaved"),
     Run("2b-1l-128-awq-gptq-pair", "3d03287", "tlq first"),
     Run("2b-4l-128-tlq-pair", "422966f", "tlq first"),
+    Run("2b-4l-128-tlq-pair-llmc-first", "21f1e95", "llm-compressor first"),
 )
 
 
@@ -88,13 +92,17 @@ def _goal_met(method: str, time_ratio: float, rss_ratio: float) -> bool | None:
 def pooled(pool: Pool, saved: dict[str, dict]) -> dict:
     """The pool's runs of its method and of its peer, each side's median and largest peak, and the ratios."""
     peer = PEERS[pool.method]
+    cpus = {_cpu(saved[f]) for f in pool.runs + pool.peer_runs}
+    if len(cpus) > 1:
+        raise SystemExit(f"error: pool {pool.name!r} mixes processors ({', '.join(sorted(cpus))}): "
+                         "pool only runs made on one kind of machine")
     ours = [r for f in pool.runs for r in _timed(saved[f]["rows"], pool.method)]
     theirs = [r for f in pool.peer_runs for r in _timed(saved[f]["rows"], peer)]
     seconds = {"tlq": [r["calibration_seconds"] for r in ours], "peer": [r["calibration_seconds"] for r in theirs]}
     time = {side: statistics.median(values) for side, values in seconds.items()}
     peak = {"tlq": max(r["peak_rss_mib"] for r in ours), "peer": max(r["peak_rss_mib"] for r in theirs)}
     planned = [r["planned_mib"] / r["peak_rss_mib"] for r in ours if "planned_mib" in r]
-    entry = {"pool": pool.name, "method": pool.method, "peer": peer, "runs": list(pool.runs),
+    entry = {"pool": pool.name, "method": pool.method, "peer": peer, "cpu": cpus.pop(), "runs": list(pool.runs),
              "peer_runs": list(pool.peer_runs), "code": pool.code, "layers": saved[pool.runs[0]]["model"]["layers"],
              "shape": saved[pool.runs[0]]["shape"], "calibration_seconds_each": seconds,
              "calibration_seconds": time, "time_ratio": time["tlq"] / time["peer"],
@@ -113,6 +121,10 @@ def pairs(run: Run, saved: dict) -> list[dict]:
             if PEERS.get(method) in methods and _timed(rows, method) and _timed(rows, PEERS[method])]
 
 
+def _cpu(saved: dict) -> str:
+    return saved.get("cpu", UNRECORDED_CPU)
+
+
 def _timed(rows: list[dict], method: str) -> list[dict]:
     return [r for r in rows if r["method"] == method and r.get("calibration_seconds")]
 
@@ -127,7 +139,8 @@ def _pair(run: Run, saved: dict, method: str, peer: str) -> dict:
                      for r in ours if r["repeat"] in by_repeat]
     planned = [r["planned_mib"] for r in ours if "planned_mib" in r]  # cost.py adds the interpreter's own peak
     entry = {"run": run.folder, "commit": run.commit, "order": run.order, "shape": saved["shape"],
-             "layers": saved["model"]["layers"], "samples": saved["samples"], "method": method, "peer": peer,
+             "layers": saved["model"]["layers"], "samples": saved["samples"], "cpu": _cpu(saved), "method": method,
+             "peer": peer,
              "repeats": min(len(ours), len(theirs)), "calibration_seconds": time, "peak_rss_mib": peak,
              "time_ratio": time["tlq"] / time["peer"],
              "repeat_time_ratios": [round(x, 4) for x in repeat_ratios],
@@ -138,16 +151,16 @@ def _pair(run: Run, saved: dict, method: str, peer: str) -> dict:
 
 
 def markdown(entries: list[dict]) -> str:
-    lines = ["| run | tlq commit | jobs | layers | method vs llm-compressor 0.14 | repeats | calibration s, tlq / peer "
+    lines = ["| run | processor | tlq commit | jobs | layers | method vs llm-compressor 0.14 | repeats | calibration s, tlq / peer "
              "(median) | time ratio | per-repeat ratios | peak RSS MiB, tlq / peer (largest) | RSS ratio | "
              "`tlq plan` / peak | goal |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in entries:
         goal = GOALS.get(e["method"])
         verdict = "-" if goal is None else f"<= {goal:.1f}x, RSS <= 1: **{'met' if e['goal_met'] else 'not met'}**"
         plan = "-" if e["plan_over_peak"] is None else f"{e['plan_over_peak']:.2f}"
         per_repeat = " / ".join(f"{x:.2f}" for x in e["repeat_time_ratios"]) if e["repeats"] > 1 else "-"
-        lines.append(f"| `{e['run']}/` | {e['commit']} | {e['order']} | {e['layers']} ({e['shape']}) | "
+        lines.append(f"| `{e['run']}/` | {e['cpu']} | {e['commit']} | {e['order']} | {e['layers']} ({e['shape']}) | "
                      f"{e['method']} vs {e['peer']} | {e['repeats']} | {e['calibration_seconds']['tlq']:.1f} / "
                      f"{e['calibration_seconds']['peer']:.1f} | **{e['time_ratio']:.2f}x** | {per_repeat} | "
                      f"{e['peak_rss_mib']['tlq']:.0f} / {e['peak_rss_mib']['peer']:.0f} | "
@@ -156,16 +169,16 @@ def markdown(entries: list[dict]) -> str:
 
 
 def pooled_markdown(entries: list[dict]) -> str:
-    lines = ["| pool | layers | method vs llm-compressor 0.14 | runs, tlq / peer | calibration s each, tlq / peer | "
+    lines = ["| pool | processor | layers | method vs llm-compressor 0.14 | runs, tlq / peer | calibration s each, tlq / peer | "
              "median, tlq / peer | time ratio (range) | peak RSS MiB, tlq / peer (largest) | RSS ratio | "
-             "`tlq plan` / peak | goal |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "`tlq plan` / peak | goal |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in entries:
         goal = GOALS.get(e["method"])
         verdict = "-" if goal is None else f"<= {goal:.1f}x, RSS <= 1: **{'met' if e['goal_met'] else 'not met'}**"
         each = {side: ", ".join(f"{x:.0f}" for x in values) for side, values in e["calibration_seconds_each"].items()}
         low, high = e["time_ratio_range"]
         plan = "-" if e["plan_over_peak_range"] is None else "-".join(f"{x:.2f}" for x in e["plan_over_peak_range"])
-        lines.append(f"| {e['pool']} | {e['layers']} ({e['shape']}) | {e['method']} vs {e['peer']} | "
+        lines.append(f"| {e['pool']} | {e['cpu']} | {e['layers']} ({e['shape']}) | {e['method']} vs {e['peer']} | "
                      f"{len(e['runs'])} / {len(e['peer_runs'])} | {each['tlq']} / {each['peer']} | "
                      f"{e['calibration_seconds']['tlq']:.1f} / {e['calibration_seconds']['peer']:.1f} | "
                      f"**{e['time_ratio']:.2f}x** ({low:.2f}-{high:.2f}) | {e['peak_rss_mib']['tlq']:.0f} / "
@@ -191,7 +204,7 @@ def main() -> int:
     (args.results / "results.json").write_text(json.dumps({"runs": entries, "pools": pools}, indent=1) + "\n")
     head = ("Every saved run with a tlq method and its llm-compressor 0.14 peer in one invocation of "
             "`benchmarks/cost.py` (Qwen2-VL text widths, random weights, 128 samples of ~280 tokens, W4A16, "
-            "the 2-core CPU box, each job alone). Written by `benchmarks/cost_summary.py`; each run's README "
+            "2 CPU cores, each job alone; the processor is in each row: timings compare only within one). Written by `benchmarks/cost_summary.py`; each run's README "
             "section says what changed and why.\n\n")
     pools_head = ("\n## Runs of one tlq code pooled across invocations\n\nEach tlq run against every run of its "
                   "peer (llm-compressor's code is pinned); the ratio is of the medians, the range is tlq's fastest "

@@ -157,6 +157,14 @@ def test_cost_table_puts_the_plan_beside_the_largest_measured_peak(tmp_path):
     assert gptq.rstrip(" |").endswith("900 | 0.90")  # against the larger of the two peaks
     assert "0.80x" in gptq  # RSS: 1000 / 1250
     assert peer.endswith("|  |  |")  # no plan for a peer
+    # timings compare only on one kind of processor: the run names it (and whether it has AMX)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    if Path("/proc/cpuinfo").exists():
+        info = Path("/proc/cpuinfo").read_text()
+        name = next(line.partition(":")[2].strip() for line in info.splitlines() if line.startswith("model name"))
+        assert saved["cpu"].startswith(name) and saved["cpu"].endswith("AMX)")
+        assert ("(AMX)" in saved["cpu"]) == (" amx_tile" in info)
+        assert saved["cpu"] in table[0]
 
 
 def test_cost_summary_pairs_repeats_by_index_and_judges_the_goal_by_medians():
@@ -198,6 +206,12 @@ def test_a_pool_takes_every_run_of_one_code_against_every_peer_run():
     assert entry["goal_met"] is True
     slow = dict(saved, b=dict(saved["b"], rows=[run("gptq", 700.0, 950.0)]))  # median 500 > 450
     assert summary.pooled(summary.Pool("p", "gptq", ("a", "b"), ("a", "c"), "same code"), slow)["goal_met"] is False
+    # a run on another processor cannot join the pool: its seconds measure the machine, not the code
+    elsewhere = dict(saved, c=dict(saved["c"], cpu="Intel(R) Xeon(R) Processor (AMX)"))
+    with pytest.raises(SystemExit, match="mixes processors"):
+        summary.pooled(summary.Pool("p", "gptq", ("a", "b"), ("a", "c"), "same code"), elsewhere)
+    assert summary.pooled(summary.Pool("p", "gptq", ("a", "b"), ("a",), "same code"), elsewhere)["cpu"] == \
+        summary.UNRECORDED_CPU
 
 
 def test_the_committed_cost_summary_is_what_the_script_makes_of_the_committed_runs(tmp_path, monkeypatch):
