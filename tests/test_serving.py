@@ -197,11 +197,17 @@ def test_where_each_scheme_runs():
     assert runs["W8A8"] == {"vLLM GPU": True, "vLLM CPU": True, "transformers": True}
     assert runs["W4A8"]["vLLM GPU"] is None and runs["W4A8"]["vLLM CPU"] is True
     assert {s.engine: s.runs for s in where_it_runs(parse_scheme("W4A16", symmetric=False))}["transformers"] is None
-    # MoE experts (measured in docs/serving.md): no vLLM CPU MoE kernel for int8 or W4A8; int4 needs AMX
-    moe = {name: {s.engine: s.runs for s in where_it_runs(parse_scheme(name), routed_experts=True)}
-           for name in ("W4A16", "W8A8", "W4A8")}
-    assert moe["W4A16"] == {"vLLM GPU": None, "vLLM CPU": None, "transformers": None}
-    assert moe["W8A8"]["vLLM CPU"] is False and moe["W4A8"]["vLLM CPU"] is False
+    # MoE experts (served in docs/serving.md): vLLM's CPU int4 and int8 MoE kernels need AMX; none takes zero
+    # points, W4A8 or 8-bit weight-only experts
+    moe = {f"{name}{'-asym' if symmetric is False else ''}":
+           {s.engine: s for s in where_it_runs(parse_scheme(name, symmetric=symmetric), routed_experts=True)}
+           for name, symmetric in (("W4A16", None), ("W8A8", None), ("W4A8", None), ("W8A16", None),
+                                   ("W4A16", False))}
+    assert {e: s.runs for e, s in moe["W4A16"].items()} == {"vLLM GPU": None, "vLLM CPU": None, "transformers": None}
+    assert moe["W8A8"]["vLLM CPU"].runs is None
+    assert "AMX" in moe["W4A16"]["vLLM CPU"].note and "AMX" in moe["W8A8"]["vLLM CPU"].note
+    assert moe["W4A8"]["vLLM CPU"].runs is False and moe["W8A16"]["vLLM CPU"].runs is False
+    assert moe["W4A16-asym"]["vLLM CPU"].runs is False and "zero points" in moe["W4A16-asym"]["vLLM CPU"].note
 
 
 @pytest.mark.parametrize(("config", "scheme", "best"), [("qwen2-vl-72b-instruct", "W4A16", 1),

