@@ -56,6 +56,7 @@ RUNS = (
     Run("2b-1l-128-awq-gptq-pair", "3d03287", "tlq first"),
     Run("2b-4l-128-tlq-pair", "422966f", "tlq first"),
     Run("2b-4l-128-tlq-pair-llmc-first", "21f1e95", "llm-compressor first"),
+    Run("2b-4l-128-gptq-repeats-xeon", "e6ada75", "interleaved"),
 )
 
 
