@@ -103,7 +103,8 @@ def pooled(pool: Pool, saved: dict[str, dict]) -> dict:
     time = {side: statistics.median(values) for side, values in seconds.items()}
     peak = {"tlq": max(r["peak_rss_mib"] for r in ours), "peer": max(r["peak_rss_mib"] for r in theirs)}
     planned = [r["planned_mib"] / r["peak_rss_mib"] for r in ours if "planned_mib" in r]
-    entry = {"pool": pool.name, "method": pool.method, "peer": peer, "cpu": cpus.pop(), "runs": list(pool.runs),
+    entry = {"pool": pool.name, "method": pool.method, "peer": peer, "cpu": cpus.pop(),
+             "runs": list(pool.runs),
              "peer_runs": list(pool.peer_runs), "code": pool.code, "layers": saved[pool.runs[0]]["model"]["layers"],
              "shape": saved[pool.runs[0]]["shape"], "calibration_seconds_each": seconds,
              "calibration_seconds": time, "time_ratio": time["tlq"] / time["peer"],
@@ -152,9 +153,9 @@ def _pair(run: Run, saved: dict, method: str, peer: str) -> dict:
 
 
 def markdown(entries: list[dict]) -> str:
-    lines = ["| run | processor | tlq commit | jobs | layers | method vs llm-compressor 0.14 | repeats | calibration s, tlq / peer "
-             "(median) | time ratio | per-repeat ratios | peak RSS MiB, tlq / peer (largest) | RSS ratio | "
-             "`tlq plan` / peak | goal |",
+    lines = ["| run | processor | tlq commit | jobs | layers | method vs llm-compressor 0.14 | repeats | "
+             "calibration s, tlq / peer (median) | time ratio | per-repeat ratios | "
+             "peak RSS MiB, tlq / peer (largest) | RSS ratio | `tlq plan` / peak | goal |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in entries:
         goal = GOALS.get(e["method"])
@@ -170,9 +171,9 @@ def markdown(entries: list[dict]) -> str:
 
 
 def pooled_markdown(entries: list[dict]) -> str:
-    lines = ["| pool | processor | layers | method vs llm-compressor 0.14 | runs, tlq / peer | calibration s each, tlq / peer | "
-             "median, tlq / peer | time ratio (range) | peak RSS MiB, tlq / peer (largest) | RSS ratio | "
-             "`tlq plan` / peak | goal |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| pool | processor | layers | method vs llm-compressor 0.14 | runs, tlq / peer | "
+             "calibration s each, tlq / peer | median, tlq / peer | time ratio (range) | "
+             "peak RSS MiB, tlq / peer (largest) | RSS ratio | `tlq plan` / peak | goal |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in entries:
         goal = GOALS.get(e["method"])
         verdict = "-" if goal is None else f"<= {goal:.1f}x, RSS <= 1: **{'met' if e['goal_met'] else 'not met'}**"
@@ -205,8 +206,8 @@ def main() -> int:
     (args.results / "results.json").write_text(json.dumps({"runs": entries, "pools": pools}, indent=1) + "\n")
     head = ("Every saved run with a tlq method and its llm-compressor 0.14 peer in one invocation of "
             "`benchmarks/cost.py` (Qwen2-VL text widths, random weights, 128 samples of ~280 tokens, W4A16, "
-            "2 CPU cores, each job alone; the processor is in each row: timings compare only within one). Written by `benchmarks/cost_summary.py`; each run's README "
-            "section says what changed and why.\n\n")
+            "2 CPU cores, each job alone; the processor is in each row: timings compare only within one). "
+            "Written by `benchmarks/cost_summary.py`; each run's README section says what changed and why.\n\n")
     pools_head = ("\n## Runs of one tlq code pooled across invocations\n\nEach tlq run against every run of its "
                   "peer (llm-compressor's code is pinned); the ratio is of the medians, the range is tlq's fastest "
                   "over the peer's slowest to tlq's slowest over the peer's fastest.\n\n")
