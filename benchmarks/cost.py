@@ -168,8 +168,9 @@ def cpu_model() -> str:
 
 def write(args, shape: dict, rows: list[dict]) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
+    cpu = cpu_model()
     result = {"shape": args.shape, "model": shape, "samples": args.samples, "repeats": args.repeats,
-              "cpus": os.cpu_count(), "cpu": cpu_model(), "rows": rows}
+              "cpus": os.cpu_count(), "cpu": cpu, "rows": rows}
     (args.out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
     methods = list(dict.fromkeys(r["method"] for r in rows))
     wall = {m: statistics.median(r["wall_seconds"] for r in rows if r["method"] == m) for m in methods}
@@ -183,7 +184,7 @@ def write(args, shape: dict, rows: list[dict]) -> None:
     peers = {"gptq": "llmc:gptq", "tlq": "llmc:awq_gptq", "awq": "llmc:awq", "awq_gptq": "llmc:awq_gptq"}
     lines = [f"Qwen2-VL {args.shape} text widths (hidden {shape['hidden']}, MLP {shape['intermediate']}, "
              f"{shape['layers']} layers), {args.samples} samples of ~280 tokens, W4A16, median of the repeats run; "
-             f"{os.cpu_count()} CPUs, {cpu_model()}.", "",
+             f"{os.cpu_count()} CPUs, {cpu}.", "",
              "| method | repeats | wall s | calibration s | peak RSS MiB | wall vs llm-compressor | "
              "calibration vs llm-compressor | RSS vs llm-compressor | tlq plan MiB (+ interpreter) | "
              "plan / peak |", "|---|---|---|---|---|---|---|---|---|---|"]
