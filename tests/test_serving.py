@@ -172,21 +172,71 @@ def test_default_outputs_load_in_plain_transformers(family, scheme, tiny_checkpo
     assert torch.allclose(plain, ours, rtol=0, atol=1e-5)
 
 
-def test_plain_transformers_cannot_fill_quantized_experts(tiny_checkpoints, calib_split, tmp_path):
+def _quantized_moe(tiny_checkpoints, calib_split, out, scheme):
+    weight_only = parse_scheme(scheme.removesuffix("-asym")).quantizes_activations is False
+    recipe = Recipe(method="rtn", scheme=scheme.removesuffix("-asym"), num_samples=2,
+                    group_size=32 if weight_only else None, symmetric=False if scheme.endswith("-asym") else None)
+    return quantize(tiny_checkpoints["qwen3_vl_moe"], out, *calib_split, recipe, progress=False).out_dir
+
+
+def _docs_moe_mapping() -> str:
+    """The code docs/serving.md gives users for loading a quantized Qwen3-VL-MoE in plain transformers."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "serving.md").read_text()
+    block = text.split("<!-- moe-mapping:start -->")[1].split("<!-- moe-mapping:end -->")[0]
+    return block.split("```python\n")[1].split("```")[0]
+
+
+_PLAIN_ENV = {"PYTHONPATH": "", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+
+
+def test_plain_transformers_needs_the_experts_mapping(tiny_checkpoints, calib_split, tmp_path):
     """A known limit, stated in docs/serving.md: transformers 5 keeps MoE experts as fused 3-D parameters and
-    has no quantized form of them, so a plain from_pretrained of a per-expert quantized output reports
-    the fused experts MISSING (it would run on random experts); tlq.compat.load_quantized loads it. When
-    this test fails, transformers has learnt to load it: update the docs and the plain-load test."""
-    out = quantize(tiny_checkpoints["qwen3_vl_moe"], tmp_path / "out", *calib_split,
-                   Recipe(method="rtn", scheme="W4A16-g32", num_samples=2), progress=False).out_dir
+    its qwen3_vl_moe conversion mapping reads the hub's fused layout only, so a plain from_pretrained of a
+    per-expert output reports the fused experts MISSING (it would run on random experts). When this test
+    fails, transformers has learnt to load it: update the docs and drop the mapping from them."""
+    out = _quantized_moe(tiny_checkpoints, calib_split, tmp_path / "out", "W4A16")
     code = ("import sys, json\nfrom transformers import AutoModelForImageTextToText\n"
             "_, info = AutoModelForImageTextToText.from_pretrained(sys.argv[1], output_loading_info=True)\n"
             "print(json.dumps(sorted(info['missing_keys'])))")
-    env = {"PYTHONPATH": "", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, env=_PLAIN_ENV,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-1500:]
     missing = json.loads(proc.stdout.strip().splitlines()[-1])
     assert "model.language_model.layers.0.mlp.experts.gate_up_proj" in missing
+
+
+@pytest.mark.parametrize("scheme", ["W4A16", "W3A16", "W8A16", "W4A16-asym", "W8A8", "W4A8"])
+def test_plain_transformers_loads_experts_with_the_mapping(scheme, tiny_checkpoints, calib_split, tmp_path):
+    """The docs' conversion mapping, run in a fresh interpreter that never imports tlq: symmetric packed
+    experts load with tlq's own logits; the schemes `tlq.serving` says transformers cannot load (zero points,
+    int8-stored experts) fail at load, loudly, never with random or misread experts."""
+    from tlq.api import prepare_samples
+    from tlq.compat import load_quantized
+    from tlq.models.processing import load_processor
+
+    out = _quantized_moe(tiny_checkpoints, calib_split, tmp_path / "out", scheme)
+    model, adapter = load_model(tiny_checkpoints["qwen3_vl_moe"])
+    sample = prepare_samples(model, adapter, load_processor(out), *calib_split, Recipe(num_samples=1))[0]
+    save_file({k: v.contiguous() for k, v in sample.inputs.items()}, str(tmp_path / "inputs.safetensors"))
+    code = _docs_moe_mapping().replace('"out/qwen3-vl-moe-w4a16"', "sys.argv[1]")
+    code = ("import sys, json, torch\nfrom safetensors.torch import load_file, save_file\n" + code
+            + "model.eval()" + _PLAIN.split("from_pretrained(sys.argv[1]).eval()", 1)[1])
+    proc = subprocess.run([sys.executable, "-c", code, str(out), str(tmp_path / "inputs.safetensors"),
+                           str(tmp_path / "logits.safetensors")], capture_output=True, text=True, env=_PLAIN_ENV,
+                          timeout=300)
+    parsed = parse_scheme(scheme.removesuffix("-asym"), symmetric=False if scheme.endswith("-asym") else None)
+    transformers = {s.engine: s for s in where_it_runs(parsed, routed_experts=True)}["transformers"]
+    if transformers.runs is False:
+        assert proc.returncode != 0 and "conversion of the weights" in proc.stderr
+        return
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []  # tlq never imported
+    plain = load_file(str(tmp_path / "logits.safetensors"))["logits"]
+    with torch.no_grad():
+        ours = load_quantized(out).eval()(**sample.inputs).logits
+    assert torch.allclose(plain, ours, rtol=0, atol=1e-5)
 
 
 def test_where_each_scheme_runs():
@@ -204,6 +254,8 @@ def test_where_each_scheme_runs():
            for name, symmetric in (("W4A16", None), ("W8A8", None), ("W4A8", None), ("W8A16", None),
                                    ("W4A16", False))}
     assert {e: s.runs for e, s in moe["W4A16"].items()} == {"vLLM GPU": None, "vLLM CPU": None, "transformers": None}
+    assert "mapping" in moe["W4A16"]["transformers"].note  # docs/serving.md's conversion mapping
+    assert moe["W8A8"]["transformers"].runs is False and moe["W4A16-asym"]["transformers"].runs is False
     assert moe["W8A8"]["vLLM CPU"].runs is None
     assert "AMX" in moe["W4A16"]["vLLM CPU"].note and "AMX" in moe["W8A8"]["vLLM CPU"].note
     assert moe["W4A8"]["vLLM CPU"].runs is False and moe["W8A16"]["vLLM CPU"].runs is False

@@ -4,10 +4,13 @@ Runs in the vLLM venv (benchmarks/serve/build_vllm_venv.sh), where tlq is not in
     python generate.py vllm OUT_DIR --data test.json --images DIR --num 200 --json answers.json
     python generate.py transformers OUT_DIR ...
 `vllm`: vllm.LLM on the CPU backend, bfloat16 (its CPU WNA16 kernel has no float32 path).
-`transformers`: plain AutoModelForImageTextToText / AutoProcessor.from_pretrained, float32. One exception:
-a quantized MoE output stores one Linear per expert, which transformers 5 cannot load into its fused expert
-parameters, so for such a folder the MoE blocks are built with per-expert Linears first (tlq.models.moe,
-imported from the repository's src/; the only tlq code on this side, and only for MoE outputs).
+`transformers`: plain AutoModelForImageTextToText / AutoProcessor.from_pretrained, float32. A quantized MoE
+output stores one Linear per expert, which transformers merges into its fused experts only when told how:
+for such a folder the conversion mapping docs/serving.md gives users is registered first (transformers' own
+API, the docs' code run as written), where transformers' expert dequantizer reads the scheme (symmetric
+weight-only); for the others (W8A8, W4A8, zero points) the MoE blocks are built with per-expert Linears
+first (tlq.models.moe, imported from the repository's src/; the only tlq code on this side). The record
+says which (`moe_loader`).
 Writes {"engine", "loaded", "error", "answers": [...], "answer_tokens": [[ids]], "references", "seconds"} (and
 "prompt_top1" with --prompt-top1; transformers with --answer-margins: "answer_margins", each generated
 token's logit minus the runner-up's, which says whether two engines' answers parted on a near-tie); a load failure is
@@ -69,9 +72,11 @@ def run_transformers(model: Path, questions, prompt_top1: bool = False, causal_i
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     processor = AutoProcessor.from_pretrained(str(model))
-    with _per_expert_linears(model):
+    loading, moe_loader = _moe_loading(model)
+    with loading:
         network = AutoModelForImageTextToText.from_pretrained(str(model), dtype=torch.float32).eval()
     found = {"answers": [], "answer_tokens": [], "prompt_top1": [], "answer_margins": []}
+    found.update({"moe_loader": moe_loader} if moe_loader else {})
     with torch.no_grad():
         for question, image, _ in questions:
             inputs = processor(text=[_prompt(processor, question)], images=[image], return_tensors="pt")
@@ -92,14 +97,23 @@ def run_transformers(model: Path, questions, prompt_top1: bool = False, causal_i
     return found
 
 
-def _per_expert_linears(model: Path):
-    """tlq.models.moe's loading context for a Qwen3-VL-MoE folder with per-expert tensors, else nothing."""
-    from contextlib import nullcontext
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "serving.md"
 
+
+def docs_moe_mapping() -> str:
+    """The code docs/serving.md gives users to load a quantized Qwen3-VL-MoE in plain transformers, without
+    its from_pretrained line: it registers the per-expert merge for `qwen3_vl_moe`."""
+    block = DOCS.read_text().split("<!-- moe-mapping:start -->")[1].split("<!-- moe-mapping:end -->")[0]
+    code = block.split("```python\n")[1].split("```")[0]
+    return "\n".join(line for line in code.splitlines() if not line.startswith("model = "))
+
+
+def per_expert_moe(model: Path) -> bool:
+    """A Qwen3-VL-MoE folder whose experts are stored one Linear each (tlq's quantized outputs)."""
     config = json.loads((model / "config.json").read_text())
-    index = model / "model.safetensors.index.json"
     if config.get("model_type") != "qwen3_vl_moe":
-        return nullcontext()
+        return False
+    index = model / "model.safetensors.index.json"
     if index.is_file():
         keys = json.loads(index.read_text())["weight_map"]
     else:
@@ -107,13 +121,26 @@ def _per_expert_linears(model: Path):
 
         with safe_open(str(model / "model.safetensors"), "pt") as f:
             keys = list(f.keys())
-    if not any(".mlp.experts.0." in k for k in keys):
-        return nullcontext()  # the fused FP layout transformers reads itself
+    return any(".mlp.experts.0." in k for k in keys)
+
+
+def _moe_loading(model: Path):
+    """(loading context, how the experts load) for `model`: nothing for dense and fused-FP folders; the docs'
+    conversion mapping where transformers' expert dequantizer reads the scheme; else tlq.models.moe."""
+    from contextlib import nullcontext
+
+    if not per_expert_moe(model):
+        return nullcontext(), None
+    quantization = json.loads((model / "config.json").read_text()).get("quantization_config", {})
+    weights = [group.get("weights") or {} for group in quantization.get("config_groups", {}).values()]
+    if quantization.get("format") == "pack-quantized" and all(w.get("symmetric") for w in weights):
+        exec(docs_moe_mapping(), {})  # noqa: S102 - the repository's own docs, run as users are told to
+        return nullcontext(), "transformers conversion mapping (docs/serving.md)"
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
     from tlq.models import ADAPTERS
     from tlq.models.moe import routed_experts_as_linears
 
-    return routed_experts_as_linears(ADAPTERS["qwen3_vl_moe"].experts)
+    return routed_experts_as_linears(ADAPTERS["qwen3_vl_moe"].experts), "tlq.models.moe"
 
 
 def main() -> int:

@@ -142,10 +142,15 @@ _PLAIN_LOAD = ("import sys; from transformers import AutoModelForImageTextToText
 
 
 def _plain_load(out: Path) -> dict:
-    """Plain from_pretrained in tlq's own venv (transformers 5.24, compressed-tensors 0.20.1), tlq not
+    """Plain from_pretrained in tlq's own venv (its transformers 5 and compressed-tensors 0.20.1), tlq not
     imported. That venv has no torchvision, so its AutoProcessor cannot build these processors: the
-    answers come from the vLLM venv's transformers; this says whether the newer stack loads the weights."""
-    proc = subprocess.run([str(TLQ_PY), "-c", _PLAIN_LOAD, str(out)], capture_output=True, text=True, timeout=600,
+    answers come from the vLLM venv's transformers; this says whether the newer stack loads the weights.
+    A quantized MoE folder gets the conversion mapping docs/serving.md gives users, as written, first."""
+    sys.path.insert(0, str(GENERATE.parent))
+    from generate import docs_moe_mapping, per_expert_moe
+
+    code = (docs_moe_mapping() + "\n" if per_expert_moe(out) else "") + _PLAIN_LOAD
+    proc = subprocess.run([str(TLQ_PY), "-c", code, str(out)], capture_output=True, text=True, timeout=600,
                           env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"})
     # A load that leaves tensors MISSING (initialised at random) is a failed load, however quietly it ends.
     lines = [line for line in proc.stderr.splitlines() if "Error" in line or line.startswith("MISSING")]
@@ -194,7 +199,8 @@ def check_model(model: str, num: int, schemes: list[str] | None = None) -> list[
                 continue
             record = _run_engine(engine, out, num, work / f"{slug}.{engine}.json", tiny, causal)
             row[engine] = {"loaded": record.get("loaded"), "error": record.get("error"),
-                           "kernels": record.get("kernels", []), **_agreement(record, fp[engine])}
+                           "kernels": record.get("kernels", []), **_agreement(record, fp[engine]),
+                           **({"moe_loader": record["moe_loader"]} if record.get("moe_loader") else {})}
         row["engines_agree"] = _engines_agree(work / f"{slug}.vllm.json", work / f"{slug}.transformers.json")
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -39,9 +39,21 @@ def where_it_runs(scheme: Scheme, routed_experts: bool = False) -> list[Support]
     gpu = support[0]
     gpu = Support(gpu.engine, gpu.runs if gpu.runs is False else None,
                   "; ".join(filter(None, [gpu.note, "MoE experts: vLLM's GPU MoE kernels not checked here"])))
-    plain = Support("transformers", None, "MoE experts load only through tlq.compat.load_quantized (transformers "
-                                          "holds them as fused parameters with no quantized form)")
-    return [gpu, _moe_cpu_support(scheme), plain]
+    return [gpu, _moe_cpu_support(scheme), _moe_transformers_support(scheme)]
+
+
+def _moe_transformers_support(scheme: Scheme) -> Support:
+    """Plain transformers (5.19-5.25) merges per-expert tensors into its fused experts only with a conversion
+    mapping registered (docs/serving.md), and its expert dequantizer reads packed weight-only experts without
+    zero points (and FP8): asymmetric and int8-stored experts are refused at load (tests/test_serving.py)."""
+    elsewhere = "load it with tlq.compat.load_quantized"
+    if scheme.quantizes_activations:
+        return Support("transformers", False, f"its MoE expert dequantizer reads packed experts only: {elsewhere}")
+    if not scheme.symmetric:
+        return Support("transformers", False, f"its MoE expert dequantizer takes no zero points: {elsewhere}, "
+                                              "or use the symmetric default")
+    return Support("transformers", None, "register the experts' conversion mapping first (docs/serving.md, "
+                                         "'Loading a quantized Qwen3-VL-MoE in plain transformers')")
 
 
 def _moe_cpu_support(scheme: Scheme) -> Support:
