@@ -47,7 +47,10 @@ LLMC_RECIPES = {"gptq": None, "awq": "weight-only", "awq_gptq": "weight-only", "
 LLMC_IGNORE = {"qwen2_vl": ["lm_head", "re:visual.*", "re:model.visual.*"],
                "qwen2_5_vl": ["lm_head", "re:visual.*", "re:model.visual.*"],
                "llava_onevision": ["lm_head", "re:vision_tower.*", "re:model.vision_tower.*",
-                                   "re:multi_modal_projector.*", "re:model.multi_modal_projector.*"]}
+                                   "re:multi_modal_projector.*", "re:model.multi_modal_projector.*"],
+               # Qwen3-VL: the tower and its DeepStack mergers live under model.visual; the tower's norms and
+               # Linears (norm1/2, linear_fc1/2) match none of llm-compressor's AWQ / SmoothQuant mappings.
+               "qwen3_vl": ["lm_head", "re:visual.*", "re:model.visual.*"]}
 # Families whose vision tower reuses the decoder's module names: llm-compressor's AWQ / SmoothQuant
 # mappings must be limited to the language model (benchmarks/peers/llmc_quantize.py --scope).
 LLMC_SCOPE = {"llava_onevision": r".*language_model\."}
