@@ -180,12 +180,16 @@ def _quantized_moe(tiny_checkpoints, calib_split, out, scheme):
 
 
 def _docs_moe_mapping() -> str:
-    """The code docs/serving.md gives users for loading a quantized Qwen3-VL-MoE in plain transformers."""
+    """The code docs/serving.md gives users for loading a quantized Qwen3-VL-MoE in plain transformers (its
+    from_pretrained line left out), read as the serve check reads it."""
+    import importlib.util
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[1] / "docs" / "serving.md").read_text()
-    block = text.split("<!-- moe-mapping:start -->")[1].split("<!-- moe-mapping:end -->")[0]
-    return block.split("```python\n")[1].split("```")[0]
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "serve" / "generate.py"
+    spec = importlib.util.spec_from_file_location("serve_generate", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.docs_moe_mapping()
 
 
 _PLAIN_ENV = {"PYTHONPATH": "", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
@@ -220,9 +224,7 @@ def test_plain_transformers_loads_experts_with_the_mapping(scheme, tiny_checkpoi
     model, adapter = load_model(tiny_checkpoints["qwen3_vl_moe"])
     sample = prepare_samples(model, adapter, load_processor(out), *calib_split, Recipe(num_samples=1))[0]
     save_file({k: v.contiguous() for k, v in sample.inputs.items()}, str(tmp_path / "inputs.safetensors"))
-    code = _docs_moe_mapping().replace('"out/qwen3-vl-moe-w4a16"', "sys.argv[1]")
-    code = ("import sys, json, torch\nfrom safetensors.torch import load_file, save_file\n" + code
-            + "model.eval()" + _PLAIN.split("from_pretrained(sys.argv[1]).eval()", 1)[1])
+    code = _docs_moe_mapping() + "\n" + _PLAIN
     proc = subprocess.run([sys.executable, "-c", code, str(out), str(tmp_path / "inputs.safetensors"),
                            str(tmp_path / "logits.safetensors")], capture_output=True, text=True, env=_PLAIN_ENV,
                           timeout=300)
