@@ -60,6 +60,7 @@ RUNS = (
     Run("7b-3l-128-gptq-xeon", "60bbd16", "tlq first"),
     Run("2b-1l-128-tlq-pair-xeon", "d0c850d", "tlq first"),
     Run("2b-1l-128-tlq-repeats-xeon", "6d46497", "interleaved"),
+    Run("7b-1l-128-tlq-pair-xeon", "b4358ad", "tlq first"),
 )
 
 
