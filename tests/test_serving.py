@@ -143,6 +143,8 @@ print(json.dumps(sorted(m for m in sys.modules if m == "tlq" or m.startswith("tl
 """
 
 
+_PLAIN_ENV = {"PYTHONPATH": "", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+
 DENSE_FAMILIES = tuple(f for f in FAMILIES if f != "qwen3_vl_moe")
 
 
@@ -152,7 +154,6 @@ def test_default_outputs_load_in_plain_transformers(family, scheme, tiny_checkpo
     """AutoModelForImageTextToText.from_pretrained in a fresh interpreter that never imports tlq gives
     the logits tlq's own loader gives."""
     from tlq.api import prepare_samples
-    from tlq.compat import load_quantized
     from tlq.models.processing import load_processor
 
     recipe = Recipe(method="gptq", num_samples=2) if scheme is None else Recipe(scheme=scheme, num_samples=2)
@@ -160,10 +161,21 @@ def test_default_outputs_load_in_plain_transformers(family, scheme, tiny_checkpo
     out = quantize(tiny_checkpoints[family], tmp_path / "out", *calib_split, recipe, progress=False).out_dir
     model, adapter = load_model(tiny_checkpoints[family])
     sample = prepare_samples(model, adapter, load_processor(out), *calib_split, Recipe(num_samples=1))[0]
+    _assert_plain_logits_are_ours(_run_plain(_PLAIN, out, sample, tmp_path), out, sample, tmp_path)
+
+
+def _run_plain(code: str, out, sample, tmp_path) -> subprocess.CompletedProcess:
+    """`code` (reads the checkpoint, the inputs and where to write logits from argv) in a fresh interpreter
+    with tlq off the path, on `sample`'s inputs."""
     save_file({k: v.contiguous() for k, v in sample.inputs.items()}, str(tmp_path / "inputs.safetensors"))
-    env = {"PYTHONPATH": "", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run([sys.executable, "-c", _PLAIN, str(out), str(tmp_path / "inputs.safetensors"),
-                           str(tmp_path / "logits.safetensors")], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run([sys.executable, "-c", code, str(out), str(tmp_path / "inputs.safetensors"),
+                           str(tmp_path / "logits.safetensors")], capture_output=True, text=True, env=_PLAIN_ENV,
+                          timeout=300)
+
+
+def _assert_plain_logits_are_ours(proc, out, sample, tmp_path) -> None:
+    from tlq.compat import load_quantized
+
     assert proc.returncode == 0, proc.stderr[-1500:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == []  # tlq never imported
     plain = load_file(str(tmp_path / "logits.safetensors"))["logits"]
@@ -192,9 +204,6 @@ def _docs_moe_mapping() -> str:
     return module.docs_moe_mapping()
 
 
-_PLAIN_ENV = {"PYTHONPATH": "", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
-
-
 def test_plain_transformers_needs_the_experts_mapping(tiny_checkpoints, calib_split, tmp_path):
     """A known limit, stated in docs/serving.md: transformers 5 keeps MoE experts as fused 3-D parameters and
     its qwen3_vl_moe conversion mapping reads the hub's fused layout only, so a plain from_pretrained of a
@@ -217,28 +226,18 @@ def test_plain_transformers_loads_experts_with_the_mapping(scheme, tiny_checkpoi
     experts load with tlq's own logits; the schemes `tlq.serving` says transformers cannot load (zero points,
     int8-stored experts) fail at load, loudly, never with random or misread experts."""
     from tlq.api import prepare_samples
-    from tlq.compat import load_quantized
     from tlq.models.processing import load_processor
 
     out = _quantized_moe(tiny_checkpoints, calib_split, tmp_path / "out", scheme)
     model, adapter = load_model(tiny_checkpoints["qwen3_vl_moe"])
     sample = prepare_samples(model, adapter, load_processor(out), *calib_split, Recipe(num_samples=1))[0]
-    save_file({k: v.contiguous() for k, v in sample.inputs.items()}, str(tmp_path / "inputs.safetensors"))
-    code = _docs_moe_mapping() + "\n" + _PLAIN
-    proc = subprocess.run([sys.executable, "-c", code, str(out), str(tmp_path / "inputs.safetensors"),
-                           str(tmp_path / "logits.safetensors")], capture_output=True, text=True, env=_PLAIN_ENV,
-                          timeout=300)
+    proc = _run_plain(_docs_moe_mapping() + "\n" + _PLAIN, out, sample, tmp_path)
     parsed = parse_scheme(scheme.removesuffix("-asym"), symmetric=False if scheme.endswith("-asym") else None)
     transformers = {s.engine: s for s in where_it_runs(parsed, routed_experts=True)}["transformers"]
     if transformers.runs is False:
         assert proc.returncode != 0 and "conversion of the weights" in proc.stderr
         return
-    assert proc.returncode == 0, proc.stderr[-1500:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []  # tlq never imported
-    plain = load_file(str(tmp_path / "logits.safetensors"))["logits"]
-    with torch.no_grad():
-        ours = load_quantized(out).eval()(**sample.inputs).logits
-    assert torch.allclose(plain, ours, rtol=0, atol=1e-5)
+    _assert_plain_logits_are_ours(proc, out, sample, tmp_path)
 
 
 def test_where_each_scheme_runs():
