@@ -256,6 +256,8 @@ def test_where_each_scheme_runs():
                                    ("W4A16", False))}
     assert {e: s.runs for e, s in moe["W4A16"].items()} == {"vLLM GPU": None, "vLLM CPU": None, "transformers": None}
     assert "mapping" in moe["W4A16"]["transformers"].note  # docs/serving.md's conversion mapping
+    w3 = {s.engine: s for s in where_it_runs(parse_scheme("W3A16"), routed_experts=True)}["transformers"]
+    assert "mapping" in w3.note and "compressed-tensors >= 0.20" in w3.note  # the dense 3-bit caveat kept
     assert moe["W8A8"]["transformers"].runs is False and moe["W4A16-asym"]["transformers"].runs is False
     assert moe["W8A8"]["vLLM CPU"].runs is None
     assert "AMX" in moe["W4A16"]["vLLM CPU"].note and "AMX" in moe["W8A8"]["vLLM CPU"].note

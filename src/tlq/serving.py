@@ -39,7 +39,10 @@ def where_it_runs(scheme: Scheme, routed_experts: bool = False) -> list[Support]
     gpu = support[0]
     gpu = Support(gpu.engine, gpu.runs if gpu.runs is False else None,
                   "; ".join(filter(None, [gpu.note, "MoE experts: vLLM's GPU MoE kernels not checked here"])))
-    return [gpu, _moe_cpu_support(scheme), _moe_transformers_support(scheme)]
+    plain = _moe_transformers_support(scheme)
+    if plain.runs is not False and support[2].note:  # the dense Linears' caveat (e.g. 3-bit) still holds
+        plain = Support(plain.engine, None, f"{plain.note}; {support[2].note}")
+    return [gpu, _moe_cpu_support(scheme), plain]
 
 
 def _moe_transformers_support(scheme: Scheme) -> Support:
