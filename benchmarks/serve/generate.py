@@ -108,9 +108,9 @@ def docs_moe_mapping() -> str:
     return "\n".join(line for line in code.splitlines() if not line.startswith("model = "))
 
 
-def per_expert_moe(model: Path) -> bool:
+def per_expert_moe(model: Path, config: dict | None = None) -> bool:
     """A Qwen3-VL-MoE folder whose experts are stored one Linear each (tlq's quantized outputs)."""
-    config = json.loads((model / "config.json").read_text())
+    config = config if config is not None else json.loads((model / "config.json").read_text())
     if config.get("model_type") != "qwen3_vl_moe":
         return False
     index = model / "model.safetensors.index.json"
@@ -129,9 +129,10 @@ def _moe_loading(model: Path):
     conversion mapping where transformers' expert dequantizer reads the scheme; else tlq.models.moe."""
     from contextlib import nullcontext
 
-    if not per_expert_moe(model):
+    config = json.loads((model / "config.json").read_text())
+    if not per_expert_moe(model, config):
         return nullcontext(), None
-    quantization = json.loads((model / "config.json").read_text()).get("quantization_config", {})
+    quantization = config.get("quantization_config", {})
     weights = [group.get("weights") or {} for group in quantization.get("config_groups", {}).values()]
     if quantization.get("format") == "pack-quantized" and all(w.get("symmetric") for w in weights):
         exec(docs_moe_mapping(), {})  # noqa: S102 - the repository's own docs, run as users are told to

@@ -146,7 +146,8 @@ def _plain_load(out: Path) -> dict:
     imported. That venv has no torchvision, so its AutoProcessor cannot build these processors: the
     answers come from the vLLM venv's transformers; this says whether the newer stack loads the weights.
     A quantized MoE folder gets the conversion mapping docs/serving.md gives users, as written, first."""
-    sys.path.insert(0, str(GENERATE.parent))
+    if str(GENERATE.parent) not in sys.path:
+        sys.path.insert(0, str(GENERATE.parent))
     from generate import docs_moe_mapping, per_expert_moe
 
     code = (docs_moe_mapping() + "\n" if per_expert_moe(out) else "") + _PLAIN_LOAD
