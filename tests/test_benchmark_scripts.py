@@ -305,3 +305,17 @@ def test_the_layer_memory_probe_reads_each_phase_and_stops_where_asked(tmp_path,
     assert record["knobs"] == {"weighting": "importance"}
     assert all(p["heap_in_use_mib"] > 0 for p in record["phases"])  # glibc's account (Linux)
     assert (tlq.engine.calibrate_layer, PhaseClock.__call__) == (calibrate, timed)
+
+
+def test_scale_curve_replay_finds_one_basin_and_can_miss_a_second_dip():
+    curves = _module("scale_search_curves")
+    trials = [[0.0, "none"]] + [[k / 20, "activation"] for k in range(1, 20)] + [[k / 20, "duo"] for k in range(20)]
+    basin = [5.0] + [abs(k - 11) + 2.0 for k in range(1, 20)] + [abs(k - 7) + 1.0 for k in range(20)]
+    one = curves.replay({"trials": trials, "errors": basin}, curves.local_refine(4))
+    assert one["same"] and one["excess"] == 0.0 and one["scored"] < 0.5
+    # duo's least error sits at alpha 0.95, behind a ridge that the coarse sweep (every 4th alpha) lands beside
+    ridge = [5.0] + [4.0] * 19 + [2.0, 1.5, 1.4, 1.6, 3.0] + [3.0] * 14 + [1.0]
+    missed = curves.replay({"trials": trials, "errors": ridge}, curves.local_refine(4))
+    assert not missed["same"] and missed["excess"] == pytest.approx(0.4)
+    assert curves.replay({"trials": trials, "errors": ridge}, curves.full_grid) == {"same": True, "excess": 0.0,
+                                                                                    "scored": 1.0}
