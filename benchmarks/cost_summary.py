@@ -62,6 +62,7 @@ RUNS = (
     Run("2b-1l-128-tlq-repeats-xeon", "6d46497", "interleaved"),
     Run("7b-1l-128-tlq-pair-xeon", "b4358ad", "tlq first"),
     Run("2b-28l-128-gptq-xeon", "d91bad2", "tlq first"),
+    Run("2b-1l-128-awq-repeats-xeon", "d91bad2", "interleaved"),
 )
 
 
