@@ -109,11 +109,16 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cell_arguments(parser: argparse.ArgumentParser, models=MODELS, methods=METHODS) -> None:
+    """The flags that narrow the cells (comma lists): models, methods, schemes."""
+    parser.add_argument("--models", default=",".join(models))
+    parser.add_argument("--methods", default=",".join(methods))
+    parser.add_argument("--schemes", default=",".join(SCHEMES))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--schemes", default=",".join(SCHEMES))
+    cell_arguments(parser)
     parser.add_argument("--grid-order", action="store_true",
                         help="score the candidates in the grid's order instead of coarse to fine (for comparison)")
     parser.add_argument("--out", required=True)

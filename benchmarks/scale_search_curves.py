@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from scale_search_bound import DATA, SCHEMES, tlq, variant  # noqa: E402
+from scale_search_bound import DATA, SCHEMES, cell_arguments, tlq, variant  # noqa: E402
 
 MODELS = ("qwen2_vl-large", "llava_onevision-large", "qwen3_vl-small", "qwen2_vl-deep")
 METHODS = ("awq", "mbq", "tlq")
@@ -137,9 +137,7 @@ def table(rows: list[dict], cells: list[dict]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--schemes", default=",".join(SCHEMES))
+    cell_arguments(parser, MODELS, METHODS)
     parser.add_argument("--cost-model", default=None,
                         help="a benchmarks/cost.py work folder (runs/cost/2b-1l): its model and data, TLQ W4A16")
     parser.add_argument("--cost-samples", type=int, default=32)
